@@ -1,0 +1,61 @@
+//! The admin server: `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::{Metrics, StreamTelemetry};
+
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub streams: Vec<Arc<StreamTelemetry>>,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) -> std::io::Result<()> {
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let encoder = TextEncoder::new();
+    let mut body = Vec::with_capacity(16 * 1024);
+    match encoder.encode(&state.metrics.registry.gather(), &mut body) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, encoder.format_type().to_owned())], body),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_owned())],
+            format!("cannot encode metrics: {err}\n").into_bytes(),
+        ),
+    }
+}
+
+/// The process is up and serving: a supervisor restarts it when this fails.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Every stream has an open connection.
+async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
+    let mut problems = String::new();
+    for stream in state.streams.iter().filter(|stream| !stream.is_connected()) {
+        problems.push_str(&format!("stream {} is not connected\n", stream.name));
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems)
+    }
+}

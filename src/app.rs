@@ -1,0 +1,168 @@
+//! Wires the parts together, owns every task, and stops them in order.
+//!
+//! Shutdown order: stop the streams (nothing new is accepted), let the targets' workers drain
+//! their queues for up to the grace period, then abandon what is left, counting and logging it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::delivery::{self, TargetRuntime};
+use crate::event::{StreamId, TargetId};
+use crate::queue::{self, QueueReceiver};
+use crate::routing::RoutingTable;
+use crate::source::{self, Dispatch, StreamRuntime};
+use crate::telemetry::Metrics;
+
+/// A running relay: its tasks and how to stop them.
+pub struct Relay {
+    admin_addr: SocketAddr,
+    grace_period: Duration,
+    stop_streams: CancellationToken,
+    stop_deliveries: CancellationToken,
+    stop_admin: CancellationToken,
+    streams: JoinSet<()>,
+    workers: JoinSet<()>,
+    admin: JoinHandle<std::io::Result<()>>,
+    targets: Vec<(Arc<TargetRuntime>, QueueReceiver)>,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs the relay until `shutdown` completes, then stops it in order.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let relay = start(config).await?;
+    shutdown.await;
+    relay.shutdown().await
+}
+
+/// Starts every task of the relay and returns once the admin port is bound.
+pub async fn start(config: Config) -> anyhow::Result<Relay> {
+    let listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", config.admin.listen))?;
+    let admin_addr = listener.local_addr()?;
+
+    let metrics = Metrics::new();
+    let table = RoutingTable::new(&config);
+    let stream_names: Vec<Arc<str>> = config.streams.keys().map(|name| Arc::from(name.as_str())).collect();
+    let target_names: Vec<Arc<str>> = config.targets.keys().map(|name| Arc::from(name.as_str())).collect();
+    let user_agent = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
+    let delivery_client = reqwest::Client::builder()
+        .user_agent(user_agent)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .context("cannot build the HTTP client")?;
+    let stream_client = reqwest::Client::builder()
+        .user_agent(user_agent)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Duration::from_secs(30))
+        .build()
+        .context("cannot build the HTTP client")?;
+
+    let stop_deliveries = CancellationToken::new();
+    let mut workers = JoinSet::new();
+    let mut targets = Vec::with_capacity(config.targets.len());
+    let mut queue_senders = Vec::with_capacity(config.targets.len());
+    for (index, (name, target_config)) in config.targets.iter().enumerate() {
+        let telemetry = metrics.target(name);
+        let (sender, receiver) = queue::bounded(target_config.queue_capacity.0, telemetry.queue_depth.clone());
+        let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, &stream_names, telemetry)?);
+        delivery::spawn_workers(&target, &delivery_client, &receiver, &stop_deliveries, &mut workers);
+        info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
+        targets.push((target, receiver));
+        queue_senders.push(sender);
+    }
+
+    let dispatch = Arc::new(Dispatch {
+        table,
+        queues: queue_senders,
+        target_names: target_names.clone(),
+    });
+    let stop_streams = CancellationToken::new();
+    let mut streams = JoinSet::new();
+    let mut stream_telemetry = Vec::with_capacity(config.streams.len());
+    for (index, (name, stream_config)) in config.streams.iter().enumerate() {
+        let id = StreamId(index);
+        let telemetry = Arc::new(metrics.stream(name, dispatch.table.event_type_labels(id), &target_names));
+        let stream = StreamRuntime::new(id, stream_config, &dispatch.table, Arc::clone(&telemetry), &stream_client)?;
+        stream_telemetry.push(telemetry);
+        streams.spawn(source::run_stream(Arc::new(stream), Arc::clone(&dispatch), stop_streams.clone()));
+    }
+    // Only the stream tasks hold the queues' senders now: when they stop, the queues close.
+    drop(dispatch);
+
+    let stop_admin = CancellationToken::new();
+    let admin_state = Arc::new(AdminState {
+        metrics: Arc::clone(&metrics),
+        streams: stream_telemetry,
+    });
+    let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
+    info!(
+        admin = %admin_addr, n_streams = config.streams.len(), n_targets = config.targets.len(),
+        n_routes = config.routes.len(), "relay started"
+    );
+
+    Ok(Relay {
+        admin_addr,
+        grace_period: config.shutdown.grace_period,
+        stop_streams,
+        stop_deliveries,
+        stop_admin,
+        streams,
+        workers,
+        admin,
+        targets,
+        metrics,
+    })
+}
+
+impl Relay {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (useful when configured on port 0).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops the streams, drains the queues for up to the grace period, and abandons the rest.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        info!("shutting down: streams stop, queued deliveries drain");
+        self.stop_streams.cancel();
+        while self.streams.join_next().await.is_some() {}
+
+        let drained = tokio::time::timeout(self.grace_period, async {
+            while self.workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.stop_deliveries.cancel();
+            while self.workers.join_next().await.is_some() {}
+        }
+        for (target, queue) in &self.targets {
+            target.telemetry.abandoned(
+                queue.len() as u64,
+                "deliveries still queued at shutdown were not delivered (the in-memory queue does not survive a restart)",
+            );
+        }
+
+        self.stop_admin.cancel();
+        match self.admin.await {
+            Ok(result) => result.context("the admin server failed")?,
+            Err(err) => return Err(err).context("the admin server task failed"),
+        }
+        info!("relay stopped");
+        Ok(())
+    }
+}

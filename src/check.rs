@@ -1,0 +1,104 @@
+//! `sse-relay check`: the resolved configuration as a reader can check it, secrets masked.
+//!
+//! Header values are never shown (they are mostly credentials), target URLs show only scheme
+//! and host unless marked `safe_url`, and stream URLs hide their query string.
+
+use std::fmt::Write as _;
+
+use url::Url;
+
+use crate::config::Config;
+use crate::delivery::display_url;
+
+const MASK: &str = "***";
+
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    let duration = |d: std::time::Duration| humantime::format_duration(d).to_string();
+
+    let _ = writeln!(out, "admin\n  listen {}", config.admin.listen);
+
+    out.push_str("\nstreams\n");
+    for (name, stream) in &config.streams {
+        let _ = writeln!(out, "  {name}\n    url {}", stream_display_url(&stream.url.0));
+        for header in stream.headers.keys() {
+            let _ = writeln!(out, "    header {}: {MASK}", header.0);
+        }
+        let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
+        let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| k.0.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}",
+            if pointers.is_empty() { "the SSE event field".to_owned() } else { format!("the SSE event field, {}", pointers.join(", ")) },
+            stream.default_event_type,
+            if keepalive.is_empty() { "none".to_owned() } else { keepalive.join(", ") },
+            duration(stream.idle_timeout),
+            stream.max_event_bytes,
+        );
+    }
+
+    out.push_str("\ntargets\n");
+    for (name, target) in &config.targets {
+        let _ = writeln!(out, "  {name}\n    url {}", display_url(&target.url.0, target.safe_url));
+        for header in target.headers.keys() {
+            let _ = writeln!(out, "    header {}: {MASK}", header.0);
+        }
+        let retry = &target.retry;
+        let body = match &target.body {
+            crate::config::BodyConfig::Data => "data".to_owned(),
+            crate::config::BodyConfig::Envelope => "envelope".to_owned(),
+            crate::config::BodyConfig::Pointer(pointer) => pointer.0.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "    body {body}, timeout {}, max_in_flight {}, queue_capacity {}\n    retry up to {} attempts, {} doubling to {}, within {}",
+            duration(target.timeout),
+            target.max_in_flight.0,
+            target.queue_capacity.0,
+            retry.max_attempts.0,
+            duration(retry.initial_delay),
+            duration(retry.max_delay),
+            duration(retry.max_elapsed),
+        );
+    }
+
+    out.push_str("\nroutes (every matching route delivers; a target gets an event once)\n");
+    if config.routes.is_empty() {
+        out.push_str("  none: every event is counted as unrouted\n");
+    }
+    for (index, route) in config.routes.iter().enumerate() {
+        let streams: Vec<&str> = config
+            .streams
+            .keys()
+            .filter(|name| route.stream.0.matches(name))
+            .map(String::as_str)
+            .collect();
+        let events: Vec<&str> = route.events.iter().map(|e| e.0.as_str()).collect();
+        let targets: Vec<&str> = route.targets.iter().map(|t| t.0.as_str()).collect();
+        let _ = write!(
+            out,
+            "  {}. streams {} | events {}",
+            index + 1,
+            streams.join(", "),
+            events.join(", ")
+        );
+        for (pointer, value) in &route.where_equal {
+            let _ = write!(out, " | where {} = {value}", pointer.0);
+        }
+        let _ = writeln!(out, " -> {}", targets.join(", "));
+    }
+    out
+}
+
+/// Scheme, host, port and path; a query string may hold a token, so it is masked.
+fn stream_display_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some(MASK));
+    }
+    let _ = shown.set_password(None);
+    if !shown.username().is_empty() {
+        let _ = shown.set_username(MASK);
+    }
+    shown.to_string()
+}

@@ -1,0 +1,628 @@
+//! The configuration file: the only serde types in the crate.
+//!
+//! `parse` turns YAML text into a validated [`Config`]. Every check that can point at a place in
+//! the file runs during deserialization, so serde_yaml attaches the line and column of the
+//! offending node to the error. Checks that need to know the names of all streams and targets
+//! (a route naming an unknown target, say) read them from a per-thread [`ParseContext`] that
+//! `parse` fills in a first, lenient pass over the same text.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, IgnoredAny};
+use serde::Deserialize;
+use url::Url;
+use wildmatch::WildMatch;
+
+/// Looks up an environment variable by name; tests pass their own.
+pub type EnvLookup = dyn Fn(&str) -> Option<String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}:{line}:{column}: {message}")]
+    Located {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Unlocated { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub streams: BTreeMap<String, StreamConfig>,
+    pub targets: BTreeMap<String, TargetConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight deliveries may take to finish after SIGTERM.
+    #[serde(default = "default_grace_period", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: default_grace_period(),
+        }
+    }
+}
+
+fn default_grace_period() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub url: HttpUrl,
+    #[serde(default)]
+    pub headers: BTreeMap<HeaderName, Text>,
+    /// JSON pointers tried in order to find the event type in the data.
+    #[serde(default)]
+    pub event_type: Vec<JsonPointer>,
+    #[serde(default = "default_event_type")]
+    pub default_event_type: Text,
+    /// Event types, or literal data, that are connection noise and never routed.
+    #[serde(default)]
+    pub keepalive: Vec<Text>,
+    /// With nothing at all received for this long, the connection is dropped and remade.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Events whose data is larger than this are dropped and counted.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+}
+
+fn default_event_type() -> Text {
+    Text("message".to_owned())
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(45)
+}
+
+fn default_max_event_bytes() -> usize {
+    1024 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First delay after a failed connection; it doubles, with jitter, up to `max_delay`.
+    #[serde(default = "default_reconnect_initial", with = "humantime_serde")]
+    pub initial_delay: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Delay after a 401 or 403: credentials rarely fix themselves within seconds.
+    #[serde(default = "default_auth_delay", with = "humantime_serde")]
+    pub auth_failure_delay: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial_delay: default_reconnect_initial(),
+            max_delay: default_reconnect_max(),
+            auth_failure_delay: default_auth_delay(),
+        }
+    }
+}
+
+fn default_reconnect_initial() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_auth_delay() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub url: HttpUrl,
+    /// Show the whole URL in logs and `check`; by default only scheme and host are shown,
+    /// because a catch-hook URL is its own credential.
+    #[serde(default)]
+    pub safe_url: bool,
+    #[serde(default)]
+    pub headers: BTreeMap<HeaderName, Text>,
+    #[serde(default = "default_target_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: PositiveCount,
+    /// Deliveries waiting for this target; when full, the streams feeding it pause.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: PositiveCount,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub body: BodyConfig,
+}
+
+fn default_target_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_in_flight() -> PositiveCount {
+    PositiveCount(16)
+}
+
+fn default_queue_capacity() -> PositiveCount {
+    PositiveCount(10_000)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: PositiveCount,
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub initial_delay: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub max_delay: Duration,
+    #[serde(default = "default_max_elapsed", with = "humantime_serde")]
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            initial_delay: default_retry_initial(),
+            max_delay: default_retry_max(),
+            max_elapsed: default_max_elapsed(),
+        }
+    }
+}
+
+fn default_max_attempts() -> PositiveCount {
+    PositiveCount(10)
+}
+
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_elapsed() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// What a target receives as the request body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BodyConfig {
+    /// The upstream's data bytes, unchanged.
+    #[default]
+    Data,
+    /// `{"id","stream","event_type","received_at","data"}`.
+    Envelope,
+    /// The part of the JSON data at this pointer.
+    Pointer(JsonPointer),
+}
+
+impl<'de> Deserialize<'de> for BodyConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "data" => Ok(BodyConfig::Data),
+            "envelope" => Ok(BodyConfig::Envelope),
+            _ if text.starts_with('/') => Ok(BodyConfig::Pointer(JsonPointer(text))),
+            _ => Err(de::Error::custom(format!(
+                "body `{text}` is not one of data, envelope or a JSON pointer such as /payload"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A stream name, or a pattern with `*` and `?` wildcards.
+    pub stream: StreamPattern,
+    /// Event types or patterns; a route without `events` takes every event.
+    #[serde(default = "match_everything")]
+    pub events: Vec<Pattern>,
+    /// JSON pointers whose values must all equal the given ones.
+    #[serde(default, rename = "where")]
+    pub where_equal: BTreeMap<JsonPointer, serde_json::Value>,
+    pub targets: Vec<TargetName>,
+}
+
+fn match_everything() -> Vec<Pattern> {
+    vec![Pattern("*".to_owned())]
+}
+
+/// A string value after `${VAR}` expansion.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        with_context(|context| expand_env(&raw, &*context.env))
+            .map(Text)
+            .map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// An http or https URL, after `${VAR}` expansion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(pub Url);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Text(text) = Text::deserialize(deserializer)?;
+        // The URL may hold a credential, so errors describe the problem without repeating it.
+        let url = Url::parse(&text).map_err(|err| de::Error::custom(format!("invalid url: {err}")))?;
+        match url.scheme() {
+            "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
+            "http" | "https" => Err(de::Error::custom("invalid url: it has no host")),
+            scheme => Err(de::Error::custom(format!(
+                "invalid url: the scheme must be http or https, not {scheme}"
+            ))),
+        }
+    }
+}
+
+/// A valid HTTP header name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeaderName(pub String);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| de::Error::custom(format!("`{name}` is not a valid HTTP header name")))?;
+        Ok(HeaderName(name))
+    }
+}
+
+/// An RFC 6901 JSON pointer such as `/payload/id`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JsonPointer(pub String);
+
+impl<'de> Deserialize<'de> for JsonPointer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let pointer = String::deserialize(deserializer)?;
+        if pointer.is_empty() || pointer.starts_with('/') {
+            Ok(JsonPointer(pointer))
+        } else {
+            Err(de::Error::custom(format!(
+                "`{pointer}` is not a JSON pointer: it must start with /, as in /eventType"
+            )))
+        }
+    }
+}
+
+/// An exact name, or a pattern where `*` matches any run of characters and `?` one character.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(pub String);
+
+impl Pattern {
+    pub fn is_wildcard(&self) -> bool {
+        self.0.contains(['*', '?'])
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        if self.is_wildcard() {
+            WildMatch::new(&self.0).matches(name)
+        } else {
+            self.0 == name
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Text(text) = Text::deserialize(deserializer)?;
+        if text.is_empty() {
+            return Err(de::Error::custom("an empty pattern matches nothing"));
+        }
+        Ok(Pattern(text))
+    }
+}
+
+/// A stream pattern in a route; it must match at least one configured stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPattern(pub Pattern);
+
+impl<'de> Deserialize<'de> for StreamPattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let pattern = Pattern::deserialize(deserializer)?;
+        let problem = with_context(|context| {
+            if context.stream_names.iter().any(|name| pattern.matches(name)) {
+                None
+            } else if pattern.is_wildcard() {
+                Some(format!("stream pattern `{}` matches no configured stream", pattern.0))
+            } else {
+                Some(format!(
+                    "unknown stream `{}`; configured streams: {}",
+                    pattern.0,
+                    name_list(&context.stream_names)
+                ))
+            }
+        });
+        match problem {
+            Some(message) => Err(de::Error::custom(message)),
+            None => Ok(StreamPattern(pattern)),
+        }
+    }
+}
+
+/// A target name in a route; it must name a configured target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetName(pub String);
+
+impl<'de> Deserialize<'de> for TargetName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let problem = with_context(|context| {
+            (!context.target_names.contains(&name)).then(|| {
+                format!(
+                    "unknown target `{name}`; configured targets: {}",
+                    name_list(&context.target_names)
+                )
+            })
+        });
+        match problem {
+            Some(message) => Err(de::Error::custom(message)),
+            None => Ok(TargetName(name)),
+        }
+    }
+}
+
+/// A whole number of at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveCount(pub usize);
+
+impl<'de> Deserialize<'de> for PositiveCount {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match usize::deserialize(deserializer)? {
+            0 => Err(de::Error::custom("must be at least 1")),
+            count => Ok(PositiveCount(count)),
+        }
+    }
+}
+
+fn name_list(names: &BTreeSet<String>) -> String {
+    if names.is_empty() {
+        return "none".to_owned();
+    }
+    names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// Reads and parses a config file with the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string(), Box::new(|name| std::env::var(name).ok()))
+}
+
+/// Parses config text; `origin` names it in errors (usually the file path).
+pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
+    let locate = |err: serde_yaml::Error| match err.location() {
+        Some(location) => ConfigError::Located {
+            origin: origin.to_owned(),
+            line: location.line(),
+            column: location.column(),
+            message: strip_location_suffix(&err.to_string()),
+        },
+        None => ConfigError::Unlocated {
+            origin: origin.to_owned(),
+            message: err.to_string(),
+        },
+    };
+
+    // First pass: only the names of streams and targets, so that routes can be checked against
+    // them wherever they stand in the file.
+    #[derive(Deserialize)]
+    struct Names {
+        #[serde(default)]
+        streams: BTreeMap<String, IgnoredAny>,
+        #[serde(default)]
+        targets: BTreeMap<String, IgnoredAny>,
+    }
+    let names: Names = serde_yaml::from_str(text).map_err(locate)?;
+
+    let context = ParseContext {
+        env,
+        stream_names: names.streams.into_keys().collect(),
+        target_names: names.targets.into_keys().collect(),
+    };
+    CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
+    let parsed = serde_yaml::from_str::<Config>(text);
+    CONTEXT.with(|cell| cell.borrow_mut().take());
+    let config = parsed.map_err(locate)?;
+
+    if config.streams.is_empty() {
+        return Err(ConfigError::Unlocated {
+            origin: origin.to_owned(),
+            message: "no streams are configured".to_owned(),
+        });
+    }
+    Ok(config)
+}
+
+/// serde_yaml appends " at line L column C" to messages; the location is reported up front.
+fn strip_location_suffix(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+struct ParseContext {
+    env: Box<EnvLookup>,
+    stream_names: BTreeSet<String>,
+    target_names: BTreeSet<String>,
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<ParseContext>> = const { RefCell::new(None) };
+}
+
+fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
+    CONTEXT.with(|cell| {
+        let borrowed = cell.borrow();
+        match borrowed.as_ref() {
+            Some(context) => action(context),
+            // Outside `parse` (a type deserialized on its own), use the process environment.
+            None => action(&ParseContext {
+                env: Box::new(|name| std::env::var(name).ok()),
+                stream_names: BTreeSet::new(),
+                target_names: BTreeSet::new(),
+            }),
+        }
+    })
+}
+
+/// Expands `${VAR}`, `${VAR:-default}` and `$$` (a literal `$`); any other `$` stays as it is.
+pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
+    if !raw.contains('$') {
+        return Ok(raw.to_owned());
+    }
+    let mut expanded = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(dollar) = rest.find('$') {
+        expanded.push_str(&rest[..dollar]);
+        let after = &rest[dollar + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            expanded.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let close = body
+                .find('}')
+                .ok_or_else(|| "unclosed `${`: a variable reference is written ${NAME}".to_owned())?;
+            let reference = &body[..close];
+            let (name, default) = match reference.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (reference, None),
+            };
+            if !is_variable_name(name) {
+                return Err(format!("`${{{reference}}}` is not a variable reference such as ${{NAME}}"));
+            }
+            match (env(name), default) {
+                (Some(value), _) => expanded.push_str(&value),
+                (None, Some(default)) => expanded.push_str(default),
+                (None, None) => return Err(format!("environment variable {name} is not set")),
+            }
+            rest = &body[close + 1..];
+        } else {
+            expanded.push('$');
+            rest = after;
+        }
+    }
+    expanded.push_str(rest);
+    Ok(expanded)
+}
+
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(first) if first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> Box<EnvLookup> {
+        Box::new(move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        })
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        let env = env_of(&[("A", "one"), ("EMPTY", "")]);
+        let check = |raw: &str, expected: Result<&str, &str>| {
+            assert_eq!(
+                expand_env(raw, &*env),
+                expected.map(str::to_owned).map_err(str::to_owned),
+                "{raw}"
+            );
+        };
+        check("plain", Ok("plain"));
+        check("${A}", Ok("one"));
+        check("x-${A}-y", Ok("x-one-y"));
+        check("${MISSING:-fallback}", Ok("fallback"));
+        check("${MISSING:-}", Ok(""));
+        check("${EMPTY:-fallback}", Ok(""));
+        check("$$A", Ok("$A"));
+        check("cost $5", Ok("cost $5"));
+        check("${MISSING}", Err("environment variable MISSING is not set"));
+        check("${A", Err("unclosed `${`: a variable reference is written ${NAME}"));
+        check("${1X}", Err("`${1X}` is not a variable reference such as ${NAME}"));
+    }
+
+    #[test]
+    fn patterns_match_exact_names_and_wildcards() {
+        let pattern = |text: &str| Pattern(text.to_owned());
+        assert!(pattern("MESSAGE_SENT").matches("MESSAGE_SENT"));
+        assert!(!pattern("MESSAGE_SENT").matches("MESSAGE_SENT_2"));
+        assert!(pattern("ACTION_PLAN_CARD*").matches("ACTION_PLAN_CARDS_ADDED"));
+        assert!(pattern("*").matches("anything"));
+        assert!(!pattern("CHAT_*").matches("MESSAGE_SENT"));
+    }
+}

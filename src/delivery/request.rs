@@ -1,0 +1,204 @@
+//! One delivery attempt: build the request for a target, send it, and judge the response.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::HeaderValue;
+
+use crate::config::BodyConfig;
+use crate::delivery::retry::{parse_retry_after, verdict_for_status, verdict_for_transport_error, Verdict};
+use crate::delivery::TargetRuntime;
+use crate::event::Event;
+
+/// How much of an error response's body is kept for the log line.
+const EXCERPT_BYTES: usize = 200;
+
+/// How much of a success response's body is read so that the connection can be reused.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+/// What went wrong with an attempt, for the log line. Never holds the target's URL.
+#[derive(Debug)]
+pub enum Problem {
+    Status { status: u16, excerpt: String },
+    Transport(reqwest::Error),
+    Body(String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Status { status, excerpt } if excerpt.is_empty() => write!(formatter, "status {status}"),
+            Problem::Status { status, excerpt } => write!(formatter, "status {status}: {excerpt}"),
+            Problem::Transport(err) if err.is_timeout() => write!(formatter, "timed out"),
+            Problem::Transport(err) => {
+                write!(formatter, "{err}")?;
+                let mut source = std::error::Error::source(err);
+                while let Some(cause) = source {
+                    write!(formatter, ": {cause}")?;
+                    source = cause.source();
+                }
+                Ok(())
+            }
+            Problem::Body(message) => formatter.write_str(message),
+        }
+    }
+}
+
+/// Sends one attempt and says what it means.
+pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &Event) -> Result<(), (Verdict, Problem)> {
+    let (body, content_type) = body_for(&target.body, event).map_err(|message| (Verdict::Permanent, Problem::Body(message)))?;
+
+    let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let mut request = client
+        .post(target.url.clone())
+        .timeout(target.timeout)
+        .headers(target.headers.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+        .header("x-relay-stream", target.stream_header_values[event.stream.0].clone())
+        .header("idempotency-key", event.id.encode(&mut id_buffer));
+    if let Ok(event_type) = HeaderValue::from_str(&event.event_type) {
+        request = request.header("x-relay-event-type", event_type);
+    }
+
+    let mut response = match request.body(body).send().await {
+        Ok(response) => response,
+        Err(err) => return Err((verdict_for_transport_error(), Problem::Transport(err.without_url()))),
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| parse_retry_after(value, SystemTime::now()));
+    let verdict = verdict_for_status(status, retry_after);
+
+    if verdict == Verdict::Delivered {
+        let mut n_read = 0;
+        while let Ok(Some(chunk)) = response.chunk().await {
+            n_read += chunk.len();
+            if n_read > DRAIN_BYTES {
+                break;
+            }
+        }
+        return Ok(());
+    }
+
+    let mut excerpt = Vec::new();
+    while excerpt.len() < EXCERPT_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    excerpt.truncate(EXCERPT_BYTES);
+    let excerpt: String = String::from_utf8_lossy(&excerpt)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Err((verdict, Problem::Status { status, excerpt: excerpt.trim().to_owned() }))
+}
+
+/// The body a target receives, and its content type.
+pub fn body_for(body: &BodyConfig, event: &Event) -> Result<(Bytes, &'static str), String> {
+    match body {
+        BodyConfig::Data => Ok((event.data.clone(), event.content_type())),
+        BodyConfig::Envelope => Ok((envelope(event), "application/json")),
+        BodyConfig::Pointer(pointer) => {
+            let part = event
+                .json
+                .as_ref()
+                .and_then(|json| json.pointer(&pointer.0))
+                .ok_or_else(|| format!("the event's data has no JSON value at {}", pointer.0))?;
+            let bytes = serde_json::to_vec(part).map_err(|err| format!("cannot encode the value at {}: {err}", pointer.0))?;
+            Ok((Bytes::from(bytes), "application/json"))
+        }
+    }
+}
+
+/// `{"id","stream","event_type","received_at","data"}`, with JSON data embedded as the upstream
+/// sent it and any other data as a JSON string.
+fn envelope(event: &Event) -> Bytes {
+    let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let received_at = humantime::format_rfc3339_millis(event.received_at).to_string();
+    let mut out = Vec::with_capacity(event.data.len() + 160);
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(event.id.encode(&mut id_buffer).as_bytes());
+    out.extend_from_slice(b"\",\"stream\":");
+    write_json_string(&mut out, &event.stream_name);
+    out.extend_from_slice(b",\"event_type\":");
+    write_json_string(&mut out, &event.event_type);
+    out.extend_from_slice(b",\"received_at\":\"");
+    out.extend_from_slice(received_at.as_bytes());
+    out.extend_from_slice(b"\",\"data\":");
+    if event.json.is_some() {
+        out.extend_from_slice(&event.data);
+    } else {
+        write_json_string(&mut out, &String::from_utf8_lossy(&event.data));
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("writing a string to a Vec cannot fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::JsonPointer;
+    use crate::event::{EventId, StreamId};
+
+    fn event(data: &str) -> Event {
+        Event {
+            id: EventId::new(),
+            stream: StreamId(0),
+            stream_name: Arc::from("chat"),
+            sse_id: None,
+            event_type: Arc::from("workflow_status"),
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            json: serde_json::from_str(data).ok(),
+            received_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn data_body_is_the_upstream_bytes() {
+        let event = event("{ \"a\" : 1.50 }");
+        let (body, content_type) = body_for(&BodyConfig::Data, &event).unwrap();
+        assert_eq!(&body[..], b"{ \"a\" : 1.50 }");
+        assert_eq!(content_type, "application/json");
+        let (body, content_type) = body_for(&BodyConfig::Data, &self::event("keep going")).unwrap();
+        assert_eq!(&body[..], b"keep going");
+        assert_eq!(content_type, "text/plain; charset=utf-8");
+    }
+
+    #[test]
+    fn envelope_wraps_json_and_text() {
+        let json_event = event(r#"{"is_active":false}"#);
+        let (body, _) = body_for(&BodyConfig::Envelope, &json_event).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["id"], json_event.id.to_string());
+        assert_eq!(value["stream"], "chat");
+        assert_eq!(value["event_type"], "workflow_status");
+        assert_eq!(value["received_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(value["data"]["is_active"], false);
+
+        let (body, _) = body_for(&BodyConfig::Envelope, &event("say \"hi\"\n")).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["data"], "say \"hi\"\n");
+    }
+
+    #[test]
+    fn pointer_body_sends_part_of_the_data() {
+        let pointer = BodyConfig::Pointer(JsonPointer("/payload".to_owned()));
+        let (body, _) = body_for(&pointer, &event(r#"{"eventType":"X","payload":[1,2]}"#)).unwrap();
+        assert_eq!(&body[..], b"[1,2]");
+        let missing = body_for(&pointer, &event(r#"{"eventType":"X"}"#)).unwrap_err();
+        assert_eq!(missing, "the event's data has no JSON value at /payload");
+    }
+}

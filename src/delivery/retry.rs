@@ -1,0 +1,171 @@
+//! The retry policy: which responses are worth another attempt, and when. Pure: no IO.
+
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::config::RetryConfig;
+
+/// What one attempt's result means for the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Worth another attempt; `retry_after` is the server's own request, if it made one.
+    Retry { retry_after: Option<Duration> },
+    Permanent,
+}
+
+/// 2xx is delivered. 408, 429 and 5xx other than 501 are retried; every other status is a
+/// permanent failure (a 3xx is not followed: a webhook that redirects a POST is misconfigured).
+pub fn verdict_for_status(status: u16, retry_after: Option<Duration>) -> Verdict {
+    match status {
+        200..=299 => Verdict::Delivered,
+        408 | 429 => Verdict::Retry { retry_after },
+        501 => Verdict::Permanent,
+        500..=599 => Verdict::Retry { retry_after },
+        _ => Verdict::Permanent,
+    }
+}
+
+/// Transport errors (refused, reset, timed out) are always worth another attempt.
+pub fn verdict_for_transport_error() -> Verdict {
+    Verdict::Retry { retry_after: None }
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The schedule of delays between attempts of one delivery, from the target's retry config:
+/// exponential from `initial_delay`, doubling to `max_delay`, each delay plus up to the same
+/// again of random jitter, for at most `max_attempts` attempts within `max_elapsed`.
+pub struct RetrySchedule {
+    backoff: backon::ExponentialBackoff,
+    max_attempts: u32,
+    max_elapsed: Duration,
+}
+
+/// Why the schedule ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    Attempts,
+    Elapsed,
+}
+
+impl RetrySchedule {
+    pub fn new(config: &RetryConfig) -> RetrySchedule {
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(config.initial_delay)
+            .with_max_delay(config.max_delay)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        RetrySchedule {
+            backoff,
+            max_attempts: u32::try_from(config.max_attempts.0).unwrap_or(u32::MAX),
+            max_elapsed: config.max_elapsed,
+        }
+    }
+
+    /// The delay before the next attempt, after `n_attempts` attempts that began `elapsed` ago,
+    /// or why there is none. A server's `Retry-After` replaces the computed delay.
+    pub fn next_delay(
+        &mut self,
+        n_attempts: u32,
+        elapsed: Duration,
+        retry_after: Option<Duration>,
+    ) -> Result<Duration, Exhausted> {
+        if n_attempts >= self.max_attempts {
+            return Err(Exhausted::Attempts);
+        }
+        let computed = self.backoff.next().unwrap_or(Duration::MAX);
+        let delay = retry_after.unwrap_or(computed);
+        if elapsed.saturating_add(delay) > self.max_elapsed {
+            return Err(Exhausted::Elapsed);
+        }
+        Ok(delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PositiveCount;
+
+    #[test]
+    fn statuses_are_classified() {
+        let check = |status: u16, expected: Verdict| {
+            assert_eq!(verdict_for_status(status, None), expected, "{status}");
+        };
+        let retry = Verdict::Retry { retry_after: None };
+        for status in [200, 201, 202, 204, 299] {
+            check(status, Verdict::Delivered);
+        }
+        for status in [408, 429, 500, 502, 503, 504, 599] {
+            check(status, retry);
+        }
+        for status in [301, 302, 400, 401, 403, 404, 409, 410, 413, 422, 501] {
+            check(status, Verdict::Permanent);
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    fn config(max_attempts: usize, max_elapsed_secs: u64) -> RetryConfig {
+        RetryConfig {
+            max_attempts: PositiveCount(max_attempts),
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(8),
+            max_elapsed: Duration::from_secs(max_elapsed_secs),
+        }
+    }
+
+    #[test]
+    fn delays_grow_with_jitter_up_to_the_cap() {
+        let mut schedule = RetrySchedule::new(&config(100, 100_000));
+        let bases = [1, 2, 4, 8, 8, 8];
+        for (attempt, base) in bases.iter().enumerate() {
+            let delay = schedule.next_delay(attempt as u32 + 1, Duration::ZERO, None).unwrap();
+            let base = Duration::from_secs(*base);
+            assert!(delay >= base && delay <= base * 2, "attempt {attempt}: {delay:?} vs base {base:?}");
+        }
+    }
+
+    #[test]
+    fn attempts_and_elapsed_time_end_the_schedule() {
+        let mut schedule = RetrySchedule::new(&config(3, 100_000));
+        assert!(schedule.next_delay(1, Duration::ZERO, None).is_ok());
+        assert!(schedule.next_delay(2, Duration::ZERO, None).is_ok());
+        assert_eq!(schedule.next_delay(3, Duration::ZERO, None), Err(Exhausted::Attempts));
+
+        let mut schedule = RetrySchedule::new(&config(100, 60));
+        assert_eq!(
+            schedule.next_delay(1, Duration::from_secs(59), None),
+            Err(Exhausted::Elapsed)
+        );
+    }
+
+    #[test]
+    fn retry_after_replaces_the_computed_delay() {
+        let mut schedule = RetrySchedule::new(&config(100, 100_000));
+        let delay = schedule.next_delay(1, Duration::ZERO, Some(Duration::from_secs(42)));
+        assert_eq!(delay, Ok(Duration::from_secs(42)));
+    }
+}

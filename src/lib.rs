@@ -1,0 +1,20 @@
+//! sse-relay: holds Server-Sent-Events streams open and POSTs their events to webhooks.
+//!
+//! The path of an event is the architecture: [`source`] (stream) → [`classify`] → [`routing`]
+//! → [`queue`] → [`delivery`]. [`app`] wires them; ARCHITECTURE.md has the map and invariants.
+
+pub mod admin;
+pub mod app;
+pub mod check;
+pub mod classify;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod emulator;
+pub mod event;
+pub mod queue;
+pub mod routing;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,95 @@
+//! The `sse-relay` command line: parse arguments, load config, start telemetry, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use sse_relay::telemetry::{self, LogFormat};
+use sse_relay::{app, check, config, demo};
+
+#[derive(Parser)]
+#[command(name = "sse-relay", version, about = "Relays Server-Sent-Events streams to HTTP webhooks")]
+struct Cli {
+    /// Log format; text on a terminal and JSON otherwise by default. RUST_LOG filters.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the config and print the resolved routing table, secrets masked.
+    Check {
+        #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
+        config: PathBuf,
+    },
+    /// Run the relay against built-in emulators of both upstream APIs and a local webhook sink,
+    /// printing every webhook the sink receives. Needs no credentials and no config.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(loaded) => {
+                println!("{}: ok\n\n{}", config.display(), check::describe(&loaded));
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
+        Command::Run { config } => {
+            let loaded = match config::load(&config) {
+                Ok(loaded) => loaded,
+                Err(err) => return fail(&err),
+            };
+            telemetry::init_logging(cli.log_format);
+            match runtime().block_on(app::run(loaded, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&format!("{err:#}")),
+            }
+        }
+        Command::Demo => {
+            telemetry::init_logging(Some(cli.log_format.unwrap_or(LogFormat::Text)));
+            match runtime().block_on(demo::run(shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&format!("{err:#}")),
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+}
+
+fn fail(err: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::FAILURE
+}
+
+/// Completes on SIGTERM (systemd, containers) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler can be installed");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,351 @@
+//! Logging setup, the metrics registry, and the internal events of streams and targets.
+//!
+//! Each internal event is one method here that emits both its log line and its metric, so a
+//! metric and its log never disagree. Label values come from config (stream and target names,
+//! event types that routes name) or from fixed sets (reasons, outcomes), never from input.
+
+use std::fmt::Display;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use tracing::{debug, error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stdout: text on a terminal, JSON lines otherwise (journald, containers).
+/// `RUST_LOG` filters them; the default is `info`.
+pub fn init_logging(format: Option<LogFormat>) {
+    let format = format.unwrap_or(if std::io::stdout().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // A second initialisation (tests starting several relays) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+}
+
+/// Every metric of one relay, in its own registry so that relays started side by side in one
+/// process (tests) do not share counters.
+pub struct Metrics {
+    pub registry: Registry,
+    stream_connected: IntGaugeVec,
+    stream_reconnects: IntCounterVec,
+    events_received: IntCounterVec,
+    keepalives: IntCounterVec,
+    events_unrouted: IntCounterVec,
+    events_dropped: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    backpressure: IntCounterVec,
+    deliveries: IntCounterVec,
+    delivery_duration: HistogramVec,
+    queue_depth: IntGaugeVec,
+    in_flight: IntGaugeVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique and valid");
+    collector
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let build_info = gauge("sse_relay_build_info", "Version of the running relay.", &["version"]);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Arc::new(Metrics {
+            stream_connected: gauge(
+                "sse_relay_stream_connected",
+                "1 while the stream's connection is open.",
+                &["stream"],
+            ),
+            stream_reconnects: counter(
+                "sse_relay_stream_reconnects_total",
+                "Connections that ended, by why they ended.",
+                &["stream", "reason"],
+            ),
+            events_received: counter(
+                "sse_relay_events_received_total",
+                "Events received, keepalives excluded; types no route names are counted as other.",
+                &["stream", "event_type"],
+            ),
+            keepalives: counter("sse_relay_keepalives_total", "Keepalive messages received.", &["stream"]),
+            events_unrouted: counter(
+                "sse_relay_events_unrouted_total",
+                "Events that matched no route.",
+                &["stream"],
+            ),
+            events_dropped: counter(
+                "sse_relay_events_dropped_total",
+                "Events the relay could not accept, by reason.",
+                &["stream", "reason"],
+            ),
+            upstream_errors: counter(
+                "sse_relay_upstream_errors_total",
+                "Malformed input from the upstream that was repaired or passed on as text.",
+                &["stream", "kind"],
+            ),
+            backpressure: counter(
+                "sse_relay_backpressure_total",
+                "Times a stream paused because a target's queue was full.",
+                &["stream", "target"],
+            ),
+            deliveries: counter(
+                "sse_relay_deliveries_total",
+                "Delivery attempts by outcome: delivered, retried, failed, abandoned.",
+                &["target", "outcome"],
+            ),
+            delivery_duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "sse_relay_delivery_duration_seconds",
+                        "Duration of one delivery attempt, request to response.",
+                    )
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    &["target"],
+                )
+                .expect("valid metric"),
+            ),
+            queue_depth: gauge(
+                "sse_relay_queue_depth",
+                "Deliveries waiting in the target's queue.",
+                &["target"],
+            ),
+            in_flight: gauge(
+                "sse_relay_deliveries_in_flight",
+                "Deliveries taken from the queue and not finished, retries included.",
+                &["target"],
+            ),
+            registry,
+        })
+    }
+
+    pub fn stream(&self, name: &str, event_type_labels: &[Arc<str>], target_names: &[Arc<str>]) -> StreamTelemetry {
+        StreamTelemetry {
+            name: Arc::from(name),
+            connected: self.stream_connected.with_label_values(&[name]),
+            reconnects: self.stream_reconnects.clone(),
+            events_received: event_type_labels
+                .iter()
+                .map(|label| self.events_received.with_label_values(&[name, label]))
+                .collect(),
+            keepalives: self.keepalives.with_label_values(&[name]),
+            unrouted: self.events_unrouted.with_label_values(&[name]),
+            dropped: self.events_dropped.clone(),
+            upstream_errors: self.upstream_errors.clone(),
+            backpressure: target_names
+                .iter()
+                .map(|target| self.backpressure.with_label_values(&[name, target]))
+                .collect(),
+        }
+    }
+
+    pub fn target(&self, name: &str) -> TargetTelemetry {
+        let outcome = |outcome: &str| self.deliveries.with_label_values(&[name, outcome]);
+        TargetTelemetry {
+            name: Arc::from(name),
+            delivered: outcome("delivered"),
+            retried: outcome("retried"),
+            failed: outcome("failed"),
+            abandoned: outcome("abandoned"),
+            duration: self.delivery_duration.with_label_values(&[name]),
+            queue_depth: self.queue_depth.with_label_values(&[name]),
+            in_flight: self.in_flight.with_label_values(&[name]),
+        }
+    }
+}
+
+/// Why a stream's connection ended; the `reason` label of `sse_relay_stream_reconnects_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The server ended the response cleanly between events.
+    Closed,
+    /// The server ended the response in the middle of an event.
+    ClosedMidEvent,
+    IdleTimeout,
+    AuthFailed,
+    HttpError,
+    ConnectError,
+    ReadError,
+}
+
+impl DisconnectReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DisconnectReason::Closed => "closed",
+            DisconnectReason::ClosedMidEvent => "closed_mid_event",
+            DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::AuthFailed => "auth_failed",
+            DisconnectReason::HttpError => "http_error",
+            DisconnectReason::ConnectError => "connect_error",
+            DisconnectReason::ReadError => "read_error",
+        }
+    }
+}
+
+/// Why an event the upstream sent was not accepted; the `reason` label of
+/// `sse_relay_events_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    TooLarge,
+    /// The relay stopped while the event waited for room in a full queue.
+    Shutdown,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::TooLarge => "too_large",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Metric handles and log lines of one stream, resolved once when the stream starts.
+pub struct StreamTelemetry {
+    pub name: Arc<str>,
+    connected: IntGauge,
+    reconnects: IntCounterVec,
+    events_received: Vec<IntCounter>,
+    keepalives: IntCounter,
+    unrouted: IntCounter,
+    dropped: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    backpressure: Vec<IntCounter>,
+}
+
+impl StreamTelemetry {
+    pub fn is_connected(&self) -> bool {
+        self.connected.get() == 1
+    }
+
+    pub fn connected(&self, resumed_from: Option<&str>) {
+        self.connected.set(1);
+        match resumed_from {
+            Some(last_event_id) => info!(stream = %self.name, %last_event_id, "stream connected"),
+            None => info!(stream = %self.name, "stream connected"),
+        }
+    }
+
+    pub fn disconnected(&self, reason: DisconnectReason, detail: &dyn Display, reconnect_in: Duration) {
+        self.connected.set(0);
+        self.reconnects.with_label_values(&[&self.name, reason.label()]).inc();
+        let reconnect_in = humantime::format_duration(reconnect_in);
+        match reason {
+            DisconnectReason::Closed => {
+                info!(stream = %self.name, reason = reason.label(), %reconnect_in, "stream closed by the server")
+            }
+            DisconnectReason::AuthFailed => error!(
+                stream = %self.name, reason = reason.label(), error = %detail, %reconnect_in,
+                "stream authentication failed; check its credentials"
+            ),
+            _ => warn!(
+                stream = %self.name, reason = reason.label(), error = %detail, %reconnect_in,
+                "stream disconnected"
+            ),
+        }
+    }
+
+    pub fn disconnected_at_shutdown(&self) {
+        self.connected.set(0);
+        info!(stream = %self.name, "stream stopped");
+    }
+
+    pub fn event_received(&self, event_type_label_index: usize) {
+        self.events_received[event_type_label_index].inc();
+    }
+
+    pub fn keepalive(&self) {
+        self.keepalives.inc();
+    }
+
+    pub fn unrouted(&self, event_type: &str) {
+        self.unrouted.inc();
+        debug!(stream = %self.name, %event_type, "event matched no route");
+    }
+
+    pub fn dropped(&self, reason: DropReason, detail: &dyn Display) {
+        self.dropped.with_label_values(&[&self.name, reason.label()]).inc();
+        warn!(stream = %self.name, reason = reason.label(), error = %detail, "event dropped");
+    }
+
+    /// Input that was malformed but still used: `invalid_json` (routed as text) or
+    /// `invalid_utf8` (invalid bytes replaced with U+FFFD, as browsers do).
+    pub fn upstream_error(&self, kind: &'static str, detail: &dyn Display) {
+        self.upstream_errors.with_label_values(&[&self.name, kind]).inc();
+        warn!(stream = %self.name, kind, error = %detail, "malformed input from upstream");
+    }
+
+    pub fn backpressure(&self, target_index: usize, target_name: &str) {
+        self.backpressure[target_index].inc();
+        warn!(
+            stream = %self.name, target = %target_name,
+            "target queue is full; pausing the stream until it drains"
+        );
+    }
+}
+
+/// Metric handles and log lines of one target.
+pub struct TargetTelemetry {
+    pub name: Arc<str>,
+    delivered: IntCounter,
+    retried: IntCounter,
+    failed: IntCounter,
+    abandoned: IntCounter,
+    duration: Histogram,
+    pub queue_depth: IntGauge,
+    pub in_flight: IntGauge,
+}
+
+impl TargetTelemetry {
+    pub fn attempt_finished(&self, duration: Duration) {
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn delivered(&self) {
+        self.delivered.inc();
+    }
+
+    pub fn retrying(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, retry_in: Duration) {
+        self.retried.inc();
+        warn!(
+            target = %self.name, %event_id, n_attempts, error = %problem,
+            retry_in = %humantime::format_duration(retry_in), "delivery failed; will retry"
+        );
+    }
+
+    pub fn failed(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display) {
+        self.failed.inc();
+        error!(target = %self.name, %event_id, n_attempts, error = %problem, "delivery failed permanently");
+    }
+
+    pub fn abandoned(&self, n_deliveries: u64, why: &str) {
+        if n_deliveries == 0 {
+            return;
+        }
+        self.abandoned.inc_by(n_deliveries);
+        error!(target = %self.name, n_deliveries, "{why}");
+    }
+}

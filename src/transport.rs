@@ -1,0 +1,259 @@
+//! The HTTP transport eventsource-client reads streams through: reqwest, so streams and
+//! deliveries share one HTTP and TLS stack.
+//!
+//! The response body passes through [`EventFramer`] before the SSE parser sees it. The framer
+//! hands the parser whole events only, which lets it guard the parser against input it handles
+//! badly: a line or event without end (the parser would buffer it without limit) is cut off at
+//! `max_event_bytes` and skipped to the next event, and invalid UTF-8 (which would make the
+//! parser fail the whole connection) is replaced with U+FFFD, as the SSE specification decodes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use launchdarkly_sdk_transport::{ByteStream, HttpTransport, ResponseFuture, TransportError};
+use sync_wrapper::{SyncFuture, SyncStream};
+
+use crate::telemetry::{DropReason, StreamTelemetry};
+
+#[derive(Clone)]
+pub struct ReqwestTransport {
+    client: reqwest::Client,
+    max_event_bytes: usize,
+    telemetry: Arc<StreamTelemetry>,
+}
+
+impl ReqwestTransport {
+    pub fn new(client: reqwest::Client, max_event_bytes: usize, telemetry: Arc<StreamTelemetry>) -> ReqwestTransport {
+        ReqwestTransport {
+            client,
+            max_event_bytes,
+            telemetry,
+        }
+    }
+}
+
+/// The response ended in the middle of an event.
+#[derive(Debug, thiserror::Error)]
+#[error("the server closed the stream in the middle of an event")]
+pub struct ClosedMidEvent;
+
+impl HttpTransport for ReqwestTransport {
+    fn request(&self, request: http::Request<Option<Bytes>>) -> ResponseFuture {
+        let (parts, body) = request.into_parts();
+        let mut builder = self
+            .client
+            .request(parts.method, parts.uri.to_string())
+            .headers(parts.headers);
+        if let Some(body) = body {
+            builder = builder.body(body);
+        }
+        let (max_event_bytes, telemetry) = (self.max_event_bytes, Arc::clone(&self.telemetry));
+        Box::pin(SyncFuture::new(async move {
+            // Errors lose the URL: a stream URL can carry a token in its query.
+            let response = builder
+                .send()
+                .await
+                .map_err(|err| TransportError::new(err.without_url()))?;
+            let mut head = http::Response::builder().status(response.status());
+            if let Some(headers) = head.headers_mut() {
+                *headers = response.headers().clone();
+            }
+            let body = response
+                .bytes_stream()
+                .map(|chunk| chunk.map_err(|err| TransportError::new(err.without_url())));
+            let framed = EventFramer::new(body, max_event_bytes, telemetry);
+            let body: ByteStream = Box::pin(SyncStream::new(framed));
+            head.body(body).map_err(TransportError::new)
+        }))
+    }
+}
+
+/// Passes on whole SSE events only; see the module documentation.
+pub struct EventFramer<S> {
+    inner: S,
+    max_event_bytes: usize,
+    telemetry: Arc<StreamTelemetry>,
+    /// Bytes of the event being received; complete events are split off and passed on.
+    pending: BytesMut,
+    /// Length of the prefix of `pending` that holds complete events.
+    n_complete: usize,
+    /// Bytes of the current event so far, terminators included.
+    n_event_bytes: usize,
+    at_line_start: bool,
+    previous_was_cr: bool,
+    /// Skipping the rest of an oversized event, up to its blank line.
+    skipping: bool,
+    finished: bool,
+}
+
+impl<S> EventFramer<S> {
+    pub fn new(inner: S, max_event_bytes: usize, telemetry: Arc<StreamTelemetry>) -> EventFramer<S> {
+        EventFramer {
+            inner,
+            max_event_bytes,
+            telemetry,
+            pending: BytesMut::new(),
+            n_complete: 0,
+            n_event_bytes: 0,
+            at_line_start: true,
+            previous_was_cr: false,
+            skipping: false,
+            finished: false,
+        }
+    }
+
+    /// Takes a chunk in and returns the complete events it finished, if any.
+    fn feed(&mut self, chunk: &[u8]) -> Option<Bytes> {
+        // Start of the run of `chunk` not yet copied to `pending`; `None` while skipping.
+        let mut run_start = (!self.skipping).then_some(0);
+        for (index, &byte) in chunk.iter().enumerate() {
+            if self.previous_was_cr && byte == b'\n' {
+                // The LF of a CRLF pair: part of the line end already counted.
+                self.previous_was_cr = false;
+                self.n_event_bytes += 1;
+                continue;
+            }
+            self.previous_was_cr = byte == b'\r';
+            if byte == b'\n' || byte == b'\r' {
+                if self.at_line_start {
+                    // A blank line: the event is complete.
+                    match run_start {
+                        Some(start) => {
+                            self.pending.extend_from_slice(&chunk[start..=index]);
+                            self.n_complete = self.pending.len();
+                        }
+                        None => self.skipping = false,
+                    }
+                    run_start = Some(index + 1);
+                    self.n_event_bytes = 0;
+                    continue;
+                }
+                self.at_line_start = true;
+            } else {
+                self.at_line_start = false;
+            }
+            self.n_event_bytes += 1;
+            if self.n_event_bytes > self.max_event_bytes && !self.skipping {
+                self.skipping = true;
+                self.pending.truncate(self.n_complete);
+                run_start = None;
+                self.telemetry.dropped(
+                    DropReason::TooLarge,
+                    &format_args!("an event exceeds max_event_bytes ({} bytes); it is skipped", self.max_event_bytes),
+                );
+            }
+        }
+        if let Some(start) = run_start {
+            self.pending.extend_from_slice(&chunk[start..]);
+        }
+        if self.n_complete == 0 {
+            return None;
+        }
+        let complete = self.pending.split_to(self.n_complete).freeze();
+        self.n_complete = 0;
+        Some(self.repair_utf8(complete))
+    }
+
+    /// Whole events end at an ASCII line break, so no character is split between two outputs.
+    fn repair_utf8(&self, events: Bytes) -> Bytes {
+        match std::str::from_utf8(&events) {
+            Ok(_) => events,
+            Err(err) => {
+                self.telemetry.upstream_error(
+                    "invalid_utf8",
+                    &format_args!("invalid UTF-8 at byte {} replaced with U+FFFD", err.valid_up_to()),
+                );
+                Bytes::from(String::from_utf8_lossy(&events).into_owned())
+            }
+        }
+    }
+}
+
+impl<S> Stream for EventFramer<S>
+where
+    S: Stream<Item = Result<Bytes, TransportError>> + Unpin,
+{
+    type Item = Result<Bytes, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match ready!(self.inner.poll_next_unpin(context)) {
+                Some(Ok(chunk)) => {
+                    if let Some(events) = self.feed(&chunk) {
+                        return Poll::Ready(Some(Ok(events)));
+                    }
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => {
+                    self.finished = true;
+                    // Bytes after the last blank line are an event the server never finished.
+                    let mid_event = !self.pending.is_empty() && !self.pending.iter().all(|b| *b == b'\n' || *b == b'\r');
+                    if mid_event {
+                        return Poll::Ready(Some(Err(TransportError::new(ClosedMidEvent))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn framer(max_event_bytes: usize) -> EventFramer<futures_util::stream::Empty<Result<Bytes, TransportError>>> {
+        let metrics = Metrics::new();
+        let telemetry = Arc::new(metrics.stream("s", &[Arc::from("other")], &[]));
+        EventFramer::new(futures_util::stream::empty(), max_event_bytes, telemetry)
+    }
+
+    /// Feeds the chunks in order and returns everything passed on, as text.
+    fn run(max_event_bytes: usize, chunks: &[&[u8]]) -> String {
+        let mut framer = framer(max_event_bytes);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            if let Some(events) = framer.feed(chunk) {
+                out.extend_from_slice(&events);
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn passes_only_whole_events() {
+        assert_eq!(run(100, &[b"data: a\n\ndata: b"]), "data: a\n\n");
+        assert_eq!(run(100, &[b"data: a\n", b"\n"]), "data: a\n\n");
+        // The LF of the last CRLF waits for the next chunk; the parser pairs it with its CR.
+        assert_eq!(run(100, &[b"data: a\r\n\r\ndata: b\r\n", b"\r\n"]), "data: a\r\n\r\ndata: b\r\n\r");
+        assert_eq!(run(100, &[b"data: a\r\r"]), "data: a\r\r");
+        assert_eq!(run(100, &[b": comment\n\n"]), ": comment\n\n");
+    }
+
+    #[test]
+    fn skips_events_over_the_limit_and_keeps_the_rest() {
+        let long = format!("data: {}\n\n", "x".repeat(50));
+        let input = format!("data: a\n\n{long}data: b\n\n");
+        assert_eq!(run(20, &[input.as_bytes()]), "data: a\n\ndata: b\n\n");
+        // An endless line split over chunks is cut off without being buffered.
+        let piece = "y".repeat(15);
+        assert_eq!(
+            run(20, &[b"data: ", piece.as_bytes(), piece.as_bytes(), b"\n\ndata: c\n\n"]),
+            "data: c\n\n"
+        );
+    }
+
+    #[test]
+    fn replaces_invalid_utf8() {
+        let mut framer = framer(100);
+        let events = framer.feed(b"data: a\xff\xfeb\n\n").unwrap();
+        assert_eq!(std::str::from_utf8(&events).unwrap(), "data: a\u{fffd}\u{fffd}b\n\n");
+    }
+}
