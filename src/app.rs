@@ -76,7 +76,12 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     for (index, (name, target_config)) in config.targets.iter().enumerate() {
         let telemetry = metrics.target(name);
         let (sender, receiver) = queue::bounded(target_config.queue_capacity.0, telemetry.queue_depth.clone());
-        let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, &stream_names, telemetry)?);
+        let target = Arc::new(TargetRuntime::new(
+            TargetId(index),
+            target_config,
+            &stream_names,
+            telemetry,
+        )?);
         delivery::spawn_workers(&target, &delivery_client, &receiver, &stop_deliveries, &mut workers);
         info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
         targets.push((target, receiver));
@@ -94,9 +99,19 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     for (index, (name, stream_config)) in config.streams.iter().enumerate() {
         let id = StreamId(index);
         let telemetry = Arc::new(metrics.stream(name, dispatch.table.event_type_labels(id), &target_names));
-        let stream = StreamRuntime::new(id, stream_config, &dispatch.table, Arc::clone(&telemetry), &stream_client)?;
+        let stream = StreamRuntime::new(
+            id,
+            stream_config,
+            &dispatch.table,
+            Arc::clone(&telemetry),
+            &stream_client,
+        )?;
         stream_telemetry.push(telemetry);
-        streams.spawn(source::run_stream(Arc::new(stream), Arc::clone(&dispatch), stop_streams.clone()));
+        streams.spawn(source::run_stream(
+            Arc::new(stream),
+            Arc::clone(&dispatch),
+            stop_streams.clone(),
+        ));
     }
     // Only the stream tasks hold the queues' senders now: when they stop, the queues close.
     drop(dispatch);

@@ -29,9 +29,17 @@ pub fn describe(config: &Config) -> String {
         let _ = writeln!(
             out,
             "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}",
-            if pointers.is_empty() { "the SSE event field".to_owned() } else { format!("the SSE event field, {}", pointers.join(", ")) },
+            if pointers.is_empty() {
+                "the SSE event field".to_owned()
+            } else {
+                format!("the SSE event field, {}", pointers.join(", "))
+            },
             stream.default_event_type,
-            if keepalive.is_empty() { "none".to_owned() } else { keepalive.join(", ") },
+            if keepalive.is_empty() {
+                "none".to_owned()
+            } else {
+                keepalive.join(", ")
+            },
             duration(stream.idle_timeout),
             stream.max_event_bytes,
         );

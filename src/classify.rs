@@ -172,7 +172,12 @@ mod tests {
     #[test]
     fn participant_stream_types_come_from_the_event_type_field() {
         let participant = classifier(&["/eventType"], "message", &["KEEP_ALIVE"]);
-        check(&participant, "message", r#"{"eventType":"MESSAGE_SENT","payload":{}}"#, "MESSAGE_SENT");
+        check(
+            &participant,
+            "message",
+            r#"{"eventType":"MESSAGE_SENT","payload":{}}"#,
+            "MESSAGE_SENT",
+        );
         check(&participant, "message", r#"{"eventType":"KEEP_ALIVE"}"#, "keepalive");
         check(&participant, "message", r#"{"payload":1}"#, "message");
         check(&participant, "custom", r#"{"eventType":"MESSAGE_SENT"}"#, "custom");
@@ -186,8 +191,18 @@ mod tests {
     fn chat_stream_keepalive_is_literal_data() {
         let chat = classifier(&["/type"], "workflow_update", &["keepalive"]);
         check(&chat, "message", "keepalive", "keepalive");
-        check(&chat, "message", r#"{"is_active":false,"type":"workflow_status"}"#, "workflow_status");
-        check(&chat, "message", r#"{"workflow_request":{"id":"1"}}"#, "workflow_update");
+        check(
+            &chat,
+            "message",
+            r#"{"is_active":false,"type":"workflow_status"}"#,
+            "workflow_status",
+        );
+        check(
+            &chat,
+            "message",
+            r#"{"workflow_request":{"id":"1"}}"#,
+            "workflow_update",
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, IgnoredAny};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny};
 use url::Url;
 use wildmatch::WildMatch;
 
@@ -24,10 +24,7 @@ pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read the file: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{origin}:{line}:{column}: {message}")]
     Located {
         origin: String,
@@ -252,15 +249,14 @@ pub enum BodyConfig {
 
 impl<'de> Deserialize<'de> for BodyConfig {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        match text.as_str() {
+        from_text(deserializer, |text| match text {
             "data" => Ok(BodyConfig::Data),
             "envelope" => Ok(BodyConfig::Envelope),
-            _ if text.starts_with('/') => Ok(BodyConfig::Pointer(JsonPointer(text))),
-            _ => Err(de::Error::custom(format!(
+            _ if text.starts_with('/') => Ok(BodyConfig::Pointer(JsonPointer(text.to_owned()))),
+            _ => Err(format!(
                 "body `{text}` is not one of data, envelope or a JSON pointer such as /payload"
-            ))),
-        }
+            )),
+        })
     }
 }
 
@@ -288,10 +284,7 @@ pub struct Text(pub String);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(deserializer)?;
-        with_context(|context| expand_env(&raw, &*context.env))
-            .map(Text)
-            .map_err(de::Error::custom)
+        from_text(deserializer, |raw| expand(raw).map(Text))
     }
 }
 
@@ -307,16 +300,15 @@ pub struct HttpUrl(pub Url);
 
 impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let Text(text) = Text::deserialize(deserializer)?;
-        // The URL may hold a credential, so errors describe the problem without repeating it.
-        let url = Url::parse(&text).map_err(|err| de::Error::custom(format!("invalid url: {err}")))?;
-        match url.scheme() {
-            "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
-            "http" | "https" => Err(de::Error::custom("invalid url: it has no host")),
-            scheme => Err(de::Error::custom(format!(
-                "invalid url: the scheme must be http or https, not {scheme}"
-            ))),
-        }
+        from_text(deserializer, |raw| {
+            // The URL may hold a credential, so errors describe the problem without repeating it.
+            let url = Url::parse(&expand(raw)?).map_err(|err| format!("invalid url: {err}"))?;
+            match url.scheme() {
+                "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
+                "http" | "https" => Err("invalid url: it has no host".to_owned()),
+                scheme => Err(format!("invalid url: the scheme must be http or https, not {scheme}")),
+            }
+        })
     }
 }
 
@@ -326,10 +318,12 @@ pub struct HeaderName(pub String);
 
 impl<'de> Deserialize<'de> for HeaderName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| de::Error::custom(format!("`{name}` is not a valid HTTP header name")))?;
-        Ok(HeaderName(name))
+        from_text(deserializer, |name| {
+            match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(_) => Ok(HeaderName(name.to_owned())),
+                Err(_) => Err(format!("`{name}` is not a valid HTTP header name")),
+            }
+        })
     }
 }
 
@@ -339,14 +333,15 @@ pub struct JsonPointer(pub String);
 
 impl<'de> Deserialize<'de> for JsonPointer {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let pointer = String::deserialize(deserializer)?;
-        if pointer.is_empty() || pointer.starts_with('/') {
-            Ok(JsonPointer(pointer))
-        } else {
-            Err(de::Error::custom(format!(
-                "`{pointer}` is not a JSON pointer: it must start with /, as in /eventType"
-            )))
-        }
+        from_text(deserializer, |pointer| {
+            if pointer.is_empty() || pointer.starts_with('/') {
+                Ok(JsonPointer(pointer.to_owned()))
+            } else {
+                Err(format!(
+                    "`{pointer}` is not a JSON pointer: it must start with /, as in /eventType"
+                ))
+            }
+        })
     }
 }
 
@@ -368,13 +363,17 @@ impl Pattern {
     }
 }
 
+fn parse_pattern(raw: &str) -> Result<Pattern, String> {
+    let text = expand(raw)?;
+    if text.is_empty() {
+        return Err("an empty pattern matches nothing".to_owned());
+    }
+    Ok(Pattern(text))
+}
+
 impl<'de> Deserialize<'de> for Pattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let Text(text) = Text::deserialize(deserializer)?;
-        if text.is_empty() {
-            return Err(de::Error::custom("an empty pattern matches nothing"));
-        }
-        Ok(Pattern(text))
+        from_text(deserializer, parse_pattern)
     }
 }
 
@@ -384,24 +383,23 @@ pub struct StreamPattern(pub Pattern);
 
 impl<'de> Deserialize<'de> for StreamPattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let pattern = Pattern::deserialize(deserializer)?;
-        let problem = with_context(|context| {
-            if context.stream_names.iter().any(|name| pattern.matches(name)) {
-                None
-            } else if pattern.is_wildcard() {
-                Some(format!("stream pattern `{}` matches no configured stream", pattern.0))
-            } else {
-                Some(format!(
-                    "unknown stream `{}`; configured streams: {}",
-                    pattern.0,
-                    name_list(&context.stream_names)
-                ))
-            }
-        });
-        match problem {
-            Some(message) => Err(de::Error::custom(message)),
-            None => Ok(StreamPattern(pattern)),
-        }
+        from_text(deserializer, |raw| {
+            let pattern = parse_pattern(raw)?;
+            with_context(|context| {
+                if context.stream_names.iter().any(|name| pattern.matches(name)) {
+                    Ok(())
+                } else if pattern.is_wildcard() {
+                    Err(format!("stream pattern `{}` matches no configured stream", pattern.0))
+                } else {
+                    Err(format!(
+                        "unknown stream `{}`; configured streams: {}",
+                        pattern.0,
+                        name_list(&context.stream_names)
+                    ))
+                }
+            })?;
+            Ok(StreamPattern(pattern))
+        })
     }
 }
 
@@ -411,19 +409,18 @@ pub struct TargetName(pub String);
 
 impl<'de> Deserialize<'de> for TargetName {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        let problem = with_context(|context| {
-            (!context.target_names.contains(&name)).then(|| {
-                format!(
-                    "unknown target `{name}`; configured targets: {}",
-                    name_list(&context.target_names)
-                )
+        from_text(deserializer, |name| {
+            with_context(|context| {
+                if context.target_names.contains(name) {
+                    Ok(TargetName(name.to_owned()))
+                } else {
+                    Err(format!(
+                        "unknown target `{name}`; configured targets: {}",
+                        name_list(&context.target_names)
+                    ))
+                }
             })
-        });
-        match problem {
-            Some(message) => Err(de::Error::custom(message)),
-            None => Ok(TargetName(name)),
-        }
+        })
     }
 }
 
@@ -433,11 +430,77 @@ pub struct PositiveCount(pub usize);
 
 impl<'de> Deserialize<'de> for PositiveCount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match usize::deserialize(deserializer)? {
-            0 => Err(de::Error::custom("must be at least 1")),
-            count => Ok(PositiveCount(count)),
+        struct CountVisitor;
+
+        impl de::Visitor<'_> for CountVisitor {
+            type Value = PositiveCount;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a whole number of at least 1")
+            }
+
+            fn visit_u64<E: de::Error>(self, count: u64) -> Result<PositiveCount, E> {
+                match usize::try_from(count) {
+                    Ok(0) => Err(E::custom("must be at least 1")),
+                    Ok(count) => Ok(PositiveCount(count)),
+                    Err(_) => Err(E::custom("is too large")),
+                }
+            }
+
+            fn visit_i64<E: de::Error>(self, count: i64) -> Result<PositiveCount, E> {
+                match u64::try_from(count) {
+                    Ok(count) => self.visit_u64(count),
+                    Err(_) => Err(E::custom("must be at least 1")),
+                }
+            }
+        }
+
+        deserializer.deserialize_u64(CountVisitor)
+    }
+}
+
+/// Deserializes a scalar as text and converts it with `parse`. The conversion runs inside the
+/// visitor, so serde_yaml attaches the scalar's own line, column and path to its error.
+fn from_text<'de, D, T>(deserializer: D, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct TextVisitor<F>(F);
+
+    impl<T, F: FnOnce(&str) -> Result<T, String>> de::Visitor<'_> for TextVisitor<F> {
+        type Value = T;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("a string")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+            (self.0)(text).map_err(E::custom)
+        }
+
+        // Unquoted numbers and booleans are text too, as in `X-Count: 5`.
+        fn visit_u64<E: de::Error>(self, number: u64) -> Result<T, E> {
+            self.visit_str(&number.to_string())
+        }
+
+        fn visit_i64<E: de::Error>(self, number: i64) -> Result<T, E> {
+            self.visit_str(&number.to_string())
+        }
+
+        fn visit_f64<E: de::Error>(self, number: f64) -> Result<T, E> {
+            self.visit_str(&number.to_string())
+        }
+
+        fn visit_bool<E: de::Error>(self, value: bool) -> Result<T, E> {
+            self.visit_str(if value { "true" } else { "false" })
         }
     }
+
+    deserializer.deserialize_str(TextVisitor(parse))
+}
+
+fn expand(raw: &str) -> Result<String, String> {
+    with_context(|context| expand_env(raw, &*context.env))
 }
 
 fn name_list(names: &BTreeSet<String>) -> String {
@@ -453,7 +516,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    parse(&text, &path.display().to_string(), Box::new(|name| std::env::var(name).ok()))
+    parse(
+        &text,
+        &path.display().to_string(),
+        Box::new(|name| std::env::var(name).ok()),
+    )
 }
 
 /// Parses config text; `origin` names it in errors (usually the file path).
@@ -557,7 +624,9 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
                 None => (reference, None),
             };
             if !is_variable_name(name) {
-                return Err(format!("`${{{reference}}}` is not a variable reference such as ${{NAME}}"));
+                return Err(format!(
+                    "`${{{reference}}}` is not a variable reference such as ${{NAME}}"
+                ));
             }
             match (env(name), default) {
                 (Some(value), _) => expanded.push_str(&value),

@@ -9,7 +9,11 @@ use sse_relay::telemetry::{self, LogFormat};
 use sse_relay::{app, check, config, demo};
 
 #[derive(Parser)]
-#[command(name = "sse-relay", version, about = "Relays Server-Sent-Events streams to HTTP webhooks")]
+#[command(
+    name = "sse-relay",
+    version,
+    about = "Relays Server-Sent-Events streams to HTTP webhooks"
+)]
 struct Cli {
     /// Log format; text on a terminal and JSON otherwise by default. RUST_LOG filters.
     #[arg(long, global = true, value_enum)]

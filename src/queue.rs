@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use prometheus::IntGauge;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{Mutex, mpsc};
 
 use crate::event::{Event, TargetId};
 

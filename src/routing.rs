@@ -48,9 +48,10 @@ impl EventMatcher {
 impl Route {
     fn matches(&self, event: &Event) -> bool {
         self.events.iter().any(|matcher| matcher.matches(&event.event_type))
-            && self.where_equal.iter().all(|(pointer, expected)| {
-                event.json.as_ref().and_then(|json| json.pointer(pointer)) == Some(expected)
-            })
+            && self
+                .where_equal
+                .iter()
+                .all(|(pointer, expected)| event.json.as_ref().and_then(|json| json.pointer(pointer)) == Some(expected))
     }
 }
 
@@ -225,10 +226,30 @@ routes:
     #[test]
     fn routes_by_type_wildcard_and_where() {
         check("participant", "MESSAGE_SENT", "{}", &["zapier", "audit", "n8n"]);
-        check("participant", "ACTION_PLAN_CARDS_ADDED", "{}", &["zapier", "audit", "n8n"]);
-        check("participant", "CHAT_SESSION_MEMBER_LEFT", "{}", &["n8n", "zapier", "audit"]);
-        check("chat", "workflow_update", r#"{"node_execution":{"status":"completed"}}"#, &["n8n", "audit"]);
-        check("chat", "workflow_update", r#"{"node_execution":{"status":"running"}}"#, &["audit", "n8n"]);
+        check(
+            "participant",
+            "ACTION_PLAN_CARDS_ADDED",
+            "{}",
+            &["zapier", "audit", "n8n"],
+        );
+        check(
+            "participant",
+            "CHAT_SESSION_MEMBER_LEFT",
+            "{}",
+            &["n8n", "zapier", "audit"],
+        );
+        check(
+            "chat",
+            "workflow_update",
+            r#"{"node_execution":{"status":"completed"}}"#,
+            &["n8n", "audit"],
+        );
+        check(
+            "chat",
+            "workflow_update",
+            r#"{"node_execution":{"status":"running"}}"#,
+            &["audit", "n8n"],
+        );
         check("chat", "workflow_update", "not json", &["audit", "n8n"]);
         check("chat", "workflow_status", "{}", &["n8n", "zapier", "audit"]);
         check("chat", "MESSAGE_SENT", "{}", &["audit", "n8n"]);

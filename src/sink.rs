@@ -1,1 +1,378 @@
-//! Placeholder until the fixture lands.
+//! A webhook sink for tests: an HTTP server that accepts any method on any path, records every
+//! request, and answers each path from a script of responses (then `200` with an empty body).
+//!
+//! A request is recorded as soon as its body has arrived, before any scripted delay, so a test
+//! can see a delivery attempt that is still waiting for its answer; its `status_sent` is filled
+//! in when the answer goes out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Well above any webhook body a test sends; a larger one is answered 400 and not recorded.
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the sink answers to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// How long the sink waits before answering, to make a client time out, say.
+    pub delay: Duration,
+}
+
+impl SinkResponse {
+    pub fn status(status: u16) -> SinkResponse {
+        SinkResponse {
+            status,
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> SinkResponse {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn with_delay(mut self, delay: Duration) -> SinkResponse {
+        self.delay = delay;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceivedRequest {
+    pub method: Method,
+    /// The path without any query string.
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub received_at: Instant,
+    /// The status answered; 0 until the answer goes out, which is while a scripted delay runs,
+    /// and for good if the server dropped the request because its client left during the delay.
+    pub status_sent: u16,
+}
+
+impl ReceivedRequest {
+    /// The header's value, when present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn was_delivered(&self) -> bool {
+        (200..300).contains(&self.status_sent)
+    }
+}
+
+type RequestCallback = Arc<dyn Fn(&ReceivedRequest) + Send + Sync>;
+
+/// A handle on a running sink; clones share it. The server runs until [`Sink::stop`] or until
+/// the runtime shuts down, whichever comes first.
+#[derive(Clone)]
+pub struct Sink {
+    shared: Arc<SinkShared>,
+}
+
+struct SinkShared {
+    addr: SocketAddr,
+    state: Mutex<SinkState>,
+    /// Bumped whenever a request is recorded or answered, to wake the waiting functions.
+    change_counter: watch::Sender<u64>,
+    stop_sender: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Every path's requests together, in arrival order.
+    requests: Vec<ReceivedRequest>,
+    scripts: HashMap<String, VecDeque<SinkResponse>>,
+    callbacks: Vec<RequestCallback>,
+}
+
+impl Sink {
+    pub async fn start() -> std::io::Result<Sink> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let shared = Arc::new(SinkShared {
+            addr: listener.local_addr()?,
+            state: Mutex::new(SinkState::default()),
+            change_counter: watch::Sender::new(0),
+            stop_sender: watch::Sender::new(false),
+        });
+        let router = Router::new().fallback(record_and_answer).with_state(shared.clone());
+        let mut stop_receiver = shared.stop_sender.subscribe();
+        let stopped = async move {
+            let _ = stop_receiver.wait_for(|stopped| *stopped).await;
+        };
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).with_graceful_shutdown(stopped).await;
+        });
+        Ok(Sink { shared })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.shared.addr)
+    }
+
+    /// Queues responses for the next requests to `path`, after any already queued.
+    ///
+    /// # Panics
+    /// If a status or header is not valid HTTP, so that the mistake shows in the test that made it.
+    pub fn script(&self, path: &str, responses: Vec<SinkResponse>) {
+        for response in &responses {
+            assert!(
+                StatusCode::from_u16(response.status).is_ok(),
+                "status {} is not valid HTTP",
+                response.status
+            );
+            for (name, value) in &response.headers {
+                assert!(
+                    HeaderName::try_from(name.as_str()).is_ok(),
+                    "header name {name:?} is not valid HTTP"
+                );
+                assert!(
+                    HeaderValue::try_from(value.as_str()).is_ok(),
+                    "header value {value:?} is not valid HTTP"
+                );
+            }
+        }
+        self.shared
+            .lock()
+            .scripts
+            .entry(path.to_string())
+            .or_default()
+            .extend(responses);
+    }
+
+    /// Every request to `path`, in arrival order, whatever it was answered.
+    pub fn requests(&self, path: &str) -> Vec<ReceivedRequest> {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|request| request.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// The requests to `path` that were answered 2xx.
+    pub fn delivered(&self, path: &str) -> Vec<ReceivedRequest> {
+        let state = self.shared.lock();
+        state
+            .requests
+            .iter()
+            .filter(|request| request.path == path && request.was_delivered())
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until at least `count` requests to `path` were answered 2xx and returns them, or
+    /// returns those there are once `deadline` has passed.
+    pub async fn wait_for_delivered(&self, path: &str, count: usize, deadline: Duration) -> Vec<ReceivedRequest> {
+        self.wait_until(deadline, || self.delivered(path).len() >= count).await;
+        self.delivered(path)
+    }
+
+    /// Like [`Sink::wait_for_delivered`], counting every request to `path`, answered or not.
+    pub async fn wait_for_requests(&self, path: &str, count: usize, deadline: Duration) -> Vec<ReceivedRequest> {
+        self.wait_until(deadline, || self.requests(path).len() >= count).await;
+        self.requests(path)
+    }
+
+    /// Calls `callback` with each request once it has been answered.
+    pub fn on_request(&self, callback: impl Fn(&ReceivedRequest) + Send + Sync + 'static) {
+        self.shared.lock().callbacks.push(Arc::new(callback));
+    }
+
+    /// Stops accepting connections; requests in progress are still answered.
+    pub fn stop(&self) {
+        self.shared.stop_sender.send_replace(true);
+    }
+
+    async fn wait_until(&self, deadline: Duration, mut condition: impl FnMut() -> bool) {
+        let give_up_at = tokio::time::Instant::now() + deadline;
+        // Subscribing before checking means a change between the check and the wait still wakes us.
+        let mut change_receiver = self.shared.change_counter.subscribe();
+        while !condition() {
+            if !matches!(
+                tokio::time::timeout_at(give_up_at, change_receiver.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+        }
+    }
+}
+
+impl SinkShared {
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        // A test that panicked while holding the lock has already failed; carry on for the rest.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Request) -> Response {
+    let received_at = Instant::now();
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return response_with_status(StatusCode::BAD_REQUEST);
+    };
+    let path = parts.uri.path().to_string();
+    // One lock for taking the scripted response and recording the request, so that the script
+    // is used in arrival order even when requests arrive concurrently.
+    let (response, index) = {
+        let mut state = shared.lock();
+        let response = state
+            .scripts
+            .get_mut(&path)
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(SinkResponse::status(200));
+        let request = ReceivedRequest {
+            method: parts.method,
+            path,
+            headers: parts.headers,
+            body,
+            received_at,
+            status_sent: 0,
+        };
+        state.requests.push(request);
+        (response, state.requests.len() - 1)
+    };
+    shared.change_counter.send_modify(|counter| *counter += 1);
+    if !response.delay.is_zero() {
+        tokio::time::sleep(response.delay).await;
+    }
+    let (answered, callbacks) = {
+        let mut state = shared.lock();
+        state.requests[index].status_sent = response.status;
+        (state.requests[index].clone(), state.callbacks.clone())
+    };
+    shared.change_counter.send_modify(|counter| *counter += 1);
+    for callback in callbacks {
+        callback(&answered);
+    }
+    let mut http_response = response_with_status(StatusCode::from_u16(response.status).expect("checked by script"));
+    for (name, value) in response.headers {
+        let name = HeaderName::try_from(name).expect("checked by script");
+        let value = HeaderValue::try_from(value).expect("checked by script");
+        http_response.headers_mut().append(name, value);
+    }
+    http_response
+}
+
+fn response_with_status(status: StatusCode) -> Response {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::{Sink, SinkResponse};
+
+    const TEST_DEADLINE: Duration = Duration::from_secs(10);
+
+    fn test_client() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().expect("client builds")
+    }
+
+    #[tokio::test]
+    async fn answers_the_script_in_order_then_200_and_records_every_request() {
+        let sink = Sink::start().await.unwrap();
+        sink.script("/hook", vec![SinkResponse::status(500), SinkResponse::status(503)]);
+        let statuses_seen_by_callback = Arc::new(Mutex::new(Vec::new()));
+        let callback_statuses = statuses_seen_by_callback.clone();
+        sink.on_request(move |request| callback_statuses.lock().unwrap().push(request.status_sent));
+        let client = test_client();
+        for (attempt, expected_status) in [500, 503, 200].into_iter().enumerate() {
+            let response = client
+                .post(sink.url("/hook"))
+                .body(format!("attempt {attempt}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), expected_status);
+        }
+        assert_eq!(
+            client.get(sink.url("/other?query=1")).send().await.unwrap().status(),
+            200
+        );
+
+        let requests = sink.requests("/hook");
+        let statuses: Vec<u16> = requests.iter().map(|request| request.status_sent).collect();
+        assert_eq!(statuses, [500, 503, 200]);
+        assert_eq!(requests[1].body, "attempt 1");
+        assert_eq!(requests[1].method, http::Method::POST);
+        assert!(requests[0].received_at <= requests[1].received_at);
+        let delivered = sink.delivered("/hook");
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].body, "attempt 2");
+        assert_eq!(sink.requests("/other").len(), 1);
+        assert_eq!(*statuses_seen_by_callback.lock().unwrap(), [500, 503, 200, 200]);
+    }
+
+    #[tokio::test]
+    async fn sends_scripted_headers_such_as_retry_after() {
+        let sink = Sink::start().await.unwrap();
+        sink.script("/hook", vec![SinkResponse::status(429).with_header("Retry-After", "7")]);
+        let response = test_client().post(sink.url("/hook")).send().await.unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "7");
+    }
+
+    #[tokio::test]
+    async fn records_a_delayed_request_on_arrival_and_counts_it_delivered_once_answered() {
+        let sink = Sink::start().await.unwrap();
+        sink.script(
+            "/slow",
+            vec![SinkResponse::status(204).with_delay(Duration::from_secs(1))],
+        );
+        let url = sink.url("/slow");
+        let client_task = tokio::spawn(async move { test_client().post(url).send().await.unwrap().status() });
+        let arrived = sink.wait_for_requests("/slow", 1, TEST_DEADLINE).await;
+        assert_eq!(arrived.len(), 1);
+        assert_eq!(arrived[0].status_sent, 0, "the scripted delay is still running");
+        assert!(sink.delivered("/slow").is_empty());
+        let delivered = sink.wait_for_delivered("/slow", 1, TEST_DEADLINE).await;
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].status_sent, 204);
+        assert_eq!(client_task.await.unwrap(), 204);
+    }
+
+    #[tokio::test]
+    async fn wait_for_delivered_returns_what_there_is_at_the_deadline() {
+        let sink = Sink::start().await.unwrap();
+        let url = sink.url("/hook");
+        let client_task = tokio::spawn(async move {
+            for n in 0..3 {
+                test_client().post(&url).body(n.to_string()).send().await.unwrap();
+            }
+        });
+        let delivered = sink.wait_for_delivered("/hook", 3, TEST_DEADLINE).await;
+        let bodies: Vec<&[u8]> = delivered.iter().map(|request| &request.body[..]).collect();
+        assert_eq!(bodies, [b"0", b"1", b"2"]);
+        client_task.await.unwrap();
+
+        let deadline = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        assert_eq!(sink.wait_for_delivered("/hook", 4, deadline).await.len(), 3);
+        assert!(started.elapsed() >= deadline);
+    }
+}

@@ -55,7 +55,8 @@ impl StreamRuntime {
         client: &reqwest::Client,
     ) -> anyhow::Result<StreamRuntime> {
         let mut headers = Vec::with_capacity(config.headers.len());
-        for (name, value) in &config.headers {
+        // An empty value (an unset `${VAR:-}`) leaves the header out.
+        for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
             // The value may be a secret: the error names the header, never the value.
             if http::HeaderValue::from_str(&value.0).is_err() {
                 anyhow::bail!(
@@ -202,7 +203,10 @@ async fn read_connection(
     })
 }
 
-fn connect(stream: &StreamRuntime, last_event_id: Option<&str>) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {
+fn connect(
+    stream: &StreamRuntime,
+    last_event_id: Option<&str>,
+) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {
     let mut builder = es::ClientBuilder::for_url(&stream.url)?
         .reconnect(es::ReconnectOptions::reconnect(false).retry_initial(false).build())
         .redirect_limit(5);
@@ -224,9 +228,10 @@ fn remember_event_id(stream: &StreamRuntime, last_event_id: &mut Option<String>,
     if http::HeaderValue::from_str(id).is_ok() {
         *last_event_id = Some(id.to_owned());
     } else {
-        stream
-            .telemetry
-            .upstream_error("invalid_id", &"an event id that cannot be sent back as Last-Event-ID was ignored");
+        stream.telemetry.upstream_error(
+            "invalid_id",
+            &"an event id that cannot be sent back as Last-Event-ID was ignored",
+        );
     }
 }
 
@@ -302,7 +307,10 @@ async fn accept(
         Classified::Event { event, malformed_json } => (event, malformed_json),
     };
     if let Some(err) = malformed_json {
-        telemetry.upstream_error("invalid_json", &format_args!("data is not valid JSON ({err}); routed as text"));
+        telemetry.upstream_error(
+            "invalid_json",
+            &format_args!("data is not valid JSON ({err}); routed as text"),
+        );
     }
     telemetry.event_received(dispatch.table.event_type_label_index(stream.id, &event.event_type));
     dispatch.table.route(&event, targets);

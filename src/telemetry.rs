@@ -30,7 +30,9 @@ pub fn init_logging(format: Option<LogFormat>) {
         LogFormat::Json
     });
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
     // A second initialisation (tests starting several relays) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -67,10 +69,16 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let build_info = gauge("sse_relay_build_info", "Version of the running relay.", &["version"]);
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -90,7 +98,11 @@ impl Metrics {
                 "Events received, keepalives excluded; types no route names are counted as other.",
                 &["stream", "event_type"],
             ),
-            keepalives: counter("sse_relay_keepalives_total", "Keepalive messages received.", &["stream"]),
+            keepalives: counter(
+                "sse_relay_keepalives_total",
+                "Keepalive messages received.",
+                &["stream"],
+            ),
             events_unrouted: counter(
                 "sse_relay_events_unrouted_total",
                 "Events that matched no route.",
@@ -123,7 +135,9 @@ impl Metrics {
                         "sse_relay_delivery_duration_seconds",
                         "Duration of one delivery attempt, request to response.",
                     )
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
                     &["target"],
                 )
                 .expect("valid metric"),
@@ -146,7 +160,10 @@ impl Metrics {
         StreamTelemetry {
             name: Arc::from(name),
             connected: self.stream_connected.with_label_values(&[name]),
-            reconnects: self.stream_reconnects.clone(),
+            reconnects: DisconnectReason::ALL
+                .iter()
+                .map(|reason| self.stream_reconnects.with_label_values(&[name, reason.label()]))
+                .collect(),
             events_received: event_type_labels
                 .iter()
                 .map(|label| self.events_received.with_label_values(&[name, label]))
@@ -192,6 +209,16 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
+    const ALL: [DisconnectReason; 7] = [
+        DisconnectReason::Closed,
+        DisconnectReason::ClosedMidEvent,
+        DisconnectReason::IdleTimeout,
+        DisconnectReason::AuthFailed,
+        DisconnectReason::HttpError,
+        DisconnectReason::ConnectError,
+        DisconnectReason::ReadError,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             DisconnectReason::Closed => "closed",
@@ -227,7 +254,8 @@ impl DropReason {
 pub struct StreamTelemetry {
     pub name: Arc<str>,
     connected: IntGauge,
-    reconnects: IntCounterVec,
+    /// Indexed by `DisconnectReason as usize`.
+    reconnects: Vec<IntCounter>,
     events_received: Vec<IntCounter>,
     keepalives: IntCounter,
     unrouted: IntCounter,
@@ -251,7 +279,7 @@ impl StreamTelemetry {
 
     pub fn disconnected(&self, reason: DisconnectReason, detail: &dyn Display, reconnect_in: Duration) {
         self.connected.set(0);
-        self.reconnects.with_label_values(&[&self.name, reason.label()]).inc();
+        self.reconnects[reason as usize].inc();
         let reconnect_in = humantime::format_duration(reconnect_in);
         match reason {
             DisconnectReason::Closed => {

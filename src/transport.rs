@@ -142,7 +142,10 @@ impl<S> EventFramer<S> {
                 run_start = None;
                 self.telemetry.dropped(
                     DropReason::TooLarge,
-                    &format_args!("an event exceeds max_event_bytes ({} bytes); it is skipped", self.max_event_bytes),
+                    &format_args!(
+                        "an event exceeds max_event_bytes ({} bytes); it is skipped",
+                        self.max_event_bytes
+                    ),
                 );
             }
         }
@@ -193,7 +196,8 @@ where
                 None => {
                     self.finished = true;
                     // Bytes after the last blank line are an event the server never finished.
-                    let mid_event = !self.pending.is_empty() && !self.pending.iter().all(|b| *b == b'\n' || *b == b'\r');
+                    let mid_event =
+                        !self.pending.is_empty() && !self.pending.iter().all(|b| *b == b'\n' || *b == b'\r');
                     if mid_event {
                         return Poll::Ready(Some(Err(TransportError::new(ClosedMidEvent))));
                     }
@@ -232,7 +236,10 @@ mod tests {
         assert_eq!(run(100, &[b"data: a\n\ndata: b"]), "data: a\n\n");
         assert_eq!(run(100, &[b"data: a\n", b"\n"]), "data: a\n\n");
         // The LF of the last CRLF waits for the next chunk; the parser pairs it with its CR.
-        assert_eq!(run(100, &[b"data: a\r\n\r\ndata: b\r\n", b"\r\n"]), "data: a\r\n\r\ndata: b\r\n\r");
+        assert_eq!(
+            run(100, &[b"data: a\r\n\r\ndata: b\r\n", b"\r\n"]),
+            "data: a\r\n\r\ndata: b\r\n\r"
+        );
         assert_eq!(run(100, &[b"data: a\r\r"]), "data: a\r\r");
         assert_eq!(run(100, &[b": comment\n\n"]), ": comment\n\n");
     }

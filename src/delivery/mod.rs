@@ -43,7 +43,8 @@ impl TargetRuntime {
         telemetry: TargetTelemetry,
     ) -> anyhow::Result<TargetRuntime> {
         let mut headers = HeaderMap::new();
-        for (name, value) in &config.headers {
+        // An empty value (an unset `${VAR:-}`) leaves the header out.
+        for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
             let header_name = http::HeaderName::from_bytes(name.0.as_bytes())?;
             // The value may be a secret: the error names the header, never the value.
             let header_value = HeaderValue::from_str(&value.0).map_err(|_| {

@@ -4,12 +4,12 @@ use std::fmt;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::HeaderValue;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
 
 use crate::config::BodyConfig;
-use crate::delivery::retry::{parse_retry_after, verdict_for_status, verdict_for_transport_error, Verdict};
 use crate::delivery::TargetRuntime;
+use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
 use crate::event::Event;
 
 /// How much of an error response's body is kept for the log line.
@@ -47,8 +47,13 @@ impl fmt::Display for Problem {
 }
 
 /// Sends one attempt and says what it means.
-pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &Event) -> Result<(), (Verdict, Problem)> {
-    let (body, content_type) = body_for(&target.body, event).map_err(|message| (Verdict::Permanent, Problem::Body(message)))?;
+pub async fn attempt(
+    client: &reqwest::Client,
+    target: &TargetRuntime,
+    event: &Event,
+) -> Result<(), (Verdict, Problem)> {
+    let (body, content_type) =
+        body_for(&target.body, event).map_err(|message| (Verdict::Permanent, Problem::Body(message)))?;
 
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let mut request = client
@@ -97,7 +102,13 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    Err((verdict, Problem::Status { status, excerpt: excerpt.trim().to_owned() }))
+    Err((
+        verdict,
+        Problem::Status {
+            status,
+            excerpt: excerpt.trim().to_owned(),
+        },
+    ))
 }
 
 /// The body a target receives, and its content type.
@@ -111,7 +122,8 @@ pub fn body_for(body: &BodyConfig, event: &Event) -> Result<(Bytes, &'static str
                 .as_ref()
                 .and_then(|json| json.pointer(&pointer.0))
                 .ok_or_else(|| format!("the event's data has no JSON value at {}", pointer.0))?;
-            let bytes = serde_json::to_vec(part).map_err(|err| format!("cannot encode the value at {}: {err}", pointer.0))?;
+            let bytes =
+                serde_json::to_vec(part).map_err(|err| format!("cannot encode the value at {}: {err}", pointer.0))?;
             Ok((Bytes::from(bytes), "application/json"))
         }
     }

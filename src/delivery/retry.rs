@@ -11,7 +11,9 @@ use crate::config::RetryConfig;
 pub enum Verdict {
     Delivered,
     /// Worth another attempt; `retry_after` is the server's own request, if it made one.
-    Retry { retry_after: Option<Duration> },
+    Retry {
+        retry_after: Option<Duration>,
+    },
     Permanent,
 }
 
@@ -144,7 +146,10 @@ mod tests {
         for (attempt, base) in bases.iter().enumerate() {
             let delay = schedule.next_delay(attempt as u32 + 1, Duration::ZERO, None).unwrap();
             let base = Duration::from_secs(*base);
-            assert!(delay >= base && delay <= base * 2, "attempt {attempt}: {delay:?} vs base {base:?}");
+            assert!(
+                delay >= base && delay <= base * 2,
+                "attempt {attempt}: {delay:?} vs base {base:?}"
+            );
         }
     }
 

@@ -1,0 +1,782 @@
+//! End-to-end tests: SSE bytes from the emulated upstreams in, HTTP requests at a real webhook
+//! sink out, all on 127.0.0.1 with ephemeral ports.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay::sink::{Sink, SinkResponse};
+use support::{DEADLINE, TestRelay, eventually, metric_value, parse_config};
+
+/// Keepalives slow enough to stay out of the way unless a test wants them.
+fn quiet_upstream() -> UpstreamOptions {
+    UpstreamOptions {
+        participant_keepalive: Duration::from_secs(3600),
+        chat_keepalive: Duration::from_secs(3600),
+        ..UpstreamOptions::default()
+    }
+}
+
+/// A relay config with both upstreams as streams `participant` and `chat`, configured as the
+/// example config does, plus `targets` and `routes` YAML written by the test.
+fn both_streams(upstream: &Upstream, stream_extra: &str, targets_and_routes: &str) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+shutdown: {{ grace_period: 2s }}
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+    {stream_extra}
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    {stream_extra}
+{targets_and_routes}
+"#,
+        participant = upstream.participant_url("42"),
+        chat = upstream.chat_url("3f1c"),
+    )
+}
+
+/// One target `hook` at the sink's `/hook` that receives every event of every stream.
+fn everything_to(sink: &Sink, target_extra: &str) -> String {
+    format!(
+        r#"
+targets:
+  hook:
+    url: {url}
+    max_in_flight: 1
+    retry: {{ initial_delay: 20ms, max_delay: 100ms }}
+    {target_extra}
+routes:
+  - stream: "*"
+    targets: [hook]
+"#,
+        url = sink.url("/hook"),
+    )
+}
+
+async fn both_connected(upstream: &Upstream) {
+    assert!(
+        upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await,
+        "participant stream connects"
+    );
+    assert!(
+        upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await,
+        "chat stream connects"
+    );
+}
+
+fn bodies(requests: &[sse_relay::sink::ReceivedRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|request| String::from_utf8_lossy(&request.body).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_event_type_wildcards_and_where() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let routes = format!(
+        r#"
+targets:
+  zapier: {{ url: "{zapier}", max_in_flight: 1 }}
+  n8n: {{ url: "{n8n}", max_in_flight: 1 }}
+routes:
+  - stream: participant
+    events: [MESSAGE_SENT, ACTION_PLAN_CARD*]
+    targets: [zapier]
+  - stream: chat
+    events: [workflow_update]
+    where: {{ /node_execution/status: completed }}
+    targets: [n8n]
+  - stream: "*"
+    events: [CHAT_SESSION_MEMBER_*, workflow_status, MARKER]
+    targets: [n8n, zapier]
+"#,
+        zapier = sink.url("/zapier"),
+        n8n = sink.url("/n8n"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+
+    let message_sent = r#"{"eventType": "MESSAGE_SENT", "payload": {"id": "m1", "text": "hi"}}"#;
+    let cards_added = r#"{"eventType":"ACTION_PLAN_CARDS_ADDED","payload":[{"id":"c1"},{"id":"c2"}]}"#;
+    let extra_value = r#"{"eventType":"PARTICIPANT_EXTRA_VALUE_CHANGED","payload":{"id":"3"}}"#;
+    let member_joined = r#"{"eventType":"CHAT_SESSION_MEMBER_JOINED","payload":{"sessionId":"s1"}}"#;
+    let node_completed =
+        r#"{"workflow_request":{"id":"w1","status":"in_progress"},"node_execution":{"id":"n1","status":"completed"}}"#;
+    let node_running = r#"{"workflow_request":{"id":"w2"},"node_execution":{"id":"n2","status":"in_progress"}}"#;
+    let workflow_status = r#"{"is_active":false,"type":"workflow_status"}"#;
+    let participant_marker = r#"{"eventType":"MARKER"}"#;
+    let chat_marker = r#"{"type":"MARKER"}"#;
+    for data in [
+        message_sent,
+        cards_added,
+        extra_value,
+        member_joined,
+        participant_marker,
+    ] {
+        assert_eq!(upstream.publish_event(Api::Participant, data), 1);
+    }
+    for data in [node_completed, node_running, workflow_status, chat_marker] {
+        assert_eq!(upstream.publish_event(Api::Chat, data), 1);
+    }
+
+    // Each stream's marker comes last on its stream, and each target has one worker, so by
+    // the time both markers arrived, anything wrongly routed would have arrived too.
+    let has_markers = |requests: &[sse_relay::sink::ReceivedRequest]| {
+        let bodies = bodies(requests);
+        bodies.iter().any(|b| b == participant_marker) && bodies.iter().any(|b| b == chat_marker)
+    };
+    for path in ["/zapier", "/n8n"] {
+        eventually(&format!("both markers at {path}"), DEADLINE, || async {
+            has_markers(&sink.delivered(path))
+        })
+        .await;
+    }
+    let set = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<String>>();
+    let zapier = sink.delivered("/zapier");
+    assert_eq!(
+        bodies(&zapier).into_iter().collect::<BTreeSet<_>>(),
+        set(&[
+            message_sent,
+            cards_added,
+            member_joined,
+            workflow_status,
+            participant_marker,
+            chat_marker
+        ])
+    );
+    assert_eq!(
+        zapier.len(),
+        6,
+        "each event reaches a target once: {:?}",
+        bodies(&zapier)
+    );
+    let n8n = sink.delivered("/n8n");
+    assert_eq!(
+        bodies(&n8n).into_iter().collect::<BTreeSet<_>>(),
+        set(&[
+            member_joined,
+            node_completed,
+            workflow_status,
+            participant_marker,
+            chat_marker
+        ])
+    );
+    assert_eq!(n8n.len(), 5, "each event reaches a target once: {:?}", bodies(&n8n));
+
+    let first = zapier.iter().find(|r| r.body == message_sent.as_bytes()).unwrap();
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    assert_eq!(first.header("x-relay-stream"), Some("participant"));
+    assert_eq!(first.header("x-relay-event-type"), Some("MESSAGE_SENT"));
+    assert_eq!(first.header("idempotency-key").map(str::len), Some(36));
+
+    let metrics = relay.get("/metrics").await.1;
+    let count = |name: &str, labels: &[(&str, &str)]| metric_value(&metrics, name, labels);
+    assert_eq!(
+        count("sse_relay_events_received_total", &[("stream", "participant")]),
+        5.0
+    );
+    assert_eq!(
+        count(
+            "sse_relay_events_received_total",
+            &[("stream", "participant"), ("event_type", "ACTION_PLAN_CARD*")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        count(
+            "sse_relay_events_received_total",
+            &[("stream", "participant"), ("event_type", "other")]
+        ),
+        1.0,
+        "an event type no route names is counted as other"
+    );
+    assert_eq!(
+        count("sse_relay_events_unrouted_total", &[("stream", "participant")]),
+        1.0
+    );
+    assert_eq!(count("sse_relay_events_unrouted_total", &[("stream", "chat")]), 1.0);
+    assert_eq!(
+        count(
+            "sse_relay_deliveries_total",
+            &[("target", "zapier"), ("outcome", "delivered")]
+        ),
+        6.0
+    );
+    assert_eq!(count("sse_relay_stream_connected", &[("stream", "chat")]), 1.0);
+    for name in [
+        "sse_relay_stream_reconnects_total",
+        "sse_relay_keepalives_total",
+        "sse_relay_delivery_duration_seconds_bucket",
+        "sse_relay_queue_depth",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    assert_eq!(relay.get("/healthz").await.0, 200);
+    assert_eq!(relay.get("/readyz").await.0, 200);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_are_counted_and_never_delivered() {
+    let upstream = Upstream::start(UpstreamOptions {
+        participant_keepalive: Duration::from_millis(30),
+        chat_keepalive: Duration::from_millis(30),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    relay
+        .wait_metric("sse_relay_keepalives_total", &[("stream", "participant")], 3.0)
+        .await;
+    relay
+        .wait_metric("sse_relay_keepalives_total", &[("stream", "chat")], 3.0)
+        .await;
+
+    upstream.publish_event(Api::Participant, r#"{"eventType":"MESSAGE_SENT"}"#);
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status"}"#);
+    let delivered = sink.wait_for_delivered("/hook", 2, DEADLINE).await;
+    assert_eq!(delivered.len(), 2);
+    // More keepalives after the events: still only the two events at the sink.
+    let keepalives = relay.metric("sse_relay_keepalives_total", &[("stream", "chat")]).await;
+    relay
+        .wait_metric("sse_relay_keepalives_total", &[("stream", "chat")], keepalives + 3.0)
+        .await;
+    assert_eq!(sink.requests("/hook").len(), 2, "{:?}", bodies(&sink.requests("/hook")));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_stream_closed_by_the_server_every_few_hundred_ms_loses_nothing() {
+    let upstream = Upstream::start(UpstreamOptions {
+        chat_max_connection_age: Duration::from_millis(400),
+        chat_keepalive: Duration::from_millis(100),
+        participant_keepalive: Duration::from_secs(3600),
+        hold_while_disconnected: true,
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+
+    let n_events = 120;
+    let expected: Vec<String> = (0..n_events)
+        .map(|index| format!(r#"{{"workflow_request":{{"id":"w{index}"}}}}"#))
+        .collect();
+    for data in &expected {
+        upstream.publish_event(Api::Chat, data);
+        // Spread the events over several connection lifetimes; this paces, it does not wait.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let delivered = sink.wait_for_delivered("/hook", n_events, DEADLINE).await;
+    assert_eq!(bodies(&delivered), expected, "every event once, in order");
+    assert!(
+        upstream.connections_accepted(Api::Chat) >= 4,
+        "the server closed the stream several times"
+    );
+    let closes = relay
+        .metric(
+            "sse_relay_stream_reconnects_total",
+            &[("stream", "chat"), ("reason", "closed")],
+        )
+        .await;
+    assert!(closes >= 3.0, "clean closes are counted: {closes}");
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_auth_headers_and_handles_401() {
+    let upstream = Upstream::start(UpstreamOptions {
+        bearer_token: Some("good-token".to_owned()),
+        api_key: Some("good-key".to_owned()),
+        ..quiet_upstream()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+streams:
+  good:
+    url: {good_url}
+    headers:
+      Authorization: Bearer ${{TOKEN}}
+      X-API-Key: ${{API_KEY}}
+    event_type: [/eventType]
+  bad:
+    url: {bad_url}
+    headers: {{ Authorization: "Bearer wrong", X-API-Key: "${{API_KEY}}" }}
+    reconnect: {{ auth_failure_delay: 100ms }}
+{targets}
+"#,
+        good_url = upstream.participant_url("good"),
+        bad_url = upstream.participant_url("bad"),
+        targets = everything_to(&sink, ""),
+    );
+    let relay = TestRelay::start_with_env(&yaml, &[("TOKEN", "good-token"), ("API_KEY", "good-key")]).await;
+    relay
+        .wait_metric("sse_relay_stream_connected", &[("stream", "good")], 1.0)
+        .await;
+    relay
+        .wait_metric(
+            "sse_relay_stream_reconnects_total",
+            &[("stream", "bad"), ("reason", "auth_failed")],
+            2.0,
+        )
+        .await;
+
+    let seen = upstream.requests_seen(Api::Participant);
+    let good = seen
+        .iter()
+        .find(|r| r.path.contains("/good/"))
+        .expect("the good stream connected");
+    assert_eq!(good.header("authorization"), Some("Bearer good-token"));
+    assert_eq!(good.header("x-api-key"), Some("good-key"));
+    assert_eq!(good.header("accept"), Some("text/event-stream"));
+
+    let (status, body) = relay.get("/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "stream bad is not connected\n"));
+
+    upstream.publish_event(Api::Participant, r#"{"eventType":"MESSAGE_SENT"}"#);
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_back_off_then_recover() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    upstream.fail_next(Api::Chat, 500, 2);
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "reconnect: { initial_delay: 50ms, max_delay: 200ms }",
+        &everything_to(&sink, ""),
+    ))
+    .await;
+    both_connected(&upstream).await;
+    let http_errors = relay
+        .metric(
+            "sse_relay_stream_reconnects_total",
+            &[("stream", "chat"), ("reason", "http_error")],
+        )
+        .await;
+    assert_eq!(http_errors, 2.0);
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status"}"#);
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_at_once_is_not_hammered() {
+    let upstream = Upstream::start(UpstreamOptions {
+        chat_max_connection_age: Duration::ZERO,
+        ..quiet_upstream()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let started = Instant::now();
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "reconnect: { initial_delay: 100ms, max_delay: 400ms }",
+        &everything_to(&sink, ""),
+    ))
+    .await;
+    assert!(upstream.wait_for_connections_accepted(Api::Chat, 5, DEADLINE).await);
+    // Four waits between five connections: at least 100 + 200 + 400 + 400 ms (jitter only adds).
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1100),
+        "reconnected too fast: 5 connections in {elapsed:?}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_dropped_after_idle_timeout() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "idle_timeout: 300ms",
+        &everything_to(&sink, ""),
+    ))
+    .await;
+    relay
+        .wait_metric(
+            "sse_relay_stream_reconnects_total",
+            &[("stream", "chat"), ("reason", "idle_timeout")],
+            2.0,
+        )
+        .await;
+    assert!(upstream.wait_for_connections_accepted(Api::Chat, 3, DEADLINE).await);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_is_sent_on_reconnect() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish(
+        Api::Participant,
+        "id: evt-41\ndata: {\"eventType\":\"MESSAGE_SENT\"}\n\n",
+    );
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    upstream.close_all(Api::Participant);
+    assert!(
+        upstream
+            .wait_for_connections_accepted(Api::Participant, 2, DEADLINE)
+            .await
+    );
+    let seen = upstream.requests_seen(Api::Participant);
+    assert_eq!(seen.first().unwrap().header("last-event-id"), None);
+    assert_eq!(seen.last().unwrap().header("last-event-id"), Some("evt-41"));
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_upstream_input_is_counted_and_the_stream_survives() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "max_event_bytes: 200",
+        &everything_to(&sink, ""),
+    ))
+    .await;
+    both_connected(&upstream).await;
+
+    upstream.publish(Api::Participant, &b"data: {\"eventType\":\"BAD_\xff\"}\n\n"[..]);
+    upstream.publish(
+        Api::Participant,
+        format!("data: {{\"eventType\":\"BIG\",\"x\":\"{}\"}}\n\n", "y".repeat(300)),
+    );
+    upstream.publish(Api::Participant, format!("data: {}\n\n", "z".repeat(150)));
+    upstream.publish(
+        Api::Participant,
+        format!("data: {}\ndata: {}\n\n", "z".repeat(150), "z".repeat(150)),
+    );
+    upstream.publish(Api::Participant, "data: {\"eventType\":\n\n");
+    upstream.publish(Api::Participant, "\n\n\n\n\n\n");
+    upstream.publish_event(Api::Participant, r#"{"eventType":"GOOD"}"#);
+
+    let delivered = sink.wait_for_delivered("/hook", 4, DEADLINE).await;
+    let bodies = bodies(&delivered);
+    assert_eq!(
+        bodies,
+        vec![
+            "{\"eventType\":\"BAD_\u{fffd}\"}".to_owned(),
+            "z".repeat(150),
+            "{\"eventType\":".to_owned(),
+            r#"{"eventType":"GOOD"}"#.to_owned()
+        ]
+    );
+    assert_eq!(delivered[2].header("content-type"), Some("text/plain; charset=utf-8"));
+    let count = |labels: &'static [(&'static str, &'static str)], name: &'static str| relay.metric(name, labels);
+    assert_eq!(
+        count(&[("kind", "invalid_utf8")], "sse_relay_upstream_errors_total").await,
+        1.0
+    );
+    assert_eq!(
+        count(&[("kind", "invalid_json")], "sse_relay_upstream_errors_total").await,
+        1.0
+    );
+    assert_eq!(
+        count(&[("reason", "too_large")], "sse_relay_events_dropped_total").await,
+        2.0
+    );
+    assert_eq!(
+        count(&[("stream", "participant")], "sse_relay_stream_reconnects_total").await,
+        0.0
+    );
+    assert_eq!(
+        upstream.connections_accepted(Api::Participant),
+        1,
+        "the connection survived"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_with_one_idempotency_key() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script(
+        "/hook",
+        vec![
+            SinkResponse::status(500),
+            SinkResponse::status(503),
+            SinkResponse::status(200),
+        ],
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    let data = r#"{"eventType":"MESSAGE_SENT","payload":{"id":"m1"}}"#;
+    upstream.publish_event(Api::Participant, data);
+
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    let attempts = sink.requests("/hook");
+    let statuses: Vec<u16> = attempts.iter().map(|r| r.status_sent).collect();
+    assert_eq!(statuses, [500, 503, 200]);
+    let keys: BTreeSet<Option<&str>> = attempts.iter().map(|r| r.header("idempotency-key")).collect();
+    assert_eq!(keys.len(), 1, "one key across retries: {keys:?}");
+    assert!(attempts.iter().all(|r| r.body == data.as_bytes()));
+    let metrics = relay.get("/metrics").await.1;
+    let outcome = |outcome| {
+        metric_value(
+            &metrics,
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(outcome("retried"), 2.0);
+    assert_eq!(outcome("delivered"), 1.0);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_of_a_429_is_honoured() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(429).with_header("Retry-After", "1")]);
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status"}"#);
+
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    let attempts = sink.requests("/hook");
+    assert_eq!(attempts.len(), 2);
+    let waited = attempts[1].received_at - attempts[0].received_at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, before Retry-After: 1"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_not_retried() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(400)]);
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"rejected"}"#);
+    relay
+        .wait_metric(
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", "failed")],
+            1.0,
+        )
+        .await;
+    upstream.publish_event(Api::Chat, r#"{"type":"accepted"}"#);
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    let statuses: Vec<u16> = sink.requests("/hook").iter().map(|r| r.status_sent).collect();
+    assert_eq!(statuses, [400, 200], "the rejected event was sent once");
+    assert_eq!(
+        relay
+            .metric(
+                "sse_relay_deliveries_total",
+                &[("target", "hook"), ("outcome", "retried")]
+            )
+            .await,
+        0.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_does_not_delay_another() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    // Accepts connections and never answers: every request to it hangs until its timeout.
+    let black_hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black_hole_addr = black_hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            connections.push(socket);
+        }
+    });
+    let routes = format!(
+        r#"
+targets:
+  dead: {{ url: "http://{black_hole_addr}/hook", timeout: 60s, max_in_flight: 2 }}
+  live: {{ url: "{live}", max_in_flight: 1 }}
+routes:
+  - stream: "*"
+    targets: [dead, live]
+"#,
+        live = sink.url("/live"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+    let n_events = 30;
+    for index in 0..n_events {
+        upstream.publish_event(Api::Participant, &format!(r#"{{"eventType":"E","n":{index}}}"#));
+    }
+    assert_eq!(
+        sink.wait_for_delivered("/live", n_events, DEADLINE).await.len(),
+        n_events
+    );
+    assert_eq!(
+        relay
+            .metric("sse_relay_deliveries_in_flight", &[("target", "dead")])
+            .await,
+        2.0
+    );
+    assert_eq!(relay.metric("sse_relay_queue_depth", &[("target", "dead")]).await, 28.0);
+    relay.stop().await;
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_can_be_envelopes_or_parts_of_the_data() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let routes = format!(
+        r#"
+targets:
+  envelope: {{ url: "{envelope}", body: envelope }}
+  payload: {{ url: "{payload}", body: /payload }}
+routes:
+  - stream: participant
+    targets: [envelope, payload]
+"#,
+        envelope = sink.url("/envelope"),
+        payload = sink.url("/payload"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(
+        Api::Participant,
+        r#"{"eventType":"MESSAGE_SENT","payload":{"text":"hi"}}"#,
+    );
+
+    let envelope = sink.wait_for_delivered("/envelope", 1, DEADLINE).await;
+    let value: serde_json::Value = serde_json::from_slice(&envelope[0].body).unwrap();
+    assert_eq!(value["stream"], "participant");
+    assert_eq!(value["event_type"], "MESSAGE_SENT");
+    assert_eq!(value["data"]["payload"]["text"], "hi");
+    assert_eq!(value["id"].as_str(), envelope[0].header("idempotency-key"));
+    let payload = sink.wait_for_delivered("/payload", 1, DEADLINE).await;
+    assert_eq!(&payload[0].body[..], br#"{"text":"hi"}"#);
+    relay.stop().await;
+}
+
+/// Config text in, an error naming the place out.
+#[test]
+fn config_errors_name_the_place() {
+    let base = |routes: &str| {
+        format!(
+            "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\n{routes}"
+        )
+    };
+    let check = |yaml: &str, expected: &str| {
+        let err = parse_config(yaml, &[("SET", "value")]).expect_err(yaml).to_string();
+        assert_eq!(err, expected, "for:\n{yaml}");
+    };
+    check(
+        &base("routes:\n  - stream: chat\n    targets: [zapier]\n"),
+        "test.yaml:9:15: routes[0].targets[0]: unknown target `zapier`; configured targets: n8n",
+    );
+    check(
+        &base("routes:\n  - stream: chta\n    targets: [n8n]\n"),
+        "test.yaml:8:13: routes[0].stream: unknown stream `chta`; configured streams: chat",
+    );
+    check(
+        &base("routes:\n  - stream: \"x*\"\n    targets: [n8n]\n"),
+        "test.yaml:8:13: routes[0].stream: stream pattern `x*` matches no configured stream",
+    );
+    check(
+        &base("routes:\n  - stream: chat\n    target: [n8n]\n"),
+        "test.yaml:9:5: routes[0]: unknown field `target`, expected one of `stream`, `events`, `where`, `targets`",
+    );
+    check(
+        &base("colour: blue\n"),
+        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`",
+    );
+    check(
+        &base("").replace(
+            "url: http://127.0.0.1:2/hook",
+            "url: http://127.0.0.1:2/hook\n    timeout: ten seconds",
+        ),
+        "test.yaml:7:14: targets.n8n.timeout: invalid value: string \"ten seconds\", expected a duration",
+    );
+    check(
+        &base("").replace("http://127.0.0.1:2/hook", "ftp://127.0.0.1:2/hook"),
+        "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https, not ftp",
+    );
+    check(
+        &base("").replace("http://127.0.0.1:2/hook", "${MISSING}/hook"),
+        "test.yaml:6:10: targets.n8n.url: environment variable MISSING is not set",
+    );
+    check(
+        &base("").replace(
+            "url: http://127.0.0.1:2/hook",
+            "url: http://127.0.0.1:2/hook\n    body: payload",
+        ),
+        "test.yaml:7:11: targets.n8n.body: body `payload` is not one of data, envelope or a JSON pointer such as /payload",
+    );
+    check(
+        &base("").replace(
+            "url: http://127.0.0.1:2/hook",
+            "url: http://127.0.0.1:2/hook\n    max_in_flight: 0",
+        ),
+        "test.yaml:7:20: targets.n8n.max_in_flight: must be at least 1",
+    );
+    check(
+        &base("routes:\n  - stream: chat\n    where: { node/status: done }\n    targets: [n8n]\n"),
+        "test.yaml:9:14: routes[0].where: `node/status` is not a JSON pointer: it must start with /, as in /eventType",
+    );
+    check("streams: {}\ntargets: {}\n", "test.yaml: no streams are configured");
+}
+
+#[test]
+fn env_values_are_expanded_in_strings() {
+    let yaml = "streams:\n  chat:\n    url: http://127.0.0.1:1/c/${CHAT}/listen\n    headers: { Authorization: \"Bearer ${TOKEN}\", X-Opt: \"${UNSET:-fallback}\" }\ntargets: {}\n";
+    let config = parse_config(yaml, &[("CHAT", "3f1c"), ("TOKEN", "t0k")]).unwrap();
+    let chat = &config.streams["chat"];
+    assert_eq!(chat.url.0.as_str(), "http://127.0.0.1:1/c/3f1c/listen");
+    let headers: Vec<(&str, &str)> = chat.headers.iter().map(|(k, v)| (k.0.as_str(), v.0.as_str())).collect();
+    assert_eq!(headers, [("Authorization", "Bearer t0k"), ("X-Opt", "fallback")]);
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = include_str!("../relay.example.yaml");
+    let env = [
+        (
+            "PARTICIPANT_STREAM_URL",
+            "https://api.example.com/participants/42/stream",
+        ),
+        ("PARTICIPANT_TOKEN", "token"),
+        ("PARTICIPANT_API_KEY", "key"),
+        ("SPLOX_CHAT_ID", "3f1c"),
+        ("SPLOX_TOKEN", "token"),
+        ("ZAPIER_HOOK_URL", "https://hooks.zapier.com/hooks/catch/1/abc"),
+    ];
+    let config = parse_config(example, &env).unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(config.streams.len(), 2);
+    assert_eq!(config.routes.len(), 3);
+}

@@ -1,0 +1,120 @@
+//! Shared helpers of the integration tests: a relay started in-process, metric reads from its
+//! admin server, and waiting on conditions with deadlines.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sse_relay::app::{self, Relay};
+use sse_relay::config::{self, Config};
+
+/// Long enough for a loaded 2-core CI machine; a passing test never waits for it.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Parses test config text; `env` pairs stand in for the environment.
+pub fn parse_config(yaml: &str, env: &[(&str, &str)]) -> Result<Config, config::ConfigError> {
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    config::parse(
+        yaml,
+        "test.yaml",
+        Box::new(move |name| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone())),
+    )
+}
+
+/// Waits until `check` holds, polling every 10 ms; panics naming `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A relay running in this process, with its admin server on an ephemeral port.
+pub struct TestRelay {
+    relay: Option<Relay>,
+    pub admin: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl TestRelay {
+    pub async fn start(yaml: &str) -> TestRelay {
+        Self::start_with_env(yaml, &[]).await
+    }
+
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> TestRelay {
+        let config = parse_config(yaml, env).unwrap_or_else(|err| panic!("test config is invalid: {err}\n{yaml}"));
+        let relay = app::start(config).await.expect("the relay starts");
+        TestRelay {
+            admin: relay.admin_addr(),
+            relay: Some(relay),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .expect("the admin server answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    /// The value of one sample, e.g. `metric("sse_relay_deliveries_total", &[("target", "a"),
+    /// ("outcome", "delivered")])`; 0 when the sample does not exist yet.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        metric_value(&text, name, labels)
+    }
+
+    /// Waits until the sample reaches at least `minimum`, and returns it.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], minimum: f64) -> f64 {
+        let started = Instant::now();
+        loop {
+            let value = self.metric(name, labels).await;
+            if value >= minimum {
+                return value;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "timed out waiting for {name}{labels:?} >= {minimum}; it is {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.shutdown().await.expect("the relay stops cleanly");
+        }
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
