@@ -63,3 +63,19 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
         (StatusCode::SERVICE_UNAVAILABLE, problems)
     }
 }
+
+/// `sse-relay health`: succeeds when the admin endpoint at `url` answers 2xx within 5 s. For
+/// container health checks, where images have no curl.
+pub async fn probe(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {url}")))?;
+    let status = response.status();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(())
+}

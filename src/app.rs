@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
@@ -37,11 +38,35 @@ pub struct Relay {
     metrics: Arc<Metrics>,
 }
 
-/// Runs the relay until `shutdown` completes, then stops it in order.
+/// Runs the relay until `shutdown` completes, then stops it in order. Under systemd
+/// (`Type=notify`) it reports READY=1 once started, WATCHDOG=1 while the runtime is alive, and
+/// STOPPING=1 when it begins to stop.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let relay = start(config).await?;
+    notify_service_manager(NotifyState::Ready);
+    let watchdog = sd_notify::watchdog_enabled().map(|timeout| {
+        tokio::spawn(async move {
+            // Pinging at half the timeout tolerates one late tick.
+            let mut ticks = tokio::time::interval(timeout / 2);
+            loop {
+                ticks.tick().await;
+                notify_service_manager(NotifyState::Watchdog);
+            }
+        })
+    });
     shutdown.await;
+    notify_service_manager(NotifyState::Stopping);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     relay.shutdown().await
+}
+
+/// Does nothing when not started by systemd (no `NOTIFY_SOCKET`).
+fn notify_service_manager(state: NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(&[state]) {
+        warn!(error = %err, "cannot notify the service manager");
+    }
 }
 
 /// Starts every task of the relay and returns once the admin port is bound.

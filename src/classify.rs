@@ -1,4 +1,5 @@
-//! Classification: one SSE message from a stream becomes a keepalive, an [`Event`], or a drop.
+//! Classification: one SSE message from a stream becomes a keepalive or an [`Event`]. Size
+//! limits are enforced earlier, by the transport's framer, before a message is even parsed.
 //!
 //! This is the only place event data is parsed. It is pure: no IO, no metrics; the stream task
 //! reports what the result says.
@@ -28,8 +29,6 @@ pub enum Classified {
         /// The data looked like JSON but did not parse; the event stays routable as text.
         malformed_json: Option<serde_json::Error>,
     },
-    /// The data is larger than the stream's `max_event_bytes`.
-    TooLarge { n_bytes: usize },
 }
 
 pub struct Classifier {
@@ -38,7 +37,6 @@ pub struct Classifier {
     type_pointers: Vec<String>,
     default_event_type: Arc<str>,
     keepalive: Vec<Box<str>>,
-    max_event_bytes: usize,
     /// Event types that routes name, shared so that most events need no allocation for their type.
     known_event_types: HashSet<Arc<str>>,
 }
@@ -56,16 +54,12 @@ impl Classifier {
             type_pointers: config.event_type.iter().map(|pointer| pointer.0.clone()).collect(),
             default_event_type: Arc::from(config.default_event_type.0.as_str()),
             keepalive: config.keepalive.iter().map(|text| Box::from(text.0.as_str())).collect(),
-            max_event_bytes: config.max_event_bytes,
             known_event_types: known_event_types.into_iter().collect(),
         }
     }
 
     pub fn classify(&self, message: SseMessage, received_at: SystemTime) -> Classified {
         let SseMessage { event, data, id } = message;
-        if data.len() > self.max_event_bytes {
-            return Classified::TooLarge { n_bytes: data.len() };
-        }
         if self.is_keepalive(&data) {
             return Classified::Keepalive;
         }
@@ -143,7 +137,6 @@ mod tests {
         config.event_type = pointers.iter().map(|p| JsonPointer((*p).to_owned())).collect();
         config.default_event_type = Text(default.to_owned());
         config.keepalive = keepalive.iter().map(|k| Text((*k).to_owned())).collect();
-        config.max_event_bytes = 64;
         Classifier::new(StreamId(0), Arc::from("s"), &config, [Arc::from("MESSAGE_SENT")])
     }
 
@@ -155,11 +148,10 @@ mod tests {
         }
     }
 
-    /// `expected` is the event type, or "keepalive", "too large" or "malformed:<type>".
+    /// `expected` is the event type, or "keepalive" or "malformed:<type>".
     fn check(classifier: &Classifier, event: &str, data: &str, expected: &str) {
         let outcome = match classifier.classify(message(event, data), SystemTime::now()) {
             Classified::Keepalive => "keepalive".to_owned(),
-            Classified::TooLarge { .. } => "too large".to_owned(),
             Classified::Event {
                 event,
                 malformed_json: Some(_),
@@ -184,7 +176,6 @@ mod tests {
         check(&participant, "", "plain text", "message");
         check(&participant, "message", r#"{"eventType": 5}"#, "message");
         check(&participant, "message", r#"{"eventType":"#, "malformed:message");
-        check(&participant, "message", &"x".repeat(65), "too large");
     }
 
     #[test]

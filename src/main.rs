@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use sse_relay::telemetry::{self, LogFormat};
-use sse_relay::{app, check, config, demo};
+use sse_relay::{admin, app, check, config, demo};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,11 @@ enum Command {
     /// Run the relay against built-in emulators of both upstream APIs and a local webhook sink,
     /// printing every webhook the sink receives. Needs no credentials and no config.
     Demo,
+    /// Exit 0 when the relay's admin endpoint answers; for container health checks.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,10 @@ fn main() -> ExitCode {
                 Err(err) => fail(&format!("{err:#}")),
             }
         }
+        Command::Health { url } => match runtime().block_on(admin::probe(&url)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(&format!("{err:#}")),
+        },
         Command::Demo => {
             telemetry::init_logging(Some(cli.log_format.unwrap_or(LogFormat::Text)));
             match runtime().block_on(demo::run(shutdown_signal())) {

@@ -297,13 +297,6 @@ async fn accept(
             telemetry.keepalive();
             return Accepted::Noise;
         }
-        Classified::TooLarge { n_bytes } => {
-            telemetry.dropped(
-                DropReason::TooLarge,
-                &format_args!("the event's data is {n_bytes} bytes, over max_event_bytes"),
-            );
-            return Accepted::Noise;
-        }
         Classified::Event { event, malformed_json } => (event, malformed_json),
     };
     if let Some(err) = malformed_json {

@@ -32,7 +32,8 @@ pub fn init_logging(format: Option<LogFormat>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
     // A second initialisation (tests starting several relays) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

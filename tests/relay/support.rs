@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use sse_relay::app::{self, Relay};
 use sse_relay::config::{self, Config};
+use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay::sink::{ReceivedRequest, Sink};
 
 /// Long enough for a loaded 2-core CI machine; a passing test never waits for it.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -117,4 +119,75 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Keepalives slow enough to stay out of the way unless a test wants them.
+pub fn quiet_upstream() -> UpstreamOptions {
+    UpstreamOptions {
+        participant_keepalive: Duration::from_secs(3600),
+        chat_keepalive: Duration::from_secs(3600),
+        ..UpstreamOptions::default()
+    }
+}
+
+/// A relay config with both upstreams as streams `participant` and `chat`, configured as the
+/// example config does, plus `targets` and `routes` YAML written by the test.
+pub fn both_streams(upstream: &Upstream, stream_extra: &str, targets_and_routes: &str) -> String {
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+shutdown: {{ grace_period: 2s }}
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+    {stream_extra}
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    {stream_extra}
+{targets_and_routes}
+"#,
+        participant = upstream.participant_url("42"),
+        chat = upstream.chat_url("3f1c"),
+    )
+}
+
+/// One target `hook` at the sink's `/hook` that receives every event of every stream.
+pub fn everything_to(sink: &Sink, target_extra: &str) -> String {
+    format!(
+        r#"
+targets:
+  hook:
+    url: {url}
+    max_in_flight: 1
+    retry: {{ initial_delay: 20ms, max_delay: 100ms }}
+    {target_extra}
+routes:
+  - stream: "*"
+    targets: [hook]
+"#,
+        url = sink.url("/hook"),
+    )
+}
+
+pub async fn both_connected(upstream: &Upstream) {
+    assert!(
+        upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await,
+        "participant stream connects"
+    );
+    assert!(
+        upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await,
+        "chat stream connects"
+    );
+}
+
+pub fn bodies(requests: &[ReceivedRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|request| String::from_utf8_lossy(&request.body).into_owned())
+        .collect()
 }

@@ -1,0 +1,178 @@
+//! Delivery: what the webhook sink receives, retries, and isolation between targets.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use sse_relay::emulator::{Api, Upstream};
+use sse_relay::sink::{Sink, SinkResponse};
+
+use crate::support::{DEADLINE, TestRelay, both_connected, both_streams, everything_to, metric_value, quiet_upstream};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_with_one_idempotency_key() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script(
+        "/hook",
+        vec![
+            SinkResponse::status(500),
+            SinkResponse::status(503),
+            SinkResponse::status(200),
+        ],
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    let data = r#"{"eventType":"MESSAGE_SENT","payload":{"id":"m1"}}"#;
+    upstream.publish_event(Api::Participant, data);
+
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    let attempts = sink.requests("/hook");
+    let statuses: Vec<u16> = attempts.iter().map(|r| r.status_sent).collect();
+    assert_eq!(statuses, [500, 503, 200]);
+    let keys: BTreeSet<Option<&str>> = attempts.iter().map(|r| r.header("idempotency-key")).collect();
+    assert_eq!(keys.len(), 1, "one key across retries: {keys:?}");
+    assert!(attempts.iter().all(|r| r.body == data.as_bytes()));
+    let metrics = relay.get("/metrics").await.1;
+    let outcome = |outcome| {
+        metric_value(
+            &metrics,
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(outcome("retried"), 2.0);
+    assert_eq!(outcome("delivered"), 1.0);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_of_a_429_is_honoured() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(429).with_header("Retry-After", "1")]);
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status"}"#);
+
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    let attempts = sink.requests("/hook");
+    assert_eq!(attempts.len(), 2);
+    let waited = attempts[1].received_at - attempts[0].received_at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, before Retry-After: 1"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_not_retried() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(400)]);
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"rejected"}"#);
+    relay
+        .wait_metric(
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", "failed")],
+            1.0,
+        )
+        .await;
+    upstream.publish_event(Api::Chat, r#"{"type":"accepted"}"#);
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    let statuses: Vec<u16> = sink.requests("/hook").iter().map(|r| r.status_sent).collect();
+    assert_eq!(statuses, [400, 200], "the rejected event was sent once");
+    assert_eq!(
+        relay
+            .metric(
+                "sse_relay_deliveries_total",
+                &[("target", "hook"), ("outcome", "retried")]
+            )
+            .await,
+        0.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_does_not_delay_another() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    // Accepts connections and never answers: every request to it hangs until its timeout.
+    let black_hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black_hole_addr = black_hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            connections.push(socket);
+        }
+    });
+    let routes = format!(
+        r#"
+targets:
+  dead: {{ url: "http://{black_hole_addr}/hook", timeout: 60s, max_in_flight: 2 }}
+  live: {{ url: "{live}", max_in_flight: 1 }}
+routes:
+  - stream: "*"
+    targets: [dead, live]
+"#,
+        live = sink.url("/live"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+    let n_events = 30;
+    for index in 0..n_events {
+        upstream.publish_event(Api::Participant, &format!(r#"{{"eventType":"E","n":{index}}}"#));
+    }
+    assert_eq!(
+        sink.wait_for_delivered("/live", n_events, DEADLINE).await.len(),
+        n_events
+    );
+    assert_eq!(
+        relay
+            .metric("sse_relay_deliveries_in_flight", &[("target", "dead")])
+            .await,
+        2.0
+    );
+    assert_eq!(relay.metric("sse_relay_queue_depth", &[("target", "dead")]).await, 28.0);
+    relay.stop().await;
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_can_be_envelopes_or_parts_of_the_data() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let routes = format!(
+        r#"
+targets:
+  envelope: {{ url: "{envelope}", body: envelope }}
+  payload: {{ url: "{payload}", body: /payload }}
+routes:
+  - stream: participant
+    targets: [envelope, payload]
+"#,
+        envelope = sink.url("/envelope"),
+        payload = sink.url("/payload"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+    upstream.publish_event(
+        Api::Participant,
+        r#"{"eventType":"MESSAGE_SENT","payload":{"text":"hi"}}"#,
+    );
+
+    let envelope = sink.wait_for_delivered("/envelope", 1, DEADLINE).await;
+    let value: serde_json::Value = serde_json::from_slice(&envelope[0].body).unwrap();
+    assert_eq!(value["stream"], "participant");
+    assert_eq!(value["event_type"], "MESSAGE_SENT");
+    assert_eq!(value["data"]["payload"]["text"], "hi");
+    assert_eq!(value["id"].as_str(), envelope[0].header("idempotency-key"));
+    let payload = sink.wait_for_delivered("/payload", 1, DEADLINE).await;
+    assert_eq!(&payload[0].body[..], br#"{"text":"hi"}"#);
+    relay.stop().await;
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: SSE bytes from the emulated upstreams in, HTTP requests at a real webhook
+//! sink out, all on 127.0.0.1 with ephemeral ports; and the binary run as a child process.
+
+mod config;
+mod delivery;
+mod process;
+mod streams;
+mod support;

@@ -1,0 +1,184 @@
+//! The binary as a child process: `check`, and `run` under a stand-in for systemd.
+
+use std::process::{Output, Stdio};
+
+use tokio::net::{TcpListener, UnixDatagram};
+use tokio::process::Command;
+
+use sse_relay::emulator::{Api, Upstream};
+use sse_relay::sink::Sink;
+
+use crate::support::{DEADLINE, quiet_upstream};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
+
+fn write_config(directory: &tempfile::TempDir, name: &str, yaml: &str) -> std::path::PathBuf {
+    let path = directory.path().join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+async fn check(config: &std::path::Path, env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BINARY);
+    command.arg("check").arg("--config").arg(config).env_clear();
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().await.expect("the binary runs")
+}
+
+#[tokio::test]
+async fn check_reports_errors_with_their_place() {
+    let directory = tempfile::tempdir().unwrap();
+    let valid = "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    idle_timeout: 10s\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\nroutes:\n  - stream: chat\n    targets: [n8n]\n";
+    let cases = [
+        (
+            valid.replace("    idle_timeout", "    colour: blue\n    idle_timeout"),
+            ":4:5: streams.chat: unknown field `colour`",
+        ),
+        (
+            valid.replace("[n8n]", "[zapier]"),
+            ":10:15: routes[0].targets[0]: unknown target `zapier`; configured targets: n8n",
+        ),
+        (
+            valid.replace("10s", "10 parsecs"),
+            ":4:19: streams.chat.idle_timeout: invalid value: string \"10 parsecs\"",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let path = write_config(&directory, "bad.yaml", &yaml);
+        let output = check(&path, &[]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "check accepted:\n{yaml}");
+        assert!(
+            stderr.starts_with(&format!("error: {}{expected}", path.display())),
+            "stderr: {stderr}"
+        );
+    }
+    let path = write_config(&directory, "good.yaml", valid);
+    let output = check(&path, &[]).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test]
+async fn check_masks_secrets() {
+    let directory = tempfile::tempdir().unwrap();
+    let yaml = r#"
+streams:
+  participant:
+    url: http://127.0.0.1:1/participants/42/stream?access_token=${QUERY_TOKEN}
+    headers: { Authorization: "Bearer ${TOKEN}", X-API-Key: "${API_KEY}" }
+targets:
+  zapier: { url: "${ZAPIER_HOOK_URL}", headers: { X-Signature-Key: "${TOKEN}" } }
+routes:
+  - stream: participant
+    targets: [zapier]
+"#;
+    let secrets = [
+        ("TOKEN", "sekret-bearer-0001"),
+        ("API_KEY", "sekret-api-key-0002"),
+        ("QUERY_TOKEN", "sekret-query-0003"),
+        (
+            "ZAPIER_HOOK_URL",
+            "https://hooks.zapier.com/hooks/catch/123/sekret-hook-0004/",
+        ),
+    ];
+    let output = check(&write_config(&directory, "relay.yaml", yaml), &secrets).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!stdout.contains("sekret"), "a secret leaked:\n{stdout}");
+    assert!(stdout.contains("url https://hooks.zapier.com/…"), "{stdout}");
+    assert!(stdout.contains("header Authorization: ***"), "{stdout}");
+    assert!(
+        stdout.contains("url http://127.0.0.1:1/participants/42/stream?***"),
+        "{stdout}"
+    );
+}
+
+/// Receives one sd_notify datagram, or panics at the deadline.
+async fn notification(socket: &UnixDatagram) -> String {
+    let mut buffer = [0u8; 512];
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buffer))
+        .await
+        .expect("a notification before the deadline")
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_a_service_manager_and_exits_0_on_sigterm() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let admin_port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{admin_port}" }}
+shutdown: {{ grace_period: 2s }}
+streams:
+  chat:
+    url: {chat}
+    headers: {{ Authorization: "Bearer ${{SPLOX_TOKEN}}" }}
+    event_type: [/type]
+    keepalive: [keepalive]
+targets:
+  n8n: {{ url: "{hook}" }}
+routes:
+  - stream: chat
+    targets: [n8n]
+"#,
+        chat = upstream.chat_url("3f1c"),
+        hook = sink.url("/hook"),
+    );
+    let config = write_config(&directory, "relay.yaml", &yaml);
+    let notify_path = directory.path().join("notify.sock");
+    let notify_socket = UnixDatagram::bind(&notify_path).unwrap();
+
+    let mut relay = Command::new(BINARY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("SPLOX_TOKEN", "sekret-token-0005")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    assert_eq!(notification(&notify_socket).await, "READY=1\n");
+    let health = sse_relay::admin::probe(&format!("http://127.0.0.1:{admin_port}/healthz")).await;
+    assert!(health.is_ok(), "{health:?}");
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status","is_active":false}"#);
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    assert_eq!(notification(&notify_socket).await, "WATCHDOG=1\n");
+
+    let pid = i32::try_from(relay.id().unwrap()).unwrap();
+    // SAFETY: sends a signal to the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut notifications = Vec::new();
+    while notifications.last().is_none_or(|last| last != "STOPPING=1\n") {
+        notifications.push(notification(&notify_socket).await);
+    }
+    let status = tokio::time::timeout(DEADLINE, relay.wait())
+        .await
+        .expect("exits before the deadline")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    let output = relay.wait_with_output().await.unwrap();
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert!(!logs.contains("sekret"), "a secret leaked into the logs:\n{logs}");
+    for line in logs.lines() {
+        let record: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not a JSON log line ({err}): {line}"));
+        assert!(record["level"].is_string() && record["message"].is_string(), "{line}");
+    }
+    assert!(logs.contains(r#""message":"relay stopped""#), "{logs}");
+}
