@@ -117,6 +117,16 @@ struct ApiState {
     scripted_failures: VecDeque<ScriptedFailure>,
     requests_seen: Vec<RecordedRequest>,
     next_connection_id: u64,
+    /// Indexed by connection id.
+    connection_spans: Vec<ConnectionSpan>,
+}
+
+/// When a stream connection was accepted (its request read, its 200 about to be written) and
+/// when it was closed; for measuring reconnect gaps.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionSpan {
+    pub accepted_at: std::time::Instant,
+    pub closed_at: Option<std::time::Instant>,
 }
 
 struct Subscriber {
@@ -212,6 +222,11 @@ impl Upstream {
     }
 
     /// How many `200` streams of `api` were ever opened.
+    /// Every stream connection of that API so far, in order.
+    pub fn connection_spans(&self, api: Api) -> Vec<ConnectionSpan> {
+        self.shared.api(api).lock().connection_spans.clone()
+    }
+
     pub fn connections_accepted(&self, api: Api) -> u64 {
         self.shared.api(api).counts_sender.borrow().accepted
     }
@@ -316,6 +331,10 @@ impl ApiShared {
         }
         let connection_id = state.next_connection_id;
         state.next_connection_id += 1;
+        state.connection_spans.push(ConnectionSpan {
+            accepted_at: std::time::Instant::now(),
+            closed_at: None,
+        });
         state.subscribers.push(Subscriber {
             connection_id,
             frame_sender,
@@ -330,6 +349,12 @@ impl ApiShared {
     /// frame too; otherwise, when holding, the unwritten frames go back in front, in order.
     fn unsubscribe(&self, connection_id: u64, mut frame_receiver: mpsc::Receiver<Bytes>, unwritten: Option<Bytes>) {
         let mut state = self.lock();
+        if let Some(span) = usize::try_from(connection_id)
+            .ok()
+            .and_then(|index| state.connection_spans.get_mut(index))
+        {
+            span.closed_at = Some(std::time::Instant::now());
+        }
         state
             .subscribers
             .retain(|subscriber| subscriber.connection_id != connection_id);

@@ -1,0 +1,179 @@
+//! End-to-end benchmark of the relay binary, run as a separate process against the upstream
+//! emulator and the webhook sink on 127.0.0.1.
+//!
+//! `cargo bench --bench relay` runs every scenario and prints a table; `-- --quick` runs a few
+//! seconds' worth (CI runs that); `-- --json FILE` also writes the results as JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay::sink::Sink;
+
+const RELAY: &str = env!("CARGO_BIN_EXE_sse-relay");
+
+struct Options {
+    quick: bool,
+    json: Option<PathBuf>,
+}
+
+fn options() -> Options {
+    let mut options = Options { quick: false, json: None };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--json" => options.json = args.next().map(PathBuf::from),
+            // cargo bench passes --bench to every harness.
+            _ => {}
+        }
+    }
+    options
+}
+
+/// One measured figure.
+struct Figure {
+    scenario: &'static str,
+    name: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let options = options();
+    let mut figures = Vec::new();
+    figures.extend(reconnect_gap(&options).await);
+
+    println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
+    for figure in &figures {
+        println!("{:<28} {:<24} {:>14.3}  {}", figure.scenario, figure.name, figure.value, figure.unit);
+    }
+    if let Some(path) = &options.json {
+        let rows: Vec<serde_json::Value> = figures
+            .iter()
+            .map(|f| serde_json::json!({"scenario": f.scenario, "figure": f.name, "value": f.value, "unit": f.unit}))
+            .collect();
+        let report = serde_json::json!({"quick": options.quick, "figures": rows});
+        std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+        println!("\nwrote {}", path.display());
+    }
+}
+
+/// A relay child process with its admin port, stopped with SIGTERM when dropped.
+struct RelayProcess {
+    child: Child,
+    _directory: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    async fn start(yaml_after_admin: &str) -> RelayProcess {
+        let directory = tempfile::tempdir().unwrap();
+        let admin_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let config = directory.path().join("relay.yaml");
+        let yaml = format!("admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{yaml_after_admin}");
+        std::fs::write(&config, yaml).unwrap();
+        let child = spawn_relay(&config);
+        let health = format!("http://127.0.0.1:{admin_port}/healthz");
+        let started = Instant::now();
+        while sse_relay::admin::probe(&health).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "the relay did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        RelayProcess {
+            child,
+            _directory: directory,
+        }
+    }
+}
+
+fn spawn_relay(config: &Path) -> Child {
+    Command::new(RELAY)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the relay binary starts")
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signals the child this harness started and still owns.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * fraction).round() as usize;
+    sorted[index]
+}
+
+/// Time from the server's clean close of the chat stream to its next accepted connection, over
+/// many closes. Events flow throughout, as they would on a busy chat.
+async fn reconnect_gap(options: &Options) -> Vec<Figure> {
+    let n_closes = if options.quick { 20 } else { 100 };
+    let upstream = Upstream::start(UpstreamOptions {
+        chat_max_connection_age: Duration::from_millis(100),
+        chat_keepalive: Duration::from_millis(50),
+        hold_while_disconnected: true,
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let _relay = RelayProcess::start(&format!(
+        "streams:\n  chat:\n    url: {}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{}\" }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
+        upstream.chat_url("bench"),
+        sink.url("/hook")
+    ))
+    .await;
+    let publisher = {
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(5));
+            for index in 0u64.. {
+                ticks.tick().await;
+                upstream.publish_event(Api::Chat, &format!("{{\"n\":{index}}}"));
+            }
+        })
+    };
+    let enough = upstream
+        .wait_for_connections_accepted(Api::Chat, n_closes as u64 + 1, Duration::from_secs(120))
+        .await;
+    assert!(enough, "the relay did not reconnect {n_closes} times");
+    publisher.abort();
+
+    let spans = upstream.connection_spans(Api::Chat);
+    let mut gaps_ms: Vec<f64> = spans
+        .windows(2)
+        .filter_map(|pair| Some(pair[1].accepted_at.duration_since(pair[0].closed_at?).as_secs_f64() * 1000.0))
+        .take(n_closes)
+        .collect();
+    gaps_ms.sort_by(f64::total_cmp);
+    let figure = |name, value| Figure {
+        scenario: "reconnect gap after close",
+        name,
+        value,
+        unit: "ms",
+    };
+    vec![
+        Figure {
+            unit: "count",
+            ..figure("closes", gaps_ms.len() as f64)
+        },
+        figure("p50", percentile(&gaps_ms, 0.50)),
+        figure("p99", percentile(&gaps_ms, 0.99)),
+        figure("max", gaps_ms.last().copied().unwrap_or(f64::NAN)),
+    ]
+}
