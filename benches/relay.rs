@@ -22,7 +22,10 @@ struct Options {
 }
 
 fn options() -> Options {
-    let mut options = Options { quick: false, json: None };
+    let mut options = Options {
+        quick: false,
+        json: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -51,7 +54,10 @@ async fn main() {
 
     println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
     for figure in &figures {
-        println!("{:<28} {:<24} {:>14.3}  {}", figure.scenario, figure.name, figure.value, figure.unit);
+        println!(
+            "{:<28} {:<24} {:>14.3}  {}",
+            figure.scenario, figure.name, figure.value, figure.unit
+        );
     }
     if let Some(path) = &options.json {
         let rows: Vec<serde_json::Value> = figures
@@ -73,7 +79,12 @@ struct RelayProcess {
 impl RelayProcess {
     async fn start(yaml_after_admin: &str) -> RelayProcess {
         let directory = tempfile::tempdir().unwrap();
-        let admin_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let admin_port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let config = directory.path().join("relay.yaml");
         let yaml = format!("admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{yaml_after_admin}");
         std::fs::write(&config, yaml).unwrap();
