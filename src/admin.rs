@@ -11,11 +11,13 @@ use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::queue::Store;
 use crate::telemetry::{Metrics, StreamTelemetry};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub streams: Vec<Arc<StreamTelemetry>>,
+    pub store: Store,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) -> std::io::Result<()> {
@@ -51,9 +53,15 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Every stream has an open connection.
+/// Every stream has an open connection and the store takes new deliveries.
 async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     let mut problems = String::new();
+    if state.metrics.storage.is_failing() {
+        problems.push_str("storage is failing: streams are paused until it recovers\n");
+    }
+    if state.store.is_full() {
+        problems.push_str("storage is full (max_pending): streams are paused until deliveries drain\n");
+    }
     for stream in state.streams.iter().filter(|stream| !stream.is_connected()) {
         problems.push_str(&format!("stream {} is not connected\n", stream.name));
     }

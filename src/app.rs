@@ -1,7 +1,8 @@
 //! Wires the parts together, owns every task, and stops them in order.
 //!
-//! Shutdown order: stop the streams (nothing new is accepted), let the targets' workers drain
-//! their queues for up to the grace period, then abandon what is left, counting and logging it.
+//! Shutdown order: stop the streams (nothing new is accepted), let the dispatchers finish for up
+//! to the grace period, stop what is left (counted and logged; with SQLite it stays on disk for
+//! the next run), close the store, and stop the admin server last.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::delivery::{self, TargetRuntime};
 use crate::event::{StreamId, TargetId};
-use crate::queue::{self, QueueReceiver};
+use crate::queue::Store;
 use crate::routing::RoutingTable;
 use crate::source::{self, Dispatch, StreamRuntime};
 use crate::telemetry::Metrics;
@@ -32,9 +33,9 @@ pub struct Relay {
     stop_deliveries: CancellationToken,
     stop_admin: CancellationToken,
     streams: JoinSet<()>,
-    workers: JoinSet<()>,
+    dispatchers: JoinSet<()>,
     admin: JoinHandle<std::io::Result<()>>,
-    targets: Vec<(Arc<TargetRuntime>, QueueReceiver)>,
+    store: Store,
     metrics: Arc<Metrics>,
 }
 
@@ -78,7 +79,6 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
 
     let metrics = Metrics::new();
     let table = RoutingTable::new(&config);
-    let stream_names: Vec<Arc<str>> = config.streams.keys().map(|name| Arc::from(name.as_str())).collect();
     let target_names: Vec<Arc<str>> = config.targets.keys().map(|name| Arc::from(name.as_str())).collect();
     let user_agent = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
     let delivery_client = reqwest::Client::builder()
@@ -94,29 +94,28 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         .build()
         .context("cannot build the HTTP client")?;
 
+    let store = Store::open(&config.storage, metrics.storage.errors.clone())?;
     let stop_deliveries = CancellationToken::new();
-    let mut workers = JoinSet::new();
-    let mut targets = Vec::with_capacity(config.targets.len());
-    let mut queue_senders = Vec::with_capacity(config.targets.len());
+    let mut dispatchers = JoinSet::new();
+    let mut dispatcher_inputs = Vec::with_capacity(config.targets.len());
     for (index, (name, target_config)) in config.targets.iter().enumerate() {
         let telemetry = metrics.target(name);
-        let (sender, receiver) = queue::bounded(target_config.queue_capacity.0, telemetry.queue_depth.clone());
-        let target = Arc::new(TargetRuntime::new(
-            TargetId(index),
-            target_config,
-            &stream_names,
-            telemetry,
-        )?);
-        delivery::spawn_workers(&target, &delivery_client, &receiver, &stop_deliveries, &mut workers);
+        telemetry.queue_depth.set(store.initial_pending(name) as i64);
+        let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
+        let (input, task) = delivery::spawn_dispatcher(&target, &store, &delivery_client, &stop_deliveries);
+        dispatchers.spawn(async move {
+            let _ = task.await;
+        });
         info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
-        targets.push((target, receiver));
-        queue_senders.push(sender);
+        dispatcher_inputs.push(input);
     }
 
     let dispatch = Arc::new(Dispatch {
         table,
-        queues: queue_senders,
+        store: store.clone(),
+        dispatchers: dispatcher_inputs,
         target_names: target_names.clone(),
+        storage: Arc::clone(&metrics.storage),
     });
     let stop_streams = CancellationToken::new();
     let mut streams = JoinSet::new();
@@ -138,13 +137,14 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
             stop_streams.clone(),
         ));
     }
-    // Only the stream tasks hold the queues' senders now: when they stop, the queues close.
+    // Only the stream tasks hold the dispatchers' inputs now: when they stop, the inputs close.
     drop(dispatch);
 
     let stop_admin = CancellationToken::new();
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
         streams: stream_telemetry,
+        store: store.clone(),
     });
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
     info!(
@@ -159,9 +159,9 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         stop_deliveries,
         stop_admin,
         streams,
-        workers,
+        dispatchers,
         admin,
-        targets,
+        store,
         metrics,
     })
 }
@@ -176,26 +176,23 @@ impl Relay {
         &self.metrics
     }
 
-    /// Stops the streams, drains the queues for up to the grace period, and abandons the rest.
+    /// Stops the streams, lets the dispatchers finish for up to the grace period (with the
+    /// memory store, that means delivering what it holds), stops what is left, and closes the
+    /// store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        info!("shutting down: streams stop, queued deliveries drain");
+        info!("shutting down: streams stop, deliveries in progress finish");
         self.stop_streams.cancel();
         while self.streams.join_next().await.is_some() {}
 
-        let drained = tokio::time::timeout(self.grace_period, async {
-            while self.workers.join_next().await.is_some() {}
+        let finished = tokio::time::timeout(self.grace_period, async {
+            while self.dispatchers.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
+        if finished.is_err() {
             self.stop_deliveries.cancel();
-            while self.workers.join_next().await.is_some() {}
+            while self.dispatchers.join_next().await.is_some() {}
         }
-        for (target, queue) in &self.targets {
-            target.telemetry.abandoned(
-                queue.len() as u64,
-                "deliveries still queued at shutdown were not delivered (the in-memory queue does not survive a restart)",
-            );
-        }
+        self.store.close().await;
 
         self.stop_admin.cancel();
         match self.admin.await {

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use crate::config::StreamConfig;
-use crate::event::{Event, EventId, StreamId};
+use crate::event::{Event, EventId};
 
 /// The SSE field values of one message, as the parser produced them.
 pub struct SseMessage {
@@ -32,7 +32,6 @@ pub enum Classified {
 }
 
 pub struct Classifier {
-    stream: StreamId,
     stream_name: Arc<str>,
     type_pointers: Vec<String>,
     default_event_type: Arc<str>,
@@ -43,13 +42,11 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn new(
-        stream: StreamId,
         stream_name: Arc<str>,
         config: &StreamConfig,
         known_event_types: impl IntoIterator<Item = Arc<str>>,
     ) -> Classifier {
         Classifier {
-            stream,
             stream_name,
             type_pointers: config.event_type.iter().map(|pointer| pointer.0.clone()).collect(),
             default_event_type: Arc::from(config.default_event_type.0.as_str()),
@@ -81,7 +78,6 @@ impl Classifier {
         Classified::Event {
             event: Event {
                 id: EventId::new(),
-                stream: self.stream,
                 stream_name: Arc::clone(&self.stream_name),
                 sse_id: id.map(String::into_boxed_str),
                 event_type,
@@ -137,7 +133,7 @@ mod tests {
         config.event_type = pointers.iter().map(|p| JsonPointer((*p).to_owned())).collect();
         config.default_event_type = Text(default.to_owned());
         config.keepalive = keepalive.iter().map(|k| Text((*k).to_owned())).collect();
-        Classifier::new(StreamId(0), Arc::from("s"), &config, [Arc::from("MESSAGE_SENT")])
+        Classifier::new(Arc::from("s"), &config, [Arc::from("MESSAGE_SENT")])
     }
 
     fn message(event: &str, data: &str) -> SseMessage {

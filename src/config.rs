@@ -47,6 +47,67 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Where deliveries wait until their target accepts them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub mode: StorageMode,
+    /// The directory of the SQLite database (`relay.db`), created when missing.
+    #[serde(default = "default_storage_path")]
+    pub path: Text,
+    /// At most this many deliveries wait; at the limit the streams pause.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: PositiveCount,
+    /// The database file grows to at most this size; at the limit the streams pause, as they do
+    /// when the disk is full.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: bytesize::ByteSize,
+    /// Dead letters older than this are purged.
+    #[serde(default = "default_dead_letter_retention", with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            mode: StorageMode::default(),
+            path: default_storage_path(),
+            max_pending: default_max_pending(),
+            max_bytes: default_max_bytes(),
+            dead_letter_retention: default_dead_letter_retention(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// Every delivery is committed to SQLite before it is attempted: nothing accepted is lost.
+    #[default]
+    Sqlite,
+    /// Deliveries live in memory only: faster, but a crash loses what was queued.
+    Memory,
+}
+
+fn default_storage_path() -> Text {
+    Text("./data".to_owned())
+}
+
+fn default_max_pending() -> PositiveCount {
+    PositiveCount(1_000_000)
+}
+
+fn default_max_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(1)
+}
+
+fn default_dead_letter_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +242,101 @@ pub struct TargetConfig {
     pub retry: RetryConfig,
     #[serde(default)]
     pub body: BodyConfig,
+    /// Requests per interval, smoothed by a token bucket: `30/s`, `100/m`, `1000/h`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Deliver each stream's events in order: one in flight per stream, retries included.
+    #[serde(default)]
+    pub ordered: bool,
+    /// A Standard Webhooks secret (`whsec_...`): requests get webhook-id, webhook-timestamp and
+    /// webhook-signature headers.
+    #[serde(default)]
+    pub signing_secret: Option<SigningSecret>,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failed attempts that pause the target.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: PositiveCount,
+    /// First pause before a probe; it doubles after each failed probe, up to `max_open_delay`.
+    #[serde(default = "default_open_delay", with = "humantime_serde")]
+    pub open_delay: Duration,
+    #[serde(default = "default_max_open_delay", with = "humantime_serde")]
+    pub max_open_delay: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_threshold: default_failure_threshold(),
+            open_delay: default_open_delay(),
+            max_open_delay: default_max_open_delay(),
+        }
+    }
+}
+
+fn default_failure_threshold() -> PositiveCount {
+    PositiveCount(5)
+}
+
+fn default_open_delay() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_open_delay() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// `N/s`, `N/m` or `N/h`: at most N requests per second, minute or hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub n_requests: u32,
+    pub per: Duration,
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |text| {
+            let problem = || format!("rate_limit `{text}` is not a rate such as 30/s, 100/m or 1000/h");
+            let (count, unit) = text.split_once('/').ok_or_else(problem)?;
+            let n_requests: u32 = count.trim().parse().map_err(|_| problem())?;
+            let per = match unit.trim() {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                "h" => Duration::from_secs(3600),
+                _ => return Err(problem()),
+            };
+            if n_requests == 0 {
+                return Err("rate_limit must allow at least 1 request".to_owned());
+            }
+            Ok(RateLimit { n_requests, per })
+        })
+    }
+}
+
+/// A parsed Standard Webhooks signing secret; never printed.
+#[derive(Clone)]
+pub struct SigningSecret(pub std::sync::Arc<crate::delivery::signing::SigningKey>);
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("SigningSecret(***)")
+    }
+}
+
+impl<'de> Deserialize<'de> for SigningSecret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |raw| {
+            let secret = expand(raw)?;
+            crate::delivery::signing::SigningKey::parse(&secret)
+                .map(|key| SigningSecret(std::sync::Arc::new(key)))
+                .map_err(|err| err.to_string())
+        })
+    }
 }
 
 fn default_target_timeout() -> Duration {

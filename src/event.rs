@@ -48,7 +48,6 @@ pub struct TargetId(pub usize);
 #[derive(Debug)]
 pub struct Event {
     pub id: EventId,
-    pub stream: StreamId,
     /// The stream's configured name, shared by all its events.
     pub stream_name: Arc<str>,
     /// The SSE `id:` field, when the server sent one.

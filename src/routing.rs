@@ -114,10 +114,10 @@ impl RoutingTable {
         }
     }
 
-    /// Fills `targets` with every target of every route the event matches, each once.
-    pub fn route(&self, event: &Event, targets: &mut Vec<TargetId>) {
+    /// Fills `targets` with every target of every route that `stream`'s event matches, each once.
+    pub fn route(&self, stream: StreamId, event: &Event, targets: &mut Vec<TargetId>) {
         targets.clear();
-        for route in &self.routes_by_stream[event.stream.0] {
+        for route in &self.routes_by_stream[stream.0] {
             if route.matches(event) {
                 for target in &route.targets {
                     if !targets.contains(target) {
@@ -199,11 +199,9 @@ routes:
         (RoutingTable::new(&config), config)
     }
 
-    fn event(config: &config::Config, stream: &str, event_type: &str, data: &str) -> Event {
-        let stream_index = config.streams.keys().position(|name| name == stream).unwrap();
+    fn event(stream: &str, event_type: &str, data: &str) -> Event {
         Event {
             id: EventId::new(),
-            stream: StreamId(stream_index),
             stream_name: Arc::from(stream),
             sse_id: None,
             event_type: Arc::from(event_type),
@@ -218,7 +216,8 @@ routes:
         let (table, config) = table();
         let names: Vec<&String> = config.targets.keys().collect();
         let mut targets = Vec::new();
-        table.route(&event(&config, stream, event_type, data), &mut targets);
+        let stream_id = StreamId(config.streams.keys().position(|name| name == stream).unwrap());
+        table.route(stream_id, &event(stream, event_type, data), &mut targets);
         let routed: Vec<&str> = targets.iter().map(|id| names[id.0].as_str()).collect();
         assert_eq!(routed, expected, "{stream}/{event_type} {data}");
     }

@@ -12,26 +12,29 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use eventsource_client::{self as es, Client as _};
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
 use crate::event::{StreamId, TargetId};
-use crate::queue::{Delivery, EnqueueError, QueueSender};
+use crate::queue::{Pending, Store};
 use crate::routing::RoutingTable;
-use crate::telemetry::{DisconnectReason, DropReason, StreamTelemetry};
+use crate::telemetry::{DisconnectReason, DropReason, StorageTelemetry, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// What streams hand events to: the routing table and every target's queue.
+/// What streams hand events to: the routing table, the store, and every target's dispatcher.
 pub struct Dispatch {
     pub table: RoutingTable,
+    pub store: Store,
     /// Indexed by `TargetId`.
-    pub queues: Vec<QueueSender>,
+    pub dispatchers: Vec<mpsc::Sender<Pending>>,
     pub target_names: Vec<Arc<str>>,
+    pub storage: Arc<StorageTelemetry>,
 }
 
 /// A stream as its task uses it, built from its config.
@@ -73,7 +76,7 @@ impl StreamRuntime {
             headers,
             idle_timeout: config.idle_timeout,
             reconnect: config.reconnect.clone(),
-            classifier: Classifier::new(id, Arc::clone(&telemetry.name), config, table.exact_event_types(id)),
+            classifier: Classifier::new(Arc::clone(&telemetry.name), config, table.exact_event_types(id)),
             transport: ReqwestTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
             telemetry,
         })
@@ -125,7 +128,8 @@ pub fn reconnect_delay(
 
 /// Runs the stream until `stop` is cancelled.
 pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: Arc<Dispatch>, stop: CancellationToken) {
-    let mut last_event_id: Option<String> = None;
+    // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
+    let mut last_event_id: Option<String> = dispatch.store.last_event_id(&stream.telemetry.name);
     let mut backoff = stream.error_backoff();
     let mut targets = Vec::new();
     while let Some(end) = read_connection(&stream, &dispatch, &mut last_event_id, &mut targets, &stop).await {
@@ -277,8 +281,9 @@ enum Accepted {
     Stopped,
 }
 
-/// Classifies one message, routes it, and queues a delivery per target, waiting for room in a
-/// full queue (which pauses this stream, on purpose) rather than dropping anything.
+/// Classifies one message, routes it, stores a delivery per target, and hands each to its
+/// target's dispatcher. When the store fails or is full, or a dispatcher cannot take more, this
+/// waits (which pauses the stream, on purpose) rather than drop anything.
 async fn accept(
     stream: &StreamRuntime,
     dispatch: &Dispatch,
@@ -306,31 +311,64 @@ async fn accept(
         );
     }
     telemetry.event_received(dispatch.table.event_type_label_index(stream.id, &event.event_type));
-    dispatch.table.route(&event, targets);
+    dispatch.table.route(stream.id, &event, targets);
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);
         return Accepted::Event;
     }
 
     let event = Arc::new(event);
-    for &target in targets.iter() {
-        let queue: &QueueSender = &dispatch.queues[target.0];
-        let delivery = Delivery {
-            event: Arc::clone(&event),
-            target,
+    let target_names: Vec<Arc<str>> = targets
+        .iter()
+        .map(|target| Arc::clone(&dispatch.target_names[target.0]))
+        .collect();
+    let position = event.sse_id.as_deref().map(|id| (&*telemetry.name, id));
+    let mut retry_in = Duration::from_millis(100);
+    let ids = loop {
+        let appended = tokio::select! {
+            () = stop.cancelled() => {
+                telemetry.dropped(DropReason::Shutdown, &"the relay stopped before the event could be stored");
+                return Accepted::Stopped;
+            }
+            appended = dispatch.store.append(&event, &target_names, position) => appended,
         };
-        let full = match queue.try_enqueue(delivery) {
+        match appended {
+            Ok(ids) => {
+                dispatch.storage.append_succeeded();
+                break ids;
+            }
+            Err(err) => {
+                dispatch.storage.append_failed(&telemetry.name, &err);
+                tokio::select! {
+                    () = stop.cancelled() => {
+                        telemetry.dropped(DropReason::Shutdown, &"the relay stopped while storage was failing");
+                        return Accepted::Stopped;
+                    }
+                    () = tokio::time::sleep(retry_in) => {}
+                }
+                retry_in = (retry_in * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+
+    for (target, id) in targets.iter().zip(ids) {
+        let dispatcher = &dispatch.dispatchers[target.0];
+        let pending = Pending::new(id, Arc::clone(&event));
+        let full = match dispatcher.try_send(pending) {
             Ok(()) => continue,
-            Err(EnqueueError::Full(delivery)) => delivery,
-            Err(EnqueueError::Closed(_)) => return Accepted::Stopped,
+            Err(mpsc::error::TrySendError::Full(pending)) => pending,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Accepted::Stopped,
         };
         telemetry.backpressure(target.0, &dispatch.target_names[target.0]);
         tokio::select! {
             () = stop.cancelled() => {
-                telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for a full queue");
+                // With SQLite it is stored already and is delivered after a restart.
+                if !dispatch.store.is_durable() {
+                    telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for a full queue");
+                }
                 return Accepted::Stopped;
             }
-            queued = queue.enqueue(full) => if queued.is_err() {
+            sent = dispatcher.send(full) => if sent.is_err() {
                 return Accepted::Stopped;
             },
         }

@@ -57,6 +57,36 @@ pub struct Metrics {
     delivery_duration: HistogramVec,
     queue_depth: IntGaugeVec,
     in_flight: IntGaugeVec,
+    dead_letters: IntCounterVec,
+    oldest_pending: prometheus::GaugeVec,
+    target_state: IntGaugeVec,
+    pub storage: Arc<StorageTelemetry>,
+}
+
+/// The health of the store, for `/readyz` and the streams.
+pub struct StorageTelemetry {
+    pub errors: IntCounter,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl StorageTelemetry {
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An append failed; the stream holds its event and retries, so nothing is lost. Logged
+    /// once per outage, not once per retry.
+    pub fn append_failed(&self, stream: &str, problem: &dyn Display) {
+        if !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            error!(%stream, error = %problem, "cannot store events; streams pause until storage recovers");
+        }
+    }
+
+    pub fn append_succeeded(&self) {
+        if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            info!("storage recovered; streams resume");
+        }
+    }
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -150,9 +180,38 @@ impl Metrics {
             ),
             in_flight: gauge(
                 "sse_relay_deliveries_in_flight",
-                "Deliveries taken from the queue and not finished, retries included.",
+                "Delivery attempts in progress.",
                 &["target"],
             ),
+            dead_letters: counter(
+                "sse_relay_dead_letters_total",
+                "Deliveries that failed permanently or ran out of retries and became dead letters.",
+                &["target"],
+            ),
+            oldest_pending: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "sse_relay_oldest_pending_seconds",
+                        "Age of the oldest event with a delivery pending for the target.",
+                    ),
+                    &["target"],
+                )
+                .expect("valid metric"),
+            ),
+            target_state: gauge(
+                "sse_relay_target_state",
+                "Circuit breaker of the target: 0 closed, 1 open, 2 half-open, 3 gone (410).",
+                &["target"],
+            ),
+            storage: Arc::new(StorageTelemetry {
+                errors: register(
+                    &registry,
+                    IntCounter::new("sse_relay_storage_errors_total", "Failed writes to the queue database.")
+                        .expect("valid metric"),
+                ),
+                failing: std::sync::atomic::AtomicBool::new(false),
+            }),
             registry,
         })
     }
@@ -191,6 +250,9 @@ impl Metrics {
             duration: self.delivery_duration.with_label_values(&[name]),
             queue_depth: self.queue_depth.with_label_values(&[name]),
             in_flight: self.in_flight.with_label_values(&[name]),
+            dead_letters: self.dead_letters.with_label_values(&[name]),
+            oldest_pending: self.oldest_pending.with_label_values(&[name]),
+            target_state: self.target_state.with_label_values(&[name]),
         }
     }
 }
@@ -346,6 +408,9 @@ pub struct TargetTelemetry {
     duration: Histogram,
     pub queue_depth: IntGauge,
     pub in_flight: IntGauge,
+    dead_letters: IntCounter,
+    pub oldest_pending: prometheus::Gauge,
+    target_state: IntGauge,
 }
 
 impl TargetTelemetry {
@@ -365,9 +430,25 @@ impl TargetTelemetry {
         );
     }
 
-    pub fn failed(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display) {
+    /// A delivery failed permanently or ran out of retries.
+    pub fn dead_lettered(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, kept: bool) {
         self.failed.inc();
-        error!(target = %self.name, %event_id, n_attempts, error = %problem, "delivery failed permanently");
+        self.dead_letters.inc();
+        if kept {
+            error!(
+                target = %self.name, %event_id, n_attempts, error = %problem,
+                "delivery failed; it is kept as a dead letter (sse-relay dlq list)"
+            );
+        } else {
+            error!(
+                target = %self.name, %event_id, n_attempts, error = %problem,
+                "delivery failed; the in-memory store keeps no dead letters"
+            );
+        }
+    }
+
+    pub fn state(&self, state: crate::delivery::breaker::TargetState) {
+        self.target_state.set(state.metric_value());
     }
 
     pub fn abandoned(&self, n_deliveries: u64, why: &str) {

@@ -1,23 +1,30 @@
-//! Delivery: each target's workers take deliveries from its queue and POST them, retrying by
-//! the target's policy. A target has `max_in_flight` workers, so a slow or dead target holds at
-//! most that many requests and never touches another target's workers.
+//! Delivery: one dispatcher per target takes its pending deliveries and POSTs them, retrying by
+//! the target's policy, within its `max_in_flight`, rate limit and circuit breaker. A slow or
+//! dead target holds at most `max_in_flight` requests and never touches another target.
 
+pub mod breaker;
+pub mod dispatcher;
 pub mod request;
 pub mod retry;
+pub mod signing;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BodyConfig, RetryConfig, TargetConfig};
-use crate::delivery::request::Problem;
-use crate::delivery::retry::{Exhausted, RetrySchedule, Verdict};
+use crate::config::{BodyConfig, RateLimit, RetryConfig, TargetConfig};
+use crate::delivery::breaker::BreakerConfig;
+use crate::delivery::dispatcher::Dispatcher;
+use crate::delivery::signing::SigningKey;
 use crate::event::TargetId;
-use crate::queue::{Delivery, QueueReceiver};
+use crate::queue::{Pending, Store};
 use crate::telemetry::TargetTelemetry;
+
+/// Appended deliveries on their way from the streams to a target's dispatcher.
+const INPUT_CAPACITY: usize = 1024;
 
 /// A target as the hot path uses it, built from its config.
 pub struct TargetRuntime {
@@ -26,22 +33,21 @@ pub struct TargetRuntime {
     /// The URL as logs may show it: scheme and host only, unless the config marks it safe.
     pub display_url: String,
     pub headers: HeaderMap,
-    /// `X-Relay-Stream` values, indexed by `StreamId`, built once.
-    pub stream_header_values: Vec<HeaderValue>,
     pub timeout: Duration,
     pub max_in_flight: usize,
+    /// Deliveries held in memory with the memory store; beyond it the streams pause.
+    pub queue_capacity: usize,
     pub body: BodyConfig,
     pub retry: RetryConfig,
+    pub rate_limit: Option<RateLimit>,
+    pub ordered: bool,
+    pub signing_key: Option<Arc<SigningKey>>,
+    pub breaker: BreakerConfig,
     pub telemetry: TargetTelemetry,
 }
 
 impl TargetRuntime {
-    pub fn new(
-        id: TargetId,
-        config: &TargetConfig,
-        stream_names: &[Arc<str>],
-        telemetry: TargetTelemetry,
-    ) -> anyhow::Result<TargetRuntime> {
+    pub fn new(id: TargetId, config: &TargetConfig, telemetry: TargetTelemetry) -> anyhow::Result<TargetRuntime> {
         let mut headers = HeaderMap::new();
         // An empty value (an unset `${VAR:-}`) leaves the header out.
         for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
@@ -56,21 +62,25 @@ impl TargetRuntime {
             })?;
             headers.insert(header_name, header_value);
         }
-        let stream_header_values = stream_names
-            .iter()
-            .map(|name| HeaderValue::from_str(name))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| anyhow::anyhow!("a stream name is not a valid HTTP header value"))?;
         Ok(TargetRuntime {
             id,
             url: config.url.0.clone(),
             display_url: display_url(&config.url.0, config.safe_url),
             headers,
-            stream_header_values,
             timeout: config.timeout,
             max_in_flight: config.max_in_flight.0,
+            queue_capacity: config.queue_capacity.0,
             body: config.body.clone(),
             retry: config.retry.clone(),
+            rate_limit: config.rate_limit,
+            ordered: config.ordered,
+            signing_key: config.signing_secret.as_ref().map(|secret| Arc::clone(&secret.0)),
+            breaker: BreakerConfig {
+                failure_threshold: u32::try_from(config.circuit_breaker.failure_threshold.0).unwrap_or(u32::MAX),
+                open_delay: config.circuit_breaker.open_delay,
+                max_open_delay: config.circuit_breaker.max_open_delay,
+                ..BreakerConfig::default()
+            },
             telemetry,
         })
     }
@@ -88,100 +98,15 @@ pub fn display_url(url: &reqwest::Url, safe: bool) -> String {
     }
 }
 
-/// Starts the target's workers. They stop when the queue is closed and empty, or when `stop`
-/// is cancelled (then a delivery waiting to retry, or mid-request, is abandoned and counted).
-pub fn spawn_workers(
+/// Starts the target's dispatcher; deliveries appended to the store are sent to it.
+pub fn spawn_dispatcher(
     target: &Arc<TargetRuntime>,
+    store: &Store,
     client: &reqwest::Client,
-    queue: &QueueReceiver,
     stop: &CancellationToken,
-    workers: &mut JoinSet<()>,
-) {
-    for _ in 0..target.max_in_flight {
-        let (target, client, queue, stop) = (Arc::clone(target), client.clone(), queue.clone(), stop.clone());
-        workers.spawn(async move {
-            loop {
-                let delivery = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => return,
-                    delivery = queue.next() => match delivery {
-                        Some(delivery) => delivery,
-                        None => return,
-                    },
-                };
-                target.telemetry.in_flight.inc();
-                deliver(&client, &target, delivery, &stop).await;
-                target.telemetry.in_flight.dec();
-            }
-        });
-    }
-}
-
-/// Attempts one delivery until it succeeds, fails permanently, runs out of retries, or is
-/// abandoned at shutdown.
-async fn deliver(client: &reqwest::Client, target: &TargetRuntime, delivery: Delivery, stop: &CancellationToken) {
-    let telemetry = &target.telemetry;
-    let event = &delivery.event;
-    let started = Instant::now();
-    let mut schedule = RetrySchedule::new(&target.retry);
-    let mut n_attempts = 0u32;
-    loop {
-        n_attempts += 1;
-        let attempt_started = Instant::now();
-        let outcome = tokio::select! {
-            biased;
-            () = stop.cancelled() => {
-                telemetry.abandoned(1, "a delivery in progress was abandoned at shutdown");
-                return;
-            }
-            outcome = request::attempt(client, target, event) => outcome,
-        };
-        telemetry.attempt_finished(attempt_started.elapsed());
-        let (verdict, problem) = match outcome {
-            Ok(()) => {
-                telemetry.delivered();
-                return;
-            }
-            Err(failure) => failure,
-        };
-        let retry_after = match verdict {
-            Verdict::Retry { retry_after } => retry_after,
-            Verdict::Delivered | Verdict::Permanent => {
-                telemetry.failed(&event.id, n_attempts, &problem);
-                return;
-            }
-        };
-        let delay = match schedule.next_delay(n_attempts, started.elapsed(), retry_after) {
-            Ok(delay) => delay,
-            Err(exhausted) => {
-                telemetry.failed(&event.id, n_attempts, &GaveUp { problem, exhausted });
-                return;
-            }
-        };
-        telemetry.retrying(&event.id, n_attempts, &problem, delay);
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => {
-                telemetry.abandoned(1, "a delivery waiting to retry was abandoned at shutdown");
-                return;
-            }
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-}
-
-/// The last problem of a delivery whose retries ran out, and which limit ended them.
-struct GaveUp {
-    problem: Problem,
-    exhausted: Exhausted,
-}
-
-impl std::fmt::Display for GaveUp {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let limit = match self.exhausted {
-            Exhausted::Attempts => "max_attempts",
-            Exhausted::Elapsed => "max_elapsed",
-        };
-        write!(formatter, "{}; gave up after reaching {limit}", self.problem)
-    }
+) -> (mpsc::Sender<Pending>, tokio::task::JoinHandle<()>) {
+    let (sender, receiver) = mpsc::channel(INPUT_CAPACITY);
+    let dispatcher = Dispatcher::new(Arc::clone(target), store.clone(), client.clone());
+    let task = tokio::spawn(dispatcher.run(receiver, stop.clone()));
+    (sender, task)
 }

@@ -8,8 +8,8 @@ use http::HeaderValue;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 
 use crate::config::BodyConfig;
-use crate::delivery::TargetRuntime;
 use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
+use crate::delivery::{TargetRuntime, signing};
 use crate::event::Event;
 
 /// How much of an error response's body is kept for the log line.
@@ -46,30 +46,59 @@ impl fmt::Display for Problem {
     }
 }
 
+/// An attempt that did not deliver: what it means, the status if there was a response, and
+/// what went wrong.
+#[derive(Debug)]
+pub struct Failure {
+    pub verdict: Verdict,
+    pub status: Option<u16>,
+    pub problem: Problem,
+}
+
 /// Sends one attempt and says what it means.
-pub async fn attempt(
-    client: &reqwest::Client,
-    target: &TargetRuntime,
-    event: &Event,
-) -> Result<(), (Verdict, Problem)> {
-    let (body, content_type) =
-        body_for(&target.body, event).map_err(|message| (Verdict::Permanent, Problem::Body(message)))?;
+pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &Event) -> Result<(), Failure> {
+    let (body, content_type) = body_for(&target.body, event).map_err(|message| Failure {
+        verdict: Verdict::Permanent,
+        status: None,
+        problem: Problem::Body(message),
+    })?;
 
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let event_id = event.id.encode(&mut id_buffer);
     let mut request = client
         .post(target.url.clone())
         .timeout(target.timeout)
         .headers(target.headers.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
-        .header("x-relay-stream", target.stream_header_values[event.stream.0].clone())
-        .header("idempotency-key", event.id.encode(&mut id_buffer));
-    if let Ok(event_type) = HeaderValue::from_str(&event.event_type) {
-        request = request.header("x-relay-event-type", event_type);
+        .header("idempotency-key", event_id);
+    for (name, value) in [
+        ("x-relay-stream", &*event.stream_name),
+        ("x-relay-event-type", &*event.event_type),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(key) = &target.signing_key {
+        let timestamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|since| since.as_secs())
+            .unwrap_or(0);
+        request = request
+            .header(signing::WEBHOOK_ID_HEADER, event_id)
+            .header(signing::WEBHOOK_TIMESTAMP_HEADER, timestamp)
+            .header(signing::WEBHOOK_SIGNATURE_HEADER, key.sign(event_id, timestamp, &body));
     }
 
     let mut response = match request.body(body).send().await {
         Ok(response) => response,
-        Err(err) => return Err((verdict_for_transport_error(), Problem::Transport(err.without_url()))),
+        Err(err) => {
+            return Err(Failure {
+                verdict: verdict_for_transport_error(),
+                status: None,
+                problem: Problem::Transport(err.without_url()),
+            });
+        }
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -102,13 +131,14 @@ pub async fn attempt(
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    Err((
+    Err(Failure {
         verdict,
-        Problem::Status {
+        status: Some(status),
+        problem: Problem::Status {
             status,
             excerpt: excerpt.trim().to_owned(),
         },
-    ))
+    })
 }
 
 /// The body a target receives, and its content type.
@@ -163,12 +193,11 @@ mod tests {
 
     use super::*;
     use crate::config::JsonPointer;
-    use crate::event::{EventId, StreamId};
+    use crate::event::EventId;
 
     fn event(data: &str) -> Event {
         Event {
             id: EventId::new(),
-            stream: StreamId(0),
             stream_name: Arc::from("chat"),
             sse_id: None,
             event_type: Arc::from("workflow_status"),

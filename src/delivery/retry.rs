@@ -44,56 +44,52 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// The schedule of delays between attempts of one delivery, from the target's retry config:
-/// exponential from `initial_delay`, doubling to `max_delay`, each delay plus up to the same
-/// again of random jitter, for at most `max_attempts` attempts within `max_elapsed`.
-pub struct RetrySchedule {
-    backoff: backon::ExponentialBackoff,
-    max_attempts: u32,
-    max_elapsed: Duration,
-}
-
-/// Why the schedule ended.
+/// Why a delivery's retries ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exhausted {
     Attempts,
     Elapsed,
 }
 
-impl RetrySchedule {
-    pub fn new(config: &RetryConfig) -> RetrySchedule {
-        let backoff = ExponentialBuilder::new()
+impl Exhausted {
+    pub fn limit(self) -> &'static str {
+        match self {
+            Exhausted::Attempts => "max_attempts",
+            Exhausted::Elapsed => "max_elapsed",
+        }
+    }
+}
+
+/// The delay before the next attempt of a delivery that has had `n_attempts` attempts, the
+/// first of them `elapsed` ago, or why there is none. The schedule is exponential from
+/// `initial_delay`, doubling to `max_delay`, each delay plus up to the same again of random
+/// jitter; a server's `Retry-After` replaces the computed delay. It depends only on the attempt
+/// count, which the store keeps, so a restart resumes the schedule where it was.
+pub fn next_delay(
+    config: &RetryConfig,
+    n_attempts: u32,
+    elapsed: Duration,
+    retry_after: Option<Duration>,
+) -> Result<Duration, Exhausted> {
+    if n_attempts as usize >= config.max_attempts.0 {
+        return Err(Exhausted::Attempts);
+    }
+    let delay = match retry_after {
+        Some(retry_after) => retry_after,
+        None => ExponentialBuilder::new()
             .with_min_delay(config.initial_delay)
             .with_max_delay(config.max_delay)
             .with_factor(2.0)
             .with_jitter()
             .without_max_times()
-            .build();
-        RetrySchedule {
-            backoff,
-            max_attempts: u32::try_from(config.max_attempts.0).unwrap_or(u32::MAX),
-            max_elapsed: config.max_elapsed,
-        }
+            .build()
+            .nth(n_attempts.saturating_sub(1) as usize)
+            .unwrap_or(config.max_delay),
+    };
+    if elapsed.saturating_add(delay) > config.max_elapsed {
+        return Err(Exhausted::Elapsed);
     }
-
-    /// The delay before the next attempt, after `n_attempts` attempts that began `elapsed` ago,
-    /// or why there is none. A server's `Retry-After` replaces the computed delay.
-    pub fn next_delay(
-        &mut self,
-        n_attempts: u32,
-        elapsed: Duration,
-        retry_after: Option<Duration>,
-    ) -> Result<Duration, Exhausted> {
-        if n_attempts >= self.max_attempts {
-            return Err(Exhausted::Attempts);
-        }
-        let computed = self.backoff.next().unwrap_or(Duration::MAX);
-        let delay = retry_after.unwrap_or(computed);
-        if elapsed.saturating_add(delay) > self.max_elapsed {
-            return Err(Exhausted::Elapsed);
-        }
-        Ok(delay)
-    }
+    Ok(delay)
 }
 
 #[cfg(test)]
@@ -141,10 +137,10 @@ mod tests {
 
     #[test]
     fn delays_grow_with_jitter_up_to_the_cap() {
-        let mut schedule = RetrySchedule::new(&config(100, 100_000));
+        let config = config(100, 100_000);
         let bases = [1, 2, 4, 8, 8, 8];
         for (attempt, base) in bases.iter().enumerate() {
-            let delay = schedule.next_delay(attempt as u32 + 1, Duration::ZERO, None).unwrap();
+            let delay = next_delay(&config, attempt as u32 + 1, Duration::ZERO, None).unwrap();
             let base = Duration::from_secs(*base);
             assert!(
                 delay >= base && delay <= base * 2,
@@ -155,22 +151,24 @@ mod tests {
 
     #[test]
     fn attempts_and_elapsed_time_end_the_schedule() {
-        let mut schedule = RetrySchedule::new(&config(3, 100_000));
-        assert!(schedule.next_delay(1, Duration::ZERO, None).is_ok());
-        assert!(schedule.next_delay(2, Duration::ZERO, None).is_ok());
-        assert_eq!(schedule.next_delay(3, Duration::ZERO, None), Err(Exhausted::Attempts));
-
-        let mut schedule = RetrySchedule::new(&config(100, 60));
+        let three_attempts = config(3, 100_000);
+        assert!(next_delay(&three_attempts, 1, Duration::ZERO, None).is_ok());
+        assert!(next_delay(&three_attempts, 2, Duration::ZERO, None).is_ok());
         assert_eq!(
-            schedule.next_delay(1, Duration::from_secs(59), None),
+            next_delay(&three_attempts, 3, Duration::ZERO, None),
+            Err(Exhausted::Attempts)
+        );
+
+        let one_minute = config(100, 60);
+        assert_eq!(
+            next_delay(&one_minute, 1, Duration::from_secs(59), None),
             Err(Exhausted::Elapsed)
         );
     }
 
     #[test]
     fn retry_after_replaces_the_computed_delay() {
-        let mut schedule = RetrySchedule::new(&config(100, 100_000));
-        let delay = schedule.next_delay(1, Duration::ZERO, Some(Duration::from_secs(42)));
+        let delay = next_delay(&config(100, 100_000), 1, Duration::ZERO, Some(Duration::from_secs(42)));
         assert_eq!(delay, Ok(Duration::from_secs(42)));
     }
 }

@@ -32,7 +32,7 @@ fn config_errors_name_the_place() {
     );
     check(
         &base("colour: blue\n"),
-        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`",
+        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`",
     );
     check(
         &base("").replace(

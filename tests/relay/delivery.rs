@@ -138,7 +138,7 @@ routes:
             .await,
         2.0
     );
-    assert_eq!(relay.metric("sse_relay_queue_depth", &[("target", "dead")]).await, 28.0);
+    assert_eq!(relay.metric("sse_relay_queue_depth", &[("target", "dead")]).await, 30.0);
     relay.stop().await;
     held.abort();
 }

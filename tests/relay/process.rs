@@ -120,6 +120,7 @@ async fn runs_under_a_service_manager_and_exits_0_on_sigterm() {
         r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
 shutdown: {{ grace_period: 2s }}
+storage: {{ path: "{storage}" }}
 streams:
   chat:
     url: {chat}
@@ -134,6 +135,7 @@ routes:
 "#,
         chat = upstream.chat_url("3f1c"),
         hook = sink.url("/hook"),
+        storage = directory.path().join("data").display(),
     );
     let config = write_config(&directory, "relay.yaml", &yaml);
     let notify_path = directory.path().join("notify.sock");

@@ -47,6 +47,8 @@ pub struct TestRelay {
     relay: Option<Relay>,
     pub admin: SocketAddr,
     http: reqwest::Client,
+    /// The SQLite store's directory, removed when the relay is dropped.
+    pub storage: tempfile::TempDir,
 }
 
 impl TestRelay {
@@ -55,12 +57,15 @@ impl TestRelay {
     }
 
     pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> TestRelay {
-        let config = parse_config(yaml, env).unwrap_or_else(|err| panic!("test config is invalid: {err}\n{yaml}"));
+        let mut config = parse_config(yaml, env).unwrap_or_else(|err| panic!("test config is invalid: {err}\n{yaml}"));
+        let storage = tempfile::tempdir().unwrap();
+        config.storage.path = config::Text(storage.path().display().to_string());
         let relay = app::start(config).await.expect("the relay starts");
         TestRelay {
             admin: relay.admin_addr(),
             relay: Some(relay),
             http: reqwest::Client::new(),
+            storage,
         }
     }
 

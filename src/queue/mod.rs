@@ -1,0 +1,210 @@
+//! The delivery queue between routing and delivery: every routed (event, target) pair is
+//! appended to a [`Store`] before it is attempted, and leaves it only by success or dead letter.
+//!
+//! Two stores: SQLite (the default), where an append returns once its transaction is fsync'd,
+//! and memory, which is faster and loses what it holds when the process dies. Both bound the
+//! number of pending deliveries: at `max_pending`, appends wait, which pauses the streams.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::config::{StorageConfig, StorageMode};
+use crate::event::Event;
+
+/// Identifies a delivery in its store; increases in the order deliveries were appended.
+pub type DeliveryId = i64;
+
+/// A delivery waiting for its target, with its retry state.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: DeliveryId,
+    pub event: Arc<Event>,
+    pub n_attempts: u32,
+    pub first_attempt_at: Option<SystemTime>,
+    pub next_attempt_at: SystemTime,
+}
+
+impl Pending {
+    pub fn new(id: DeliveryId, event: Arc<Event>) -> Pending {
+        Pending {
+            id,
+            event,
+            n_attempts: 0,
+            first_attempt_at: None,
+            next_attempt_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+}
+
+/// Why a delivery became a dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub last_status: Option<u16>,
+    pub last_error: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failed: {0}")]
+    Failed(String),
+    #[error("the storage writer has stopped")]
+    Stopped,
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Sqlite(sqlite::SqliteStore),
+}
+
+impl Store {
+    pub fn open(config: &StorageConfig, storage_errors: prometheus::IntCounter) -> anyhow::Result<Store> {
+        Ok(match config.mode {
+            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64)),
+            StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage_errors)?),
+        })
+    }
+
+    pub fn is_durable(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+
+    /// Appends one delivery per target, waiting while the store is at `max_pending`. Returns
+    /// once the deliveries are durable (SQLite) or counted (memory); the ids follow `targets`.
+    pub async fn append(
+        &self,
+        event: &Arc<Event>,
+        targets: &[Arc<str>],
+        position: Option<(&str, &str)>,
+    ) -> Result<Vec<DeliveryId>, StoreError> {
+        self.limit().reserve(targets.len() as u64).await;
+        let appended = match self {
+            Store::Memory(store) => Ok(store.append(targets.len())),
+            Store::Sqlite(store) => store.append(event, targets, position).await,
+        };
+        if appended.is_err() {
+            self.limit().release(targets.len() as u64);
+        }
+        appended
+    }
+
+    /// The target accepted the delivery.
+    pub async fn complete(&self, id: DeliveryId) {
+        self.limit().release(1);
+        if let Store::Sqlite(store) = self {
+            store.complete(id).await;
+        }
+    }
+
+    /// Records an attempt that will be retried at `pending.next_attempt_at`.
+    pub async fn reschedule(&self, pending: &Pending, last_error: &str) {
+        if let Store::Sqlite(store) = self {
+            store.reschedule(pending, last_error).await;
+        }
+    }
+
+    /// Moves the delivery to the dead letters (SQLite), or only counts it (memory).
+    pub async fn dead_letter(&self, pending: &Pending, dead_letter: DeadLetter) {
+        self.limit().release(1);
+        if let Store::Sqlite(store) = self {
+            store.dead_letter(pending, dead_letter).await;
+        }
+    }
+
+    /// Deliveries of `target` with ids above `after`, oldest first; always empty in memory.
+    pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(Vec::new()),
+            Store::Sqlite(store) => store.load(target, after, limit).await,
+        }
+    }
+
+    /// The last SSE id of a stream as of the last run, to resume with `Last-Event-ID`.
+    pub fn last_event_id(&self, stream: &str) -> Option<String> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Sqlite(store) => store.last_event_id(stream),
+        }
+    }
+
+    /// How many deliveries of `target` the store held when it was opened.
+    pub fn initial_pending(&self, target: &str) -> u64 {
+        match self {
+            Store::Memory(_) => 0,
+            Store::Sqlite(store) => store.initial_pending(target),
+        }
+    }
+
+    /// True while appends wait for room (`max_pending` reached).
+    pub fn is_full(&self) -> bool {
+        self.limit().is_full()
+    }
+
+    /// Stops the SQLite writer after it has written everything sent to it.
+    pub async fn close(&self) {
+        if let Store::Sqlite(store) = self {
+            store.close().await;
+        }
+    }
+
+    fn limit(&self) -> &PendingLimit {
+        match self {
+            Store::Memory(store) => &store.limit,
+            Store::Sqlite(store) => &store.limit,
+        }
+    }
+}
+
+/// Counts pending deliveries against `max_pending`; appends wait for room.
+pub struct PendingLimit {
+    max_pending: u64,
+    n_pending: Mutex<u64>,
+    waiting: Mutex<bool>,
+    room: Notify,
+}
+
+impl PendingLimit {
+    pub fn new(max_pending: u64, n_pending: u64) -> PendingLimit {
+        PendingLimit {
+            max_pending,
+            n_pending: Mutex::new(n_pending),
+            waiting: Mutex::new(false),
+            room: Notify::new(),
+        }
+    }
+
+    async fn reserve(&self, n: u64) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let mut n_pending = self.n_pending.lock().unwrap_or_else(PoisonError::into_inner);
+                // A single event with more targets than the limit still goes through alone.
+                if *n_pending == 0 || *n_pending + n <= self.max_pending {
+                    *n_pending += n;
+                    *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = false;
+                    return;
+                }
+                *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            }
+            // Rechecks now and then even without a wake-up, in case a release raced the wait.
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    }
+
+    fn release(&self, n: u64) {
+        let mut n_pending = self.n_pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Replayed dead letters were never reserved, so this saturates rather than underflows.
+        *n_pending = n_pending.saturating_sub(n);
+        drop(n_pending);
+        self.room.notify_waiters();
+    }
+
+    fn is_full(&self) -> bool {
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
