@@ -10,6 +10,7 @@ pub mod classify;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod dlq;
 pub mod emulator;
 pub mod event;
 pub mod queue;

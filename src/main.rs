@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use sse_relay::telemetry::{self, LogFormat};
-use sse_relay::{admin, app, check, config, demo};
+use sse_relay::{admin, app, check, config, demo, dlq};
 
 #[derive(Parser)]
 #[command(
@@ -37,10 +37,50 @@ enum Command {
     /// Run the relay against built-in emulators of both upstream APIs and a local webhook sink,
     /// printing every webhook the sink receives. Needs no credentials and no config.
     Demo,
+    /// Dead letters: deliveries that failed permanently or ran out of retries.
+    Dlq {
+        #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Exit 0 when the relay's admin endpoint answers; for container health checks.
     Health {
         #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
         url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters.
+    List {
+        #[arg(long)]
+        target: Option<String>,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the queue; works while the relay runs.
+    Replay {
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[arg(long)]
+        target: Option<String>,
+        /// Only those older than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        #[arg(long)]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -65,6 +105,13 @@ fn main() -> ExitCode {
                 Err(err) => fail(&format!("{err:#}")),
             }
         }
+        Command::Dlq { config, command } => match config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|loaded| dead_letters(&loaded.storage, command))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(&format!("{err:#}")),
+        },
         Command::Health { url } => match runtime().block_on(admin::probe(&url)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),
@@ -77,6 +124,47 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn dead_letters(storage: &config::StorageConfig, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { target, json } => {
+            let rows = dlq::list(
+                storage,
+                &dlq::Selection {
+                    target,
+                    ..dlq::Selection::default()
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", dlq::table(&rows));
+            }
+        }
+        DlqCommand::Replay { target, id, all } => {
+            let n = dlq::replay(
+                storage,
+                &dlq::Selection {
+                    target,
+                    id,
+                    older_than: None,
+                },
+                all,
+            )?;
+            println!("replayed {n} dead letter(s)");
+        }
+        DlqCommand::Purge {
+            target,
+            older_than,
+            id,
+            all,
+        } => {
+            let n = dlq::purge(storage, &dlq::Selection { target, id, older_than }, all)?;
+            println!("purged {n} dead letter(s)");
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -97,6 +97,8 @@ struct SinkState {
     /// Every path's requests together, in arrival order.
     requests: Vec<ReceivedRequest>,
     scripts: HashMap<String, VecDeque<SinkResponse>>,
+    /// The answer once a path's script is used up; 200 when unset.
+    defaults: HashMap<String, u16>,
     callbacks: Vec<RequestCallback>,
 }
 
@@ -159,6 +161,12 @@ impl Sink {
     }
 
     /// Every request to `path`, in arrival order, whatever it was answered.
+    /// Answers `status` to requests for `path` once its script is used up (a target that is
+    /// down, say), until set again.
+    pub fn answer_by_default(&self, path: &str, status: u16) {
+        self.shared.lock().defaults.insert(path.to_string(), status);
+    }
+
     pub fn requests(&self, path: &str) -> Vec<ReceivedRequest> {
         self.shared
             .lock()
@@ -240,7 +248,7 @@ async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Reque
             .scripts
             .get_mut(&path)
             .and_then(VecDeque::pop_front)
-            .unwrap_or(SinkResponse::status(200));
+            .unwrap_or_else(|| SinkResponse::status(state.defaults.get(&path).copied().unwrap_or(200)));
         let request = ReceivedRequest {
             method: parts.method,
             path,

@@ -3,6 +3,7 @@
 
 mod config;
 mod delivery;
+mod durability;
 mod process;
 mod streams;
 mod support;

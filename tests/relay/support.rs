@@ -48,7 +48,7 @@ pub struct TestRelay {
     pub admin: SocketAddr,
     http: reqwest::Client,
     /// The SQLite store's directory, removed when the relay is dropped.
-    pub storage: tempfile::TempDir,
+    _storage: tempfile::TempDir,
 }
 
 impl TestRelay {
@@ -65,7 +65,7 @@ impl TestRelay {
             admin: relay.admin_addr(),
             relay: Some(relay),
             http: reqwest::Client::new(),
-            storage,
+            _storage: storage,
         }
     }
 

@@ -1,0 +1,298 @@
+//! The SQLite store: what survives kill -9 and restarts, dead letters and replay, and a full
+//! store. The relay runs as a child process where the test kills it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use sse_relay::emulator::{Api, Upstream};
+use sse_relay::sink::{ReceivedRequest, Sink, SinkResponse};
+
+use crate::support::{DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, quiet_upstream};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A relay config file in a temporary directory, with its SQLite store beside it.
+struct ChildRelay {
+    directory: tempfile::TempDir,
+    admin_port: u16,
+}
+
+impl ChildRelay {
+    async fn new(upstream: &Upstream, sink: &Sink, target_extra: &str) -> ChildRelay {
+        let directory = tempfile::tempdir().unwrap();
+        let admin_port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let yaml = format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin_port}" }}
+shutdown: {{ grace_period: 1s }}
+storage: {{ path: "{storage}" }}
+streams:
+  chat:
+    url: {chat}
+    event_type: [/type]
+    keepalive: [keepalive]
+targets:
+  hook:
+    url: {hook}
+    signing_secret: {SECRET}
+    {target_extra}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+            storage = directory.path().join("data").display(),
+            chat = upstream.chat_url("3f1c"),
+            hook = sink.url("/hook"),
+        );
+        std::fs::write(directory.path().join("relay.yaml"), yaml).unwrap();
+        ChildRelay { directory, admin_port }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.directory.path().join("relay.yaml")
+    }
+
+    fn database(&self) -> rusqlite::Connection {
+        sse_relay::queue::sqlite::connect(&self.directory.path().join("data").join("relay.db")).unwrap()
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn dlq(&self, args: &[&str]) -> String {
+        let output = Command::new(BINARY)
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "dlq {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        match reqwest::get(&url).await {
+            Ok(response) => crate::support::metric_value(&response.text().await.unwrap_or_default(), name, labels),
+            Err(_) => 0.0,
+        }
+    }
+}
+
+fn kill_9(child: &Child) {
+    let pid = i32::try_from(child.id().expect("still running")).unwrap();
+    // SAFETY: signals the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+}
+
+/// Bodies of the deliveries waiting in the store, with their attempt counts.
+fn stored_deliveries(database: &rusqlite::Connection) -> BTreeMap<String, u32> {
+    let mut statement = database.prepare("SELECT data, n_attempts FROM deliveries").unwrap();
+    statement
+        .query_map([], |row| {
+            Ok((String::from_utf8(row.get::<_, Vec<u8>>(0)?).unwrap(), row.get(1)?))
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+/// Every attempt at the same body carries the same idempotency key and webhook id.
+fn assert_one_identity_per_event(requests: &[ReceivedRequest]) {
+    let mut identities: BTreeMap<&[u8], BTreeSet<(Option<&str>, Option<&str>)>> = BTreeMap::new();
+    for request in requests {
+        identities
+            .entry(&request.body[..])
+            .or_default()
+            .insert((request.header("idempotency-key"), request.header("webhook-id")));
+    }
+    for (body, identity) in identities {
+        assert_eq!(
+            identity.len(),
+            1,
+            "{} was sent with {identity:?}",
+            String::from_utf8_lossy(body)
+        );
+        let (key, webhook_id) = identity.into_iter().next().unwrap();
+        assert!(key.is_some() && key == webhook_id, "{key:?} vs {webhook_id:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_burst_loses_no_accepted_event() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let relay = ChildRelay::new(
+        &upstream,
+        &sink,
+        "retry: { initial_delay: 50ms, max_delay: 200ms, max_attempts: 1000 }\n    circuit_breaker: { open_delay: 100ms, max_open_delay: 200ms }",
+    )
+    .await;
+    let first_run = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+
+    let n_events = 400;
+    for index in 0..n_events {
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"burst","n":{index}}}"#));
+        if index == n_events / 2 {
+            eventually("the relay stored part of the burst", DEADLINE, || async {
+                relay.metric("sse_relay_queue_depth", &[("target", "hook")]).await >= 50.0
+            })
+            .await;
+            kill_9(&first_run);
+        }
+    }
+    let accepted = stored_deliveries(&relay.database());
+    assert!(
+        accepted.len() >= 50,
+        "only {} events were stored before the kill",
+        accepted.len()
+    );
+    assert!(sink.delivered("/hook").is_empty(), "the target was down");
+
+    sink.answer_by_default("/hook", 200);
+    let _second_run = relay.spawn();
+    eventually("every stored event delivered after the restart", DEADLINE, || async {
+        let delivered: BTreeSet<String> = bodies(&sink.delivered("/hook")).into_iter().collect();
+        accepted.keys().all(|body| delivered.contains(body))
+    })
+    .await;
+    assert_one_identity_per_event(&sink.requests("/hook"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_continues_the_retry_schedule() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let relay = ChildRelay::new(
+        &upstream,
+        &sink,
+        "retry: { initial_delay: 200ms, max_delay: 200ms, max_attempts: 3 }\n    circuit_breaker: { failure_threshold: 100 }",
+    )
+    .await;
+    let first_run = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status","is_active":false}"#);
+
+    let database = relay.database();
+    eventually("two attempts recorded in the store", DEADLINE, || async {
+        stored_deliveries(&database).values().next() == Some(&2)
+    })
+    .await;
+    kill_9(&first_run);
+    assert_eq!(sink.requests("/hook").len(), 2);
+
+    let _second_run = relay.spawn();
+    eventually("the third attempt made it a dead letter", DEADLINE, || async {
+        relay.dlq(&["list", "--json"]).await.contains("\"n_attempts\": 3")
+    })
+    .await;
+    assert_eq!(
+        sink.requests("/hook").len(),
+        3,
+        "the attempt count survived the restart"
+    );
+    assert!(stored_deliveries(&database).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_delivery_is_a_dead_letter_until_replayed() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(422)]);
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let _running = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    let data = r#"{"type":"workflow_status","is_active":false}"#;
+    upstream.publish_event(Api::Chat, data);
+
+    eventually("a dead letter", DEADLINE, || async {
+        relay.dlq(&["list"]).await.trim_end().ends_with("1 dead letter(s)")
+    })
+    .await;
+    let listed = relay.dlq(&["list"]).await;
+    assert!(
+        listed.contains("hook") && listed.contains("workflow_status") && listed.contains(" 422 "),
+        "{listed}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&relay.dlq(&["list", "--json", "--target", "hook"]).await).unwrap();
+    assert_eq!(rows[0]["last_status"], 422);
+    assert_eq!(rows[0]["n_attempts"], 1);
+    assert_eq!(sink.requests("/hook").len(), 1, "a 422 is not retried");
+
+    assert_eq!(
+        relay.dlq(&["replay", "--all"]).await.trim(),
+        "replayed 1 dead letter(s)"
+    );
+    let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    assert_eq!(&delivered[0].body[..], data.as_bytes());
+    assert_one_identity_per_event(&sink.requests("/hook"));
+    assert!(relay.dlq(&["list"]).await.trim_end().ends_with("0 dead letter(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_pauses_the_streams_until_there_is_room() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let hold = format!(
+        "{}\nstorage: {{ max_bytes: 64KiB }}",
+        crate::support::everything_to(&sink, "circuit_breaker: { open_delay: 100ms, max_open_delay: 100ms }")
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &hold)).await;
+    both_connected(&upstream).await;
+
+    let padding = "x".repeat(2000);
+    let expected: Vec<String> = (0..100)
+        .map(|index| format!(r#"{{"type":"big","n":{index},"padding":"{padding}"}}"#))
+        .collect();
+    for data in &expected {
+        upstream.publish_event(Api::Chat, data);
+    }
+    relay.wait_metric("sse_relay_storage_errors_total", &[], 1.0).await;
+    let (status, body) = relay.get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("storage is failing"), "{body}");
+    assert!(sink.delivered("/hook").is_empty());
+
+    sink.answer_by_default("/hook", 200);
+    let delivered = sink.wait_for_delivered("/hook", expected.len(), DEADLINE).await;
+    let delivered: BTreeSet<String> = bodies(&delivered).into_iter().collect();
+    assert_eq!(
+        delivered,
+        expected.iter().cloned().collect::<BTreeSet<_>>(),
+        "nothing was lost"
+    );
+    eventually("ready again", DEADLINE, || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+    relay.stop().await;
+}
