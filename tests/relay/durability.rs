@@ -123,7 +123,9 @@ fn stored_deliveries(database: &rusqlite::Connection) -> BTreeMap<String, u32> {
 
 /// Every attempt at the same body carries the same idempotency key and webhook id.
 fn assert_one_identity_per_event(requests: &[ReceivedRequest]) {
-    let mut identities: BTreeMap<&[u8], BTreeSet<(Option<&str>, Option<&str>)>> = BTreeMap::new();
+    /// The idempotency key and the webhook id of one attempt.
+    type Identity<'a> = (Option<&'a str>, Option<&'a str>);
+    let mut identities: BTreeMap<&[u8], BTreeSet<Identity<'_>>> = BTreeMap::new();
     for request in requests {
         identities
             .entry(&request.body[..])
