@@ -176,3 +176,161 @@ routes:
     assert_eq!(&payload[0].body[..], br#"{"text":"hi"}"#);
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_webhooks_follow_standard_webhooks() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(500)]);
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let relay = TestRelay::start_with_env(
+        &both_streams(&upstream, "", &everything_to(&sink, "signing_secret: ${HOOK_SECRET}")),
+        &[("HOOK_SECRET", secret)],
+    )
+    .await;
+    both_connected(&upstream).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"workflow_status","is_active":false}"#);
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+
+    let key = sse_relay::delivery::signing::SigningKey::parse(secret).unwrap();
+    let attempts = sink.requests("/hook");
+    assert_eq!(attempts.len(), 2);
+    for attempt in &attempts {
+        let id = attempt.header("webhook-id").expect("webhook-id");
+        let timestamp: u64 = attempt
+            .header("webhook-timestamp")
+            .expect("webhook-timestamp")
+            .parse()
+            .unwrap();
+        assert_eq!(Some(id), attempt.header("idempotency-key"));
+        assert_eq!(
+            attempt.header("webhook-signature"),
+            Some(key.sign(id, timestamp, &attempt.body).as_str())
+        );
+    }
+    assert_eq!(
+        attempts[0].header("webhook-id"),
+        attempts[1].header("webhook-id"),
+        "one id across retries"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_target_keeps_each_streams_order_through_retries() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    // The third request fails twice; without ordering, later events would overtake it.
+    sink.script(
+        "/hook",
+        vec![
+            SinkResponse::status(200),
+            SinkResponse::status(200),
+            SinkResponse::status(503),
+            SinkResponse::status(503),
+        ],
+    );
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "",
+        &everything_to(&sink, "ordered: true").replace("max_in_flight: 1", "max_in_flight: 8"),
+    ))
+    .await;
+    both_connected(&upstream).await;
+    let expected: Vec<String> = (0..30).map(|n| format!(r#"{{"eventType":"E","n":{n}}}"#)).collect();
+    for data in &expected {
+        upstream.publish_event(Api::Participant, data);
+    }
+    let delivered = sink.wait_for_delivered("/hook", expected.len(), DEADLINE).await;
+    assert_eq!(crate::support::bodies(&delivered), expected);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_smooths_a_burst() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "",
+        &everything_to(&sink, "rate_limit: 20/s").replace("max_in_flight: 1", "max_in_flight: 8"),
+    ))
+    .await;
+    both_connected(&upstream).await;
+    for n in 0..30 {
+        upstream.publish_event(Api::Participant, &format!(r#"{{"eventType":"E","n":{n}}}"#));
+    }
+    let delivered = sink.wait_for_delivered("/hook", 30, DEADLINE).await;
+    // A burst of 20 may pass at once; the other 10 come one per 50 ms.
+    let spread = delivered[29].received_at - delivered[0].received_at;
+    assert!(
+        spread >= Duration::from_millis(450),
+        "30 requests in {spread:?} at 20/s"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_target_is_paused_and_keeps_its_deliveries() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 410);
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    for n in 0..3 {
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"update","n":{n}}}"#));
+    }
+    relay
+        .wait_metric("sse_relay_target_state", &[("target", "hook")], 3.0)
+        .await;
+    relay
+        .wait_metric("sse_relay_queue_depth", &[("target", "hook")], 3.0)
+        .await;
+    assert_eq!(sink.requests("/hook").len(), 1, "nothing more is sent to a gone target");
+    assert_eq!(
+        relay
+            .metric("sse_relay_dead_letters_total", &[("target", "hook")])
+            .await,
+        0.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_is_paused_probed_and_resumed() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "",
+        &everything_to(
+            &sink,
+            "circuit_breaker: { failure_threshold: 3, open_delay: 300ms, max_open_delay: 300ms }",
+        )
+        .replace("initial_delay: 20ms", "initial_delay: 10ms, max_attempts: 1000"),
+    ))
+    .await;
+    both_connected(&upstream).await;
+    for n in 0..10 {
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"update","n":{n}}}"#));
+    }
+    relay
+        .wait_metric("sse_relay_target_state", &[("target", "hook")], 1.0)
+        .await;
+    let when_opened = sink.requests("/hook").len();
+    assert_eq!(when_opened, 3, "the breaker opens after 3 consecutive failures");
+    // While open, only one probe per open_delay reaches the target.
+    let probe = sink.wait_for_requests("/hook", when_opened + 1, DEADLINE).await;
+    assert_eq!(probe.len(), when_opened + 1);
+    assert!(probe[when_opened].received_at - probe[when_opened - 1].received_at >= Duration::from_millis(300));
+
+    sink.answer_by_default("/hook", 200);
+    let delivered = sink.wait_for_delivered("/hook", 10, DEADLINE).await;
+    assert_eq!(delivered.len(), 10);
+    relay
+        .wait_metric("sse_relay_target_state", &[("target", "hook")], 0.0)
+        .await;
+    assert_eq!(relay.metric("sse_relay_target_state", &[("target", "hook")]).await, 0.0);
+    relay.stop().await;
+}
