@@ -51,6 +51,9 @@ async fn main() {
     let options = options();
     let mut figures = Vec::new();
     figures.extend(reconnect_gap(&options).await);
+    for storage in ["memory", "sqlite"] {
+        figures.extend(throughput(&options, storage).await);
+    }
 
     println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
     for figure in &figures {
@@ -187,4 +190,45 @@ async fn reconnect_gap(options: &Options) -> Vec<Figure> {
         figure("p99", percentile(&gaps_ms, 0.99)),
         figure("max", gaps_ms.last().copied().unwrap_or(f64::NAN)),
     ]
+}
+
+/// Events per second through one stream to one target: the upstream emits as fast as it can,
+/// the clock runs from the first emit to the last receipt at the sink.
+async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
+    let n_events = if options.quick { 2_000 } else { 50_000 };
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage_directory = tempfile::tempdir().unwrap();
+    let _relay = RelayProcess::start(&format!(
+        "storage: {{ mode: {storage}, path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 32, queue_capacity: 100000 }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
+        path = storage_directory.path().display(),
+        url = upstream.chat_url("bench"),
+        hook = sink.url("/hook"),
+    ))
+    .await;
+    assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
+    let body = format!(
+        r#"{{"type":"workflow_update","node_execution":{{"status":"completed","output":"{}"}}}}"#,
+        "x".repeat(200)
+    );
+    let started = Instant::now();
+    for _ in 0..n_events {
+        upstream.publish_event(Api::Chat, &body);
+    }
+    let delivered = sink
+        .wait_for_delivered("/hook", n_events, Duration::from_secs(300))
+        .await;
+    assert_eq!(delivered.len(), n_events, "not every event arrived");
+    let last = delivered.iter().map(|request| request.received_at).max().unwrap();
+    let seconds = last.duration_since(started).as_secs_f64();
+    vec![Figure {
+        scenario: if storage == "memory" {
+            "throughput 1→1 memory"
+        } else {
+            "throughput 1→1 sqlite"
+        },
+        name: "events/s",
+        value: n_events as f64 / seconds,
+        unit: "events/s",
+    }]
 }

@@ -94,35 +94,37 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         .build()
         .context("cannot build the HTTP client")?;
 
-    let store = Store::open(&config.storage, metrics.storage.errors.clone())?;
+    // The dispatchers' inputs come first: the store hands them what it has stored.
+    let (dispatcher_inputs, dispatcher_receivers): (Vec<_>, Vec<_>) =
+        config.targets.keys().map(|_| delivery::dispatcher_input()).unzip();
+    let store = Store::open(
+        &config.storage,
+        Arc::clone(&metrics.storage),
+        target_names.iter().cloned().zip(dispatcher_inputs).collect(),
+    )?;
     let stop_deliveries = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
-    let mut dispatcher_inputs = Vec::with_capacity(config.targets.len());
-    for (index, (name, target_config)) in config.targets.iter().enumerate() {
+    for ((index, (name, target_config)), input) in config.targets.iter().enumerate().zip(dispatcher_receivers) {
         let telemetry = metrics.target(name);
         telemetry.queue_depth.set(store.initial_pending(name) as i64);
         let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-        let (input, task) = delivery::spawn_dispatcher(&target, &store, &delivery_client, &stop_deliveries);
+        let task = delivery::spawn_dispatcher(&target, input, &store, &delivery_client, &stop_deliveries);
         dispatchers.spawn(async move {
             let _ = task.await;
         });
         info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
-        dispatcher_inputs.push(input);
     }
 
     let dispatch = Arc::new(Dispatch {
         table,
         store: store.clone(),
-        dispatchers: dispatcher_inputs,
-        target_names: target_names.clone(),
-        storage: Arc::clone(&metrics.storage),
     });
     let stop_streams = CancellationToken::new();
     let mut streams = JoinSet::new();
     let mut stream_telemetry = Vec::with_capacity(config.streams.len());
     for (index, (name, stream_config)) in config.streams.iter().enumerate() {
         let id = StreamId(index);
-        let telemetry = Arc::new(metrics.stream(name, dispatch.table.event_type_labels(id), &target_names));
+        let telemetry = Arc::new(metrics.stream(name, dispatch.table.event_type_labels(id)));
         let stream = StreamRuntime::new(
             id,
             stream_config,
@@ -137,7 +139,6 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
             stop_streams.clone(),
         ));
     }
-    // Only the stream tasks hold the dispatchers' inputs now: when they stop, the inputs close.
     drop(dispatch);
 
     let stop_admin = CancellationToken::new();
@@ -183,6 +184,7 @@ impl Relay {
         info!("shutting down: streams stop, deliveries in progress finish");
         self.stop_streams.cancel();
         while self.streams.join_next().await.is_some() {}
+        self.store.finish_submissions().await;
 
         let finished = tokio::time::timeout(self.grace_period, async {
             while self.dispatchers.join_next().await.is_some() {}

@@ -12,29 +12,24 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use eventsource_client::{self as es, Client as _};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
 use crate::event::{StreamId, TargetId};
-use crate::queue::{Pending, Store};
+use crate::queue::Store;
 use crate::routing::RoutingTable;
-use crate::telemetry::{DisconnectReason, DropReason, StorageTelemetry, StreamTelemetry};
+use crate::telemetry::{DisconnectReason, DropReason, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// What streams hand events to: the routing table, the store, and every target's dispatcher.
+/// What streams hand events to: the routing table and the store.
 pub struct Dispatch {
     pub table: RoutingTable,
     pub store: Store,
-    /// Indexed by `TargetId`.
-    pub dispatchers: Vec<mpsc::Sender<Pending>>,
-    pub target_names: Vec<Arc<str>>,
-    pub storage: Arc<StorageTelemetry>,
 }
 
 /// A stream as its task uses it, built from its config.
@@ -281,9 +276,9 @@ enum Accepted {
     Stopped,
 }
 
-/// Classifies one message, routes it, stores a delivery per target, and hands each to its
-/// target's dispatcher. When the store fails or is full, or a dispatcher cannot take more, this
-/// waits (which pauses the stream, on purpose) rather than drop anything.
+/// Classifies one message, routes it, and submits a delivery per target to the store. When the
+/// store cannot take more (full, failing, or a dispatcher with no room), this waits, which
+/// pauses the stream on purpose, rather than drop anything.
 async fn accept(
     stream: &StreamRuntime,
     dispatch: &Dispatch,
@@ -318,62 +313,21 @@ async fn accept(
     }
 
     let event = Arc::new(event);
-    let target_names: Vec<Arc<str>> = targets
-        .iter()
-        .map(|target| Arc::clone(&dispatch.target_names[target.0]))
-        .collect();
-    let position = event.sse_id.as_deref().map(|id| (&*telemetry.name, id));
-    let mut retry_in = Duration::from_millis(100);
-    let ids = loop {
-        let appended = tokio::select! {
-            () = stop.cancelled() => {
-                telemetry.dropped(DropReason::Shutdown, &"the relay stopped before the event could be stored");
-                return Accepted::Stopped;
-            }
-            appended = dispatch.store.append(&event, &target_names, position) => appended,
-        };
-        match appended {
-            Ok(ids) => {
-                dispatch.storage.append_succeeded();
-                break ids;
-            }
-            Err(err) => {
-                dispatch.storage.append_failed(&telemetry.name, &err);
-                tokio::select! {
-                    () = stop.cancelled() => {
-                        telemetry.dropped(DropReason::Shutdown, &"the relay stopped while storage was failing");
-                        return Accepted::Stopped;
-                    }
-                    () = tokio::time::sleep(retry_in) => {}
-                }
-                retry_in = (retry_in * 2).min(Duration::from_secs(5));
-            }
+    let position = event.sse_id.as_deref();
+    tokio::select! {
+        () = stop.cancelled() => {
+            telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
+            Accepted::Stopped
         }
-    };
-
-    for (target, id) in targets.iter().zip(ids) {
-        let dispatcher = &dispatch.dispatchers[target.0];
-        let pending = Pending::new(id, Arc::clone(&event));
-        let full = match dispatcher.try_send(pending) {
-            Ok(()) => continue,
-            Err(mpsc::error::TrySendError::Full(pending)) => pending,
-            Err(mpsc::error::TrySendError::Closed(_)) => return Accepted::Stopped,
-        };
-        telemetry.backpressure(target.0, &dispatch.target_names[target.0]);
-        tokio::select! {
-            () = stop.cancelled() => {
-                // With SQLite it is stored already and is delivered after a restart.
-                if !dispatch.store.is_durable() {
-                    telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for a full queue");
-                }
-                return Accepted::Stopped;
+        submitted = dispatch.store.submit(Arc::clone(&event), targets, position) => match submitted {
+            Ok(false) => Accepted::Event,
+            Ok(true) => {
+                telemetry.backpressure();
+                Accepted::Event
             }
-            sent = dispatcher.send(full) => if sent.is_err() {
-                return Accepted::Stopped;
-            },
-        }
+            Err(_) => Accepted::Stopped,
+        },
     }
-    Accepted::Event
 }
 
 #[cfg(test)]

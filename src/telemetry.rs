@@ -74,11 +74,11 @@ impl StorageTelemetry {
         self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// An append failed; the stream holds its event and retries, so nothing is lost. Logged
-    /// once per outage, not once per retry.
-    pub fn append_failed(&self, stream: &str, problem: &dyn Display) {
+    /// Writing appends failed; the writer keeps them and tries again, so nothing is lost, and
+    /// the streams pause once its queue is full. Logged once per outage, not once per retry.
+    pub fn append_failed(&self, problem: &dyn Display) {
         if !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            error!(%stream, error = %problem, "cannot store events; streams pause until storage recovers");
+            error!(error = %problem, "cannot store events; streams pause until storage recovers");
         }
     }
 
@@ -151,8 +151,8 @@ impl Metrics {
             ),
             backpressure: counter(
                 "sse_relay_backpressure_total",
-                "Times a stream paused because a target's queue was full.",
-                &["stream", "target"],
+                "Events a stream had to wait to queue (the store or a target's queue was full).",
+                &["stream"],
             ),
             deliveries: counter(
                 "sse_relay_deliveries_total",
@@ -216,7 +216,7 @@ impl Metrics {
         })
     }
 
-    pub fn stream(&self, name: &str, event_type_labels: &[Arc<str>], target_names: &[Arc<str>]) -> StreamTelemetry {
+    pub fn stream(&self, name: &str, event_type_labels: &[Arc<str>]) -> StreamTelemetry {
         StreamTelemetry {
             name: Arc::from(name),
             connected: self.stream_connected.with_label_values(&[name]),
@@ -232,10 +232,7 @@ impl Metrics {
             unrouted: self.events_unrouted.with_label_values(&[name]),
             dropped: self.events_dropped.clone(),
             upstream_errors: self.upstream_errors.clone(),
-            backpressure: target_names
-                .iter()
-                .map(|target| self.backpressure.with_label_values(&[name, target]))
-                .collect(),
+            backpressure: self.backpressure.with_label_values(&[name]),
         }
     }
 
@@ -324,7 +321,7 @@ pub struct StreamTelemetry {
     unrouted: IntCounter,
     dropped: IntCounterVec,
     upstream_errors: IntCounterVec,
-    backpressure: Vec<IntCounter>,
+    backpressure: IntCounter,
 }
 
 impl StreamTelemetry {
@@ -389,12 +386,9 @@ impl StreamTelemetry {
         warn!(stream = %self.name, kind, error = %detail, "malformed input from upstream");
     }
 
-    pub fn backpressure(&self, target_index: usize, target_name: &str) {
-        self.backpressure[target_index].inc();
-        warn!(
-            stream = %self.name, target = %target_name,
-            "target queue is full; pausing the stream until it drains"
-        );
+    pub fn backpressure(&self) {
+        self.backpressure.inc();
+        debug!(stream = %self.name, "the queue was full; the stream paused until it had room");
     }
 }
 

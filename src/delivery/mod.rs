@@ -98,15 +98,19 @@ pub fn display_url(url: &reqwest::Url, safe: bool) -> String {
     }
 }
 
-/// Starts the target's dispatcher; deliveries appended to the store are sent to it.
+/// The channel on which the store hands a target's dispatcher its deliveries.
+pub fn dispatcher_input() -> (mpsc::Sender<Pending>, mpsc::Receiver<Pending>) {
+    mpsc::channel(INPUT_CAPACITY)
+}
+
+/// Starts the target's dispatcher on the receiving end of its input.
 pub fn spawn_dispatcher(
     target: &Arc<TargetRuntime>,
+    input: mpsc::Receiver<Pending>,
     store: &Store,
     client: &reqwest::Client,
     stop: &CancellationToken,
-) -> (mpsc::Sender<Pending>, tokio::task::JoinHandle<()>) {
-    let (sender, receiver) = mpsc::channel(INPUT_CAPACITY);
+) -> tokio::task::JoinHandle<()> {
     let dispatcher = Dispatcher::new(Arc::clone(target), store.clone(), client.clone());
-    let task = tokio::spawn(dispatcher.run(receiver, stop.clone()));
-    (sender, task)
+    tokio::spawn(dispatcher.run(input, stop.clone()))
 }

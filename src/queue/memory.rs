@@ -1,28 +1,58 @@
-//! The in-memory store: deliveries live only in the dispatchers' memory, so this store just
-//! hands out ids and counts them against `max_pending`. What it holds is lost if the process
-//! dies, and dead letters are logged and counted but not kept.
+//! The in-memory store: deliveries live only in the dispatchers' memory, so this store hands
+//! out ids, counts them against `max_pending`, and passes deliveries straight on. What it holds
+//! is lost if the process dies, and dead letters are logged and counted but not kept.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::queue::{DeliveryId, PendingLimit};
+use tokio::sync::mpsc;
+
+use crate::event::{Event, TargetId};
+use crate::queue::{Pending, PendingLimit, StoreError};
 
 #[derive(Clone)]
 pub struct MemoryStore {
     next_id: Arc<AtomicI64>,
     pub(super) limit: Arc<PendingLimit>,
+    /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
+    dispatchers: Arc<Mutex<Vec<mpsc::Sender<Pending>>>>,
 }
 
 impl MemoryStore {
-    pub fn new(max_pending: u64) -> MemoryStore {
+    pub fn new(max_pending: u64, dispatchers: Vec<mpsc::Sender<Pending>>) -> MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
+            dispatchers: Arc::new(Mutex::new(dispatchers)),
         }
     }
 
-    pub fn append(&self, n: usize) -> Vec<DeliveryId> {
-        let first = self.next_id.fetch_add(n as i64, Ordering::Relaxed);
-        (first..first + n as i64).collect()
+    /// Hands one delivery per target to its dispatcher, waiting while one is full (which
+    /// pauses the stream); returns whether it waited.
+    pub async fn submit(&self, event: &Arc<Event>, targets: &[TargetId]) -> Result<bool, StoreError> {
+        let mut waited = false;
+        for target in targets {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let dispatcher = self
+                .dispatchers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(target.0)
+                .cloned()
+                .ok_or(StoreError::Stopped)?;
+            match dispatcher.try_send(Pending::new(id, Arc::clone(event))) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(pending)) => {
+                    waited = true;
+                    dispatcher.send(pending).await.map_err(|_| StoreError::Stopped)?;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Stopped),
+            }
+        }
+        Ok(waited)
+    }
+
+    pub fn finish_submissions(&self) {
+        self.dispatchers.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }

@@ -1,5 +1,6 @@
 //! The delivery queue between routing and delivery: every routed (event, target) pair is
-//! appended to a [`Store`] before it is attempted, and leaves it only by success or dead letter.
+//! submitted to a [`Store`], which hands it to the target's dispatcher once stored; it leaves
+//! the store only by success or dead letter.
 //!
 //! Two stores: SQLite (the default), where an append returns once its transaction is fsync'd,
 //! and memory, which is faster and loses what it holds when the process dies. Both bound the
@@ -14,7 +15,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, StorageMode};
-use crate::event::Event;
+use crate::event::{Event, TargetId};
+use crate::telemetry::StorageTelemetry;
 
 /// Identifies a delivery in its store; increases in the order deliveries were appended.
 pub type DeliveryId = i64;
@@ -63,10 +65,19 @@ pub enum Store {
 }
 
 impl Store {
-    pub fn open(config: &StorageConfig, storage_errors: prometheus::IntCounter) -> anyhow::Result<Store> {
+    /// Opens the store; it hands every delivery it takes to its target's dispatcher in
+    /// `dispatchers` (indexed by `TargetId`), once the delivery is stored.
+    pub fn open(
+        config: &StorageConfig,
+        storage: Arc<StorageTelemetry>,
+        dispatchers: sqlite::Dispatchers,
+    ) -> anyhow::Result<Store> {
         Ok(match config.mode {
-            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64)),
-            StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage_errors)?),
+            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(
+                config.max_pending.0 as u64,
+                dispatchers.into_iter().map(|(_, dispatcher)| dispatcher).collect(),
+            )),
+            StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage, dispatchers)?),
         })
     }
 
@@ -74,23 +85,34 @@ impl Store {
         matches!(self, Store::Sqlite(_))
     }
 
-    /// Appends one delivery per target, waiting while the store is at `max_pending`. Returns
-    /// once the deliveries are durable (SQLite) or counted (memory); the ids follow `targets`.
-    pub async fn append(
+    /// Takes one delivery per target, waiting while the store is at `max_pending` or its
+    /// intake is full. With SQLite the deliveries reach the dispatchers once committed; the
+    /// caller goes on meanwhile. Returns whether it had to wait (backpressure).
+    pub async fn submit(
         &self,
-        event: &Arc<Event>,
-        targets: &[Arc<str>],
-        position: Option<(&str, &str)>,
-    ) -> Result<Vec<DeliveryId>, StoreError> {
-        self.limit().reserve(targets.len() as u64).await;
-        let appended = match self {
-            Store::Memory(store) => Ok(store.append(targets.len())),
-            Store::Sqlite(store) => store.append(event, targets, position).await,
+        event: Arc<Event>,
+        targets: &[TargetId],
+        position: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let waited_for_room = self.limit().reserve(targets.len() as u64).await;
+        let submitted = match self {
+            Store::Memory(store) => store.submit(&event, targets).await,
+            Store::Sqlite(store) => {
+                let append = sqlite::Append {
+                    event,
+                    targets: targets.to_vec(),
+                    position: position.map(Box::from),
+                };
+                store.submit(append).await
+            }
         };
-        if appended.is_err() {
-            self.limit().release(targets.len() as u64);
+        match submitted {
+            Ok(waited) => Ok(waited || waited_for_room),
+            Err(err) => {
+                self.limit().release(targets.len() as u64);
+                Err(err)
+            }
         }
-        appended
     }
 
     /// The target accepted the delivery.
@@ -140,9 +162,18 @@ impl Store {
         }
     }
 
-    /// True while appends wait for room (`max_pending` reached).
+    /// True while submits wait for room (`max_pending` reached).
     pub fn is_full(&self) -> bool {
         self.limit().is_full()
+    }
+
+    /// After the streams stopped: stores what was submitted, hands it on, and then lets the
+    /// dispatchers' inputs close.
+    pub async fn finish_submissions(&self) {
+        match self {
+            Store::Memory(store) => store.finish_submissions(),
+            Store::Sqlite(store) => store.finish_appends().await,
+        }
     }
 
     /// Stops the SQLite writer after it has written everything sent to it.
@@ -178,7 +209,9 @@ impl PendingLimit {
         }
     }
 
-    async fn reserve(&self, n: u64) {
+    /// Returns whether it had to wait.
+    async fn reserve(&self, n: u64) -> bool {
+        let mut waited = false;
         loop {
             let notified = self.room.notified();
             {
@@ -187,10 +220,11 @@ impl PendingLimit {
                 if *n_pending == 0 || *n_pending + n <= self.max_pending {
                     *n_pending += n;
                     *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = false;
-                    return;
+                    return waited;
                 }
                 *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = true;
             }
+            waited = true;
             // Rechecks now and then even without a wake-up, in case a release raced the wait.
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }

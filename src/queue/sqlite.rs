@@ -1,6 +1,12 @@
-//! The SQLite store: one writer thread owns the database and applies commands in groups, one
-//! transaction (and one fsync) per group, so that durability costs one disk flush for many
+//! The SQLite store: one writer task owns the database and applies what it is sent in groups,
+//! one transaction (and one fsync) per group, so that durability costs one disk flush for many
 //! deliveries rather than one each.
+//!
+//! Streams submit appends and go on reading; the writer hands each delivery to its target's
+//! dispatcher only after the transaction holding it has committed, so nothing is attempted
+//! before it is on disk. Appends and the dispatchers' updates (complete, reschedule, dead
+//! letter) travel on separate channels: when appends cannot be written (a full disk), updates
+//! still can, and they are what frees the space.
 //!
 //! Only this module touches the database file while the relay runs; `dlq.rs` opens it from the
 //! command line, which SQLite's WAL mode and busy timeout allow alongside the running relay.
@@ -14,17 +20,22 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tokio::time::sleep_until as tokio_sleep_until;
+use tracing::{error, warn};
 
 use crate::config::StorageConfig;
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, TargetId};
 use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError};
+use crate::telemetry::StorageTelemetry;
 
 /// The database file inside `storage.path`.
 pub const DATABASE_FILE: &str = "relay.db";
 
-/// Commands taken into one transaction at most.
+/// Appends (or updates) taken into one transaction at most.
 const MAX_GROUP: usize = 4096;
+
+/// Longest wait between two tries to write appends that failed.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// How often dead letters past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
@@ -74,13 +85,15 @@ pub const DELIVERY_COLUMNS: &str = "id, event_id, stream, sse_id, event_type, da
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-enum Command {
-    Append {
-        event: Arc<Event>,
-        targets: Vec<Arc<str>>,
-        position: Option<(Box<str>, Box<str>)>,
-        reply: Reply<Vec<DeliveryId>>,
-    },
+/// One event's deliveries, one per target, and the stream position it brings.
+pub struct Append {
+    pub event: Arc<Event>,
+    pub targets: Vec<TargetId>,
+    pub position: Option<Box<str>>,
+}
+
+/// What dispatchers (and shutdown) send the writer.
+enum Update {
     Complete {
         id: DeliveryId,
     },
@@ -102,14 +115,22 @@ enum Command {
         limit: usize,
         reply: Reply<Vec<Pending>>,
     },
+    /// Write what was submitted, hand it on, then let go of the dispatchers.
+    FinishAppends {
+        reply: oneshot::Sender<()>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
 }
 
+/// A target's name and its dispatcher, indexed by `TargetId`.
+pub type Dispatchers = Vec<(Arc<str>, mpsc::Sender<Pending>)>;
+
 #[derive(Clone)]
 pub struct SqliteStore {
-    commands: mpsc::Sender<Command>,
+    appends: mpsc::Sender<Append>,
+    updates: mpsc::Sender<Update>,
     pub(super) limit: Arc<PendingLimit>,
     positions: Arc<HashMap<String, String>>,
     initial_pending: Arc<HashMap<String, u64>>,
@@ -130,7 +151,13 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 impl SqliteStore {
-    pub fn open(config: &StorageConfig, storage_errors: prometheus::IntCounter) -> anyhow::Result<SqliteStore> {
+    /// Opens (or creates) the database and starts the writer, which hands committed deliveries
+    /// to `dispatchers`.
+    pub fn open(
+        config: &StorageConfig,
+        storage: Arc<StorageTelemetry>,
+        dispatchers: Dispatchers,
+    ) -> anyhow::Result<SqliteStore> {
         let directory = Path::new(&config.path.0);
         std::fs::create_dir_all(directory)
             .with_context(|| format!("cannot create the storage directory {}", directory.display()))?;
@@ -155,70 +182,71 @@ impl SqliteStore {
             .collect::<rusqlite::Result<HashMap<String, u64>>>()?;
         let n_pending = initial_pending.values().sum();
 
-        let (commands, receiver) = mpsc::channel(MAX_GROUP);
-        let retention = config.dead_letter_retention;
-        std::thread::Builder::new()
-            .name("sse-relay-store".to_owned())
-            .spawn(move || Writer::new(connection, storage_errors, retention).run(receiver))
-            .context("cannot start the storage thread")?;
+        let (appends, append_receiver) = mpsc::channel(MAX_GROUP);
+        let (updates, update_receiver) = mpsc::channel(MAX_GROUP);
+        let writer = Writer {
+            connection: Some(connection),
+            target_names: dispatchers.iter().map(|(name, _)| Arc::clone(name)).collect(),
+            dispatchers: dispatchers.into_iter().map(|(_, dispatcher)| dispatcher).collect(),
+            storage,
+            retention: config.dead_letter_retention,
+            last_purge: Instant::now() - PURGE_INTERVAL,
+        };
+        tokio::spawn(writer.run(append_receiver, update_receiver));
         Ok(SqliteStore {
-            commands,
+            appends,
+            updates,
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
             positions: Arc::new(positions),
             initial_pending: Arc::new(initial_pending),
         })
     }
 
-    pub async fn append(
-        &self,
-        event: &Arc<Event>,
-        targets: &[Arc<str>],
-        position: Option<(&str, &str)>,
-    ) -> Result<Vec<DeliveryId>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Append {
-            event: Arc::clone(event),
-            targets: targets.to_vec(),
-            position: position.map(|(stream, id)| (Box::from(stream), Box::from(id))),
-            reply,
-        };
-        self.commands.send(command).await.map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+    /// Queues the append for the writer; returns whether it had to wait for room.
+    pub async fn submit(&self, append: Append) -> Result<bool, StoreError> {
+        match self.appends.try_send(append) {
+            Ok(()) => Ok(false),
+            Err(mpsc::error::TrySendError::Full(append)) => {
+                self.appends.send(append).await.map_err(|_| StoreError::Stopped)?;
+                Ok(true)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Stopped),
+        }
     }
 
     pub async fn complete(&self, id: DeliveryId) {
-        let _ = self.commands.send(Command::Complete { id }).await;
+        let _ = self.updates.send(Update::Complete { id }).await;
     }
 
     pub async fn reschedule(&self, pending: &Pending, last_error: &str) {
-        let command = Command::Reschedule {
+        let update = Update::Reschedule {
             id: pending.id,
             n_attempts: pending.n_attempts,
             first_attempt_at: pending.first_attempt_at,
             next_attempt_at: pending.next_attempt_at,
             last_error: last_error.to_owned(),
         };
-        let _ = self.commands.send(command).await;
+        let _ = self.updates.send(update).await;
     }
 
     pub async fn dead_letter(&self, pending: &Pending, dead_letter: DeadLetter) {
-        let command = Command::DeadLetter {
+        let update = Update::DeadLetter {
             id: pending.id,
             n_attempts: pending.n_attempts,
             dead_letter,
         };
-        let _ = self.commands.send(command).await;
+        let _ = self.updates.send(update).await;
     }
 
     pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let command = Command::Load {
+        let update = Update::Load {
             target: target.to_owned(),
             after,
             limit,
             reply,
         };
-        self.commands.send(command).await.map_err(|_| StoreError::Stopped)?;
+        self.updates.send(update).await.map_err(|_| StoreError::Stopped)?;
         answer.await.map_err(|_| StoreError::Stopped)?
     }
 
@@ -230,163 +258,334 @@ impl SqliteStore {
         self.initial_pending.get(target).copied().unwrap_or(0)
     }
 
+    pub async fn finish_appends(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.updates.send(Update::FinishAppends { reply }).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
-        if self.commands.send(Command::Close { reply }).await.is_ok() {
+        if self.updates.send(Update::Close { reply }).await.is_ok() {
             let _ = answer.await;
         }
     }
 }
 
 struct Writer {
-    connection: Connection,
-    storage_errors: prometheus::IntCounter,
+    /// Lent to a blocking thread for each transaction.
+    connection: Option<Connection>,
+    /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
+    dispatchers: Vec<mpsc::Sender<Pending>>,
+    target_names: Arc<[Arc<str>]>,
+    storage: Arc<StorageTelemetry>,
     retention: Duration,
     last_purge: Instant,
 }
 
-/// Answers owed for one group, sent once its transaction has committed or failed.
-#[derive(Default)]
-struct Replies {
-    appends: Vec<(Reply<Vec<DeliveryId>>, Vec<DeliveryId>)>,
-    loads: Vec<(Reply<Vec<Pending>>, Vec<Pending>)>,
-    close: Option<oneshot::Sender<()>>,
-}
-
 impl Writer {
-    fn new(connection: Connection, storage_errors: prometheus::IntCounter, retention: Duration) -> Writer {
-        Writer {
-            connection,
-            storage_errors,
-            retention,
-            last_purge: Instant::now() - PURGE_INTERVAL,
-        }
-    }
+    async fn run(mut self, mut appends: mpsc::Receiver<Append>, mut updates: mpsc::Receiver<Update>) {
+        // Appends received but not yet committed, in order; after a failure, when to try them
+        // again.
+        let mut unwritten: Vec<Append> = Vec::new();
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut retry_delay = Duration::from_millis(100);
+        let mut finished_appends: Option<oneshot::Sender<()>> = None;
+        loop {
+            let mut batch = Vec::new();
+            let take_appends = retry_at.is_none() && unwritten.len() < MAX_GROUP && finished_appends.is_none();
+            tokio::select! {
+                biased;
+                update = updates.recv() => match update {
+                    Some(update) => batch.push(update),
+                    None => return,
+                },
+                Some(append) = appends.recv(), if take_appends => unwritten.push(append),
+                () = sleep_until(retry_at) => retry_at = None,
+            }
+            while batch.len() < MAX_GROUP
+                && let Ok(update) = updates.try_recv()
+            {
+                batch.push(update);
+            }
+            while retry_at.is_none()
+                && finished_appends.is_none()
+                && unwritten.len() < MAX_GROUP
+                && let Ok(append) = appends.try_recv()
+            {
+                unwritten.push(append);
+            }
 
-    fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
-        let mut group = Vec::with_capacity(MAX_GROUP);
-        while let Some(first) = receiver.blocking_recv() {
-            group.push(first);
-            while group.len() < MAX_GROUP {
-                match receiver.try_recv() {
-                    Ok(command) => group.push(command),
-                    Err(_) => break,
+            let mut close = None;
+            let mut writes = Vec::with_capacity(batch.len());
+            for update in batch {
+                match update {
+                    Update::FinishAppends { reply } => {
+                        // Take what was submitted before this, then no more.
+                        while let Ok(append) = appends.try_recv() {
+                            unwritten.push(append);
+                        }
+                        finished_appends = Some(reply);
+                    }
+                    Update::Close { reply } => close = Some(reply),
+                    update => writes.push(update),
                 }
             }
-            let mut replies = Replies::default();
-            let applied = self.apply_group(&mut group, &mut replies);
-            match applied {
-                Ok(()) => {
-                    for (reply, ids) in replies.appends {
-                        let _ = reply.send(Ok(ids));
-                    }
-                    for (reply, loaded) in replies.loads {
-                        let _ = reply.send(Ok(loaded));
-                    }
+            if !writes.is_empty() {
+                // A completion or dead letter frees space: appends waiting on a full store are
+                // worth another try at once.
+                let frees_space = writes
+                    .iter()
+                    .any(|update| matches!(update, Update::Complete { .. } | Update::DeadLetter { .. }));
+                if self.write_updates(writes).await && frees_space {
+                    retry_at = None;
                 }
-                Err(err) => {
-                    self.storage_errors.inc();
-                    error!(error = %err, "the queue database failed to write; streams pause until it recovers");
-                    let failure = StoreError::Failed(err.to_string());
-                    for (reply, _) in replies.appends {
-                        let _ = reply.send(Err(failure.clone()));
-                    }
-                    for (reply, _) in replies.loads {
-                        let _ = reply.send(Err(failure.clone()));
+            }
+            if retry_at.is_none() && !unwritten.is_empty() {
+                match self.write_appends(std::mem::take(&mut unwritten)).await {
+                    Ok(()) => retry_delay = Duration::from_millis(100),
+                    Err(failed) => {
+                        unwritten = failed;
+                        retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                        retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
                     }
                 }
             }
-            if let Some(reply) = replies.close {
+            if let Some(reply) = finished_appends.take_if(|_| unwritten.is_empty() || close.is_some()) {
+                if !unwritten.is_empty() {
+                    warn!(
+                        n_events = unwritten.len(),
+                        "events that storage could not take at shutdown were not stored"
+                    );
+                }
+                // The dispatchers see their input close once nothing more can come.
+                self.dispatchers.clear();
+                let _ = reply.send(());
+            }
+            if let Some(reply) = close {
                 let _ = reply.send(());
                 return;
             }
             if self.last_purge.elapsed() >= PURGE_INTERVAL {
-                self.purge_dead_letters();
+                self.purge_dead_letters().await;
             }
         }
     }
 
-    fn apply_group(&mut self, group: &mut Vec<Command>, replies: &mut Replies) -> rusqlite::Result<()> {
-        let transaction = self.connection.transaction()?;
-        let mut outcome = Ok(());
-        for command in group.drain(..) {
-            // After a failure the rest of the group is only answered, not applied: the
-            // transaction rolls back as a whole.
-            if outcome.is_err() {
-                Self::answer_unapplied(command, replies);
-                continue;
+    /// Runs `work` on a blocking thread with the connection.
+    async fn with_connection<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> T {
+        let mut connection = self
+            .connection
+            .take()
+            .expect("the writer owns the connection between transactions");
+        let (connection, result) = tokio::task::spawn_blocking(move || {
+            let result = work(&mut connection);
+            (connection, result)
+        })
+        .await
+        .expect("a storage transaction does not panic");
+        self.connection = Some(connection);
+        result
+    }
+
+    /// Commits the appends in one transaction and hands each delivery to its dispatcher. If the
+    /// group fails, the appends are tried one at a time, so that a store with room for some but
+    /// not all of them (a nearly full disk) still makes progress; those that fail are returned,
+    /// in order, to be tried again.
+    async fn write_appends(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
+        let target_names = Arc::clone(&self.target_names);
+        let (batch, written) = self
+            .with_connection(move |connection| {
+                let written = insert_appends(connection, &batch, &target_names);
+                (batch, written)
+            })
+            .await;
+        let failure = match written {
+            Ok(ids) => {
+                self.storage.append_succeeded();
+                self.hand_on(&batch, ids).await;
+                return Ok(());
             }
-            outcome = Self::apply(&transaction, command, replies);
+            // As text: the error is not Send, and this function waits after it.
+            Err(err) => err.to_string(),
+        };
+        self.storage.errors.inc();
+        self.storage.append_failed(&failure);
+        let mut remaining = batch.into_iter();
+        while let Some(append) = remaining.next() {
+            let target_names = Arc::clone(&self.target_names);
+            let (append, written) = self
+                .with_connection(move |connection| {
+                    let written = insert_appends(connection, std::slice::from_ref(&append), &target_names);
+                    (append, written)
+                })
+                .await;
+            match written {
+                Ok(ids) => self.hand_on(std::slice::from_ref(&append), ids).await,
+                Err(_) => {
+                    let mut unwritten = vec![append];
+                    unwritten.extend(remaining);
+                    return Err(unwritten);
+                }
+            }
         }
-        outcome?;
-        transaction.commit()
+        self.storage.append_succeeded();
+        Ok(())
     }
 
-    fn answer_unapplied(command: Command, replies: &mut Replies) {
-        match command {
-            Command::Append { reply, .. } => replies.appends.push((reply, Vec::new())),
-            Command::Load { reply, .. } => replies.loads.push((reply, Vec::new())),
-            Command::Close { reply } => replies.close = Some(reply),
-            Command::Complete { .. } | Command::Reschedule { .. } | Command::DeadLetter { .. } => {}
+    /// Gives each committed delivery to its target's dispatcher; `ids` follow the appends'
+    /// targets in order. (`&mut self` because the connection inside is not Sync.)
+    async fn hand_on(&mut self, appends: &[Append], ids: Vec<DeliveryId>) {
+        let mut ids = ids.into_iter();
+        for append in appends {
+            for target in &append.targets {
+                let Some(id) = ids.next() else { return };
+                if let Some(dispatcher) = self.dispatchers.get(target.0) {
+                    let _ = dispatcher.send(Pending::new(id, Arc::clone(&append.event))).await;
+                }
+            }
         }
     }
 
-    fn apply(transaction: &rusqlite::Transaction<'_>, command: Command, replies: &mut Replies) -> rusqlite::Result<()> {
-        match command {
-            Command::Append {
-                event,
-                targets,
-                position,
+    /// Applies the dispatchers' updates in one transaction; returns whether it committed.
+    /// Loads are answered either way;
+    /// other updates that fail are logged and counted: the delivery stays as it was on disk
+    /// (a completed one is sent again after a restart, with the same idempotency key).
+    async fn write_updates(&mut self, batch: Vec<Update>) -> bool {
+        let outcome = self
+            .with_connection(move |connection| {
+                let mut replies = Vec::new();
+                let applied = apply_updates(connection, batch, &mut replies);
+                (replies, applied)
+            })
+            .await;
+        let (replies, applied) = outcome;
+        if let Err(err) = &applied {
+            self.storage.errors.inc();
+            error!(error = %err, "cannot record delivery results in the queue database");
+        }
+        for (reply, loaded) in replies {
+            let _ = reply.send(match &applied {
+                Ok(()) => Ok(loaded),
+                Err(err) => Err(StoreError::Failed(err.to_string())),
+            });
+        }
+        applied.is_ok()
+    }
+
+    async fn purge_dead_letters(&mut self) {
+        self.last_purge = Instant::now();
+        let cutoff = millis(
+            SystemTime::now()
+                .checked_sub(self.retention)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        let purged = self
+            .with_connection(move |connection| {
+                connection.execute("DELETE FROM dead_letters WHERE dead_at_ms < ?1", [cutoff])
+            })
+            .await;
+        if let Err(err) = purged {
+            self.storage.errors.inc();
+            error!(error = %err, "cannot purge old dead letters");
+        }
+    }
+}
+
+fn insert_appends(
+    connection: &mut Connection,
+    batch: &[Append],
+    target_names: &[Arc<str>],
+) -> rusqlite::Result<Vec<DeliveryId>> {
+    let transaction = connection.transaction()?;
+    let mut ids = Vec::with_capacity(batch.len());
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT INTO deliveries (target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut save_position = transaction.prepare_cached(
+            "INSERT INTO stream_positions (stream, last_event_id) VALUES (?1, ?2)
+             ON CONFLICT (stream) DO UPDATE SET last_event_id = excluded.last_event_id",
+        )?;
+        for append in batch {
+            let event = &append.event;
+            for target in &append.targets {
+                insert.execute(params![
+                    &*target_names[target.0],
+                    event.id.0.as_bytes().as_slice(),
+                    &*event.stream_name,
+                    event.sse_id.as_deref(),
+                    &*event.event_type,
+                    &event.data[..],
+                    event.json.is_some(),
+                    millis(event.received_at),
+                ])?;
+                ids.push(transaction.last_insert_rowid());
+            }
+            if let Some(last_event_id) = &append.position {
+                save_position.execute(params![&*event.stream_name, &**last_event_id])?;
+            }
+        }
+    }
+    transaction.commit()?;
+    Ok(ids)
+}
+
+fn apply_updates(
+    connection: &mut Connection,
+    batch: Vec<Update>,
+    replies: &mut Vec<(Reply<Vec<Pending>>, Vec<Pending>)>,
+) -> rusqlite::Result<()> {
+    let transaction = connection.transaction()?;
+    let mut outcome = Ok(());
+    for update in batch {
+        match update {
+            Update::Load {
+                target,
+                after,
+                limit,
                 reply,
             } => {
-                let mut insert = transaction.prepare_cached(
-                    "INSERT INTO deliveries (target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                let mut ids = Vec::with_capacity(targets.len());
-                let mut appended = Ok(());
-                for target in &targets {
-                    let inserted = insert.execute(params![
-                        &**target,
-                        event.id.0.as_bytes().as_slice(),
-                        &*event.stream_name,
-                        event.sse_id.as_deref(),
-                        &*event.event_type,
-                        &event.data[..],
-                        event.json.is_some(),
-                        millis(event.received_at),
-                    ]);
-                    if let Err(err) = inserted {
-                        appended = Err(err);
-                        break;
+                let loaded = match &outcome {
+                    Ok(()) => load(&transaction, &target, after, limit),
+                    Err(_) => Ok(Vec::new()),
+                };
+                match loaded {
+                    Ok(loaded) => replies.push((reply, loaded)),
+                    Err(err) => {
+                        replies.push((reply, Vec::new()));
+                        outcome = Err(err);
                     }
-                    ids.push(transaction.last_insert_rowid());
                 }
-                if appended.is_ok()
-                    && let Some((stream, last_event_id)) = position
-                {
-                    appended = transaction
-                        .prepare_cached(
-                            "INSERT INTO stream_positions (stream, last_event_id) VALUES (?1, ?2)
-                             ON CONFLICT (stream) DO UPDATE SET last_event_id = excluded.last_event_id",
-                        )?
-                        .execute(params![&*stream, &*last_event_id])
-                        .map(drop);
-                }
-                replies.appends.push((reply, ids));
-                appended
             }
-            Command::Complete { id } => transaction
+            update if outcome.is_ok() => outcome = apply_update(&transaction, update),
+            _ => {}
+        }
+    }
+    outcome?;
+    transaction.commit()
+}
+
+fn apply_update(transaction: &rusqlite::Transaction<'_>, update: Update) -> rusqlite::Result<()> {
+    match update {
+        Update::Complete { id } => {
+            transaction
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
-                .execute([id])
-                .map(drop),
-            Command::Reschedule {
-                id,
-                n_attempts,
-                first_attempt_at,
-                next_attempt_at,
-                last_error,
-            } => transaction
+                .execute([id])?;
+        }
+        Update::Reschedule {
+            id,
+            n_attempts,
+            first_attempt_at,
+            next_attempt_at,
+            last_error,
+        } => {
+            transaction
                 .prepare_cached(
                     "UPDATE deliveries SET n_attempts = ?2, first_attempt_at_ms = ?3, next_attempt_at_ms = ?4,
                      last_error = ?5 WHERE id = ?1",
@@ -397,77 +596,48 @@ impl Writer {
                     first_attempt_at.map(millis),
                     millis(next_attempt_at),
                     last_error
-                ])
-                .map(drop),
-            Command::DeadLetter {
-                id,
-                n_attempts,
-                dead_letter,
-            } => {
-                transaction
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO dead_letters (id, target, event_id, stream, sse_id, event_type, data,
-                         is_json, received_at_ms, n_attempts, last_status, last_error, dead_at_ms)
-                         SELECT id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms,
-                         ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
-                    )?
-                    .execute(params![
-                        id,
-                        n_attempts,
-                        dead_letter.last_status,
-                        dead_letter.last_error,
-                        millis(SystemTime::now())
-                    ])?;
-                transaction
-                    .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
-                    .execute([id])
-                    .map(drop)
-            }
-            Command::Load {
-                target,
-                after,
-                limit,
-                reply,
-            } => {
-                let loaded = transaction
-                    .prepare_cached(&format!(
-                        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
-                    ))?
-                    .query_map(params![target, after, limit as i64], pending_from_row)?
-                    .collect::<rusqlite::Result<Vec<Pending>>>();
-                match loaded {
-                    Ok(loaded) => {
-                        replies.loads.push((reply, loaded));
-                        Ok(())
-                    }
-                    Err(err) => {
-                        replies.loads.push((reply, Vec::new()));
-                        Err(err)
-                    }
-                }
-            }
-            Command::Close { reply } => {
-                replies.close = Some(reply);
-                Ok(())
-            }
+                ])?;
         }
+        Update::DeadLetter {
+            id,
+            n_attempts,
+            dead_letter,
+        } => {
+            transaction
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO dead_letters (id, target, event_id, stream, sse_id, event_type, data,
+                     is_json, received_at_ms, n_attempts, last_status, last_error, dead_at_ms)
+                     SELECT id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms,
+                     ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    n_attempts,
+                    dead_letter.last_status,
+                    dead_letter.last_error,
+                    millis(SystemTime::now())
+                ])?;
+            transaction
+                .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
+                .execute([id])?;
+        }
+        Update::Load { .. } | Update::FinishAppends { .. } | Update::Close { .. } => {}
     }
+    Ok(())
+}
 
-    fn purge_dead_letters(&mut self) {
-        self.last_purge = Instant::now();
-        let cutoff = millis(
-            SystemTime::now()
-                .checked_sub(self.retention)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        );
-        if let Err(err) = self
-            .connection
-            .execute("DELETE FROM dead_letters WHERE dead_at_ms < ?1", [cutoff])
-        {
-            self.storage_errors.inc();
-            error!(error = %err, "cannot purge old dead letters");
-        }
-    }
+fn load(
+    transaction: &rusqlite::Transaction<'_>,
+    target: &str,
+    after: DeliveryId,
+    limit: usize,
+) -> rusqlite::Result<Vec<Pending>> {
+    transaction
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+        ))?
+        .query_map(params![target, after, limit as i64], pending_from_row)?
+        .collect()
 }
 
 /// Reads a row selected with `DELIVERY_COLUMNS`.
@@ -519,4 +689,11 @@ pub fn stored_position(connection: &Connection, stream: &str) -> rusqlite::Resul
             |row| row.get(0),
         )
         .optional()
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio_sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
