@@ -19,12 +19,21 @@ const RELAY: &str = env!("CARGO_BIN_EXE_sse-relay");
 struct Options {
     quick: bool,
     json: Option<PathBuf>,
+    /// Run only the scenarios whose name contains this.
+    only: Option<String>,
+}
+
+impl Options {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| scenario.contains(only))
+    }
 }
 
 fn options() -> Options {
     let mut options = Options {
         quick: false,
         json: None,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -32,7 +41,8 @@ fn options() -> Options {
             "--quick" => options.quick = true,
             "--json" => options.json = args.next().map(PathBuf::from),
             // cargo bench passes --bench to every harness.
-            _ => {}
+            "--bench" => {}
+            scenario => options.only = Some(scenario.to_owned()),
         }
     }
     options
@@ -50,9 +60,13 @@ struct Figure {
 async fn main() {
     let options = options();
     let mut figures = Vec::new();
-    figures.extend(reconnect_gap(&options).await);
+    if options.runs("reconnect") {
+        figures.extend(reconnect_gap(&options).await);
+    }
     for storage in ["memory", "sqlite"] {
-        figures.extend(throughput(&options, storage).await);
+        if options.runs(&format!("throughput-{storage}")) {
+            figures.extend(throughput(&options, storage).await);
+        }
     }
 
     println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
@@ -109,8 +123,15 @@ fn spawn_relay(config: &Path) -> Child {
     Command::new(RELAY)
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
+        .stdout(if std::env::var_os("BENCH_RELAY_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .expect("the relay binary starts")
@@ -195,7 +216,14 @@ async fn reconnect_gap(options: &Options) -> Vec<Figure> {
 /// Events per second through one stream to one target: the upstream emits as fast as it can,
 /// the clock runs from the first emit to the last receipt at the sink.
 async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
-    let n_events = if options.quick { 2_000 } else { 50_000 };
+    let n_events = if options.quick {
+        2_000
+    } else {
+        std::env::var("BENCH_EVENTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(50_000)
+    };
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let storage_directory = tempfile::tempdir().unwrap();

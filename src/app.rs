@@ -95,8 +95,11 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         .context("cannot build the HTTP client")?;
 
     // The dispatchers' inputs come first: the store hands them what it has stored.
-    let (dispatcher_inputs, dispatcher_receivers): (Vec<_>, Vec<_>) =
-        config.targets.keys().map(|_| delivery::dispatcher_input()).unzip();
+    let target_telemetry: Vec<_> = config.targets.keys().map(|name| metrics.target(name)).collect();
+    let (dispatcher_inputs, dispatcher_outputs): (Vec<_>, Vec<_>) = target_telemetry
+        .iter()
+        .map(|telemetry| delivery::dispatcher_input(telemetry.queue_depth.clone()))
+        .unzip();
     let store = Store::open(
         &config.storage,
         Arc::clone(&metrics.storage),
@@ -104,8 +107,13 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     )?;
     let stop_deliveries = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
-    for ((index, (name, target_config)), input) in config.targets.iter().enumerate().zip(dispatcher_receivers) {
-        let telemetry = metrics.target(name);
+    let targets = config
+        .targets
+        .iter()
+        .zip(target_telemetry)
+        .zip(dispatcher_outputs)
+        .enumerate();
+    for (index, (((name, target_config), telemetry), input)) in targets {
         telemetry.queue_depth.set(store.initial_pending(name) as i64);
         let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
         let task = delivery::spawn_dispatcher(&target, input, &store, &delivery_client, &stop_deliveries);

@@ -100,6 +100,9 @@ struct SinkState {
     /// The answer once a path's script is used up; 200 when unset.
     defaults: HashMap<String, u16>,
     callbacks: Vec<RequestCallback>,
+    /// Per path: requests received and requests answered 2xx, so that waiting for a count
+    /// does not copy every request each time one arrives.
+    counts: HashMap<String, (usize, usize)>,
 }
 
 impl Sink {
@@ -191,14 +194,19 @@ impl Sink {
     /// Waits until at least `count` requests to `path` were answered 2xx and returns them, or
     /// returns those there are once `deadline` has passed.
     pub async fn wait_for_delivered(&self, path: &str, count: usize, deadline: Duration) -> Vec<ReceivedRequest> {
-        self.wait_until(deadline, || self.delivered(path).len() >= count).await;
+        self.wait_until(deadline, || self.counts(path).1 >= count).await;
         self.delivered(path)
     }
 
     /// Like [`Sink::wait_for_delivered`], counting every request to `path`, answered or not.
     pub async fn wait_for_requests(&self, path: &str, count: usize, deadline: Duration) -> Vec<ReceivedRequest> {
-        self.wait_until(deadline, || self.requests(path).len() >= count).await;
+        self.wait_until(deadline, || self.counts(path).0 >= count).await;
         self.requests(path)
+    }
+
+    /// Requests received and requests answered 2xx for `path`.
+    fn counts(&self, path: &str) -> (usize, usize) {
+        self.shared.lock().counts.get(path).copied().unwrap_or_default()
     }
 
     /// Calls `callback` with each request once it has been answered.
@@ -257,6 +265,7 @@ async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Reque
             received_at,
             status_sent: 0,
         };
+        state.counts.entry(request.path.clone()).or_default().0 += 1;
         state.requests.push(request);
         (response, state.requests.len() - 1)
     };
@@ -267,11 +276,18 @@ async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Reque
     let (answered, callbacks) = {
         let mut state = shared.lock();
         state.requests[index].status_sent = response.status;
-        (state.requests[index].clone(), state.callbacks.clone())
+        if (200..300).contains(&response.status) {
+            let path = state.requests[index].path.clone();
+            state.counts.entry(path).or_default().1 += 1;
+        }
+        let answered = (!state.callbacks.is_empty()).then(|| state.requests[index].clone());
+        (answered, state.callbacks.clone())
     };
     shared.change_counter.send_modify(|counter| *counter += 1);
-    for callback in callbacks {
-        callback(&answered);
+    if let Some(answered) = answered {
+        for callback in callbacks {
+            callback(&answered);
+        }
     }
     let mut http_response = response_with_status(StatusCode::from_u16(response.status).expect("checked by script"));
     for (name, value) in response.headers {

@@ -15,15 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use governor::clock::{Clock, DefaultClock};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::delivery::TargetRuntime;
 use crate::delivery::breaker::{AttemptPermit, AttemptResult, Breaker, TargetState};
 use crate::delivery::request::{self, Failure};
 use crate::delivery::retry::{self, Verdict};
+use crate::delivery::{DispatcherOutput, TargetRuntime};
 use crate::queue::{DeadLetter, DeliveryId, Pending, Store};
 
 /// Deliveries held in memory per target when the store can hold the rest on disk.
@@ -104,13 +103,14 @@ impl Dispatcher {
     /// Runs until `stop` is cancelled, or until the input is closed and the work is done: with
     /// the memory store, everything it holds; with SQLite, the attempts in flight (the rest
     /// stays on disk for the next run).
-    pub async fn run(mut self, mut input: mpsc::Receiver<Pending>, stop: CancellationToken) {
+    pub async fn run(mut self, mut input: DispatcherOutput, stop: CancellationToken) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.input_closed && self.is_finished() {
                 break;
             }
+            self.note_overflow(&input);
             if self.on_disk_after.is_some() && self.ready.len() < self.capacity / 2 {
                 self.load_from_disk().await;
             }
@@ -123,8 +123,14 @@ impl Dispatcher {
                     Ok(attempted) => self.finish(attempted).await,
                     Err(err) => error!(target = %self.target.telemetry.name, error = %err, "a delivery attempt panicked"),
                 },
-                received = input.recv(), if take_input => match received {
-                    Some(pending) => self.accept(pending),
+                received = input.receiver.recv(), if take_input => match received {
+                    Some(pending) => {
+                        // The store notes an overflow before it sends anything later, so checking
+                        // here, after each receive, sees every delivery left on disk before this
+                        // one; otherwise this one could overtake it.
+                        self.note_overflow(&input);
+                        self.accept(pending);
+                    }
                     None => self.input_closed = true,
                 },
                 () = sleep_until(wake_at) => {}
@@ -142,9 +148,16 @@ impl Dispatcher {
         }
     }
 
+    /// Deliveries the store could not hand over stay on disk: load from before the first.
+    fn note_overflow(&mut self, input: &DispatcherOutput) {
+        if let Some(overflow) = input.take_overflow() {
+            let after = overflow - 1;
+            self.on_disk_after = Some(self.on_disk_after.map_or(after, |known| known.min(after)));
+        }
+    }
+
     /// A delivery the stream just appended.
     fn accept(&mut self, pending: Pending) {
-        self.target.telemetry.queue_depth.inc();
         self.high_water = self.high_water.max(pending.id);
         if self.in_memory.contains_key(&pending.id) {
             return;

@@ -9,6 +9,7 @@ pub mod retry;
 pub mod signing;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
@@ -98,15 +99,74 @@ pub fn display_url(url: &reqwest::Url, safe: bool) -> String {
     }
 }
 
-/// The channel on which the store hands a target's dispatcher its deliveries.
-pub fn dispatcher_input() -> (mpsc::Sender<Pending>, mpsc::Receiver<Pending>) {
-    mpsc::channel(INPUT_CAPACITY)
+/// How the store hands a target's dispatcher its deliveries.
+#[derive(Clone)]
+pub struct DispatcherInput {
+    sender: mpsc::Sender<Pending>,
+    /// The smallest id offered but not taken (`i64::MAX` when none): it is on disk, and the
+    /// dispatcher loads it from there.
+    overflow: Arc<AtomicI64>,
+    /// Counts every stored delivery of the target; the dispatcher counts them out.
+    queue_depth: prometheus::IntGauge,
+}
+
+/// The dispatcher's end of its input.
+pub struct DispatcherOutput {
+    pub receiver: mpsc::Receiver<Pending>,
+    overflow: Arc<AtomicI64>,
+}
+
+pub fn dispatcher_input(queue_depth: prometheus::IntGauge) -> (DispatcherInput, DispatcherOutput) {
+    let (sender, receiver) = mpsc::channel(INPUT_CAPACITY);
+    let overflow = Arc::new(AtomicI64::new(i64::MAX));
+    (
+        DispatcherInput {
+            sender,
+            overflow: Arc::clone(&overflow),
+            queue_depth,
+        },
+        DispatcherOutput { receiver, overflow },
+    )
+}
+
+impl DispatcherInput {
+    /// For the SQLite writer, which must never wait on a dispatcher (the dispatcher may be
+    /// waiting on it): a stored delivery that does not fit is left on disk and noted.
+    pub fn offer(&self, pending: Pending) {
+        self.queue_depth.inc();
+        if let Err(mpsc::error::TrySendError::Full(pending)) = self.sender.try_send(pending) {
+            self.overflow.fetch_min(pending.id, Ordering::Relaxed);
+        }
+    }
+
+    /// For the memory store: waits for room, which pauses the stream. Returns whether it
+    /// waited, or an error once the dispatcher has stopped.
+    pub async fn send(&self, pending: Pending) -> Result<bool, ()> {
+        self.queue_depth.inc();
+        match self.sender.try_send(pending) {
+            Ok(()) => Ok(false),
+            Err(mpsc::error::TrySendError::Full(pending)) => {
+                self.sender.send(pending).await.map(|()| true).map_err(drop)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
+    }
+}
+
+impl DispatcherOutput {
+    /// The smallest id left on disk since the last call, if any.
+    pub fn take_overflow(&self) -> Option<i64> {
+        match self.overflow.swap(i64::MAX, Ordering::Relaxed) {
+            i64::MAX => None,
+            id => Some(id),
+        }
+    }
 }
 
 /// Starts the target's dispatcher on the receiving end of its input.
 pub fn spawn_dispatcher(
     target: &Arc<TargetRuntime>,
-    input: mpsc::Receiver<Pending>,
+    input: DispatcherOutput,
     store: &Store,
     client: &reqwest::Client,
     stop: &CancellationToken,

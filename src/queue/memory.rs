@@ -5,8 +5,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::mpsc;
-
+use crate::delivery::DispatcherInput;
 use crate::event::{Event, TargetId};
 use crate::queue::{Pending, PendingLimit, StoreError};
 
@@ -15,11 +14,11 @@ pub struct MemoryStore {
     next_id: Arc<AtomicI64>,
     pub(super) limit: Arc<PendingLimit>,
     /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Arc<Mutex<Vec<mpsc::Sender<Pending>>>>,
+    dispatchers: Arc<Mutex<Vec<DispatcherInput>>>,
 }
 
 impl MemoryStore {
-    pub fn new(max_pending: u64, dispatchers: Vec<mpsc::Sender<Pending>>) -> MemoryStore {
+    pub fn new(max_pending: u64, dispatchers: Vec<DispatcherInput>) -> MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
@@ -40,14 +39,10 @@ impl MemoryStore {
                 .get(target.0)
                 .cloned()
                 .ok_or(StoreError::Stopped)?;
-            match dispatcher.try_send(Pending::new(id, Arc::clone(event))) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(pending)) => {
-                    waited = true;
-                    dispatcher.send(pending).await.map_err(|_| StoreError::Stopped)?;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Stopped),
-            }
+            waited |= dispatcher
+                .send(Pending::new(id, Arc::clone(event)))
+                .await
+                .map_err(|()| StoreError::Stopped)?;
         }
         Ok(waited)
     }

@@ -24,6 +24,7 @@ use tokio::time::sleep_until as tokio_sleep_until;
 use tracing::{error, warn};
 
 use crate::config::StorageConfig;
+use crate::delivery::DispatcherInput;
 use crate::event::{Event, EventId, TargetId};
 use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError};
 use crate::telemetry::StorageTelemetry;
@@ -124,8 +125,8 @@ enum Update {
     },
 }
 
-/// A target's name and its dispatcher, indexed by `TargetId`.
-pub type Dispatchers = Vec<(Arc<str>, mpsc::Sender<Pending>)>;
+/// A target's name and its dispatcher's input, indexed by `TargetId`.
+pub type Dispatchers = Vec<(Arc<str>, DispatcherInput)>;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -277,7 +278,7 @@ struct Writer {
     /// Lent to a blocking thread for each transaction.
     connection: Option<Connection>,
     /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Vec<mpsc::Sender<Pending>>,
+    dispatchers: Vec<DispatcherInput>,
     target_names: Arc<[Arc<str>]>,
     storage: Arc<StorageTelemetry>,
     retention: Duration,
@@ -407,7 +408,7 @@ impl Writer {
         let failure = match written {
             Ok(ids) => {
                 self.storage.append_succeeded();
-                self.hand_on(&batch, ids).await;
+                self.hand_on(&batch, ids);
                 return Ok(());
             }
             // As text: the error is not Send, and this function waits after it.
@@ -425,7 +426,7 @@ impl Writer {
                 })
                 .await;
             match written {
-                Ok(ids) => self.hand_on(std::slice::from_ref(&append), ids).await,
+                Ok(ids) => self.hand_on(std::slice::from_ref(&append), ids),
                 Err(_) => {
                     let mut unwritten = vec![append];
                     unwritten.extend(remaining);
@@ -438,14 +439,14 @@ impl Writer {
     }
 
     /// Gives each committed delivery to its target's dispatcher; `ids` follow the appends'
-    /// targets in order. (`&mut self` because the connection inside is not Sync.)
-    async fn hand_on(&mut self, appends: &[Append], ids: Vec<DeliveryId>) {
+    /// targets in order. Never waits: see `DispatcherInput::offer`.
+    fn hand_on(&self, appends: &[Append], ids: Vec<DeliveryId>) {
         let mut ids = ids.into_iter();
         for append in appends {
             for target in &append.targets {
                 let Some(id) = ids.next() else { return };
                 if let Some(dispatcher) = self.dispatchers.get(target.0) {
-                    let _ = dispatcher.send(Pending::new(id, Arc::clone(&append.event))).await;
+                    dispatcher.offer(Pending::new(id, Arc::clone(&append.event)));
                 }
             }
         }

@@ -298,3 +298,34 @@ async fn a_full_store_pauses_the_streams_until_there_is_room() {
     .await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_spills_to_disk_and_delivers_everything_in_order() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let target = "ordered: true\n    retry: { initial_delay: 10ms, max_delay: 50ms, max_attempts: 100000 }\n    circuit_breaker: { open_delay: 50ms, max_open_delay: 100ms }";
+    let relay = TestRelay::start(&both_streams(
+        &upstream,
+        "",
+        &crate::support::everything_to(&sink, target)
+            .replace("max_in_flight: 1", "max_in_flight: 8")
+            .replace("retry: { initial_delay: 20ms, max_delay: 100ms }", ""),
+    ))
+    .await;
+    both_connected(&upstream).await;
+    // Far more than a dispatcher holds in memory, so most wait on disk only.
+    let expected: Vec<String> = (0..5000).map(|n| format!(r#"{{"type":"update","n":{n}}}"#)).collect();
+    for data in &expected {
+        upstream.publish_event(Api::Chat, data);
+    }
+    relay
+        .wait_metric("sse_relay_queue_depth", &[("target", "hook")], expected.len() as f64)
+        .await;
+    sink.answer_by_default("/hook", 200);
+    let delivered = sink.wait_for_delivered("/hook", expected.len(), DEADLINE).await;
+    let delivered = bodies(&delivered);
+    assert_eq!(delivered.len(), expected.len());
+    assert!(delivered == expected, "deliveries left the order of the stream");
+    relay.stop().await;
+}
