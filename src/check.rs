@@ -17,6 +17,26 @@ pub fn describe(config: &Config) -> String {
     let duration = |d: std::time::Duration| humantime::format_duration(d).to_string();
 
     let _ = writeln!(out, "admin\n  listen {}", config.admin.listen);
+    let storage = &config.storage;
+    match storage.mode {
+        crate::config::StorageMode::Sqlite => {
+            let _ = writeln!(
+                out,
+                "\nstorage\n  sqlite {} (nothing accepted is lost)\n  max_pending {}, max_bytes {}, dead letters kept {}",
+                crate::queue::sqlite::database_path(storage).display(),
+                storage.max_pending.0,
+                storage.max_bytes,
+                duration(storage.dead_letter_retention),
+            );
+        }
+        crate::config::StorageMode::Memory => {
+            let _ = writeln!(
+                out,
+                "\nstorage\n  memory (a crash or restart loses queued deliveries; dead letters are not kept)\n  max_pending {}",
+                storage.max_pending.0
+            );
+        }
+    }
 
     out.push_str("\nstreams\n");
     for (name, stream) in &config.streams {
@@ -68,6 +88,23 @@ pub fn describe(config: &Config) -> String {
             duration(retry.max_delay),
             duration(retry.max_elapsed),
         );
+        let breaker = &target.circuit_breaker;
+        let _ = writeln!(
+            out,
+            "    circuit breaker after {} failures, probe after {} doubling to {}",
+            breaker.failure_threshold.0,
+            duration(breaker.open_delay),
+            duration(breaker.max_open_delay),
+        );
+        if let Some(limit) = target.rate_limit {
+            let _ = writeln!(out, "    rate limit {} per {}", limit.n_requests, duration(limit.per));
+        }
+        if target.ordered {
+            out.push_str("    ordered: one delivery in flight per stream\n");
+        }
+        if target.signing_secret.is_some() {
+            let _ = writeln!(out, "    signed (Standard Webhooks), secret {MASK}");
+        }
     }
 
     out.push_str("\nroutes (every matching route delivers; a target gets an event once)\n");

@@ -93,6 +93,7 @@ fn the_example_config_is_valid() {
         ("SPLOX_CHAT_ID", "3f1c"),
         ("SPLOX_TOKEN", "token"),
         ("ZAPIER_HOOK_URL", "https://hooks.zapier.com/hooks/catch/1/abc"),
+        ("N8N_SIGNING_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
     ];
     let config = parse_config(example, &env).unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(config.streams.len(), 2);
