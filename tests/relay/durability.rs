@@ -329,3 +329,21 @@ async fn a_long_outage_spills_to_disk_and_delivers_everything_in_order() {
     assert!(delivered == expected, "deliveries left the order of the stream");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_event_id_survives_a_restart() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let first_run = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    upstream.publish(Api::Chat, "id: evt-7\ndata: {\"type\":\"workflow_status\"}\n\n");
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    kill_9(&first_run);
+
+    let _second_run = relay.spawn();
+    assert!(upstream.wait_for_connections_accepted(Api::Chat, 2, DEADLINE).await);
+    let seen = upstream.requests_seen(Api::Chat);
+    assert_eq!(seen.first().unwrap().header("last-event-id"), None);
+    assert_eq!(seen.last().unwrap().header("last-event-id"), Some("evt-7"));
+}
