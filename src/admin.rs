@@ -16,8 +16,11 @@ use crate::telemetry::{Metrics, StreamTelemetry};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    pub streams: Vec<Arc<StreamTelemetry>>,
+    /// Replaced on reload.
+    pub streams: Arc<std::sync::RwLock<Vec<Arc<StreamTelemetry>>>>,
     pub store: Store,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) -> std::io::Result<()> {
@@ -31,7 +34,21 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         .await
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    if let Some(token) = &state.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(presented.as_bytes(), token.as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/plain".to_owned())],
+                b"/metrics needs Authorization: Bearer <admin.token>\n".to_vec(),
+            );
+        }
+    }
     let encoder = TextEncoder::new();
     let mut body = Vec::with_capacity(16 * 1024);
     match encoder.encode(&state.metrics.registry.gather(), &mut body) {
@@ -48,6 +65,12 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
+/// Compares without stopping at the first difference, so response times do not reveal how much
+/// of a guessed token was right.
+fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// The process is up and serving: a supervisor restarts it when this fails.
 async fn healthz() -> &'static str {
     "ok\n"
@@ -62,9 +85,11 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     if state.store.is_full() {
         problems.push_str("storage is full (max_pending): streams are paused until deliveries drain\n");
     }
-    for stream in state.streams.iter().filter(|stream| !stream.is_connected()) {
+    let streams = state.streams.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for stream in streams.iter().filter(|stream| !stream.is_connected()) {
         problems.push_str(&format!("stream {} is not connected\n", stream.name));
     }
+    drop(streams);
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {

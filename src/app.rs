@@ -1,49 +1,85 @@
-//! Wires the parts together, owns every task, and stops them in order.
+//! Wires the parts together, owns every task, applies reloads, and stops everything in order.
 //!
-//! Shutdown order: stop the streams (nothing new is accepted), let the dispatchers finish for up
-//! to the grace period, stop what is left (counted and logged; with SQLite it stays on disk for
-//! the next run), close the store, and stop the admin server last.
+//! A reload is applied as a difference: a stream or target whose config is unchanged keeps
+//! running (an unchanged stream keeps its connection); a changed one is restarted; a removed one
+//! stops (a removed target's pending deliveries become dead letters); a new one starts. The
+//! routing table is swapped whole, and each stream uses the new one from its next event.
+//!
+//! Shutdown order: stop the streams (nothing new is accepted), let the store write and hand on
+//! what was submitted, let the dispatchers finish for up to the grace period, stop what is left
+//! (counted and logged; with SQLite it stays on disk for the next run), close the store, and stop
+//! the admin server last.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
-use crate::delivery::{self, TargetRuntime};
-use crate::event::{StreamId, TargetId};
+use crate::config::{self, Config, StreamConfig, TargetConfig};
+use crate::delivery::{self, DispatcherInput, TargetRuntime};
+use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
 use crate::source::{self, Dispatch, StreamRuntime};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, StreamTelemetry};
 
-/// A running relay: its tasks and how to stop them.
+/// A running relay: its tasks and how to change or stop them.
 pub struct Relay {
+    config: Config,
     admin_addr: SocketAddr,
-    grace_period: Duration,
-    stop_streams: CancellationToken,
-    stop_deliveries: CancellationToken,
-    stop_admin: CancellationToken,
-    streams: JoinSet<()>,
-    dispatchers: JoinSet<()>,
-    admin: JoinHandle<std::io::Result<()>>,
-    store: Store,
     metrics: Arc<Metrics>,
+    store: Store,
+    stream_client: reqwest::Client,
+    delivery_client: reqwest::Client,
+    dispatch: watch::Sender<Arc<Dispatch>>,
+    streams: BTreeMap<String, RunningStream>,
+    targets: BTreeMap<String, RunningTarget>,
+    /// The streams `/readyz` checks; replaced on reload.
+    admin_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
+    stop_admin: CancellationToken,
+    admin: JoinHandle<std::io::Result<()>>,
+}
+
+struct RunningStream {
+    config: StreamConfig,
+    telemetry: Arc<StreamTelemetry>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct RunningTarget {
+    config: TargetConfig,
+    input: DispatcherInput,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 /// Runs the relay until `shutdown` completes, then stops it in order. Under systemd
 /// (`Type=notify`) it reports READY=1 once started, WATCHDOG=1 while the runtime is alive, and
 /// STOPPING=1 when it begins to stop.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let relay = start(config).await?;
+    run_with_reloads(config, None, shutdown).await
+}
+
+/// Like [`run`]; with `config_path`, SIGHUP re-reads the config from it and applies it. An
+/// invalid config is logged and counted, and the running one stays.
+pub async fn run_with_reloads(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut relay = start(config).await?;
     notify_service_manager(NotifyState::Ready);
     let watchdog = sd_notify::watchdog_enabled().map(|timeout| {
         tokio::spawn(async move {
@@ -55,12 +91,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         })
     });
-    shutdown.await;
+    let mut hangups = hangup_signals();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = hangups.recv(), if config_path.is_some() => {
+                // systemd wants the time of the reload with RELOADING=1.
+                if let Ok(now) = NotifyState::monotonic_usec_now()
+                    && let Err(err) = sd_notify::notify(&[NotifyState::Reloading, now])
+                {
+                    warn!(error = %err, "cannot notify the service manager");
+                }
+                if let Some(path) = &config_path {
+                    relay.reload_from(path).await;
+                }
+                notify_service_manager(NotifyState::Ready);
+            }
+        }
+    }
     notify_service_manager(NotifyState::Stopping);
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     relay.shutdown().await
+}
+
+/// SIGHUP, as a channel; empty where there are no Unix signals.
+fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                // A reload already waiting covers this one too.
+                let _ = sender.try_send(());
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(sender);
+    receiver
 }
 
 /// Does nothing when not started by systemd (no `NOTIFY_SOCKET`).
@@ -78,8 +149,6 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let admin_addr = listener.local_addr()?;
 
     let metrics = Metrics::new();
-    let table = RoutingTable::new(&config);
-    let target_names: Vec<Arc<str>> = config.targets.keys().map(|name| Arc::from(name.as_str())).collect();
     let user_agent = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
     let delivery_client = reqwest::Client::builder()
         .user_agent(user_agent)
@@ -95,84 +164,78 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         .context("cannot build the HTTP client")?;
 
     // The dispatchers' inputs come first: the store hands them what it has stored.
-    let target_telemetry: Vec<_> = config.targets.keys().map(|name| metrics.target(name)).collect();
-    let (dispatcher_inputs, dispatcher_outputs): (Vec<_>, Vec<_>) = target_telemetry
-        .iter()
-        .map(|telemetry| delivery::dispatcher_input(telemetry.queue_depth.clone()))
-        .unzip();
-    let store = Store::open(
-        &config.storage,
-        Arc::clone(&metrics.storage),
-        target_names.iter().cloned().zip(dispatcher_inputs).collect(),
-    )?;
-    let stop_deliveries = CancellationToken::new();
-    let mut dispatchers = JoinSet::new();
-    let targets = config
-        .targets
-        .iter()
-        .zip(target_telemetry)
-        .zip(dispatcher_outputs)
-        .enumerate();
-    for (index, (((name, target_config), telemetry), input)) in targets {
-        telemetry.queue_depth.set(store.initial_pending(name) as i64);
-        let target = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-        let task = delivery::spawn_dispatcher(&target, input, &store, &delivery_client, &stop_deliveries);
-        dispatchers.spawn(async move {
-            let _ = task.await;
-        });
-        info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
+    let mut inputs = HashMap::new();
+    let mut outputs = Vec::new();
+    for name in config.targets.keys() {
+        let (input, output) = delivery::dispatcher_input(metrics.target(name).queue_depth.clone());
+        inputs.insert(Arc::from(name.as_str()), input);
+        outputs.push(output);
     }
-
-    let dispatch = Arc::new(Dispatch {
-        table,
-        store: store.clone(),
-    });
-    let stop_streams = CancellationToken::new();
-    let mut streams = JoinSet::new();
-    let mut stream_telemetry = Vec::with_capacity(config.streams.len());
-    for (index, (name, stream_config)) in config.streams.iter().enumerate() {
-        let id = StreamId(index);
-        let telemetry = Arc::new(metrics.stream(name, dispatch.table.event_type_labels(id)));
-        let stream = StreamRuntime::new(
-            id,
-            stream_config,
-            &dispatch.table,
-            Arc::clone(&telemetry),
-            &stream_client,
-        )?;
-        stream_telemetry.push(telemetry);
-        streams.spawn(source::run_stream(
-            Arc::new(stream),
-            Arc::clone(&dispatch),
-            stop_streams.clone(),
-        ));
+    let store = Store::open(&config.storage, Arc::clone(&metrics.storage), inputs.clone())?;
+    for orphan in store
+        .pending_targets()
+        .filter(|name| !config.targets.contains_key(*name))
+    {
+        retire_target(&store, orphan).await;
     }
-    drop(dispatch);
 
     let stop_admin = CancellationToken::new();
+    let admin_streams = Arc::new(RwLock::new(Vec::new()));
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
-        streams: stream_telemetry,
+        streams: Arc::clone(&admin_streams),
         store: store.clone(),
+        token: config.admin.token.as_ref().map(|token| token.0.clone()),
     });
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
+
+    let table = RoutingTable::new(&config);
+    let (dispatch, _) = watch::channel(Arc::new(Dispatch::new(table, store.clone(), &metrics)));
+    let mut relay = Relay {
+        config: config.clone(),
+        admin_addr,
+        metrics,
+        store,
+        stream_client,
+        delivery_client,
+        dispatch,
+        streams: BTreeMap::new(),
+        targets: BTreeMap::new(),
+        admin_streams,
+        stop_admin,
+        admin,
+    };
+    for (((index, (name, target_config)), output), input) in config
+        .targets
+        .iter()
+        .enumerate()
+        .zip(outputs)
+        .zip(config.targets.keys().map(|name| inputs[name.as_str()].clone()))
+    {
+        let target = relay.start_target(TargetId(index), name, target_config, input, output)?;
+        relay.targets.insert(name.clone(), target);
+    }
+    for (name, stream_config) in &config.streams {
+        let stream = relay.start_stream(name, stream_config)?;
+        relay.streams.insert(name.clone(), stream);
+    }
+    relay.publish_streams_to_admin();
     info!(
         admin = %admin_addr, n_streams = config.streams.len(), n_targets = config.targets.len(),
         n_routes = config.routes.len(), "relay started"
     );
+    Ok(relay)
+}
 
-    Ok(Relay {
-        admin_addr,
-        grace_period: config.shutdown.grace_period,
-        stop_streams,
-        stop_deliveries,
-        stop_admin,
-        streams,
-        dispatchers,
-        admin,
-        store,
-        metrics,
-    })
+async fn retire_target(store: &Store, target: &str) {
+    match store.retire_target(Arc::from(target)).await {
+        Ok(0) => {}
+        Ok(n_deliveries) => warn!(
+            %target, n_deliveries,
+            "the target is no longer configured; its pending deliveries were kept as dead letters (sse-relay dlq list)"
+        ),
+        Err(err) => error!(%target, error = %err, "cannot keep the deliveries of a removed target as dead letters"),
+    }
 }
 
 impl Relay {
@@ -185,22 +248,183 @@ impl Relay {
         &self.metrics
     }
 
+    fn start_target(
+        &self,
+        id: TargetId,
+        name: &str,
+        config: &TargetConfig,
+        input: DispatcherInput,
+        output: delivery::DispatcherOutput,
+    ) -> anyhow::Result<RunningTarget> {
+        let telemetry = self.metrics.target(name);
+        telemetry.queue_depth.set(self.store.initial_pending(name) as i64);
+        let target = Arc::new(TargetRuntime::new(id, config, telemetry)?);
+        let stop = CancellationToken::new();
+        let task = delivery::spawn_dispatcher(&target, output, &self.store, &self.delivery_client, &stop);
+        info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
+        Ok(RunningTarget {
+            config: config.clone(),
+            input,
+            stop,
+            task,
+        })
+    }
+
+    fn start_stream(&self, name: &str, config: &StreamConfig) -> anyhow::Result<RunningStream> {
+        let telemetry = Arc::new(self.metrics.stream(name));
+        let runtime = StreamRuntime::new(
+            config,
+            &self.dispatch.borrow().table,
+            Arc::clone(&telemetry),
+            &self.stream_client,
+        )?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(source::run_stream(
+            Arc::new(runtime),
+            self.dispatch.subscribe(),
+            stop.clone(),
+        ));
+        Ok(RunningStream {
+            config: config.clone(),
+            telemetry,
+            stop,
+            task,
+        })
+    }
+
+    fn publish_streams_to_admin(&self) {
+        let streams = self
+            .streams
+            .values()
+            .map(|stream| Arc::clone(&stream.telemetry))
+            .collect();
+        *self
+            .admin_streams
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = streams;
+    }
+
+    /// Re-reads the config file and applies it; failures are logged and counted, and the
+    /// running config stays.
+    pub async fn reload_from(&mut self, path: &std::path::Path) {
+        let applied = match config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(err) => Err(anyhow::Error::new(err)),
+        };
+        match applied {
+            Ok(()) => self.metrics.config_reloaded(true, &""),
+            Err(err) => self.metrics.config_reloaded(false, &format_args!("{err:#}")),
+        }
+    }
+
+    /// Applies a new config as a difference from the running one (see the module comment).
+    /// `admin` and `storage` change only with a restart.
+    pub async fn reload(&mut self, config: Config) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            config.admin == self.config.admin && config.storage == self.config.storage,
+            "admin and storage settings change only with a restart; nothing was changed"
+        );
+
+        // Targets first, so that the new routing table never names a target without a
+        // dispatcher. New and changed targets get new dispatchers; the store switches to them
+        // before the old ones stop, so that nothing submitted meanwhile lands nowhere.
+        let mut inputs = HashMap::new();
+        let mut replaced = Vec::new();
+        let mut started = BTreeMap::new();
+        for (index, (name, target_config)) in config.targets.iter().enumerate() {
+            match self.targets.get(name) {
+                Some(running) if running.config == *target_config => {
+                    inputs.insert(Arc::from(name.as_str()), running.input.clone());
+                }
+                _ => {
+                    let (input, output) = delivery::dispatcher_input(self.metrics.target(name).queue_depth.clone());
+                    let target = self.start_target(TargetId(index), name, target_config, input.clone(), output)?;
+                    inputs.insert(Arc::from(name.as_str()), input);
+                    started.insert(name.clone(), target);
+                }
+            }
+        }
+        self.store.set_dispatchers(inputs).await;
+        self.dispatch.send_replace(Arc::new(Dispatch::new(
+            RoutingTable::new(&config),
+            self.store.clone(),
+            &self.metrics,
+        )));
+        for name in self.targets.keys().cloned().collect::<Vec<_>>() {
+            let kept = config
+                .targets
+                .get(&name)
+                .is_some_and(|new| *new == self.targets[&name].config);
+            if kept {
+                continue;
+            }
+            if let Some(old) = self.targets.remove(&name) {
+                old.stop.cancel();
+                let _ = old.task.await;
+                replaced.push(name.clone());
+            }
+            if !config.targets.contains_key(&name) {
+                retire_target(&self.store, &name).await;
+            }
+        }
+        self.targets.extend(started);
+
+        // Streams: unchanged ones keep their connection.
+        let mut restarted = Vec::new();
+        for name in self.streams.keys().cloned().collect::<Vec<_>>() {
+            if config.streams.get(&name) != Some(&self.streams[&name].config) {
+                if let Some(old) = self.streams.remove(&name) {
+                    old.stop.cancel();
+                    let _ = old.task.await;
+                    restarted.push(name);
+                }
+            }
+        }
+        for (name, stream_config) in &config.streams {
+            if !self.streams.contains_key(name) {
+                let stream = self.start_stream(name, stream_config)?;
+                self.streams.insert(name.clone(), stream);
+            }
+        }
+        self.publish_streams_to_admin();
+        info!(
+            streams_restarted_or_stopped = ?restarted, targets_restarted_or_stopped = ?replaced,
+            n_streams = config.streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
+            "config reloaded"
+        );
+        self.config = config;
+        Ok(())
+    }
+
     /// Stops the streams, lets the dispatchers finish for up to the grace period (with the
     /// memory store, that means delivering what it holds), stops what is left, and closes the
     /// store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         info!("shutting down: streams stop, deliveries in progress finish");
-        self.stop_streams.cancel();
-        while self.streams.join_next().await.is_some() {}
+        for stream in self.streams.values() {
+            stream.stop.cancel();
+        }
+        for (_, stream) in std::mem::take(&mut self.streams) {
+            let _ = stream.task.await;
+        }
         self.store.finish_submissions().await;
 
-        let finished = tokio::time::timeout(self.grace_period, async {
-            while self.dispatchers.join_next().await.is_some() {}
+        let targets = std::mem::take(&mut self.targets);
+        let stops: Vec<CancellationToken> = targets.values().map(|target| target.stop.clone()).collect();
+        let mut tasks: Vec<JoinHandle<()>> = targets.into_values().map(|target| target.task).collect();
+        let finished = tokio::time::timeout(self.config.shutdown.grace_period, async {
+            for task in &mut tasks {
+                let _ = task.await;
+            }
         })
         .await;
         if finished.is_err() {
-            self.stop_deliveries.cancel();
-            while self.dispatchers.join_next().await.is_some() {}
+            for stop in &stops {
+                stop.cancel();
+            }
+            for task in tasks.into_iter().filter(|task| !task.is_finished()) {
+                let _ = task.await;
+            }
         }
         self.store.close().await;
 

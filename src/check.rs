@@ -147,3 +147,22 @@ fn stream_display_url(url: &Url) -> String {
     }
     shown.to_string()
 }
+
+/// Warnings about the config file itself: literal credentials in a file every user can read.
+pub fn file_warnings(path: &std::path::Path, config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let world_readable = std::fs::metadata(path).is_ok_and(|metadata| metadata.permissions().mode() & 0o004 != 0);
+        if world_readable && config.n_literal_secrets > 0 {
+            warnings.push(format!(
+                "{} is readable by every user and holds {} credential(s) written literally; \
+                 chmod 600 it, or read them with ${{VAR}}, ${{file:/path}} or ${{cred:NAME}}",
+                path.display(),
+                config.n_literal_secrets
+            ));
+        }
+    }
+    warnings
+}

@@ -36,7 +36,7 @@ pub enum ConfigError {
     Unlocated { origin: String, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -49,10 +49,13 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Credentials written literally in the file, not as `${...}` references.
+    #[serde(skip)]
+    pub n_literal_secrets: usize,
 }
 
 /// Where deliveries wait until their target accepts them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(default)]
@@ -110,18 +113,22 @@ fn default_dead_letter_retention() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// When set, `/metrics` requires `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<SecretText>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }
@@ -130,7 +137,7 @@ fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM.
@@ -150,12 +157,12 @@ fn default_grace_period() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     pub url: HttpUrl,
     #[serde(default)]
-    pub headers: BTreeMap<HeaderName, Text>,
+    pub headers: BTreeMap<HeaderName, SecretText>,
     /// JSON pointers tried in order to find the event type in the data.
     #[serde(default)]
     pub event_type: Vec<JsonPointer>,
@@ -186,7 +193,7 @@ fn default_max_event_bytes() -> usize {
     1024 * 1024
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconnectConfig {
     /// First delay after a failed connection; it doubles, with jitter, up to `max_delay`.
@@ -221,7 +228,7 @@ fn default_auth_delay() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub url: HttpUrl,
@@ -230,7 +237,7 @@ pub struct TargetConfig {
     #[serde(default)]
     pub safe_url: bool,
     #[serde(default)]
-    pub headers: BTreeMap<HeaderName, Text>,
+    pub headers: BTreeMap<HeaderName, SecretText>,
     #[serde(default = "default_target_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     #[serde(default = "default_max_in_flight")]
@@ -256,7 +263,7 @@ pub struct TargetConfig {
     pub circuit_breaker: CircuitBreakerConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
     /// Consecutive failed attempts that pause the target.
@@ -318,9 +325,16 @@ impl<'de> Deserialize<'de> for RateLimit {
     }
 }
 
-/// A parsed Standard Webhooks signing secret; never printed.
+/// A parsed Standard Webhooks signing secret; never printed. Two are equal when their secret
+/// text is (a reload with a new secret restarts the target).
 #[derive(Clone)]
-pub struct SigningSecret(pub std::sync::Arc<crate::delivery::signing::SigningKey>);
+pub struct SigningSecret(pub std::sync::Arc<crate::delivery::signing::SigningKey>, String);
+
+impl PartialEq for SigningSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.1 == other.1
+    }
+}
 
 impl fmt::Debug for SigningSecret {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -331,9 +345,10 @@ impl fmt::Debug for SigningSecret {
 impl<'de> Deserialize<'de> for SigningSecret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
+            note_if_literal_secret(raw);
             let secret = expand(raw)?;
             crate::delivery::signing::SigningKey::parse(&secret)
-                .map(|key| SigningSecret(std::sync::Arc::new(key)))
+                .map(|key| SigningSecret(std::sync::Arc::new(key), secret.clone()))
                 .map_err(|err| err.to_string())
         })
     }
@@ -351,7 +366,7 @@ fn default_queue_capacity() -> PositiveCount {
     PositiveCount(10_000)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     #[serde(default = "default_max_attempts")]
@@ -416,7 +431,7 @@ impl<'de> Deserialize<'de> for BodyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// A stream name, or a pattern with `*` and `?` wildcards.
@@ -447,6 +462,27 @@ impl<'de> Deserialize<'de> for Text {
 impl fmt::Display for Text {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.0)
+    }
+}
+
+/// A string value that is usually a credential (a header value, a signing secret, a token),
+/// after expansion. Written literally in the file rather than as a `${...}` reference, it is
+/// counted, so that `check` can warn when the file is readable by everyone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretText(pub String);
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |raw| {
+            note_if_literal_secret(raw);
+            expand(raw).map(SecretText)
+        })
+    }
+}
+
+fn note_if_literal_secret(raw: &str) {
+    if !raw.trim().is_empty() && !raw.contains("${") {
+        with_context(|context| context.n_literal_secrets.set(context.n_literal_secrets.get() + 1));
     }
 }
 
@@ -709,11 +745,13 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         env,
         stream_names: names.streams.into_keys().collect(),
         target_names: names.targets.into_keys().collect(),
+        n_literal_secrets: std::cell::Cell::new(0),
     };
     CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
     let parsed = serde_yaml::from_str::<Config>(text);
-    CONTEXT.with(|cell| cell.borrow_mut().take());
-    let config = parsed.map_err(locate)?;
+    let context = CONTEXT.with(|cell| cell.borrow_mut().take());
+    let mut config = parsed.map_err(locate)?;
+    config.n_literal_secrets = context.map_or(0, |context| context.n_literal_secrets.get());
 
     if config.streams.is_empty() {
         return Err(ConfigError::Unlocated {
@@ -736,6 +774,7 @@ struct ParseContext {
     env: Box<EnvLookup>,
     stream_names: BTreeSet<String>,
     target_names: BTreeSet<String>,
+    n_literal_secrets: std::cell::Cell<usize>,
 }
 
 thread_local! {
@@ -752,12 +791,14 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
                 env: Box::new(|name| std::env::var(name).ok()),
                 stream_names: BTreeSet::new(),
                 target_names: BTreeSet::new(),
+                n_literal_secrets: std::cell::Cell::new(0),
             }),
         }
     })
 }
 
-/// Expands `${VAR}`, `${VAR:-default}` and `$$` (a literal `$`); any other `$` stays as it is.
+/// Expands `${VAR}`, `${VAR:-default}`, `${file:/path}`, `${cred:NAME}` and `$$` (a literal
+/// `$`); any other `$` stays as it is.
 pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
     if !raw.contains('$') {
         return Ok(raw.to_owned());
@@ -774,21 +815,7 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
             let close = body
                 .find('}')
                 .ok_or_else(|| "unclosed `${`: a variable reference is written ${NAME}".to_owned())?;
-            let reference = &body[..close];
-            let (name, default) = match reference.split_once(":-") {
-                Some((name, default)) => (name, Some(default)),
-                None => (reference, None),
-            };
-            if !is_variable_name(name) {
-                return Err(format!(
-                    "`${{{reference}}}` is not a variable reference such as ${{NAME}}"
-                ));
-            }
-            match (env(name), default) {
-                (Some(value), _) => expanded.push_str(&value),
-                (None, Some(default)) => expanded.push_str(default),
-                (None, None) => return Err(format!("environment variable {name} is not set")),
-            }
+            expanded.push_str(&resolve_reference(&body[..close], env)?);
             rest = &body[close + 1..];
         } else {
             expanded.push('$');
@@ -797,6 +824,46 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
     }
     expanded.push_str(rest);
     Ok(expanded)
+}
+
+/// The value of one `${...}` reference.
+fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String> {
+    if let Some(path) = reference.strip_prefix("file:") {
+        return read_secret_file(Path::new(path));
+    }
+    if let Some(name) = reference.strip_prefix("cred:") {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(format!(
+                "`${{cred:{name}}}` must name one credential, as in ${{cred:zapier-hook-url}}"
+            ));
+        }
+        let directory = env("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            format!("`${{cred:{name}}}` needs CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
+        })?;
+        return read_secret_file(&Path::new(&directory).join(name));
+    }
+    let (name, default) = match reference.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (reference, None),
+    };
+    if !is_variable_name(name) {
+        return Err(format!(
+            "`${{{reference}}}` is not a variable reference such as ${{NAME}}"
+        ));
+    }
+    match (env(name), default) {
+        (Some(value), _) => Ok(value),
+        (None, Some(default)) => Ok(default.to_owned()),
+        (None, None) => Err(format!("environment variable {name} is not set")),
+    }
+}
+
+/// A secret kept in a file, without its trailing newline. The error names the file, never its
+/// contents.
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    let contents = std::fs::read_to_string(path)
+        .map_err(|err| format!("cannot read the secret file {}: {err}", path.display()))?;
+    Ok(contents.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 fn is_variable_name(name: &str) -> bool {
@@ -839,6 +906,30 @@ mod tests {
         check("${MISSING}", Err("environment variable MISSING is not set"));
         check("${A", Err("unclosed `${`: a variable reference is written ${NAME}"));
         check("${1X}", Err("`${1X}` is not a variable reference such as ${NAME}"));
+        check(
+            "${cred:hook}",
+            Err("`${cred:hook}` needs CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential="),
+        );
+        check(
+            "${cred:../x}",
+            Err("`${cred:../x}` must name one credential, as in ${cred:zapier-hook-url}"),
+        );
+    }
+
+    #[test]
+    fn reads_secrets_from_files_and_credentials() {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::write(directory.path().join("token"), "s3cret\n").unwrap();
+        let credentials = directory.path().display().to_string();
+        let env: Box<EnvLookup> = Box::new(move |name| (name == "CREDENTIALS_DIRECTORY").then(|| credentials.clone()));
+        let file_reference = format!("Bearer ${{file:{}}}", directory.path().join("token").display());
+        assert_eq!(expand_env(&file_reference, &*env).unwrap(), "Bearer s3cret");
+        assert_eq!(expand_env("${cred:token}", &*env).unwrap(), "s3cret");
+        let missing = expand_env("${cred:absent}", &*env).unwrap_err();
+        assert!(
+            missing.starts_with("cannot read the secret file ") && missing.contains("absent"),
+            "{missing}"
+        );
     }
 
     #[test]

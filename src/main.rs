@@ -89,6 +89,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match config::load(&config) {
             Ok(loaded) => {
+                for warning in check::file_warnings(&config, &loaded) {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: ok\n\n{}", config.display(), check::describe(&loaded));
                 ExitCode::SUCCESS
             }
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
                 Err(err) => return fail(&err),
             };
             telemetry::init_logging(cli.log_format);
-            match runtime().block_on(app::run(loaded, shutdown_signal())) {
+            match runtime().block_on(app::run_with_reloads(loaded, Some(config), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(&format!("{err:#}")),
             }

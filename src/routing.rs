@@ -12,6 +12,10 @@ use crate::event::{Event, StreamId, TargetId};
 pub const OTHER_EVENT_TYPE: &str = "other";
 
 pub struct RoutingTable {
+    /// Streams by name; a stream's task finds its id here, since a reload renumbers them.
+    stream_ids: std::collections::HashMap<Arc<str>, StreamId>,
+    /// Indexed by `TargetId`.
+    target_names: Vec<Arc<str>>,
     /// Routes that apply to each stream, indexed by `StreamId`.
     routes_by_stream: Vec<Vec<Route>>,
     /// Bounded metric labels for event types, per stream; index 0 is `other`.
@@ -109,9 +113,31 @@ impl RoutingTable {
             event_type_labels.push(labels);
         }
         RoutingTable {
+            stream_ids: config
+                .streams
+                .keys()
+                .enumerate()
+                .map(|(index, name)| (Arc::from(name.as_str()), StreamId(index)))
+                .collect(),
+            target_names: config.targets.keys().map(|name| Arc::from(name.as_str())).collect(),
             routes_by_stream,
             event_type_labels,
         }
+    }
+
+    pub fn stream_id(&self, stream: &str) -> Option<StreamId> {
+        self.stream_ids.get(stream).copied()
+    }
+
+    pub fn target_name(&self, target: TargetId) -> &Arc<str> {
+        &self.target_names[target.0]
+    }
+
+    /// Stream names with their ids, in id order.
+    pub fn streams(&self) -> impl Iterator<Item = (&Arc<str>, StreamId)> {
+        let mut streams: Vec<_> = self.stream_ids.iter().map(|(name, id)| (name, *id)).collect();
+        streams.sort_by_key(|(_, id)| *id);
+        streams.into_iter()
     }
 
     /// Fills `targets` with every target of every route that `stream`'s event matches, each once.

@@ -12,29 +12,42 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use eventsource_client::{self as es, Client as _};
 use futures_util::StreamExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
-use crate::event::{StreamId, TargetId};
+use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
-use crate::telemetry::{DisconnectReason, DropReason, StreamTelemetry};
+use crate::telemetry::{DisconnectReason, DropReason, Metrics, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// What streams hand events to: the routing table and the store.
+/// What streams hand events to: the routing table and the store. A reload replaces it whole,
+/// and each stream picks up the new one with its next event.
 pub struct Dispatch {
     pub table: RoutingTable,
     pub store: Store,
+    /// `sse_relay_events_received_total` handles, by `StreamId` and event type label index.
+    received: Vec<Vec<prometheus::IntCounter>>,
+}
+
+impl Dispatch {
+    pub fn new(table: RoutingTable, store: Store, metrics: &Metrics) -> Dispatch {
+        let received = table
+            .streams()
+            .map(|(name, id)| metrics.events_received(name, table.event_type_labels(id)))
+            .collect();
+        Dispatch { table, store, received }
+    }
 }
 
 /// A stream as its task uses it, built from its config.
 pub struct StreamRuntime {
-    pub id: StreamId,
     url: String,
     headers: Vec<(String, String)>,
     idle_timeout: Duration,
@@ -46,7 +59,6 @@ pub struct StreamRuntime {
 
 impl StreamRuntime {
     pub fn new(
-        id: StreamId,
         config: &StreamConfig,
         table: &RoutingTable,
         telemetry: Arc<StreamTelemetry>,
@@ -65,13 +77,16 @@ impl StreamRuntime {
             }
             headers.push((name.0.clone(), value.0.clone()));
         }
+        let known_event_types: Vec<Arc<str>> = table
+            .stream_id(&telemetry.name)
+            .map(|id| table.exact_event_types(id).collect())
+            .unwrap_or_default();
         Ok(StreamRuntime {
-            id,
             url: config.url.0.to_string(),
             headers,
             idle_timeout: config.idle_timeout,
             reconnect: config.reconnect.clone(),
-            classifier: Classifier::new(Arc::clone(&telemetry.name), config, table.exact_event_types(id)),
+            classifier: Classifier::new(Arc::clone(&telemetry.name), config, known_event_types),
             transport: ReqwestTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
             telemetry,
         })
@@ -121,10 +136,10 @@ pub fn reconnect_delay(
     }
 }
 
-/// Runs the stream until `stop` is cancelled.
-pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: Arc<Dispatch>, stop: CancellationToken) {
+/// Runs the stream until `stop` is cancelled; `dispatch` is the current routing table and store.
+pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Arc<Dispatch>>, stop: CancellationToken) {
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
-    let mut last_event_id: Option<String> = dispatch.store.last_event_id(&stream.telemetry.name);
+    let mut last_event_id: Option<String> = dispatch.borrow().store.last_event_id(&stream.telemetry.name);
     let mut backoff = stream.error_backoff();
     let mut targets = Vec::new();
     while let Some(end) = read_connection(&stream, &dispatch, &mut last_event_id, &mut targets, &stop).await {
@@ -143,7 +158,7 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: Arc<Dispatch>, sto
 /// Opens one connection and reads it to its end; `None` when `stop` ended it.
 async fn read_connection(
     stream: &StreamRuntime,
-    dispatch: &Dispatch,
+    dispatch: &watch::Receiver<Arc<Dispatch>>,
     last_event_id: &mut Option<String>,
     targets: &mut Vec<TargetId>,
     stop: &CancellationToken,
@@ -180,7 +195,8 @@ async fn read_connection(
                 if let Some(id) = &message.id {
                     remember_event_id(stream, last_event_id, id);
                 }
-                match accept(stream, dispatch, message, targets, stop).await {
+                let current = Arc::clone(&dispatch.borrow());
+                match accept(stream, &current, message, targets, stop).await {
                     Accepted::Event => n_events += 1,
                     Accepted::Noise => {}
                     Accepted::Stopped => return None,
@@ -305,21 +321,29 @@ async fn accept(
             &format_args!("data is not valid JSON ({err}); routed as text"),
         );
     }
-    telemetry.event_received(dispatch.table.event_type_label_index(stream.id, &event.event_type));
-    dispatch.table.route(stream.id, &event, targets);
+    // A reload removed this stream; its task is about to stop.
+    let Some(stream_id) = dispatch.table.stream_id(&telemetry.name) else {
+        return Accepted::Noise;
+    };
+    dispatch.received[stream_id.0][dispatch.table.event_type_label_index(stream_id, &event.event_type)].inc();
+    dispatch.table.route(stream_id, &event, targets);
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);
         return Accepted::Event;
     }
 
     let event = Arc::new(event);
+    let target_names: Vec<Arc<str>> = targets
+        .iter()
+        .map(|target| Arc::clone(dispatch.table.target_name(*target)))
+        .collect();
     let position = event.sse_id.as_deref();
     tokio::select! {
         () = stop.cancelled() => {
             telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
             Accepted::Stopped
         }
-        submitted = dispatch.store.submit(Arc::clone(&event), targets, position) => match submitted {
+        submitted = dispatch.store.submit(Arc::clone(&event), &target_names, position) => match submitted {
             Ok(false) => Accepted::Event,
             Ok(true) => {
                 telemetry.backpressure();

@@ -60,6 +60,7 @@ pub struct Metrics {
     dead_letters: IntCounterVec,
     oldest_pending: prometheus::GaugeVec,
     target_state: IntGaugeVec,
+    config_reloads: IntCounterVec,
     pub storage: Arc<StorageTelemetry>,
 }
 
@@ -204,6 +205,11 @@ impl Metrics {
                 "Circuit breaker of the target: 0 closed, 1 open, 2 half-open, 3 gone (410).",
                 &["target"],
             ),
+            config_reloads: counter(
+                "sse_relay_config_reloads_total",
+                "Config reloads (SIGHUP) by result: ok or failed.",
+                &["result"],
+            ),
             storage: Arc::new(StorageTelemetry {
                 errors: register(
                     &registry,
@@ -216,17 +222,31 @@ impl Metrics {
         })
     }
 
-    pub fn stream(&self, name: &str, event_type_labels: &[Arc<str>]) -> StreamTelemetry {
+    /// A reload was applied, or was refused and the running config stays.
+    pub fn config_reloaded(&self, applied: bool, problem: &dyn Display) {
+        if applied {
+            self.config_reloads.with_label_values(&["ok"]).inc();
+        } else {
+            self.config_reloads.with_label_values(&["failed"]).inc();
+            error!(error = %problem, "config reload failed; the running config stays");
+        }
+    }
+
+    /// `sse_relay_events_received_total` handles for one stream's event type labels.
+    pub fn events_received(&self, stream: &str, event_type_labels: &[Arc<str>]) -> Vec<IntCounter> {
+        event_type_labels
+            .iter()
+            .map(|label| self.events_received.with_label_values(&[stream, label]))
+            .collect()
+    }
+
+    pub fn stream(&self, name: &str) -> StreamTelemetry {
         StreamTelemetry {
             name: Arc::from(name),
             connected: self.stream_connected.with_label_values(&[name]),
             reconnects: DisconnectReason::ALL
                 .iter()
                 .map(|reason| self.stream_reconnects.with_label_values(&[name, reason.label()]))
-                .collect(),
-            events_received: event_type_labels
-                .iter()
-                .map(|label| self.events_received.with_label_values(&[name, label]))
                 .collect(),
             keepalives: self.keepalives.with_label_values(&[name]),
             unrouted: self.events_unrouted.with_label_values(&[name]),
@@ -316,7 +336,6 @@ pub struct StreamTelemetry {
     connected: IntGauge,
     /// Indexed by `DisconnectReason as usize`.
     reconnects: Vec<IntCounter>,
-    events_received: Vec<IntCounter>,
     keepalives: IntCounter,
     unrouted: IntCounter,
     dropped: IntCounterVec,
@@ -359,10 +378,6 @@ impl StreamTelemetry {
     pub fn disconnected_at_shutdown(&self) {
         self.connected.set(0);
         info!(stream = %self.name, "stream stopped");
-    }
-
-    pub fn event_received(&self, event_type_label_index: usize) {
-        self.events_received[event_type_label_index].inc();
     }
 
     pub fn keepalive(&self) {

@@ -215,7 +215,7 @@ mod tests {
 
     fn framer(max_event_bytes: usize) -> EventFramer<futures_util::stream::Empty<Result<Bytes, TransportError>>> {
         let metrics = Metrics::new();
-        let telemetry = Arc::new(metrics.stream("s", &[Arc::from("other")]));
+        let telemetry = Arc::new(metrics.stream("s"));
         EventFramer::new(futures_util::stream::empty(), max_event_bytes, telemetry)
     }
 

@@ -5,20 +5,20 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::delivery::DispatcherInput;
-use crate::event::{Event, TargetId};
+use crate::event::Event;
+use crate::queue::sqlite::Dispatchers;
 use crate::queue::{Pending, PendingLimit, StoreError};
 
 #[derive(Clone)]
 pub struct MemoryStore {
     next_id: Arc<AtomicI64>,
     pub(super) limit: Arc<PendingLimit>,
-    /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Arc<Mutex<Vec<DispatcherInput>>>,
+    /// By target name; emptied at shutdown so the dispatchers' inputs close.
+    dispatchers: Arc<Mutex<Dispatchers>>,
 }
 
 impl MemoryStore {
-    pub fn new(max_pending: u64, dispatchers: Vec<DispatcherInput>) -> MemoryStore {
+    pub fn new(max_pending: u64, dispatchers: Dispatchers) -> MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
@@ -28,7 +28,7 @@ impl MemoryStore {
 
     /// Hands one delivery per target to its dispatcher, waiting while one is full (which
     /// pauses the stream); returns whether it waited.
-    pub async fn submit(&self, event: &Arc<Event>, targets: &[TargetId]) -> Result<bool, StoreError> {
+    pub async fn submit(&self, event: &Arc<Event>, targets: &[Arc<str>]) -> Result<bool, StoreError> {
         let mut waited = false;
         for target in targets {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -36,7 +36,7 @@ impl MemoryStore {
                 .dispatchers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(target.0)
+                .get(target)
                 .cloned()
                 .ok_or(StoreError::Stopped)?;
             waited |= dispatcher
@@ -45,6 +45,10 @@ impl MemoryStore {
                 .map_err(|()| StoreError::Stopped)?;
         }
         Ok(waited)
+    }
+
+    pub fn set_dispatchers(&self, dispatchers: Dispatchers) {
+        *self.dispatchers.lock().unwrap_or_else(PoisonError::into_inner) = dispatchers;
     }
 
     pub fn finish_submissions(&self) {

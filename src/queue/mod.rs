@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, StorageMode};
-use crate::event::{Event, TargetId};
+use crate::event::Event;
 use crate::telemetry::StorageTelemetry;
 
 /// Identifies a delivery in its store; increases in the order deliveries were appended.
@@ -66,17 +66,14 @@ pub enum Store {
 
 impl Store {
     /// Opens the store; it hands every delivery it takes to its target's dispatcher in
-    /// `dispatchers` (indexed by `TargetId`), once the delivery is stored.
+    /// `dispatchers`, once the delivery is stored.
     pub fn open(
         config: &StorageConfig,
         storage: Arc<StorageTelemetry>,
         dispatchers: sqlite::Dispatchers,
     ) -> anyhow::Result<Store> {
         Ok(match config.mode {
-            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(
-                config.max_pending.0 as u64,
-                dispatchers.into_iter().map(|(_, dispatcher)| dispatcher).collect(),
-            )),
+            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64, dispatchers)),
             StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage, dispatchers)?),
         })
     }
@@ -91,7 +88,7 @@ impl Store {
     pub async fn submit(
         &self,
         event: Arc<Event>,
-        targets: &[TargetId],
+        targets: &[Arc<str>],
         position: Option<&str>,
     ) -> Result<bool, StoreError> {
         let waited_for_room = self.limit().reserve(targets.len() as u64).await;
@@ -162,9 +159,35 @@ impl Store {
         }
     }
 
+    /// Targets with deliveries in the store when it was opened.
+    pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
+        let names: Vec<&str> = match self {
+            Store::Memory(_) => Vec::new(),
+            Store::Sqlite(store) => store.pending_targets().collect(),
+        };
+        names.into_iter()
+    }
+
     /// True while submits wait for room (`max_pending` reached).
     pub fn is_full(&self) -> bool {
         self.limit().is_full()
+    }
+
+    /// A reload changed the targets: from now on, deliveries go to these dispatchers.
+    pub async fn set_dispatchers(&self, dispatchers: sqlite::Dispatchers) {
+        match self {
+            Store::Memory(store) => store.set_dispatchers(dispatchers),
+            Store::Sqlite(store) => store.set_dispatchers(dispatchers).await,
+        }
+    }
+
+    /// A reload removed a target: its pending deliveries become dead letters (SQLite) and the
+    /// count is returned; the memory store has none left by then.
+    pub async fn retire_target(&self, target: Arc<str>) -> Result<usize, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(0),
+            Store::Sqlite(store) => store.retire_target(target).await,
+        }
     }
 
     /// After the streams stopped: stores what was submitted, hands it on, and then lets the

@@ -25,7 +25,7 @@ use tracing::{error, warn};
 
 use crate::config::StorageConfig;
 use crate::delivery::DispatcherInput;
-use crate::event::{Event, EventId, TargetId};
+use crate::event::{Event, EventId};
 use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError};
 use crate::telemetry::StorageTelemetry;
 
@@ -86,10 +86,10 @@ pub const DELIVERY_COLUMNS: &str = "id, event_id, stream, sse_id, event_type, da
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// One event's deliveries, one per target, and the stream position it brings.
+/// One event's deliveries, one per target (by name), and the stream position it brings.
 pub struct Append {
     pub event: Arc<Event>,
-    pub targets: Vec<TargetId>,
+    pub targets: Vec<Arc<str>>,
     pub position: Option<Box<str>>,
 }
 
@@ -120,13 +120,23 @@ enum Update {
     FinishAppends {
         reply: oneshot::Sender<()>,
     },
+    /// A reload changed the targets: hand deliveries to these dispatchers from now on.
+    SetDispatchers {
+        dispatchers: Dispatchers,
+        reply: oneshot::Sender<()>,
+    },
+    /// A reload removed a target: its pending deliveries become dead letters.
+    RetireTarget {
+        target: Arc<str>,
+        reply: Reply<usize>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
 }
 
-/// A target's name and its dispatcher's input, indexed by `TargetId`.
-pub type Dispatchers = Vec<(Arc<str>, DispatcherInput)>;
+/// Each target's dispatcher input, by target name.
+pub type Dispatchers = HashMap<Arc<str>, DispatcherInput>;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -187,8 +197,7 @@ impl SqliteStore {
         let (updates, update_receiver) = mpsc::channel(MAX_GROUP);
         let writer = Writer {
             connection: Some(connection),
-            target_names: dispatchers.iter().map(|(name, _)| Arc::clone(name)).collect(),
-            dispatchers: dispatchers.into_iter().map(|(_, dispatcher)| dispatcher).collect(),
+            dispatchers,
             storage,
             retention: config.dead_letter_retention,
             last_purge: Instant::now() - PURGE_INTERVAL,
@@ -255,8 +264,33 @@ impl SqliteStore {
         self.positions.get(stream).cloned()
     }
 
+    pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
+        self.initial_pending.keys().map(String::as_str)
+    }
+
     pub fn initial_pending(&self, target: &str) -> u64 {
         self.initial_pending.get(target).copied().unwrap_or(0)
+    }
+
+    pub async fn set_dispatchers(&self, dispatchers: Dispatchers) {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .updates
+            .send(Update::SetDispatchers { dispatchers, reply })
+            .await
+            .is_ok()
+        {
+            let _ = answer.await;
+        }
+    }
+
+    pub async fn retire_target(&self, target: Arc<str>) -> Result<usize, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.updates
+            .send(Update::RetireTarget { target, reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?
     }
 
     pub async fn finish_appends(&self) {
@@ -277,9 +311,8 @@ impl SqliteStore {
 struct Writer {
     /// Lent to a blocking thread for each transaction.
     connection: Option<Connection>,
-    /// Indexed by `TargetId`; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Vec<DispatcherInput>,
-    target_names: Arc<[Arc<str>]>,
+    /// By target name; emptied at shutdown so the dispatchers' inputs close.
+    dispatchers: Dispatchers,
     storage: Arc<StorageTelemetry>,
     retention: Duration,
     last_purge: Instant,
@@ -330,6 +363,26 @@ impl Writer {
                         finished_appends = Some(reply);
                     }
                     Update::Close { reply } => close = Some(reply),
+                    Update::SetDispatchers { dispatchers, reply } => {
+                        // Appends taken so far were routed with the old targets: hand them on first.
+                        if !unwritten.is_empty()
+                            && let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await
+                        {
+                            unwritten = failed;
+                        }
+                        self.dispatchers = dispatchers;
+                        let _ = reply.send(());
+                    }
+                    Update::RetireTarget { target, reply } => {
+                        let retired = self
+                            .with_connection(move |connection| retire_target(connection, &target))
+                            .await;
+                        if let Err(err) = &retired {
+                            self.storage.errors.inc();
+                            error!(error = %err, "cannot dead-letter the deliveries of a removed target");
+                        }
+                        let _ = reply.send(retired.map_err(|err| StoreError::Failed(err.to_string())));
+                    }
                     update => writes.push(update),
                 }
             }
@@ -398,10 +451,9 @@ impl Writer {
     /// not all of them (a nearly full disk) still makes progress; those that fail are returned,
     /// in order, to be tried again.
     async fn write_appends(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
-        let target_names = Arc::clone(&self.target_names);
         let (batch, written) = self
             .with_connection(move |connection| {
-                let written = insert_appends(connection, &batch, &target_names);
+                let written = insert_appends(connection, &batch);
                 (batch, written)
             })
             .await;
@@ -418,10 +470,9 @@ impl Writer {
         self.storage.append_failed(&failure);
         let mut remaining = batch.into_iter();
         while let Some(append) = remaining.next() {
-            let target_names = Arc::clone(&self.target_names);
             let (append, written) = self
                 .with_connection(move |connection| {
-                    let written = insert_appends(connection, std::slice::from_ref(&append), &target_names);
+                    let written = insert_appends(connection, std::slice::from_ref(&append));
                     (append, written)
                 })
                 .await;
@@ -445,7 +496,7 @@ impl Writer {
         for append in appends {
             for target in &append.targets {
                 let Some(id) = ids.next() else { return };
-                if let Some(dispatcher) = self.dispatchers.get(target.0) {
+                if let Some(dispatcher) = self.dispatchers.get(target) {
                     dispatcher.offer(Pending::new(id, Arc::clone(&append.event)));
                 }
             }
@@ -497,11 +548,7 @@ impl Writer {
     }
 }
 
-fn insert_appends(
-    connection: &mut Connection,
-    batch: &[Append],
-    target_names: &[Arc<str>],
-) -> rusqlite::Result<Vec<DeliveryId>> {
+fn insert_appends(connection: &mut Connection, batch: &[Append]) -> rusqlite::Result<Vec<DeliveryId>> {
     let transaction = connection.transaction()?;
     let mut ids = Vec::with_capacity(batch.len());
     {
@@ -517,7 +564,7 @@ fn insert_appends(
             let event = &append.event;
             for target in &append.targets {
                 insert.execute(params![
-                    &*target_names[target.0],
+                    &**target,
                     event.id.0.as_bytes().as_slice(),
                     &*event.stream_name,
                     event.sse_id.as_deref(),
@@ -622,9 +669,28 @@ fn apply_update(transaction: &rusqlite::Transaction<'_>, update: Update) -> rusq
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
         }
-        Update::Load { .. } | Update::FinishAppends { .. } | Update::Close { .. } => {}
+        Update::Load { .. }
+        | Update::FinishAppends { .. }
+        | Update::Close { .. }
+        | Update::SetDispatchers { .. }
+        | Update::RetireTarget { .. } => {}
     }
     Ok(())
+}
+
+/// Moves every pending delivery of a removed target to the dead letters; returns how many.
+fn retire_target(connection: &mut Connection, target: &str) -> rusqlite::Result<usize> {
+    let transaction = connection.transaction()?;
+    let n_retired = transaction.execute(
+        "INSERT OR REPLACE INTO dead_letters (id, target, event_id, stream, sse_id, event_type, data, is_json,
+         received_at_ms, n_attempts, last_status, last_error, dead_at_ms)
+         SELECT id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms, n_attempts,
+         NULL, 'the target was removed from the config', ?2 FROM deliveries WHERE target = ?1",
+        params![target, millis(SystemTime::now())],
+    )?;
+    transaction.execute("DELETE FROM deliveries WHERE target = ?1", [target])?;
+    transaction.commit()?;
+    Ok(n_retired)
 }
 
 fn load(

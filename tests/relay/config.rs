@@ -99,3 +99,32 @@ fn the_example_config_is_valid() {
     assert_eq!(config.streams.len(), 2);
     assert_eq!(config.routes.len(), 3);
 }
+
+#[test]
+fn secrets_can_come_from_files_and_systemd_credentials() {
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::write(directory.path().join("token"), "from-a-file\n").unwrap();
+    std::fs::write(directory.path().join("hook-url"), "http://127.0.0.1:9/hook\n").unwrap();
+    let yaml = format!(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    headers: {{ Authorization: \"Bearer ${{file:{}}}\" }}\ntargets:\n  n8n: {{ url: \"${{cred:hook-url}}\" }}\n",
+        directory.path().join("token").display()
+    );
+    let credentials = directory.path().display().to_string();
+    let config = parse_config(&yaml, &[("CREDENTIALS_DIRECTORY", &credentials)]).unwrap();
+    let authorization = &config.streams["chat"].headers.values().next().unwrap().0;
+    assert_eq!(authorization, "Bearer from-a-file");
+    assert_eq!(config.targets["n8n"].url.0.as_str(), "http://127.0.0.1:9/hook");
+    assert_eq!(config.n_literal_secrets, 0);
+
+    let missing = parse_config(
+        &yaml.replace("token", "absent"),
+        &[("CREDENTIALS_DIRECTORY", &credentials)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(missing.starts_with("test.yaml:4:"), "{missing}");
+    assert!(
+        missing.contains("cannot read the secret file") && missing.contains("absent"),
+        "{missing}"
+    );
+}

@@ -184,3 +184,31 @@ routes:
     }
     assert!(logs.contains(r#""message":"relay stopped""#), "{logs}");
 }
+
+#[tokio::test]
+async fn check_warns_about_literal_secrets_in_a_world_readable_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let directory = tempfile::tempdir().unwrap();
+    let literal = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    headers: { Authorization: \"Bearer literal-0006\" }\ntargets: {}\n";
+    let path = write_config(&directory, "relay.yaml", literal);
+    let stderr_of = |output: Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warned = stderr_of(check(&path, &[]).await);
+    assert!(
+        warned.contains("is readable by every user and holds 1 credential(s) written literally"),
+        "{warned}"
+    );
+    assert!(!warned.contains("literal-0006"), "{warned}");
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(stderr_of(check(&path, &[]).await), "");
+
+    let referenced = write_config(
+        &directory,
+        "referenced.yaml",
+        &literal.replace("literal-0006", "${TOKEN}"),
+    );
+    std::fs::set_permissions(&referenced, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(stderr_of(check(&referenced, &[("TOKEN", "t")]).await), "");
+}

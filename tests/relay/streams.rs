@@ -443,3 +443,25 @@ async fn bad_upstream_input_is_counted_and_the_stream_survives() {
     );
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_token_guards_metrics_but_not_health() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = both_streams(&upstream, "", &everything_to(&sink, "")).replace(
+        "admin: { listen: \"127.0.0.1:0\" }",
+        "admin: { listen: \"127.0.0.1:0\", token: \"${ADMIN_TOKEN}\" }",
+    );
+    let relay = TestRelay::start_with_env(&yaml, &[("ADMIN_TOKEN", "admin-0007")]).await;
+    let metrics_url = format!("http://{}/metrics", relay.admin);
+    let client = reqwest::Client::new();
+    let without = client.get(&metrics_url).send().await.unwrap();
+    assert_eq!(without.status(), 401);
+    let wrong = client.get(&metrics_url).bearer_auth("admin-0008").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let with = client.get(&metrics_url).bearer_auth("admin-0007").send().await.unwrap();
+    assert_eq!(with.status(), 200);
+    assert!(with.text().await.unwrap().contains("sse_relay_build_info"));
+    assert_eq!(relay.get("/healthz").await.0, 200);
+    relay.stop().await;
+}
