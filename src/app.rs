@@ -372,12 +372,12 @@ impl Relay {
         // Streams: unchanged ones keep their connection.
         let mut restarted = Vec::new();
         for name in self.streams.keys().cloned().collect::<Vec<_>>() {
-            if config.streams.get(&name) != Some(&self.streams[&name].config) {
-                if let Some(old) = self.streams.remove(&name) {
-                    old.stop.cancel();
-                    let _ = old.task.await;
-                    restarted.push(name);
-                }
+            if config.streams.get(&name) != Some(&self.streams[&name].config)
+                && let Some(old) = self.streams.remove(&name)
+            {
+                old.stop.cancel();
+                let _ = old.task.await;
+                restarted.push(name);
             }
         }
         for (name, stream_config) in &config.streams {
