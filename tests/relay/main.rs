@@ -5,5 +5,6 @@ mod config;
 mod delivery;
 mod durability;
 mod process;
+mod reload;
 mod streams;
 mod support;

@@ -103,6 +103,13 @@ impl TestRelay {
         }
     }
 
+    /// Applies a new config, as SIGHUP does; the storage path stays the running one's.
+    pub async fn reload(&mut self, yaml: &str) -> anyhow::Result<()> {
+        let mut config = parse_config(yaml, &[]).map_err(anyhow::Error::new)?;
+        config.storage.path = config::Text(self._storage.path().display().to_string());
+        self.relay.as_mut().expect("running").reload(config).await
+    }
+
     pub async fn stop(mut self) {
         if let Some(relay) = self.relay.take() {
             relay.shutdown().await.expect("the relay stops cleanly");
