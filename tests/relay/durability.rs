@@ -3,9 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 use sse_relay::emulator::{Api, Upstream};
@@ -25,12 +23,7 @@ struct ChildRelay {
 impl ChildRelay {
     async fn new(upstream: &Upstream, sink: &Sink, target_extra: &str) -> ChildRelay {
         let directory = tempfile::tempdir().unwrap();
-        let admin_port = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let admin_port = crate::support::free_port().await;
         let yaml = format!(
             r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
@@ -67,14 +60,7 @@ routes:
     }
 
     fn spawn(&self) -> Child {
-        Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(self.config_path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+        crate::support::spawn_relay(&self.config_path(), &[])
     }
 
     async fn dlq(&self, args: &[&str]) -> String {

@@ -2,7 +2,7 @@
 
 use std::process::{Output, Stdio};
 
-use tokio::net::{TcpListener, UnixDatagram};
+use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
 use sse_relay::emulator::{Api, Upstream};
@@ -110,12 +110,7 @@ async fn runs_under_a_service_manager_and_exits_0_on_sigterm() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = crate::support::free_port().await;
     let yaml = format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}

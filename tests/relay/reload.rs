@@ -1,9 +1,6 @@
 //! Reloading the config while the relay runs: in-process with `Relay::reload`, and with SIGHUP
 //! on the binary.
 
-use std::process::Stdio;
-
-use tokio::net::TcpListener;
 use tokio::process::Command;
 
 use sse_relay::emulator::{Api, Upstream};
@@ -78,12 +75,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/doomed", 503);
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = crate::support::free_port().await;
     let config = |targets: &[&str]| {
         format!(
             "admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\nstorage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: {}\n    event_type: [/type]\n{}",
@@ -94,14 +86,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     };
     let path = directory.path().join("relay.yaml");
     std::fs::write(&path, config(&["kept", "doomed"])).unwrap();
-    let relay = Command::new(env!("CARGO_BIN_EXE_sse-relay"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let relay = crate::support::spawn_relay(&path, &[]);
     let pid = i32::try_from(relay.id().unwrap()).unwrap();
     let hang_up = || {
         // SAFETY: signals the child this test started and still owns.

@@ -23,6 +23,26 @@ pub fn parse_config(yaml: &str, env: &[(&str, &str)]) -> Result<Config, config::
     )
 }
 
+/// A loopback port that was free a moment ago, for a child relay's admin server.
+pub async fn free_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The relay binary running `run --config config`, with `env` added and its logs discarded.
+pub fn spawn_relay(config: &std::path::Path, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"));
+    command.args(["run", "--config"]).arg(config).env("RUST_LOG", "warn");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the relay binary starts")
+}
+
 /// Waits until `check` holds, polling every 10 ms; panics naming `what` at the deadline.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
