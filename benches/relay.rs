@@ -63,9 +63,26 @@ async fn main() {
     if options.runs("reconnect") {
         figures.extend(reconnect_gap(&options).await);
     }
+    if options.runs("ceiling") {
+        figures.extend(ceiling(&options).await);
+    }
     for storage in ["memory", "sqlite"] {
         if options.runs(&format!("throughput-{storage}")) {
             figures.extend(throughput(&options, storage).await);
+        }
+    }
+    if options.runs("fan-out") {
+        figures.extend(fan_out(&options).await);
+    }
+    for storage in ["memory", "sqlite"] {
+        if options.runs(&format!("latency-{storage}")) {
+            figures.extend(latency(&options, storage).await);
+        }
+    }
+    if options.runs("rss") {
+        let stream_counts: &[usize] = if options.quick { &[1, 100] } else { &[1, 1_000, 10_000] };
+        for &n_streams in stream_counts {
+            figures.extend(idle_rss(n_streams).await);
         }
     }
 
@@ -135,6 +152,42 @@ fn spawn_relay(config: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("the relay binary starts")
+}
+
+impl RelayProcess {
+    fn pid(&self) -> u32 {
+        self.child.id().expect("the relay is running")
+    }
+}
+
+/// Peak resident memory of a process, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// CPU time (user and system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / ticks_per_second
 }
 
 impl Drop for RelayProcess {
@@ -239,6 +292,7 @@ async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
         r#"{{"type":"workflow_update","node_execution":{{"status":"completed","output":"{}"}}}}"#,
         "x".repeat(200)
     );
+    let cpu_before = cpu_seconds(_relay.pid());
     let started = Instant::now();
     for _ in 0..n_events {
         upstream.publish_event(Api::Chat, &body);
@@ -249,14 +303,233 @@ async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
     assert_eq!(delivered.len(), n_events, "not every event arrived");
     let last = delivered.iter().map(|request| request.received_at).max().unwrap();
     let seconds = last.duration_since(started).as_secs_f64();
-    vec![Figure {
-        scenario: if storage == "memory" {
-            "throughput 1→1 memory"
-        } else {
-            "throughput 1→1 sqlite"
+    let cpu_per_100k = (cpu_seconds(_relay.pid()) - cpu_before) * 100_000.0 / n_events as f64;
+    let scenario = if storage == "memory" {
+        "throughput 1→1 memory"
+    } else {
+        "throughput 1→1 sqlite"
+    };
+    vec![
+        Figure {
+            scenario,
+            name: "relay CPU s/100k events",
+            value: cpu_per_100k,
+            unit: "s",
         },
+        Figure {
+            scenario: if storage == "memory" {
+                "throughput 1→1 memory"
+            } else {
+                "throughput 1→1 sqlite"
+            },
+            name: "events/s",
+            value: n_events as f64 / seconds,
+            unit: "events/s",
+        },
+    ]
+}
+
+/// The best any relay could do here: the bench POSTs the same bodies straight to the sink, with
+/// the relay's concurrency (32 requests in flight) and a pooled keep-alive client.
+async fn ceiling(options: &Options) -> Vec<Figure> {
+    let n_events = if options.quick { 2_000 } else { 50_000 };
+    let sink = Sink::start().await.unwrap();
+    let client = reqwest::Client::new();
+    let url = sink.url("/hook");
+    let body = format!(
+        r#"{{"type":"workflow_update","node_execution":{{"status":"completed","output":"{}"}}}}"#,
+        "x".repeat(200)
+    );
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    let concurrency = 32;
+    for worker in 0..concurrency {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        let n_mine = n_events / concurrency + usize::from(worker < n_events % concurrency);
+        senders.spawn(async move {
+            for _ in 0..n_mine {
+                client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    let seconds = started.elapsed().as_secs_f64();
+    vec![Figure {
+        scenario: "ceiling: direct POSTs",
         name: "events/s",
         value: n_events as f64 / seconds,
         unit: "events/s",
+    }]
+}
+
+/// 100 streams, every event routed to 4 targets: the emulator publishes each chat event to all
+/// 100 connections.
+async fn fan_out(options: &Options) -> Vec<Figure> {
+    let n_streams = 100;
+    let n_published = if options.quick { 20 } else { 200 };
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage_directory = tempfile::tempdir().unwrap();
+    let mut yaml = format!(
+        "storage: {{ mode: memory, path: \"{}\" }}\nstreams:\n",
+        storage_directory.path().display()
+    );
+    for stream in 0..n_streams {
+        yaml.push_str(&format!(
+            "  s{stream}: {{ url: \"{}\", keepalive: [keepalive] }}\n",
+            upstream.chat_url(&format!("c{stream}"))
+        ));
+    }
+    yaml.push_str("targets:\n");
+    for target in 0..4 {
+        yaml.push_str(&format!(
+            "  t{target}: {{ url: \"{}\", max_in_flight: 32, queue_capacity: 100000 }}\n",
+            sink.url(&format!("/t{target}"))
+        ));
+    }
+    yaml.push_str("routes:\n  - stream: \"*\"\n    targets: [t0, t1, t2, t3]\n");
+    let relay = RelayProcess::start(&yaml).await;
+    assert!(
+        upstream
+            .wait_for_clients(Api::Chat, n_streams, Duration::from_secs(30))
+            .await
+    );
+    let body = format!(r#"{{"type":"workflow_update","output":"{}"}}"#, "x".repeat(200));
+    let cpu_before = cpu_seconds(relay.pid());
+    let started = Instant::now();
+    for _ in 0..n_published {
+        upstream.publish_event(Api::Chat, &body);
+    }
+    let n_events = n_published * n_streams;
+    for target in 0..4 {
+        let delivered = sink
+            .wait_for_delivered(&format!("/t{target}"), n_events, Duration::from_secs(300))
+            .await;
+        assert_eq!(delivered.len(), n_events, "not every event reached t{target}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(relay.pid()) - cpu_before;
+    vec![
+        Figure {
+            scenario: "fan-out 100 streams → 4 targets",
+            name: "events/s",
+            value: n_events as f64 / seconds,
+            unit: "events/s",
+        },
+        Figure {
+            scenario: "fan-out 100 streams → 4 targets",
+            name: "deliveries/s",
+            value: (n_events * 4) as f64 / seconds,
+            unit: "deliveries/s",
+        },
+        Figure {
+            scenario: "fan-out 100 streams → 4 targets",
+            name: "relay CPU s/100k events",
+            value: cpu * 100_000.0 / n_events as f64,
+            unit: "s",
+        },
+    ]
+}
+
+/// End-to-end latency at a steady 1,000 events/s: from the emulator's publish to the sink's
+/// receipt, matched by the event's sequence number.
+async fn latency(options: &Options, storage: &'static str) -> Vec<Figure> {
+    let n_events = if options.quick { 1_000 } else { 10_000 };
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage_directory = tempfile::tempdir().unwrap();
+    let _relay = RelayProcess::start(&format!(
+        "storage: {{ mode: {storage}, path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 32 }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
+        path = storage_directory.path().display(),
+        url = upstream.chat_url("bench"),
+        hook = sink.url("/hook"),
+    ))
+    .await;
+    assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
+    let mut emitted = Vec::with_capacity(n_events);
+    let mut ticks = tokio::time::interval(Duration::from_millis(1));
+    for n in 0..n_events {
+        ticks.tick().await;
+        emitted.push(Instant::now());
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"workflow_update","n":{n}}}"#));
+    }
+    let delivered = sink
+        .wait_for_delivered("/hook", n_events, Duration::from_secs(120))
+        .await;
+    assert_eq!(delivered.len(), n_events, "not every event arrived");
+    let mut latencies_ms: Vec<f64> = delivered
+        .iter()
+        .filter_map(|request| {
+            let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+            let n = value["n"].as_u64()? as usize;
+            Some(request.received_at.duration_since(emitted[n]).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies_ms.sort_by(f64::total_cmp);
+    let scenario = if storage == "memory" {
+        "latency at 1000/s memory"
+    } else {
+        "latency at 1000/s sqlite"
+    };
+    let figure = |name, value| Figure {
+        scenario,
+        name,
+        value,
+        unit: "ms",
+    };
+    vec![
+        figure("p50", percentile(&latencies_ms, 0.50)),
+        figure("p99", percentile(&latencies_ms, 0.99)),
+        figure("max", latencies_ms.last().copied().unwrap_or(f64::NAN)),
+    ]
+}
+
+/// Peak resident memory of the relay with `n_streams` streams connected and idle.
+async fn idle_rss(n_streams: usize) -> Vec<Figure> {
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage_directory = tempfile::tempdir().unwrap();
+    let mut yaml = format!(
+        "storage: {{ path: \"{}\" }}\nstreams:\n",
+        storage_directory.path().display()
+    );
+    for stream in 0..n_streams {
+        yaml.push_str(&format!(
+            "  s{stream}: {{ url: \"{}\", keepalive: [keepalive] }}\n",
+            upstream.chat_url(&format!("c{stream}"))
+        ));
+    }
+    yaml.push_str(&format!(
+        "targets:\n  sink: {{ url: \"{}\" }}\nroutes:\n  - stream: \"*\"\n    targets: [sink]\n",
+        sink.url("/hook")
+    ));
+    let relay = RelayProcess::start(&yaml).await;
+    let connected = upstream
+        .wait_for_clients(Api::Chat, n_streams, Duration::from_secs(120))
+        .await;
+    assert!(
+        connected,
+        "only {} of {n_streams} streams connected",
+        upstream.connected_clients(Api::Chat)
+    );
+    // Let a few keepalives pass, so the figure includes steady state, not only the connecting.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let scenario: &'static str = match n_streams {
+        1 => "idle RSS, 1 stream",
+        100 => "idle RSS, 100 streams",
+        1_000 => "idle RSS, 1,000 streams",
+        _ => "idle RSS, 10,000 streams",
+    };
+    vec![Figure {
+        scenario,
+        name: "peak RSS",
+        value: peak_rss_mib(relay.pid()),
+        unit: "MiB",
     }]
 }
