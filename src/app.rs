@@ -152,6 +152,9 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let user_agent = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
     let delivery_client = reqwest::Client::builder()
         .user_agent(user_agent)
+        // A redirected POST would become a GET elsewhere, carrying the target's headers there:
+        // a 3xx is a permanent failure instead (see delivery/retry.rs).
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
@@ -205,14 +208,11 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         stop_admin,
         admin,
     };
-    for (((index, (name, target_config)), output), input) in config
-        .targets
-        .iter()
-        .enumerate()
-        .zip(outputs)
-        .zip(config.targets.keys().map(|name| inputs[name.as_str()].clone()))
-    {
-        let target = relay.start_target(TargetId(index), name, target_config, input, output)?;
+    for ((index, (name, target_config)), output) in config.targets.iter().enumerate().zip(outputs) {
+        let telemetry = relay.metrics.target(name);
+        telemetry.queue_depth.set(relay.store.initial_pending(name) as i64);
+        let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
+        let target = relay.start_target(runtime, target_config, inputs[name.as_str()].clone(), output);
         relay.targets.insert(name.clone(), target);
     }
     for (name, stream_config) in &config.streams {
@@ -250,24 +250,23 @@ impl Relay {
 
     fn start_target(
         &self,
-        id: TargetId,
-        name: &str,
+        target: Arc<TargetRuntime>,
         config: &TargetConfig,
         input: DispatcherInput,
         output: delivery::DispatcherOutput,
-    ) -> anyhow::Result<RunningTarget> {
-        let telemetry = self.metrics.target(name);
-        telemetry.queue_depth.set(self.store.initial_pending(name) as i64);
-        let target = Arc::new(TargetRuntime::new(id, config, telemetry)?);
+    ) -> RunningTarget {
         let stop = CancellationToken::new();
         let task = delivery::spawn_dispatcher(&target, output, &self.store, &self.delivery_client, &stop);
-        info!(target = %name, url = %target.display_url, max_in_flight = target.max_in_flight, "target ready");
-        Ok(RunningTarget {
+        info!(
+            target = %target.telemetry.name, url = %target.display_url, max_in_flight = target.max_in_flight,
+            "target ready"
+        );
+        RunningTarget {
             config: config.clone(),
             input,
             stop,
             task,
-        })
+        }
     }
 
     fn start_stream(&self, name: &str, config: &StreamConfig) -> anyhow::Result<RunningStream> {
@@ -278,18 +277,27 @@ impl Relay {
             Arc::clone(&telemetry),
             &self.stream_client,
         )?;
+        Ok(self.spawn_stream(config.clone(), runtime, telemetry))
+    }
+
+    fn spawn_stream(
+        &self,
+        config: StreamConfig,
+        runtime: StreamRuntime,
+        telemetry: Arc<StreamTelemetry>,
+    ) -> RunningStream {
         let stop = CancellationToken::new();
         let task = tokio::spawn(source::run_stream(
             Arc::new(runtime),
             self.dispatch.subscribe(),
             stop.clone(),
         ));
-        Ok(RunningStream {
-            config: config.clone(),
+        RunningStream {
+            config,
             telemetry,
             stop,
             task,
-        })
+        }
     }
 
     fn publish_streams_to_admin(&self) {
@@ -325,37 +333,55 @@ impl Relay {
             "admin and storage settings change only with a restart; nothing was changed"
         );
 
-        // Targets first, so that the new routing table never names a target without a
-        // dispatcher. New and changed targets get new dispatchers; the store switches to them
-        // before the old ones stop, so that nothing submitted meanwhile lands nowhere.
-        let mut inputs = HashMap::new();
-        let mut replaced = Vec::new();
-        let mut started = BTreeMap::new();
+        // Everything that can fail comes first, while nothing has changed yet.
+        let mut new_targets = Vec::new();
         for (index, (name, target_config)) in config.targets.iter().enumerate() {
-            match self.targets.get(name) {
-                Some(running) if running.config == *target_config => {
-                    inputs.insert(Arc::from(name.as_str()), running.input.clone());
-                }
-                _ => {
-                    let (input, output) = delivery::dispatcher_input(self.metrics.target(name).queue_depth.clone());
-                    let target = self.start_target(TargetId(index), name, target_config, input.clone(), output)?;
-                    inputs.insert(Arc::from(name.as_str()), input);
-                    started.insert(name.clone(), target);
-                }
+            if self
+                .targets
+                .get(name)
+                .is_some_and(|running| running.config == *target_config)
+            {
+                continue;
+            }
+            let telemetry = self.metrics.target(name);
+            let (input, output) = delivery::dispatcher_input(telemetry.queue_depth.clone());
+            let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
+            new_targets.push((name.clone(), target_config.clone(), runtime, input, output));
+        }
+        let table = RoutingTable::new(&config);
+        let mut new_streams = Vec::new();
+        for (name, stream_config) in &config.streams {
+            if self
+                .streams
+                .get(name)
+                .is_some_and(|running| running.config == *stream_config)
+            {
+                continue;
+            }
+            let telemetry = Arc::new(self.metrics.stream(name));
+            let runtime = StreamRuntime::new(stream_config, &table, Arc::clone(&telemetry), &self.stream_client)?;
+            new_streams.push((name.clone(), stream_config.clone(), runtime, telemetry));
+        }
+
+        // The store switches to the new inputs before the routing table names them, and before
+        // the old dispatchers stop; a new input buffers (or, with SQLite, leaves on disk) what
+        // arrives until its dispatcher starts, after the old one has stopped, so that the two
+        // never attempt the same delivery.
+        let mut inputs: HashMap<Arc<str>, DispatcherInput> = HashMap::new();
+        for (name, running) in &self.targets {
+            if config.targets.get(name) == Some(&running.config) {
+                inputs.insert(Arc::from(name.as_str()), running.input.clone());
             }
         }
+        for (name, _, _, input, _) in &new_targets {
+            inputs.insert(Arc::from(name.as_str()), input.clone());
+        }
         self.store.set_dispatchers(inputs).await;
-        self.dispatch.send_replace(Arc::new(Dispatch::new(
-            RoutingTable::new(&config),
-            self.store.clone(),
-            &self.metrics,
-        )));
+        self.dispatch
+            .send_replace(Arc::new(Dispatch::new(table, self.store.clone(), &self.metrics)));
+        let mut replaced = Vec::new();
         for name in self.targets.keys().cloned().collect::<Vec<_>>() {
-            let kept = config
-                .targets
-                .get(&name)
-                .is_some_and(|new| *new == self.targets[&name].config);
-            if kept {
+            if config.targets.get(&name) == Some(&self.targets[&name].config) {
                 continue;
             }
             if let Some(old) = self.targets.remove(&name) {
@@ -367,7 +393,10 @@ impl Relay {
                 retire_target(&self.store, &name).await;
             }
         }
-        self.targets.extend(started);
+        for (name, target_config, runtime, input, output) in new_targets {
+            let target = self.start_target(runtime, &target_config, input, output);
+            self.targets.insert(name, target);
+        }
 
         // Streams: unchanged ones keep their connection.
         let mut restarted = Vec::new();
@@ -380,11 +409,9 @@ impl Relay {
                 restarted.push(name);
             }
         }
-        for (name, stream_config) in &config.streams {
-            if !self.streams.contains_key(name) {
-                let stream = self.start_stream(name, stream_config)?;
-                self.streams.insert(name.clone(), stream);
-            }
+        for (name, stream_config, runtime, telemetry) in new_streams {
+            let stream = self.spawn_stream(stream_config, runtime, telemetry);
+            self.streams.insert(name, stream);
         }
         self.publish_streams_to_admin();
         info!(
@@ -407,7 +434,14 @@ impl Relay {
         for (_, stream) in std::mem::take(&mut self.streams) {
             let _ = stream.task.await;
         }
-        self.store.finish_submissions().await;
+        // Bounded: with a full disk the store may never take what is still waiting.
+        let grace_period = self.config.shutdown.grace_period;
+        if tokio::time::timeout(grace_period, self.store.finish_submissions())
+            .await
+            .is_err()
+        {
+            warn!("events waiting for storage at shutdown were not stored");
+        }
 
         let targets = std::mem::take(&mut self.targets);
         let stops: Vec<CancellationToken> = targets.values().map(|target| target.stop.clone()).collect();

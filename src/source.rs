@@ -139,7 +139,11 @@ pub fn reconnect_delay(
 /// Runs the stream until `stop` is cancelled; `dispatch` is the current routing table and store.
 pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Arc<Dispatch>>, stop: CancellationToken) {
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
-    let mut last_event_id: Option<String> = dispatch.borrow().store.last_event_id(&stream.telemetry.name);
+    let mut last_event_id: Option<String> = dispatch
+        .borrow()
+        .store
+        .last_event_id(&stream.telemetry.name)
+        .filter(|id| http::HeaderValue::from_str(id).is_ok());
     let mut backoff = stream.error_backoff();
     let mut targets = Vec::new();
     while let Some(end) = read_connection(&stream, &dispatch, &mut last_event_id, &mut targets, &stop).await {
@@ -333,11 +337,15 @@ async fn accept(
     }
 
     let event = Arc::new(event);
+    // Only an id that can be sent back as Last-Event-ID is worth storing for the next run.
+    let position = event
+        .sse_id
+        .as_deref()
+        .filter(|id| http::HeaderValue::from_str(id).is_ok());
     let target_names: Vec<Arc<str>> = targets
         .iter()
         .map(|target| Arc::clone(dispatch.table.target_name(*target)))
         .collect();
-    let position = event.sse_id.as_deref();
     tokio::select! {
         () = stop.cancelled() => {
             telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");

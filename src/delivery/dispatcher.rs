@@ -207,6 +207,10 @@ impl Dispatcher {
 
     /// Starts every attempt the gates allow; returns when something next could start.
     fn start_attempts(&mut self) -> Option<Instant> {
+        // Shutting down with a durable store: what has not started stays on disk for next time.
+        if self.input_closed && self.store.is_durable() {
+            return None;
+        }
         let now = Instant::now();
         let wall_now = SystemTime::now();
         // Retries that are due go first, ahead of fresh deliveries.
@@ -418,6 +422,7 @@ impl Dispatcher {
             return;
         }
         let n_held = self.in_memory.len() as u64;
+        self.store.release_abandoned(n_held);
         self.target.telemetry.abandoned(
             n_held,
             "deliveries still queued at shutdown were not delivered (the in-memory store does not survive a restart)",

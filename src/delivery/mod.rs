@@ -140,16 +140,22 @@ impl DispatcherInput {
     }
 
     /// For the memory store: waits for room, which pauses the stream. Returns whether it
-    /// waited, or an error once the dispatcher has stopped.
-    pub async fn send(&self, pending: Pending) -> Result<bool, ()> {
-        self.queue_depth.inc();
-        match self.sender.try_send(pending) {
+    /// waited, or the delivery back once the dispatcher has stopped.
+    pub async fn send(&self, pending: Pending) -> Result<bool, Pending> {
+        let sent = match self.sender.try_send(pending) {
             Ok(()) => Ok(false),
-            Err(mpsc::error::TrySendError::Full(pending)) => {
-                self.sender.send(pending).await.map(|()| true).map_err(drop)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            Err(mpsc::error::TrySendError::Full(pending)) => self
+                .sender
+                .send(pending)
+                .await
+                .map(|()| true)
+                .map_err(|mpsc::error::SendError(pending)| pending),
+            Err(mpsc::error::TrySendError::Closed(pending)) => Err(pending),
+        };
+        if sent.is_ok() {
+            self.queue_depth.inc();
         }
+        sent
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::delivery::DispatcherInput;
 use crate::event::Event;
 use crate::queue::sqlite::Dispatchers;
 use crate::queue::{Pending, PendingLimit, StoreError};
@@ -32,19 +33,33 @@ impl MemoryStore {
         let mut waited = false;
         for target in targets {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let dispatcher = self
-                .dispatchers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(target)
-                .cloned()
-                .ok_or(StoreError::Stopped)?;
-            waited |= dispatcher
-                .send(Pending::new(id, Arc::clone(event)))
-                .await
-                .map_err(|()| StoreError::Stopped)?;
+            // A reload may replace the dispatcher while this waits for room: then the delivery
+            // goes to its successor.
+            let mut pending = Pending::new(id, Arc::clone(event));
+            for _ in 0..2 {
+                let Some(dispatcher) = self.dispatcher(target) else {
+                    // The target was removed by a reload, or the relay is stopping.
+                    self.limit.release(1);
+                    break;
+                };
+                match dispatcher.send(pending).await {
+                    Ok(waited_here) => {
+                        waited |= waited_here;
+                        break;
+                    }
+                    Err(returned) => pending = returned,
+                }
+            }
         }
         Ok(waited)
+    }
+
+    fn dispatcher(&self, target: &str) -> Option<DispatcherInput> {
+        self.dispatchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(target)
+            .cloned()
     }
 
     pub fn set_dispatchers(&self, dispatchers: Dispatchers) {

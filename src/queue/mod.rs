@@ -184,10 +184,19 @@ impl Store {
     /// A reload removed a target: its pending deliveries become dead letters (SQLite) and the
     /// count is returned; the memory store has none left by then.
     pub async fn retire_target(&self, target: Arc<str>) -> Result<usize, StoreError> {
-        match self {
+        let retired = match self {
             Store::Memory(_) => Ok(0),
             Store::Sqlite(store) => store.retire_target(target).await,
+        };
+        if let Ok(n_retired) = retired {
+            self.limit().release(n_retired as u64);
         }
+        retired
+    }
+
+    /// Deliveries a stopped memory dispatcher dropped no longer count against `max_pending`.
+    pub fn release_abandoned(&self, n_deliveries: u64) {
+        self.limit().release(n_deliveries);
     }
 
     /// After the streams stopped: stores what was submitted, hands it on, and then lets the

@@ -23,10 +23,24 @@ pub fn parse_config(yaml: &str, env: &[(&str, &str)]) -> Result<Config, config::
     )
 }
 
-/// A loopback port that was free a moment ago, for a child relay's admin server.
+/// A loopback port that was free a moment ago, for a child relay's admin server. It is taken
+/// below Linux's ephemeral range (32768 and up): a port from that range could be handed to some
+/// other connection as its source port between this check and the relay's bind, or between a
+/// relay's kill and its restart.
 pub async fn free_port() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id();
+    loop {
+        let candidate =
+            20_000 + (seed.wrapping_add(NEXT.fetch_add(7919, std::sync::atomic::Ordering::Relaxed)) % 12_000);
+        if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", candidate as u16)).await {
+            return listener.local_addr().unwrap().port();
+        }
+    }
 }
 
 /// The relay binary running `run --config config`, with `env` added and its logs discarded.
@@ -36,8 +50,14 @@ pub fn spawn_relay(config: &std::path::Path, env: &[(&str, &str)]) -> tokio::pro
     for (name, value) in env {
         command.env(name, value);
     }
+    // TEST_RELAY_LOGS=1 shows the child's logs, for a failing test.
+    let logs = if std::env::var_os("TEST_RELAY_LOGS").is_some() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    };
     command
-        .stdout(std::process::Stdio::null())
+        .stdout(logs)
         .kill_on_drop(true)
         .spawn()
         .expect("the relay binary starts")
