@@ -244,10 +244,6 @@ impl Relay {
         self.admin_addr
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     fn start_target(
         &self,
         target: Arc<TargetRuntime>,

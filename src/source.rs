@@ -351,7 +351,7 @@ async fn accept(
             telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
             Accepted::Stopped
         }
-        submitted = dispatch.store.submit(Arc::clone(&event), &target_names, position) => match submitted {
+        submitted = dispatch.store.submit(Arc::clone(&event), target_names, position) => match submitted {
             Ok(false) => Accepted::Event,
             Ok(true) => {
                 telemetry.backpressure();

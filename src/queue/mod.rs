@@ -88,16 +88,17 @@ impl Store {
     pub async fn submit(
         &self,
         event: Arc<Event>,
-        targets: &[Arc<str>],
+        targets: Vec<Arc<str>>,
         position: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let waited_for_room = self.limit().reserve(targets.len() as u64).await;
+        let n_deliveries = targets.len() as u64;
+        let waited_for_room = self.limit().reserve(n_deliveries).await;
         let submitted = match self {
-            Store::Memory(store) => store.submit(&event, targets).await,
+            Store::Memory(store) => store.submit(&event, &targets).await,
             Store::Sqlite(store) => {
                 let append = sqlite::Append {
                     event,
-                    targets: targets.to_vec(),
+                    targets,
                     position: position.map(Box::from),
                 };
                 store.submit(append).await
@@ -106,7 +107,7 @@ impl Store {
         match submitted {
             Ok(waited) => Ok(waited || waited_for_room),
             Err(err) => {
-                self.limit().release(targets.len() as u64);
+                self.limit().release(n_deliveries);
                 Err(err)
             }
         }

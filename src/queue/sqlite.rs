@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until as tokio_sleep_until;
 use tracing::{error, warn};
@@ -745,17 +745,6 @@ pub fn millis(time: SystemTime) -> i64 {
 
 pub fn from_millis(millis: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
-}
-
-/// The stored last event id of a stream, for tests and tools.
-pub fn stored_position(connection: &Connection, stream: &str) -> rusqlite::Result<Option<String>> {
-    connection
-        .query_row(
-            "SELECT last_event_id FROM stream_positions WHERE stream = ?1",
-            [stream],
-            |row| row.get(0),
-        )
-        .optional()
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
