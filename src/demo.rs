@@ -1,19 +1,26 @@
 //! `sse-relay demo`: the relay end to end on this machine, with no credentials and no config.
 //!
-//! Starts the emulators of both upstream APIs and a webhook sink on 127.0.0.1, a relay routing
-//! between them as `relay.example.yaml` does, and a publisher of sample events; prints every
-//! webhook the sink receives until Ctrl-C.
+//! Starts the emulators of both upstream APIs and a webhook sink on 127.0.0.1, a relay running
+//! `relay.example.yaml` pointed at them (in memory, admin on an ephemeral port), and a publisher
+//! of sample events; prints every webhook the sink receives until Ctrl-C.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tracing::info;
 
 use crate::app;
-use crate::config;
+use crate::config::{self, StorageMode};
 use crate::emulator::{Api, Upstream, UpstreamOptions};
 use crate::sink::Sink;
+
+const EXAMPLE_CONFIG: &str = include_str!("../relay.example.yaml");
+
+/// A throwaway Standard Webhooks secret for the demo's signed target.
+const DEMO_SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// Sample events in the formats of the two upstream APIs, published in turn.
 const SAMPLES: &[(Api, &str)] = &[
@@ -66,43 +73,27 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         );
     });
 
-    let yaml = format!(
-        r#"
-admin: {{ listen: "127.0.0.1:0" }}
-streams:
-  participant:
-    url: {participant}
-    headers: {{ Authorization: "Bearer demo-token", X-API-Key: demo-key }}
-    event_type: [/eventType]
-    keepalive: [KEEP_ALIVE]
-  chat:
-    url: {chat}
-    headers: {{ Authorization: "Bearer demo-token" }}
-    event_type: [/type]
-    default_event_type: workflow_update
-    keepalive: [keepalive]
-    idle_timeout: 10s
-targets:
-  zapier: {{ url: "{zapier}", max_in_flight: 4 }}
-  n8n: {{ url: "{n8n}", safe_url: true, body: envelope }}
-routes:
-  - stream: participant
-    events: [MESSAGE_SENT, ACTION_PLAN_CARD*]
-    targets: [zapier]
-  - stream: chat
-    events: [workflow_update]
-    where: {{ /node_execution/status: completed }}
-    targets: [n8n]
-  - stream: "*"
-    events: [CHAT_SESSION_MEMBER_*, workflow_status]
-    targets: [n8n]
-"#,
-        participant = upstream.participant_url("40"),
-        chat = upstream.chat_url("3f1c2a6e-0000-4000-8000-000000000001"),
-        zapier = sink.url("/zapier"),
-        n8n = sink.url("/n8n"),
-    );
-    let config = config::parse(&yaml, "demo", Box::new(|_| None)).context("the demo config is invalid")?;
+    // The demo runs the example config itself, pointed at the emulator and the sink.
+    let env: HashMap<&str, String> = HashMap::from([
+        ("PARTICIPANT_STREAM_URL", upstream.participant_url("40")),
+        ("PARTICIPANT_TOKEN", "demo-token".to_owned()),
+        ("PARTICIPANT_API_KEY", "demo-key".to_owned()),
+        ("SPLOX_API_URL", format!("http://{}", upstream.addr())),
+        ("SPLOX_CHAT_ID", "3f1c2a6e-0000-4000-8000-000000000001".to_owned()),
+        ("SPLOX_TOKEN", "demo-token".to_owned()),
+        ("ZAPIER_HOOK_URL", sink.url("/zapier")),
+        ("N8N_WEBHOOK_URL", sink.url("/n8n")),
+        ("N8N_SIGNING_SECRET", DEMO_SIGNING_SECRET.to_owned()),
+    ]);
+    let mut config = config::parse(
+        EXAMPLE_CONFIG,
+        "relay.example.yaml",
+        Box::new(move |name| env.get(name).cloned()),
+    )
+    .context("the example config is invalid")?;
+    // No fixed port and no files left behind.
+    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.storage.mode = StorageMode::Memory;
     let relay = app::start(config).await?;
     info!(
         metrics = %format!("http://{}/metrics", relay.admin_addr()),
