@@ -285,7 +285,7 @@ async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let storage_directory = tempfile::tempdir().unwrap();
-    let _relay = RelayProcess::start(&format!(
+    let relay = RelayProcess::start(&format!(
         "storage: {{ mode: {storage}, path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 32, queue_capacity: 100000 }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
         path = storage_directory.path().display(),
         url = upstream.chat_url("bench"),
@@ -297,9 +297,9 @@ async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
         r#"{{"type":"workflow_update","node_execution":{{"status":"completed","output":"{}"}}}}"#,
         "x".repeat(200)
     );
-    let cpu_before = cpu_seconds(_relay.pid());
+    let cpu_before = cpu_seconds(relay.pid());
     let seconds = measure_throughput(&upstream, &sink, n_events, &body).await;
-    let cpu_per_100k = (cpu_seconds(_relay.pid()) - cpu_before) * 100_000.0 / n_events as f64;
+    let cpu_per_100k = (cpu_seconds(relay.pid()) - cpu_before) * 100_000.0 / n_events as f64;
     let scenario = if storage == "memory" {
         "throughput 1→1 memory"
     } else {
