@@ -179,6 +179,11 @@ pub struct StreamConfig {
     pub max_event_bytes: usize,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// Make-before-break: once a connection is this old, a second one is opened, and the first
+    /// is closed once the second carries data. For servers that close connections at a fixed
+    /// age and keep no history (the chat API closes after 30 minutes); off when unset.
+    #[serde(default, with = "humantime_serde")]
+    pub rotate_after: Option<Duration>,
 }
 
 fn default_event_type() -> Text {

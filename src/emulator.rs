@@ -45,6 +45,9 @@ pub struct UpstreamOptions {
     pub chat_max_connection_age: Duration,
     pub participant_max_connection_age: Option<Duration>,
     pub hold_while_disconnected: bool,
+    /// Like APIs that allow one stream per user: a second concurrent stream of an API is
+    /// answered `409 Conflict`.
+    pub one_connection_at_a_time: bool,
 }
 
 impl Default for UpstreamOptions {
@@ -57,6 +60,7 @@ impl Default for UpstreamOptions {
             chat_max_connection_age: Duration::from_secs(30 * 60),
             participant_max_connection_age: None,
             hold_while_disconnected: false,
+            one_connection_at_a_time: false,
         }
     }
 }
@@ -104,6 +108,7 @@ struct ApiShared {
     keepalive_frame: &'static [u8],
     max_connection_age: Option<Duration>,
     hold_while_disconnected: bool,
+    one_connection_at_a_time: bool,
     /// One lock over subscribers and held frames: publishing, subscribing and unsubscribing
     /// each happen entirely under it, which is what keeps frames in order across connections.
     state: Mutex<ApiState>,
@@ -160,6 +165,7 @@ impl Upstream {
             PARTICIPANT_KEEPALIVE_FRAME,
             options.participant_max_connection_age,
             options.hold_while_disconnected,
+            options.one_connection_at_a_time,
         );
         let chat = ApiShared::new(
             bearer_header.into_iter().collect(),
@@ -167,6 +173,7 @@ impl Upstream {
             CHAT_KEEPALIVE_FRAME,
             Some(options.chat_max_connection_age),
             options.hold_while_disconnected,
+            options.one_connection_at_a_time,
         );
         let shared = Arc::new(UpstreamShared {
             addr: listener.local_addr()?,
@@ -304,6 +311,7 @@ impl ApiShared {
         keepalive_frame: &'static [u8],
         max_connection_age: Option<Duration>,
         hold_while_disconnected: bool,
+        one_connection_at_a_time: bool,
     ) -> ApiShared {
         ApiShared {
             required_headers,
@@ -311,6 +319,7 @@ impl ApiShared {
             keepalive_frame,
             max_connection_age,
             hold_while_disconnected,
+            one_connection_at_a_time,
             state: Mutex::new(ApiState::default()),
             counts_sender: watch::Sender::new(ConnectionCounts::default()),
         }
@@ -421,7 +430,12 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let failure = {
         let mut state = api_shared.lock();
         state.requests_seen.push(request.clone());
-        state.scripted_failures.pop_front()
+        let busy = api_shared.one_connection_at_a_time && !state.subscribers.is_empty();
+        let conflict = busy.then_some(ScriptedFailure {
+            status: 409,
+            retry_after: None,
+        });
+        state.scripted_failures.pop_front().or(conflict)
     };
     if let Some(failure) = failure {
         return write_error_and_close(stream, failure.status, failure.retry_after).await;

@@ -8,6 +8,7 @@ pub mod app;
 pub mod check;
 pub mod classify;
 pub mod config;
+pub mod dedup;
 pub mod delivery;
 pub mod demo;
 pub mod dlq;

@@ -18,14 +18,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
+use crate::dedup::OverlapDeduplicator;
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
-use crate::telemetry::{DisconnectReason, DropReason, Metrics, StreamTelemetry};
+use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
+
+/// How long the old connection is still read after its replacement carried data, unless it
+/// catches up sooner: events published before the replacement subscribed may be in flight on it.
+/// A shorter `rotate_after` would spend most of the time in overlaps.
+const MIN_ROTATE_AFTER: Duration = Duration::from_millis(500);
+
+const ROTATION_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long after an overlap ends the events of the closed connection are still remembered, to
+/// catch the copies that the remaining connection shows late.
+const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
 
 /// What streams hand events to: the routing table and the store. A reload replaces it whole,
 /// and each stream picks up the new one with its next event.
@@ -51,6 +63,7 @@ pub struct StreamRuntime {
     url: String,
     headers: Vec<(String, String)>,
     idle_timeout: Duration,
+    rotate_after: Option<Duration>,
     reconnect: ReconnectConfig,
     classifier: Classifier,
     pub telemetry: Arc<StreamTelemetry>,
@@ -77,6 +90,16 @@ impl StreamRuntime {
             }
             headers.push((name.0.clone(), value.0.clone()));
         }
+        if config
+            .rotate_after
+            .is_some_and(|rotate_after| rotate_after < MIN_ROTATE_AFTER)
+        {
+            anyhow::bail!(
+                "stream {}: rotate_after must be at least {}",
+                telemetry.name,
+                humantime::format_duration(MIN_ROTATE_AFTER)
+            );
+        }
         let known_event_types: Vec<Arc<str>> = table
             .stream_id(&telemetry.name)
             .map(|id| table.exact_event_types(id).collect())
@@ -85,6 +108,7 @@ impl StreamRuntime {
             url: config.url.0.to_string(),
             headers,
             idle_timeout: config.idle_timeout,
+            rotate_after: config.rotate_after,
             reconnect: config.reconnect.clone(),
             classifier: Classifier::new(Arc::clone(&telemetry.name), config, known_event_types),
             transport: ReqwestTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
@@ -139,14 +163,19 @@ pub fn reconnect_delay(
 /// Runs the stream until `stop` is cancelled; `dispatch` is the current routing table and store.
 pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Arc<Dispatch>>, stop: CancellationToken) {
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
-    let mut last_event_id: Option<String> = dispatch
-        .borrow()
-        .store
-        .last_event_id(&stream.telemetry.name)
-        .filter(|id| http::HeaderValue::from_str(id).is_ok());
+    let mut state = StreamState {
+        last_event_id: dispatch
+            .borrow()
+            .store
+            .last_event_id(&stream.telemetry.name)
+            .filter(|id| http::HeaderValue::from_str(id).is_ok()),
+        targets: Vec::new(),
+        rotation_refused: false,
+        n_connections: 0,
+        duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
+    };
     let mut backoff = stream.error_backoff();
-    let mut targets = Vec::new();
-    while let Some(end) = read_connection(&stream, &dispatch, &mut last_event_id, &mut targets, &stop).await {
+    while let Some(end) = read_connections(&stream, &dispatch, &mut state, &stop).await {
         let delay = reconnect_delay(&end, &stream.reconnect, &mut backoff, || stream.error_backoff());
         stream.telemetry.disconnected(end.reason, &end.detail, delay);
         if !delay.is_zero() {
@@ -159,16 +188,80 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
     stream.telemetry.disconnected_at_shutdown();
 }
 
-/// Opens one connection and reads it to its end; `None` when `stop` ended it.
-async fn read_connection(
+/// What a stream keeps from one connection to the next.
+struct StreamState {
+    last_event_id: Option<String>,
+    /// Scratch space for routing, reused for every event.
+    targets: Vec<TargetId>,
+    /// The server answered 409 to a second connection: this stream does not rotate.
+    rotation_refused: bool,
+    n_connections: u64,
+    duplicates: OverlapDeduplicator,
+}
+
+/// One open connection of a stream.
+struct Connection {
+    /// Distinguishes the two connections of an overlap.
+    serial: u64,
+    events: es::BoxStream<es::Result<es::SSE>>,
+    started: Instant,
+    /// The server answered 200.
+    connected: bool,
+    /// The connection carried its first message after the response head.
+    live: bool,
+    n_events: u64,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Connection {
+    fn open(stream: &StreamRuntime, state: &mut StreamState) -> Result<Connection, es::Error> {
+        let events = connect(stream, state.last_event_id.as_deref())?;
+        state.n_connections += 1;
+        Ok(Connection {
+            serial: state.n_connections,
+            events,
+            started: Instant::now(),
+            connected: false,
+            live: false,
+            n_events: 0,
+            idle: Box::pin(tokio::time::sleep(stream.idle_timeout)),
+        })
+    }
+
+    fn end(&self, reason: DisconnectReason, detail: String) -> ConnectionEnd {
+        ConnectionEnd {
+            reason,
+            detail,
+            productive: self.connected && (self.n_events > 0 || self.started.elapsed() >= HEALTHY_CONNECTION_AGE),
+        }
+    }
+}
+
+/// Which connection something happened on: the one carrying the stream, or the replacement a
+/// rotation opened beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Current,
+    Replacement,
+}
+
+enum Step {
+    Idle(Which),
+    Item(Which, Option<es::Result<es::SSE>>),
+    Rotate,
+    DrainOver,
+}
+
+/// Reads a connection to its end, rotating it for a replacement when `rotate_after` says so;
+/// `None` when `stop` ended it.
+async fn read_connections(
     stream: &StreamRuntime,
     dispatch: &watch::Receiver<Arc<Dispatch>>,
-    last_event_id: &mut Option<String>,
-    targets: &mut Vec<TargetId>,
+    state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Option<ConnectionEnd> {
-    let mut events = match connect(stream, last_event_id.as_deref()) {
-        Ok(events) => events,
+    let mut current = match Connection::open(stream, state) {
+        Ok(connection) => connection,
         Err(err) => {
             return Some(ConnectionEnd {
                 reason: DisconnectReason::ConnectError,
@@ -177,49 +270,263 @@ async fn read_connection(
             });
         }
     };
-    let started = Instant::now();
-    let mut connected = false;
-    let mut n_events = 0u64;
-    let idle = tokio::time::sleep(stream.idle_timeout);
-    tokio::pin!(idle);
+    let mut replacement: Option<Connection> = None;
+    // A rotation is tried once per connection: after a failure the connection carries on.
+    let mut rotation_tried = false;
+    // Once the replacement carries data, the current connection is still read for a moment:
+    // events published before the replacement subscribed may still be on their way on it.
+    let mut drain_until: Option<Instant> = None;
 
-    let (reason, detail) = loop {
-        let item = tokio::select! {
+    loop {
+        let rotate_at = match stream.rotate_after {
+            Some(rotate_after) if !rotation_tried && !state.rotation_refused => Some(current.started + rotate_after),
+            _ => None,
+        };
+        let step = tokio::select! {
             biased;
             () = stop.cancelled() => return None,
-            () = &mut idle => break (
-                DisconnectReason::IdleTimeout,
-                format!("nothing received for {}", humantime::format_duration(stream.idle_timeout)),
-            ),
-            item = events.next() => item,
+            () = current.idle.as_mut() => Step::Idle(Which::Current),
+            item = current.events.next() => Step::Item(Which::Current, item),
+            step = replacement_step(replacement.as_mut()) => step,
+            () = sleep_until(drain_until) => Step::DrainOver,
+            () = sleep_until(rotate_at) => Step::Rotate,
         };
-        idle.as_mut().reset(Instant::now() + stream.idle_timeout);
-        match item {
-            Some(Ok(es::SSE::Event(message))) => {
-                if let Some(id) = &message.id {
-                    remember_event_id(stream, last_event_id, id);
-                }
-                let current = Arc::clone(&dispatch.borrow());
-                match accept(stream, &current, message, targets, stop).await {
-                    Accepted::Event => n_events += 1,
-                    Accepted::Noise => {}
-                    Accepted::Stopped => return None,
+        match step {
+            Step::Rotate => {
+                rotation_tried = true;
+                stream.telemetry.rotation_started();
+                match Connection::open(stream, state) {
+                    Ok(connection) => {
+                        state.duplicates.begin(current.serial, connection.serial);
+                        replacement = Some(connection);
+                    }
+                    Err(err) => stream.telemetry.rotation_ended(RotationResult::Failed, &err),
                 }
             }
-            Some(Ok(es::SSE::Connected(_))) => {
-                connected = true;
-                stream.telemetry.connected(last_event_id.as_deref());
+            Step::DrainOver => {
+                drain_until = None;
+                if let Some(next) = replacement.take() {
+                    state.duplicates.closed(current.serial, Instant::now());
+                    // Dropping the old connection's stream closes its socket.
+                    current = next;
+                    rotation_tried = false;
+                    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
+                }
             }
-            Some(Ok(es::SSE::Comment(_))) => {}
-            Some(Err(err)) => break describe_error(&err, connected),
-            None => break (DisconnectReason::Closed, "the stream ended".to_owned()),
+            Step::Idle(which) => {
+                let detail = format!(
+                    "nothing received for {}",
+                    humantime::format_duration(stream.idle_timeout)
+                );
+                match which {
+                    Which::Current => {
+                        let end = current.end(DisconnectReason::IdleTimeout, detail);
+                        if !hand_over(
+                            stream,
+                            state,
+                            &mut current,
+                            &mut replacement,
+                            &mut drain_until,
+                            end.reason,
+                            &end.detail,
+                        ) {
+                            return Some(end);
+                        }
+                        rotation_tried = false;
+                    }
+                    Which::Replacement => {
+                        drop_replacement(
+                            stream,
+                            state,
+                            &mut replacement,
+                            &mut drain_until,
+                            RotationResult::Failed,
+                            &detail,
+                        );
+                    }
+                }
+            }
+            Step::Item(which, item) => {
+                let connection = match which {
+                    Which::Current => &mut current,
+                    Which::Replacement => match replacement.as_mut() {
+                        Some(connection) => connection,
+                        None => continue,
+                    },
+                };
+                connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
+                match item {
+                    Some(Ok(es::SSE::Event(message))) => {
+                        if which == Which::Replacement && !connection.live {
+                            connection.live = true;
+                            drain_until = Some(Instant::now() + ROTATION_DRAIN);
+                        }
+                        if let Some(id) = &message.id {
+                            remember_event_id(stream, &mut state.last_event_id, id);
+                        }
+                        let serial = connection.serial;
+                        let current_dispatch = Arc::clone(&dispatch.borrow());
+                        match accept(stream, &current_dispatch, message, serial, state, stop).await {
+                            Accepted::Event => connection_mut(&mut current, &mut replacement, which).n_events += 1,
+                            Accepted::Noise => {}
+                            // The old connection caught up with what the replacement already
+                            // showed: everything after this on it is a copy, so stop reading it.
+                            Accepted::Duplicate
+                                if which == Which::Current && replacement.as_ref().is_some_and(|next| next.live) =>
+                            {
+                                drain_until = Some(Instant::now());
+                            }
+                            Accepted::Duplicate => {}
+                            Accepted::Stopped => return None,
+                        }
+                    }
+                    Some(Ok(es::SSE::Connected(_))) => {
+                        connection.connected = true;
+                        if which == Which::Current {
+                            stream.telemetry.connected(state.last_event_id.as_deref());
+                        }
+                    }
+                    Some(Ok(es::SSE::Comment(_))) => {
+                        if which == Which::Replacement && !connection.live {
+                            connection.live = true;
+                            drain_until = Some(Instant::now() + ROTATION_DRAIN);
+                        }
+                    }
+                    Some(Err(err)) => {
+                        let connected = connection.connected;
+                        let (reason, detail) = describe_error(&err, connected);
+                        match which {
+                            Which::Current => {
+                                let end = current.end(reason, detail);
+                                if !hand_over(
+                                    stream,
+                                    state,
+                                    &mut current,
+                                    &mut replacement,
+                                    &mut drain_until,
+                                    end.reason,
+                                    &end.detail,
+                                ) {
+                                    return Some(end);
+                                }
+                                rotation_tried = false;
+                            }
+                            Which::Replacement => {
+                                let refused = matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
+                                let result = if refused {
+                                    state.rotation_refused = true;
+                                    RotationResult::Refused
+                                } else {
+                                    RotationResult::Failed
+                                };
+                                drop_replacement(stream, state, &mut replacement, &mut drain_until, result, &detail);
+                            }
+                        }
+                    }
+                    None => match which {
+                        Which::Current => {
+                            let end = current.end(DisconnectReason::Closed, "the stream ended".to_owned());
+                            if !hand_over(
+                                stream,
+                                state,
+                                &mut current,
+                                &mut replacement,
+                                &mut drain_until,
+                                end.reason,
+                                &end.detail,
+                            ) {
+                                return Some(end);
+                            }
+                            rotation_tried = false;
+                        }
+                        Which::Replacement => drop_replacement(
+                            stream,
+                            state,
+                            &mut replacement,
+                            &mut drain_until,
+                            RotationResult::Failed,
+                            &"the replacement connection ended at once",
+                        ),
+                    },
+                }
+            }
         }
+    }
+}
+
+fn connection_mut<'a>(
+    current: &'a mut Connection,
+    replacement: &'a mut Option<Connection>,
+    which: Which,
+) -> &'a mut Connection {
+    match (which, replacement) {
+        (Which::Replacement, Some(connection)) => connection,
+        _ => current,
+    }
+}
+
+/// The current connection ended; if a replacement is open, it takes over and `true` is
+/// returned, else the stream has to reconnect.
+fn hand_over(
+    stream: &StreamRuntime,
+    state: &mut StreamState,
+    current: &mut Connection,
+    replacement: &mut Option<Connection>,
+    drain_until: &mut Option<Instant>,
+    reason: DisconnectReason,
+    detail: &str,
+) -> bool {
+    let Some(next) = replacement.take() else {
+        return false;
     };
-    Some(ConnectionEnd {
-        reason,
-        detail,
-        productive: connected && (n_events > 0 || started.elapsed() >= HEALTHY_CONNECTION_AGE),
-    })
+    state.duplicates.closed(current.serial, Instant::now());
+    *current = next;
+    *drain_until = None;
+    stream.telemetry.handed_over(reason, &detail);
+    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
+    if current.connected {
+        stream.telemetry.connected(state.last_event_id.as_deref());
+    }
+    true
+}
+
+fn drop_replacement(
+    stream: &StreamRuntime,
+    state: &mut StreamState,
+    replacement: &mut Option<Connection>,
+    drain_until: &mut Option<Instant>,
+    result: RotationResult,
+    detail: &dyn std::fmt::Display,
+) {
+    if let Some(dropped) = replacement.take() {
+        // Events it carried were delivered already; what the current connection shows next
+        // must still be compared with them for a while.
+        if dropped.live {
+            state.duplicates.closed(dropped.serial, Instant::now());
+        } else {
+            state.duplicates.clear();
+        }
+    }
+    *drain_until = None;
+    stream.telemetry.rotation_ended(result, detail);
+}
+
+/// The next thing that happens on the replacement connection; never, when there is none.
+async fn replacement_step(replacement: Option<&mut Connection>) -> Step {
+    let Some(connection) = replacement else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        () = connection.idle.as_mut() => Step::Idle(Which::Replacement),
+        item = connection.events.next() => Step::Item(Which::Replacement, item),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn connect(
@@ -293,6 +600,8 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 enum Accepted {
     Event,
     Noise,
+    /// The other connection of a rotation already showed this event.
+    Duplicate,
     Stopped,
 }
 
@@ -303,7 +612,8 @@ async fn accept(
     stream: &StreamRuntime,
     dispatch: &Dispatch,
     message: es::Event,
-    targets: &mut Vec<TargetId>,
+    connection: u64,
+    state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Accepted {
     let telemetry = &stream.telemetry;
@@ -319,6 +629,15 @@ async fn accept(
         }
         Classified::Event { event, malformed_json } => (event, malformed_json),
     };
+    if state.duplicates.is_active(Instant::now()) {
+        let key = state
+            .duplicates
+            .key(event.sse_id.as_deref(), &event.event_type, &event.data);
+        if state.duplicates.is_duplicate(connection, key) {
+            telemetry.duplicate_suppressed();
+            return Accepted::Duplicate;
+        }
+    }
     if let Some(err) = malformed_json {
         telemetry.upstream_error(
             "invalid_json",
@@ -330,6 +649,7 @@ async fn accept(
         return Accepted::Noise;
     };
     dispatch.received[stream_id.0][dispatch.table.event_type_label_index(stream_id, &event.event_type)].inc();
+    let targets = &mut state.targets;
     dispatch.table.route(stream_id, &event, targets);
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);

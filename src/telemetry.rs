@@ -47,6 +47,8 @@ pub struct Metrics {
     pub registry: Registry,
     stream_connected: IntGaugeVec,
     stream_reconnects: IntCounterVec,
+    stream_rotations: IntCounterVec,
+    duplicates_suppressed: IntCounterVec,
     events_received: IntCounterVec,
     keepalives: IntCounterVec,
     events_unrouted: IntCounterVec,
@@ -124,6 +126,17 @@ impl Metrics {
                 "sse_relay_stream_reconnects_total",
                 "Connections that ended, by why they ended.",
                 &["stream", "reason"],
+            ),
+            stream_rotations: counter(
+                "sse_relay_stream_rotations_total",
+                "Make-before-break connection rotations, by result: completed, refused (the server \
+                 allows one connection) or failed.",
+                &["stream", "result"],
+            ),
+            duplicates_suppressed: counter(
+                "sse_relay_duplicates_suppressed_total",
+                "Events seen on both connections while a stream rotated, delivered once.",
+                &["stream"],
             ),
             events_received: counter(
                 "sse_relay_events_received_total",
@@ -248,6 +261,11 @@ impl Metrics {
                 .iter()
                 .map(|reason| self.stream_reconnects.with_label_values(&[name, reason.label()]))
                 .collect(),
+            rotations: RotationResult::ALL
+                .iter()
+                .map(|result| self.stream_rotations.with_label_values(&[name, result.label()]))
+                .collect(),
+            duplicates_suppressed: self.duplicates_suppressed.with_label_values(&[name]),
             keepalives: self.keepalives.with_label_values(&[name]),
             unrouted: self.events_unrouted.with_label_values(&[name]),
             dropped: self.events_dropped.clone(),
@@ -312,6 +330,34 @@ impl DisconnectReason {
     }
 }
 
+/// How a make-before-break rotation ended; the `result` label of
+/// `sse_relay_stream_rotations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationResult {
+    /// The new connection carried data and the old one was closed.
+    Completed,
+    /// The server refused a second connection (409); the stream no longer rotates.
+    Refused,
+    /// The new connection failed or stayed silent; the old one carries on until it closes.
+    Failed,
+}
+
+impl RotationResult {
+    const ALL: [RotationResult; 3] = [
+        RotationResult::Completed,
+        RotationResult::Refused,
+        RotationResult::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RotationResult::Completed => "completed",
+            RotationResult::Refused => "refused",
+            RotationResult::Failed => "failed",
+        }
+    }
+}
+
 /// Why an event the upstream sent was not accepted; the `reason` label of
 /// `sse_relay_events_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +382,9 @@ pub struct StreamTelemetry {
     connected: IntGauge,
     /// Indexed by `DisconnectReason as usize`.
     reconnects: Vec<IntCounter>,
+    /// Indexed by `RotationResult as usize`.
+    rotations: Vec<IntCounter>,
+    duplicates_suppressed: IntCounter,
     keepalives: IntCounter,
     unrouted: IntCounter,
     dropped: IntCounterVec,
@@ -373,6 +422,40 @@ impl StreamTelemetry {
                 "stream disconnected"
             ),
         }
+    }
+
+    /// The connection ended while its replacement, opened by a rotation, was already open: the
+    /// stream carries on without a gap.
+    pub fn handed_over(&self, reason: DisconnectReason, detail: &dyn Display) {
+        self.reconnects[reason as usize].inc();
+        info!(
+            stream = %self.name, reason = reason.label(), error = %detail,
+            "stream connection ended; its replacement carries on"
+        );
+    }
+
+    pub fn rotation_started(&self) {
+        debug!(stream = %self.name, "opening a replacement connection before the server closes this one");
+    }
+
+    pub fn rotation_ended(&self, result: RotationResult, detail: &dyn Display) {
+        self.rotations[result as usize].inc();
+        match result {
+            RotationResult::Completed => info!(stream = %self.name, "stream connection rotated"),
+            RotationResult::Refused => warn!(
+                stream = %self.name, error = %detail,
+                "the server refused a second connection, so this stream cannot rotate; it reconnects \
+                 at once whenever the server closes it"
+            ),
+            RotationResult::Failed => warn!(
+                stream = %self.name, error = %detail,
+                "stream rotation failed; the current connection carries on"
+            ),
+        }
+    }
+
+    pub fn duplicate_suppressed(&self) {
+        self.duplicates_suppressed.inc();
     }
 
     pub fn disconnected_at_shutdown(&self) {

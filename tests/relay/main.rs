@@ -6,5 +6,6 @@ mod delivery;
 mod durability;
 mod process;
 mod reload;
+mod rotation;
 mod streams;
 mod support;
