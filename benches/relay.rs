@@ -84,6 +84,10 @@ async fn main() {
     if options.only.as_deref().is_some_and(|only| only.contains("smee")) {
         figures.extend(smee(&options).await);
     }
+    // An hour by default: only when asked for by name (`scripts/soak`).
+    if options.only.as_deref().is_some_and(|only| only.contains("soak")) {
+        figures.extend(soak().await);
+    }
     if options.runs("rss") {
         let stream_counts: &[usize] = if options.quick { &[1, 100] } else { &[1, 1_000, 10_000] };
         for &n_streams in stream_counts {
@@ -112,6 +116,7 @@ async fn main() {
 /// A relay child process with its admin port, stopped with SIGTERM when dropped.
 struct RelayProcess {
     child: Child,
+    admin_port: u16,
     _directory: tempfile::TempDir,
 }
 
@@ -136,6 +141,7 @@ impl RelayProcess {
         }
         RelayProcess {
             child,
+            admin_port,
             _directory: directory,
         }
     }
@@ -647,5 +653,196 @@ async fn smee(options: &Options) -> Vec<Figure> {
         figure("CPU s/100k events", cpu * 100_000.0 / n_throughput as f64, "s"),
         figure("latency p50 at 1000/s", percentile(&latencies_ms, 0.50), "ms"),
         figure("latency p99 at 1000/s", percentile(&latencies_ms, 0.99), "ms"),
+    ]
+}
+
+fn duration_from_env(name: &str, default: Duration) -> Duration {
+    std::env::var(name)
+        .ok()
+        .map(|text| humantime::parse_duration(&text).unwrap_or_else(|err| panic!("{name}={text}: {err}")))
+        .unwrap_or(default)
+}
+
+/// Current resident memory of a process, in MiB (`VmRSS`).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| entries.count())
+}
+
+async fn relay_metric(relay: &RelayProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", relay.admin_port);
+    let Ok(response) = reqwest::get(&url).await else {
+        return f64::NAN;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The relay against both emulated APIs for `SOAK_DURATION` (default 1h): the servers close
+/// every connection at `SOAK_ROTATE` + 2 s and keep no history, the streams rotate at
+/// `SOAK_ROTATE` (default 3s), events flow at `SOAK_RATE` per stream per second (default 20)
+/// into the durable queue. Every `SOAK_SAMPLE` (default 1m) it prints the relay's RSS and open
+/// descriptors; at the end every event must have arrived exactly once.
+async fn soak() -> Vec<Figure> {
+    let duration = duration_from_env("SOAK_DURATION", Duration::from_secs(3600));
+    let sample_every = duration_from_env("SOAK_SAMPLE", Duration::from_secs(60));
+    let rotate_after = duration_from_env("SOAK_ROTATE", Duration::from_secs(3));
+    let rate: u32 = std::env::var("SOAK_RATE")
+        .ok()
+        .and_then(|rate| rate.parse().ok())
+        .unwrap_or(20);
+    let upstream = Upstream::start(UpstreamOptions {
+        chat_max_connection_age: rotate_after + Duration::from_secs(2),
+        participant_max_connection_age: Some(rotate_after + Duration::from_secs(2)),
+        chat_keepalive: Duration::from_secs(1),
+        participant_keepalive: Duration::from_secs(1),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    // The sink keeps every request; the soak needs only which events arrived, and how often.
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new([Vec::<u32>::new(), Vec::<u32>::new()]));
+    sink.on_request({
+        let arrivals = std::sync::Arc::clone(&arrivals);
+        move |request| {
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+                return;
+            };
+            let (stream, n) = match (value["payload"]["n"].as_u64(), value["n"].as_u64()) {
+                (Some(n), _) => (0, n),
+                (None, Some(n)) => (1, n),
+                _ => return,
+            };
+            let mut arrivals = arrivals.lock().unwrap();
+            let counts = &mut arrivals[stream];
+            let n = n as usize;
+            if counts.len() <= n {
+                counts.resize(n + 1, 0);
+            }
+            counts[n] += 1;
+        }
+    });
+    let storage_directory = tempfile::tempdir().unwrap();
+    let rotate = humantime::format_duration(rotate_after);
+    let relay = RelayProcess::start(&format!(
+        "storage: {{ mode: sqlite, path: \"{path}\" }}
+streams:
+  participant: {{ url: \"{participant}\", event_type: [/eventType], keepalive: [KEEP_ALIVE], idle_timeout: 10s, rotate_after: {rotate} }}
+  chat: {{ url: \"{chat}\", event_type: [/type], default_event_type: workflow_update, keepalive: [keepalive], idle_timeout: 10s, rotate_after: {rotate} }}
+targets:
+  sink: {{ url: \"{hook}\", max_in_flight: 8 }}
+routes:
+  - stream: \"*\"
+    targets: [sink]
+",
+        path = storage_directory.path().display(),
+        participant = upstream.participant_url("soak"),
+        chat = upstream.chat_url("soak"),
+        hook = sink.url("/hook"),
+    ))
+    .await;
+    assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
+    assert!(
+        upstream
+            .wait_for_clients(Api::Participant, 1, Duration::from_secs(10))
+            .await
+    );
+    let pid = relay.pid();
+
+    println!(
+        "soak: {} at {rate} events/s per stream, rotation every {rotate}, a sample every {}",
+        humantime::format_duration(duration),
+        humantime::format_duration(sample_every)
+    );
+    println!(
+        "{:>8} {:>9} {:>5} {:>10} {:>10} {:>9} {:>10}",
+        "minutes", "RSS MiB", "fds", "published", "delivered", "rotations", "duplicates"
+    );
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut next_sample = started;
+    let (mut rss, mut fds) = (Vec::new(), Vec::new());
+    let mut n_published: u32 = 0;
+    let mut n_unheard = 0u64;
+    while started.elapsed() < duration {
+        if Instant::now() >= next_sample {
+            next_sample += sample_every;
+            rss.push(rss_mib(pid));
+            fds.push(open_descriptors(pid) as f64);
+            let delivered = relay_metric(&relay, "sse_relay_deliveries_total", &[("outcome", "delivered")]).await;
+            let rotations = relay_metric(&relay, "sse_relay_stream_rotations_total", &[("result", "completed")]).await;
+            let duplicates = relay_metric(&relay, "sse_relay_duplicates_suppressed_total", &[]).await;
+            println!(
+                "{:>8.1} {:>9.1} {:>5} {:>10} {:>10} {:>9} {:>10}",
+                started.elapsed().as_secs_f64() / 60.0,
+                rss.last().unwrap(),
+                fds.last().unwrap(),
+                2 * n_published,
+                delivered,
+                rotations,
+                duplicates
+            );
+        }
+        ticks.tick().await;
+        let participant = format!(r#"{{"eventType":"MESSAGE_SENT","payload":{{"n":{n_published}}}}}"#);
+        if upstream.publish(Api::Participant, format!("id: {n_published}\ndata: {participant}\n\n")) == 0 {
+            n_unheard += 1;
+        }
+        if upstream.publish_event(Api::Chat, &format!(r#"{{"type":"node_update","n":{n_published}}}"#)) == 0 {
+            n_unheard += 1;
+        }
+        n_published += 1;
+    }
+    let expected = 2 * n_published as usize;
+    sink.wait_for_delivered("/hook", expected, Duration::from_secs(120))
+        .await;
+    let rotations = relay_metric(&relay, "sse_relay_stream_rotations_total", &[("result", "completed")]).await;
+    let (mut n_lost, mut n_duplicated) = (0u64, 0u64);
+    for counts in arrivals.lock().unwrap().iter() {
+        for n in 0..n_published as usize {
+            match counts.get(n).copied().unwrap_or(0) {
+                0 => n_lost += 1,
+                1 => {}
+                _ => n_duplicated += 1,
+            }
+        }
+    }
+    let maximum = |values: &[f64]| values.iter().copied().fold(f64::NAN, f64::max);
+    let figure = |name: &'static str, value: f64, unit: &'static str| Figure {
+        scenario: "soak",
+        name,
+        value,
+        unit,
+    };
+    vec![
+        figure("duration", started.elapsed().as_secs_f64() / 60.0, "min"),
+        figure("events published", expected as f64, "events"),
+        figure("published, no connection", n_unheard as f64, "events"),
+        figure("lost", n_lost as f64, "events"),
+        figure("delivered twice or more", n_duplicated as f64, "events"),
+        figure("rotations", rotations, "rotations"),
+        figure("RSS first sample", rss.first().copied().unwrap_or(f64::NAN), "MiB"),
+        figure("RSS last sample", rss.last().copied().unwrap_or(f64::NAN), "MiB"),
+        figure("RSS max sample", maximum(&rss), "MiB"),
+        figure("fds first sample", fds.first().copied().unwrap_or(f64::NAN), "fds"),
+        figure("fds last sample", fds.last().copied().unwrap_or(f64::NAN), "fds"),
+        figure("fds max sample", maximum(&fds), "fds"),
     ]
 }
