@@ -112,6 +112,9 @@ impl Dispatcher {
             }
             self.note_overflow(&input);
             if self.on_disk_after.is_some() && self.ready.len() < self.capacity / 2 {
+                // Deliveries offered before an overflow may still be in the channel; they come
+                // before anything on disk beyond them, so they are taken first.
+                self.drain_input(&mut input);
                 self.load_from_disk().await;
             }
             let wake_at = self.start_attempts();
@@ -140,6 +143,20 @@ impl Dispatcher {
         self.abandon_the_rest();
     }
 
+    /// Accepts every delivery already waiting in the channel, without waiting for more.
+    fn drain_input(&mut self, input: &mut DispatcherOutput) {
+        while !self.input_closed {
+            match input.receiver.try_recv() {
+                Ok(pending) => {
+                    self.note_overflow(input);
+                    self.accept(pending);
+                }
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => self.input_closed = true,
+            }
+        }
+    }
+
     fn is_finished(&self) -> bool {
         if self.store.is_durable() {
             self.in_flight.is_empty()
@@ -158,6 +175,13 @@ impl Dispatcher {
 
     /// A delivery the stream just appended.
     fn accept(&mut self, pending: Pending) {
+        // The SQLite writer hands over deliveries in id order, so one at or below the
+        // high-water mark was loaded from disk already (a load can run ahead of the channel):
+        // it is held, or it was delivered, and taking it again would deliver it twice, out of
+        // order. (Memory-store ids can arrive out of order, and are never loaded.)
+        if self.store.is_durable() && pending.id <= self.high_water {
+            return;
+        }
         self.high_water = self.high_water.max(pending.id);
         if self.in_memory.contains_key(&pending.id) {
             return;

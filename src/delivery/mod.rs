@@ -135,7 +135,9 @@ impl DispatcherInput {
     pub fn offer(&self, pending: Pending) {
         self.queue_depth.inc();
         if let Err(mpsc::error::TrySendError::Full(pending)) = self.sender.try_send(pending) {
-            self.overflow.fetch_min(pending.id, Ordering::Relaxed);
+            // Ordered after the sends before it: a dispatcher that sees the overflow also sees
+            // every delivery offered before it in the channel.
+            self.overflow.fetch_min(pending.id, Ordering::SeqCst);
         }
     }
 
@@ -162,7 +164,7 @@ impl DispatcherInput {
 impl DispatcherOutput {
     /// The smallest id left on disk since the last call, if any.
     pub fn take_overflow(&self) -> Option<i64> {
-        match self.overflow.swap(i64::MAX, Ordering::Relaxed) {
+        match self.overflow.swap(i64::MAX, Ordering::SeqCst) {
             i64::MAX => None,
             id => Some(id),
         }
