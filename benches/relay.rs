@@ -79,9 +79,7 @@ async fn main() {
             figures.extend(latency(&options, storage).await);
         }
     }
-    // Work in progress: smee-client hangs on this emulator (it JSON-parses every message, the
-    // chat keepalive included), so it runs only when asked for by name.
-    if options.only.as_deref().is_some_and(|only| only.contains("smee")) {
+    if options.runs("smee") {
         figures.extend(smee(&options).await);
     }
     // An hour by default: only when asked for by name (`scripts/soak`).
@@ -567,18 +565,26 @@ async fn measure_latency(
     latencies_ms
 }
 
-/// Where the bench installs smee-client: a cache folder outside the repository.
-fn smee_directory() -> PathBuf {
+/// Where the bench installs smee-client: a cache folder outside the repository, one per
+/// version of the lock file, so a changed lock installs afresh.
+fn smee_directory(lock: &str) -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    cache.join("sse-relay-bench").join("smee-client-5.0.0")
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(lock, &mut hasher);
+    let version = std::hash::Hasher::finish(&hasher);
+    cache.join("sse-relay-bench").join(format!("peer-{version:016x}"))
 }
 
-/// Installs smee-client with npm unless it is there; the reason when it cannot be had.
+/// Installs smee-client with `npm ci` from `benches/peer/` (its exact version and lock file)
+/// unless it is there; the reason when it cannot be had.
 fn smee_script() -> Result<PathBuf, String> {
-    let directory = smee_directory();
+    let peer = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer");
+    let manifest = std::fs::read_to_string(peer.join("package.json")).map_err(|err| err.to_string())?;
+    let lock = std::fs::read_to_string(peer.join("package-lock.json")).map_err(|err| err.to_string())?;
+    let directory = smee_directory(&format!("{manifest}{lock}"));
     let script = directory.join("node_modules/smee-client/bin/smee.js");
     if script.exists() {
         return Ok(script);
@@ -588,15 +594,18 @@ fn smee_script() -> Result<PathBuf, String> {
         return Err("node is not installed".to_owned());
     }
     std::fs::create_dir_all(&directory).map_err(|err| format!("cannot create {}: {err}", directory.display()))?;
+    for file in ["package.json", "package-lock.json"] {
+        std::fs::copy(peer.join(file), directory.join(file)).map_err(|err| format!("cannot copy {file}: {err}"))?;
+    }
     let installed = std::process::Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--prefix"])
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
         .arg(&directory)
-        .arg("smee-client@5.0.0")
         .output()
         .map_err(|err| format!("cannot run npm: {err}"))?;
     if !installed.status.success() || !script.exists() {
         return Err(format!(
-            "npm install smee-client failed: {}",
+            "npm ci in {} failed: {}",
+            directory.display(),
             String::from_utf8_lossy(&installed.stderr)
         ));
     }
@@ -615,7 +624,14 @@ async fn smee(options: &Options) -> Vec<Figure> {
     };
     let n_throughput = if options.quick { 1_000 } else { 10_000 };
     let n_latency = if options.quick { 500 } else { 5_000 };
-    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    // smee-client JSON-parses every message, and the chat API's `data: keepalive` would throw
+    // in its handler and end the process; smee.io sends no such messages, so neither does this.
+    let upstream = Upstream::start(UpstreamOptions {
+        chat_keepalive: Duration::from_secs(3600),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
     let sink = Sink::start().await.unwrap();
     let mut smee = Command::new("node")
         .arg(&script)
