@@ -4,19 +4,29 @@
 //! A request is recorded as soon as its body has arrived, before any scripted delay, so a test
 //! can see a delivery attempt that is still waiting for its answer; its `status_sent` is filled
 //! in when the answer goes out.
+//!
+//! Besides answering, a scripted response can misbehave the way real webhooks do: answer after
+//! the client has given up (the work was done, the answer goes nowhere), or reset the
+//! connection (TCP RST) instead of answering.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
+use axum::serve::{IncomingStream, Listener};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Well above any webhook body a test sends; a larger one is answered 400 and not recorded.
@@ -25,10 +35,26 @@ const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// What the sink answers to one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkResponse {
+    /// Unused (0) when `action` is [`SinkAction::Reset`].
     pub status: u16,
     pub headers: Vec<(String, String)>,
     /// How long the sink waits before answering, to make a client time out, say.
     pub delay: Duration,
+    pub action: SinkAction,
+}
+
+/// What the sink does once a response's delay is over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SinkAction {
+    /// Answers. A client that leaves during the delay gets nothing, and the request stays
+    /// unanswered (`status_sent` 0).
+    #[default]
+    Answer,
+    /// Answers even when the client left during the delay, as a slow webhook that finishes its
+    /// work anyway: the request is recorded as answered though nobody reads the answer.
+    AnswerEvenIfClientLeft,
+    /// Resets the connection (TCP RST) instead of answering; `status_sent` stays 0.
+    Reset,
 }
 
 impl SinkResponse {
@@ -37,7 +63,25 @@ impl SinkResponse {
             status,
             headers: Vec::new(),
             delay: Duration::ZERO,
+            action: SinkAction::Answer,
         }
+    }
+
+    /// Resets the connection instead of answering, as a crashing server or a middlebox does.
+    pub fn reset() -> SinkResponse {
+        SinkResponse {
+            status: 0,
+            action: SinkAction::Reset,
+            ..SinkResponse::status(200)
+        }
+    }
+
+    /// Records the answer as sent even if the client left during the delay: with
+    /// [`SinkResponse::with_delay`] beyond the client's timeout, the sink has accepted a request
+    /// that the client counts as failed.
+    pub fn answered_even_if_client_left(mut self) -> SinkResponse {
+        self.action = SinkAction::AnswerEvenIfClientLeft;
+        self
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> SinkResponse {
@@ -60,7 +104,8 @@ pub struct ReceivedRequest {
     pub body: Bytes,
     pub received_at: Instant,
     /// The status answered; 0 until the answer goes out, which is while a scripted delay runs,
-    /// and for good if the server dropped the request because its client left during the delay.
+    /// and for good if the server dropped the request because its client left during the delay,
+    /// or if the sink reset the connection.
     pub status_sent: u16,
 }
 
@@ -114,13 +159,18 @@ impl Sink {
             change_counter: watch::Sender::new(0),
             stop_sender: watch::Sender::new(false),
         });
-        let router = Router::new().fallback(record_and_answer).with_state(shared.clone());
+        let router = Router::new()
+            .fallback(record_and_answer)
+            .with_state(shared.clone())
+            .into_make_service_with_connect_info::<ResetSwitch>();
         let mut stop_receiver = shared.stop_sender.subscribe();
         let stopped = async move {
             let _ = stop_receiver.wait_for(|stopped| *stopped).await;
         };
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).with_graceful_shutdown(stopped).await;
+            let _ = axum::serve(ResettableListener(listener), router)
+                .with_graceful_shutdown(stopped)
+                .await;
         });
         Ok(Sink { shared })
     }
@@ -140,7 +190,7 @@ impl Sink {
     pub fn script(&self, path: &str, responses: Vec<SinkResponse>) {
         for response in &responses {
             assert!(
-                StatusCode::from_u16(response.status).is_ok(),
+                response.action == SinkAction::Reset || StatusCode::from_u16(response.status).is_ok(),
                 "status {} is not valid HTTP",
                 response.status
             );
@@ -241,7 +291,11 @@ impl SinkShared {
     }
 }
 
-async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Request) -> Response {
+async fn record_and_answer(
+    State(shared): State<Arc<SinkShared>>,
+    ConnectInfo(reset_switch): ConnectInfo<ResetSwitch>,
+    request: Request,
+) -> Response {
     let received_at = Instant::now();
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
@@ -270,6 +324,25 @@ async fn record_and_answer(State(shared): State<Arc<SinkShared>>, request: Reque
         (response, state.requests.len() - 1)
     };
     shared.change_counter.send_modify(|counter| *counter += 1);
+    match response.action {
+        SinkAction::Answer => answer_after_delay(shared, index, response).await,
+        // The server drops this handler when the client leaves; a task of its own lives on.
+        SinkAction::AnswerEvenIfClientLeft => tokio::spawn(answer_after_delay(shared, index, response))
+            .await
+            .unwrap_or_else(|_| response_with_status(StatusCode::INTERNAL_SERVER_ERROR)),
+        SinkAction::Reset => {
+            if !response.delay.is_zero() {
+                tokio::time::sleep(response.delay).await;
+            }
+            // The connection fails as the server writes this response, before any byte of it.
+            reset_switch.0.store(true, Ordering::Release);
+            response_with_status(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+/// Waits for the response's delay, records the answer, and builds it.
+async fn answer_after_delay(shared: Arc<SinkShared>, index: usize, response: SinkResponse) -> Response {
     if !response.delay.is_zero() {
         tokio::time::sleep(response.delay).await;
     }
@@ -302,6 +375,95 @@ fn response_with_status(status: StatusCode) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = status;
     response
+}
+
+/// The sink's listener: every connection comes with a switch that resets it.
+struct ResettableListener(TcpListener);
+
+impl Listener for ResettableListener {
+    type Io = ResettableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (ResettableStream, SocketAddr) {
+        let (stream, remote_addr) = Listener::accept(&mut self.0).await;
+        let stream = ResettableStream {
+            stream,
+            reset_requested: Arc::new(AtomicBool::new(false)),
+        };
+        (stream, remote_addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// Handed to every request of a connection, so that its handler can have the connection reset.
+#[derive(Clone)]
+struct ResetSwitch(Arc<AtomicBool>);
+
+impl Connected<IncomingStream<'_, ResettableListener>> for ResetSwitch {
+    fn connect_info(stream: IncomingStream<'_, ResettableListener>) -> ResetSwitch {
+        ResetSwitch(Arc::clone(&stream.io().reset_requested))
+    }
+}
+
+/// A TCP stream that, once a reset is requested, fails its next read or write; the server then
+/// drops it, and with a zero linger time the kernel sends RST instead of FIN.
+struct ResettableStream {
+    stream: TcpStream,
+    reset_requested: Arc<AtomicBool>,
+}
+
+impl ResettableStream {
+    fn check_reset(&self) -> std::io::Result<()> {
+        if !self.reset_requested.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.stream.set_zero_linger()?;
+        Err(std::io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check_reset()?;
+        Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(mut self: Pin<&mut Self>, context: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.check_reset()?;
+        Pin::new(&mut self.stream).poll_write(context, bytes)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check_reset()?;
+        Pin::new(&mut self.stream).poll_write_vectored(context, buffers)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check_reset()?;
+        Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check_reset()?;
+        Pin::new(&mut self.stream).poll_shutdown(context)
+    }
 }
 
 #[cfg(test)]
@@ -378,6 +540,47 @@ mod tests {
         assert_eq!(delivered.len(), 1);
         assert_eq!(delivered[0].status_sent, 204);
         assert_eq!(client_task.await.unwrap(), 204);
+    }
+
+    #[tokio::test]
+    async fn a_reset_response_resets_the_connection_and_later_requests_are_answered() {
+        let sink = Sink::start().await.unwrap();
+        sink.script("/hook", vec![SinkResponse::reset()]);
+        let client = test_client();
+        let err = client.post(sink.url("/hook")).body("first").send().await.unwrap_err();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        let mut io_error_kinds = Vec::new();
+        while let Some(cause) = source {
+            if let Some(io_error) = cause.downcast_ref::<std::io::Error>() {
+                io_error_kinds.push(io_error.kind());
+            }
+            source = cause.source();
+        }
+        assert_eq!(io_error_kinds, [std::io::ErrorKind::ConnectionReset], "{err:?}");
+        let response = client.post(sink.url("/hook")).body("second").send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let statuses: Vec<u16> = sink.requests("/hook").iter().map(|r| r.status_sent).collect();
+        assert_eq!(statuses, [0, 200], "a reset request is recorded but never answered");
+    }
+
+    #[tokio::test]
+    async fn an_answer_even_if_the_client_left_is_recorded_after_it_gave_up() {
+        let sink = Sink::start().await.unwrap();
+        let late = SinkResponse::status(200)
+            .with_delay(Duration::from_millis(300))
+            .answered_even_if_client_left();
+        sink.script("/late", vec![late]);
+        let impatient_client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let err = impatient_client.post(sink.url("/late")).send().await.unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        assert!(sink.delivered("/late").is_empty(), "the answer is not out yet");
+        let delivered = sink.wait_for_delivered("/late", 1, TEST_DEADLINE).await;
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].status_sent, 200);
     }
 
     #[tokio::test]

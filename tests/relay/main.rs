@@ -4,7 +4,9 @@
 mod config;
 mod delivery;
 mod durability;
+mod faults;
 mod process;
+mod properties;
 mod reload;
 mod rotation;
 mod streams;
