@@ -87,11 +87,20 @@ async fn main() {
         figures.extend(soak().await);
     }
     if options.runs("rss") {
-        let stream_counts: &[usize] = if options.quick { &[1, 100] } else { &[1, 1_000, 10_000] };
-        for &n_streams in stream_counts {
+        let stream_counts: Vec<usize> = match std::env::var("BENCH_RSS_STREAMS") {
+            Ok(counts) => counts
+                .split(',')
+                .filter_map(|count| count.trim().parse().ok())
+                .collect(),
+            Err(_) if options.quick => vec![1, 100],
+            Err(_) => vec![1, 1_000, 10_000],
+        };
+        for n_streams in stream_counts {
             figures.extend(idle_rss(n_streams).await);
         }
     }
+
+    figures.extend(ratios(&figures));
 
     println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
     for figure in &figures {
@@ -145,8 +154,19 @@ impl RelayProcess {
     }
 }
 
+/// `BENCH_RELAY_WRAPPER`, e.g. `heaptrack -o /tmp/relay`, runs the relay under a profiler.
 fn spawn_relay(config: &Path) -> Child {
-    Command::new(RELAY)
+    let wrapper = std::env::var("BENCH_RELAY_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(RELAY);
+            command
+        }
+        None => Command::new(RELAY),
+    };
+    command
         .args(["run", "--config"])
         .arg(config)
         .env(
@@ -508,7 +528,8 @@ async fn idle_rss(n_streams: usize) -> Vec<Figure> {
         1 => "idle RSS, 1 stream",
         100 => "idle RSS, 100 streams",
         1_000 => "idle RSS, 1,000 streams",
-        _ => "idle RSS, 10,000 streams",
+        10_000 => "idle RSS, 10,000 streams",
+        _ => "idle RSS, other stream count",
     };
     vec![Figure {
         scenario,
@@ -861,4 +882,37 @@ routes:
         figure("fds last sample", fds.last().copied().unwrap_or(f64::NAN), "fds"),
         figure("fds max sample", maximum(&fds), "fds"),
     ]
+}
+
+/// The relay against the ceiling and the peer, from the figures this run measured.
+fn ratios(figures: &[Figure]) -> Vec<Figure> {
+    let find = |scenario: &str, name: &str| {
+        figures
+            .iter()
+            .find(|figure| figure.scenario == scenario && figure.name == name)
+            .map(|figure| figure.value)
+    };
+    let ceiling = find("ceiling: direct POSTs", "events/s");
+    let memory = find("throughput 1→1 memory", "events/s");
+    let sqlite = find("throughput 1→1 sqlite", "events/s");
+    let smee = find("peer: smee-client 5.0.0", "events/s");
+    let relay_p99 = find("latency at 1000/s memory", "p99");
+    let smee_p99 = find("peer: smee-client 5.0.0", "latency p99 at 1000/s");
+    let ratio = |name: &'static str, numerator: Option<f64>, denominator: Option<f64>| {
+        Some(Figure {
+            scenario: "ratios",
+            name,
+            value: numerator? / denominator?,
+            unit: "×",
+        })
+    };
+    [
+        ratio("memory / ceiling", memory, ceiling),
+        ratio("sqlite / ceiling", sqlite, ceiling),
+        ratio("memory / smee-client", memory, smee),
+        ratio("smee p99 / memory p99", smee_p99, relay_p99),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
