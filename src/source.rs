@@ -169,6 +169,7 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
             .store
             .last_event_id(&stream.telemetry.name)
             .filter(|id| http::HeaderValue::from_str(id).is_ok()),
+        rejected_event_id: None,
         targets: Vec::new(),
         rotation_refused: false,
         n_connections: 0,
@@ -191,6 +192,8 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
 /// What a stream keeps from one connection to the next.
 struct StreamState {
     last_event_id: Option<String>,
+    /// The last id that could not be kept as `Last-Event-ID`, so that it is reported once.
+    rejected_event_id: Option<String>,
     /// Scratch space for routing, reused for every event.
     targets: Vec<TargetId>,
     /// The server answered 409 to a second connection: this stream does not rotate.
@@ -362,7 +365,7 @@ async fn read_connections(
                             drain_until = Some(Instant::now() + ROTATION_DRAIN);
                         }
                         if let Some(id) = &message.id {
-                            remember_event_id(stream, &mut state.last_event_id, id);
+                            remember_event_id(stream, state, id);
                         }
                         let serial = connection.serial;
                         let current_dispatch = Arc::clone(&dispatch.borrow());
@@ -547,13 +550,17 @@ fn connect(
 
 /// Keeps the id for `Last-Event-ID` unless it cannot be sent as a header, which would make
 /// every later connection fail.
-fn remember_event_id(stream: &StreamRuntime, last_event_id: &mut Option<String>, id: &str) {
-    if last_event_id.as_deref() == Some(id) {
+fn remember_event_id(stream: &StreamRuntime, state: &mut StreamState, id: &str) {
+    if state.last_event_id.as_deref() == Some(id) || state.rejected_event_id.as_deref() == Some(id) {
         return;
     }
     if http::HeaderValue::from_str(id).is_ok() {
-        *last_event_id = Some(id.to_owned());
+        state.last_event_id = Some(id.to_owned());
+        state.rejected_event_id = None;
     } else {
+        // Events without an `id:` field carry the last id on, as the SSE spec says; one
+        // warning per bad id is enough.
+        state.rejected_event_id = Some(id.to_owned());
         stream.telemetry.upstream_error(
             "invalid_id",
             &"an event id that cannot be sent back as Last-Event-ID was ignored",

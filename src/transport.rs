@@ -195,9 +195,10 @@ where
                 Some(Err(err)) => return Poll::Ready(Some(Err(err))),
                 None => {
                     self.finished = true;
-                    // Bytes after the last blank line are an event the server never finished.
-                    let mid_event =
-                        !self.pending.is_empty() && !self.pending.iter().all(|b| *b == b'\n' || *b == b'\r');
+                    // Bytes after the last blank line are an event the server never finished,
+                    // and so is an oversized event still being skipped.
+                    let mid_event = self.skipping
+                        || (!self.pending.is_empty() && !self.pending.iter().all(|b| *b == b'\n' || *b == b'\r'));
                     if mid_event {
                         return Poll::Ready(Some(Err(TransportError::new(ClosedMidEvent))));
                     }

@@ -396,6 +396,14 @@ async fn garbage_from_the_upstream_is_dropped_and_counted_and_good_events_still_
         "the good events only"
     );
     assert_eq!(count("sse_relay_stream_reconnects_total", &[participant]), 1.0);
+    assert_eq!(
+        count(
+            "sse_relay_stream_reconnects_total",
+            &[participant, ("reason", "closed_mid_event")]
+        ),
+        1.0,
+        "the server closed while an event was being skipped"
+    );
     relay.stop().await;
 }
 
