@@ -65,11 +65,14 @@ pub struct Dispatcher {
     breaker: Breaker,
     rate_limiter: Option<governor::DefaultDirectRateLimiter>,
     input_closed: bool,
+    /// The store's count of changes by other processes, when this dispatcher last looked.
+    seen_external_changes: u64,
 }
 
 impl Dispatcher {
     pub fn new(target: Arc<TargetRuntime>, store: Store, client: reqwest::Client) -> Dispatcher {
         let durable = store.is_durable();
+        let seen_external_changes = store.external_changes();
         let rate_limiter = target.rate_limit.map(|limit| {
             let period = limit.per / limit.n_requests;
             let quota = governor::Quota::with_period(period.max(Duration::from_nanos(1)))
@@ -97,6 +100,7 @@ impl Dispatcher {
             busy_streams: HashSet::new(),
             rate_limiter,
             input_closed: false,
+            seen_external_changes,
         }
     }
 
@@ -426,10 +430,17 @@ impl Dispatcher {
             );
         }
         // Rows appended by another process (`sse-relay dlq replay`) have ids this dispatcher
-        // never saw; a load from the high-water mark finds them, and is cheap when there are
-        // none.
-        if self.store.is_durable() && self.on_disk_after.is_none() && !self.input_closed {
-            self.on_disk_after = Some(self.high_water);
+        // never saw, possibly below ones it took since: once the store reports such a change,
+        // everything is looked through again (rows already held are skipped). Otherwise a load
+        // from the high-water mark is cheap when there is nothing new.
+        if self.store.is_durable() && !self.input_closed {
+            let external_changes = self.store.external_changes();
+            if external_changes != self.seen_external_changes {
+                self.seen_external_changes = external_changes;
+                self.on_disk_after = Some(0);
+            } else if self.on_disk_after.is_none() {
+                self.on_disk_after = Some(self.high_water);
+            }
         }
     }
 

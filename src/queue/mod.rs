@@ -144,6 +144,15 @@ impl Store {
         }
     }
 
+    /// Counts changes made to the store by another process (`sse-relay dlq replay`); a
+    /// dispatcher that sees it move looks through the whole store for rows it has not seen.
+    pub fn external_changes(&self) -> u64 {
+        match self {
+            Store::Memory(_) => 0,
+            Store::Sqlite(store) => store.external_changes(),
+        }
+    }
+
     /// The last SSE id of a stream as of the last run, to resume with `Last-Event-ID`.
     pub fn last_event_id(&self, stream: &str) -> Option<String> {
         match self {

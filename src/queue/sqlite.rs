@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -37,6 +38,10 @@ const MAX_GROUP: usize = 4096;
 
 /// Longest wait between two tries to write appends that failed.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// How often the writer looks for rows that another process wrote (`sse-relay dlq replay`).
+/// The writer looks only when it has work; the dispatchers give it some every second.
+const EXTERNAL_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often dead letters past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
@@ -145,6 +150,7 @@ pub struct SqliteStore {
     pub(super) limit: Arc<PendingLimit>,
     positions: Arc<HashMap<String, String>>,
     initial_pending: Arc<HashMap<String, u64>>,
+    external_changes: Arc<AtomicU64>,
 }
 
 pub fn database_path(config: &StorageConfig) -> PathBuf {
@@ -193,9 +199,14 @@ impl SqliteStore {
             .collect::<rusqlite::Result<HashMap<String, u64>>>()?;
         let n_pending = initial_pending.values().sum();
 
+        let data_version = data_version(&connection)?;
+        let external_changes = Arc::new(AtomicU64::new(0));
         let (appends, append_receiver) = mpsc::channel(MAX_GROUP);
         let (updates, update_receiver) = mpsc::channel(MAX_GROUP);
         let writer = Writer {
+            data_version,
+            last_version_check: Instant::now(),
+            external_changes: Arc::clone(&external_changes),
             connection: Some(connection),
             dispatchers,
             storage,
@@ -209,7 +220,14 @@ impl SqliteStore {
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
             positions: Arc::new(positions),
             initial_pending: Arc::new(initial_pending),
+            external_changes,
         })
+    }
+
+    /// How many times another process (`sse-relay dlq replay` or `purge`) changed the database
+    /// since the relay started, as far as the writer has looked.
+    pub fn external_changes(&self) -> u64 {
+        self.external_changes.load(Ordering::Relaxed)
     }
 
     /// Queues the append for the writer; returns whether it had to wait for room.
@@ -316,6 +334,11 @@ struct Writer {
     storage: Arc<StorageTelemetry>,
     retention: Duration,
     last_purge: Instant,
+    /// SQLite's `data_version` of the writer's connection: it changes only when another
+    /// connection commits, which is how rows written by `sse-relay dlq` are noticed.
+    data_version: i64,
+    last_version_check: Instant,
+    external_changes: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -424,6 +447,9 @@ impl Writer {
             if self.last_purge.elapsed() >= PURGE_INTERVAL {
                 self.purge_dead_letters().await;
             }
+            if self.last_version_check.elapsed() >= EXTERNAL_CHANGE_INTERVAL {
+                self.look_for_external_changes().await;
+            }
         }
     }
 
@@ -527,6 +553,21 @@ impl Writer {
             });
         }
         applied.is_ok()
+    }
+
+    async fn look_for_external_changes(&mut self) {
+        self.last_version_check = Instant::now();
+        match self.with_connection(|connection| data_version(connection)).await {
+            Ok(version) if version != self.data_version => {
+                self.data_version = version;
+                self.external_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                self.storage.errors.inc();
+                warn!(error = %err, "cannot read the queue database's data version");
+            }
+        }
     }
 
     async fn purge_dead_letters(&mut self) {
@@ -691,6 +732,10 @@ fn retire_target(connection: &mut Connection, target: &str) -> rusqlite::Result<
     transaction.execute("DELETE FROM deliveries WHERE target = ?1", [target])?;
     transaction.commit()?;
     Ok(n_retired)
+}
+
+fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
+    connection.pragma_query_value(None, "data_version", |row| row.get(0))
 }
 
 fn load(

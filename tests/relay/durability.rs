@@ -3,6 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
@@ -247,6 +250,50 @@ async fn a_rejected_delivery_is_a_dead_letter_until_replayed() {
     assert_eq!(&delivered[0].body[..], data.as_bytes());
     assert_one_identity_per_event(&sink.requests("/hook"));
     assert!(relay.dlq(&["list"]).await.trim_end().ends_with("0 dead letter(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_while_events_flow_is_delivered() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", vec![SinkResponse::status(422)]);
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let _running = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    let rejected = r#"{"type":"workflow_status","rejected":true}"#;
+    upstream.publish_event(Api::Chat, rejected);
+    eventually("a dead letter", DEADLINE, || async {
+        relay.dlq(&["list"]).await.trim_end().ends_with("1 dead letter(s)")
+    })
+    .await;
+
+    // Events keep arriving for the same target while the replay is written by another process:
+    // the relay's dispatcher sees newer deliveries than the replayed one.
+    let flowing = Arc::new(AtomicBool::new(true));
+    let publisher = tokio::spawn({
+        let (upstream, flowing) = (upstream.clone(), Arc::clone(&flowing));
+        async move {
+            let mut n = 0;
+            while flowing.load(Ordering::Relaxed) {
+                upstream.publish_event(Api::Chat, &format!(r#"{{"type":"update","n":{n}}}"#));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    assert_eq!(
+        relay.dlq(&["replay", "--all"]).await.trim(),
+        "replayed 1 dead letter(s)"
+    );
+    eventually("the replayed event delivered", DEADLINE, || async {
+        sink.delivered("/hook")
+            .iter()
+            .any(|request| &request.body[..] == rejected.as_bytes())
+    })
+    .await;
+    flowing.store(false, Ordering::Relaxed);
+    publisher.await.unwrap();
+    assert_one_identity_per_event(&sink.requests("/hook"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
