@@ -248,6 +248,26 @@ enum Which {
     Replacement,
 }
 
+/// A connection that ended, and how.
+struct Ended {
+    which: Which,
+    reason: DisconnectReason,
+    detail: String,
+    /// The server answered 409: it allows one connection at a time.
+    refused: bool,
+}
+
+impl Ended {
+    fn new(which: Which, reason: DisconnectReason, detail: String) -> Ended {
+        Ended {
+            which,
+            reason,
+            detail,
+            refused: false,
+        }
+    }
+}
+
 enum Step {
     Idle(Which),
     Item(Which, Option<es::Result<es::SSE>>),
@@ -294,7 +314,7 @@ async fn read_connections(
             () = sleep_until(drain_until) => Step::DrainOver,
             () = sleep_until(rotate_at) => Step::Rotate,
         };
-        match step {
+        let ended = match step {
             Step::Rotate => {
                 rotation_tried = true;
                 stream.telemetry.rotation_started();
@@ -305,6 +325,7 @@ async fn read_connections(
                     }
                     Err(err) => stream.telemetry.rotation_ended(RotationResult::Failed, &err),
                 }
+                None
             }
             Step::DrainOver => {
                 drain_until = None;
@@ -315,47 +336,16 @@ async fn read_connections(
                     rotation_tried = false;
                     stream.telemetry.rotation_ended(RotationResult::Completed, &"");
                 }
+                None
             }
             Step::Idle(which) => {
-                let detail = format!(
-                    "nothing received for {}",
-                    humantime::format_duration(stream.idle_timeout)
-                );
-                match which {
-                    Which::Current => {
-                        let end = current.end(DisconnectReason::IdleTimeout, detail);
-                        if !hand_over(
-                            stream,
-                            state,
-                            &mut current,
-                            &mut replacement,
-                            &mut drain_until,
-                            end.reason,
-                            &end.detail,
-                        ) {
-                            return Some(end);
-                        }
-                        rotation_tried = false;
-                    }
-                    Which::Replacement => {
-                        drop_replacement(
-                            stream,
-                            state,
-                            &mut replacement,
-                            &mut drain_until,
-                            RotationResult::Failed,
-                            &detail,
-                        );
-                    }
-                }
+                let idle_for = humantime::format_duration(stream.idle_timeout);
+                let detail = format!("nothing received for {idle_for}");
+                Some(Ended::new(which, DisconnectReason::IdleTimeout, detail))
             }
             Step::Item(which, item) => {
-                let connection = match which {
-                    Which::Current => &mut current,
-                    Which::Replacement => match replacement.as_mut() {
-                        Some(connection) => connection,
-                        None => continue,
-                    },
+                let Some(connection) = connection_mut(&mut current, &mut replacement, which) else {
+                    continue;
                 };
                 connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
                 match item {
@@ -370,8 +360,11 @@ async fn read_connections(
                         let serial = connection.serial;
                         let current_dispatch = Arc::clone(&dispatch.borrow());
                         match accept(stream, &current_dispatch, message, serial, state, stop).await {
-                            Accepted::Event => connection_mut(&mut current, &mut replacement, which).n_events += 1,
-                            Accepted::Noise => {}
+                            Accepted::Event => {
+                                if let Some(connection) = connection_mut(&mut current, &mut replacement, which) {
+                                    connection.n_events += 1;
+                                }
+                            }
                             // The old connection caught up with what the replacement already
                             // showed: everything after this on it is a copy, so stop reading it.
                             Accepted::Duplicate
@@ -379,80 +372,91 @@ async fn read_connections(
                             {
                                 drain_until = Some(Instant::now());
                             }
-                            Accepted::Duplicate => {}
+                            Accepted::Noise | Accepted::Duplicate => {}
                             Accepted::Stopped => return None,
                         }
+                        None
                     }
                     Some(Ok(es::SSE::Connected(_))) => {
                         connection.connected = true;
                         if which == Which::Current {
                             stream.telemetry.connected(state.last_event_id.as_deref());
                         }
+                        None
                     }
                     Some(Ok(es::SSE::Comment(_))) => {
                         if which == Which::Replacement && !connection.live {
                             connection.live = true;
                             drain_until = Some(Instant::now() + ROTATION_DRAIN);
                         }
+                        None
                     }
                     Some(Err(err)) => {
-                        let connected = connection.connected;
-                        let (reason, detail) = describe_error(&err, connected);
-                        match which {
-                            Which::Current => {
-                                let end = current.end(reason, detail);
-                                if !hand_over(
-                                    stream,
-                                    state,
-                                    &mut current,
-                                    &mut replacement,
-                                    &mut drain_until,
-                                    end.reason,
-                                    &end.detail,
-                                ) {
-                                    return Some(end);
-                                }
-                                rotation_tried = false;
-                            }
-                            Which::Replacement => {
-                                let refused = matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
-                                let result = if refused {
-                                    state.rotation_refused = true;
-                                    RotationResult::Refused
-                                } else {
-                                    RotationResult::Failed
-                                };
-                                drop_replacement(stream, state, &mut replacement, &mut drain_until, result, &detail);
-                            }
-                        }
+                        let (reason, detail) = describe_error(&err, connection.connected);
+                        let refused =
+                            matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
+                        Some(Ended {
+                            which,
+                            reason,
+                            detail,
+                            refused,
+                        })
                     }
-                    None => match which {
-                        Which::Current => {
-                            let end = current.end(DisconnectReason::Closed, "the stream ended".to_owned());
-                            if !hand_over(
-                                stream,
-                                state,
-                                &mut current,
-                                &mut replacement,
-                                &mut drain_until,
-                                end.reason,
-                                &end.detail,
-                            ) {
-                                return Some(end);
-                            }
-                            rotation_tried = false;
-                        }
-                        Which::Replacement => drop_replacement(
-                            stream,
-                            state,
-                            &mut replacement,
-                            &mut drain_until,
-                            RotationResult::Failed,
-                            &"the replacement connection ended at once",
-                        ),
-                    },
+                    None => Some(Ended::new(
+                        which,
+                        DisconnectReason::Closed,
+                        "the stream ended".to_owned(),
+                    )),
                 }
             }
+        };
+        match ended {
+            Some(Ended {
+                which: Which::Current,
+                reason,
+                detail,
+                ..
+            }) => {
+                let end = current.end(reason, detail);
+                let Some(next) = replacement.take() else {
+                    return Some(end);
+                };
+                // The replacement carries on, without a gap.
+                state.duplicates.closed(current.serial, Instant::now());
+                current = next;
+                drain_until = None;
+                rotation_tried = false;
+                stream.telemetry.handed_over(end.reason, &end.detail);
+                stream.telemetry.rotation_ended(RotationResult::Completed, &"");
+                if current.connected {
+                    stream.telemetry.connected(state.last_event_id.as_deref());
+                }
+            }
+            Some(Ended {
+                which: Which::Replacement,
+                detail,
+                refused,
+                ..
+            }) => {
+                let result = if refused {
+                    state.rotation_refused = true;
+                    RotationResult::Refused
+                } else {
+                    RotationResult::Failed
+                };
+                if let Some(dropped) = replacement.take() {
+                    // Events it carried were delivered already; what the current connection
+                    // shows next must still be compared with them for a while.
+                    if dropped.live {
+                        state.duplicates.closed(dropped.serial, Instant::now());
+                    } else {
+                        state.duplicates.clear();
+                    }
+                }
+                drain_until = None;
+                stream.telemetry.rotation_ended(result, &detail);
+            }
+            None => {}
         }
     }
 }
@@ -461,57 +465,11 @@ fn connection_mut<'a>(
     current: &'a mut Connection,
     replacement: &'a mut Option<Connection>,
     which: Which,
-) -> &'a mut Connection {
-    match (which, replacement) {
-        (Which::Replacement, Some(connection)) => connection,
-        _ => current,
+) -> Option<&'a mut Connection> {
+    match which {
+        Which::Current => Some(current),
+        Which::Replacement => replacement.as_mut(),
     }
-}
-
-/// The current connection ended; if a replacement is open, it takes over and `true` is
-/// returned, else the stream has to reconnect.
-fn hand_over(
-    stream: &StreamRuntime,
-    state: &mut StreamState,
-    current: &mut Connection,
-    replacement: &mut Option<Connection>,
-    drain_until: &mut Option<Instant>,
-    reason: DisconnectReason,
-    detail: &str,
-) -> bool {
-    let Some(next) = replacement.take() else {
-        return false;
-    };
-    state.duplicates.closed(current.serial, Instant::now());
-    *current = next;
-    *drain_until = None;
-    stream.telemetry.handed_over(reason, &detail);
-    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
-    if current.connected {
-        stream.telemetry.connected(state.last_event_id.as_deref());
-    }
-    true
-}
-
-fn drop_replacement(
-    stream: &StreamRuntime,
-    state: &mut StreamState,
-    replacement: &mut Option<Connection>,
-    drain_until: &mut Option<Instant>,
-    result: RotationResult,
-    detail: &dyn std::fmt::Display,
-) {
-    if let Some(dropped) = replacement.take() {
-        // Events it carried were delivered already; what the current connection shows next
-        // must still be compared with them for a while.
-        if dropped.live {
-            state.duplicates.closed(dropped.serial, Instant::now());
-        } else {
-            state.duplicates.clear();
-        }
-    }
-    *drain_until = None;
-    stream.telemetry.rotation_ended(result, detail);
 }
 
 /// The next thing that happens on the replacement connection; never, when there is none.
