@@ -115,7 +115,9 @@ impl Dispatcher {
                 break;
             }
             self.note_overflow(&input);
-            if self.on_disk_after.is_some() && self.ready.len() < self.capacity / 2 {
+            // Counting everything held, waiting retries included, keeps memory bounded when
+            // a target fails for long: what does not fit waits on disk.
+            if self.on_disk_after.is_some() && self.in_memory.len() < self.capacity / 2 {
                 // Deliveries offered before an overflow may still be in the channel; they come
                 // before anything on disk beyond them, so they are taken first.
                 self.drain_input(&mut input);
