@@ -754,8 +754,11 @@ async fn soak() -> Vec<Figure> {
     .await
     .unwrap();
     let sink = Sink::start().await.unwrap();
-    // The sink keeps every request; the soak needs only which events arrived, and how often.
-    let arrivals = std::sync::Arc::new(std::sync::Mutex::new([Vec::<u32>::new(), Vec::<u32>::new()]));
+    // The sink keeps every request; the soak needs only which events arrived, under which
+    // idempotency keys: two keys for one event mean the relay took it twice (a rotation's
+    // duplicate let through), one key twice means one delivery was made twice.
+    type Arrivals = [Vec<Vec<Box<str>>>; 2];
+    let arrivals: std::sync::Arc<std::sync::Mutex<Arrivals>> = std::sync::Arc::default();
     sink.on_request({
         let arrivals = std::sync::Arc::clone(&arrivals);
         move |request| {
@@ -767,13 +770,14 @@ async fn soak() -> Vec<Figure> {
                 (None, Some(n)) => (1, n),
                 _ => return,
             };
+            let key = Box::from(request.header("idempotency-key").unwrap_or_default());
             let mut arrivals = arrivals.lock().unwrap();
-            let counts = &mut arrivals[stream];
+            let keys = &mut arrivals[stream];
             let n = n as usize;
-            if counts.len() <= n {
-                counts.resize(n + 1, 0);
+            if keys.len() <= n {
+                keys.resize(n + 1, Vec::new());
             }
-            counts[n] += 1;
+            keys[n].push(key);
         }
     });
     let storage_directory = tempfile::tempdir().unwrap();
@@ -851,13 +855,22 @@ routes:
     sink.wait_for_delivered("/hook", expected, Duration::from_secs(120))
         .await;
     let rotations = relay_metric(&relay, "sse_relay_stream_rotations_total", &[("result", "completed")]).await;
-    let (mut n_lost, mut n_duplicated) = (0u64, 0u64);
-    for counts in arrivals.lock().unwrap().iter() {
+    let (mut n_lost, mut n_taken_twice, mut n_delivered_twice) = (0u64, 0u64, 0u64);
+    for (stream, keys) in arrivals.lock().unwrap().iter().enumerate() {
         for n in 0..n_published as usize {
-            match counts.get(n).copied().unwrap_or(0) {
-                0 => n_lost += 1,
-                1 => {}
-                _ => n_duplicated += 1,
+            let keys = keys.get(n).map_or(&[][..], Vec::as_slice);
+            let mut distinct: Vec<&str> = keys.iter().map(|key| &**key).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if keys.is_empty() {
+                n_lost += 1;
+                println!("lost: stream {stream} event {n}");
+            } else if distinct.len() > 1 {
+                n_taken_twice += 1;
+                println!("taken twice: stream {stream} event {n}");
+            } else if keys.len() > 1 {
+                n_delivered_twice += 1;
+                println!("delivered twice: stream {stream} event {n}");
             }
         }
     }
@@ -873,7 +886,8 @@ routes:
         figure("events published", expected as f64, "events"),
         figure("published, no connection", n_unheard as f64, "events"),
         figure("lost", n_lost as f64, "events"),
-        figure("delivered twice or more", n_duplicated as f64, "events"),
+        figure("taken twice (two keys)", n_taken_twice as f64, "events"),
+        figure("delivered twice (one key)", n_delivered_twice as f64, "events"),
         figure("rotations", rotations, "rotations"),
         figure("RSS first sample", rss.first().copied().unwrap_or(f64::NAN), "MiB"),
         figure("RSS last sample", rss.last().copied().unwrap_or(f64::NAN), "MiB"),
