@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::FutureExt;
 use governor::clock::{Clock, DefaultClock};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -290,7 +291,16 @@ impl Dispatcher {
             self.in_flight.spawn(async move {
                 let started = Instant::now();
                 let started_at = SystemTime::now();
-                let outcome = request::attempt(&client, &target, &pending.event).await;
+                // A panic here must not lose the delivery or its breaker permit: it comes back
+                // as a failed attempt, to be retried.
+                let attempt = std::panic::AssertUnwindSafe(request::attempt(&client, &target, &pending.event));
+                let outcome = attempt.catch_unwind().await.unwrap_or_else(|_| {
+                    Err(Failure {
+                        verdict: Verdict::Retry { retry_after: None },
+                        status: None,
+                        problem: request::Problem::Panicked,
+                    })
+                });
                 Attempted {
                     pending,
                     permit,

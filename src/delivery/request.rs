@@ -21,14 +21,20 @@ const DRAIN_BYTES: usize = 64 * 1024;
 /// What went wrong with an attempt, for the log line. Never holds the target's URL.
 #[derive(Debug)]
 pub enum Problem {
-    Status { status: u16, excerpt: String },
+    Status {
+        status: u16,
+        excerpt: String,
+    },
     Transport(reqwest::Error),
     Body(String),
+    /// The attempt panicked: a bug in the relay, not the target's fault. Retried.
+    Panicked,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Problem::Panicked => write!(formatter, "the attempt failed inside the relay (a bug; see the log)"),
             Problem::Status { status, excerpt } if excerpt.is_empty() => write!(formatter, "status {status}"),
             Problem::Status { status, excerpt } => write!(formatter, "status {status}: {excerpt}"),
             Problem::Transport(err) if err.is_timeout() => write!(formatter, "timed out"),
