@@ -270,6 +270,7 @@ impl Metrics {
             unrouted: self.events_unrouted.with_label_values(&[name]),
             dropped: self.events_dropped.clone(),
             upstream_errors: self.upstream_errors.clone(),
+            upstream_error_log: LogLimiter::default(),
             backpressure: self.backpressure.with_label_values(&[name]),
         }
     }
@@ -389,7 +390,38 @@ pub struct StreamTelemetry {
     unrouted: IntCounter,
     dropped: IntCounterVec,
     upstream_errors: IntCounterVec,
+    upstream_error_log: LogLimiter,
     backpressure: IntCounter,
+}
+
+/// Lets a log line through at most once per `LOG_LIMIT_INTERVAL` and counts the ones held back,
+/// so that an upstream sending bad input on every event cannot flood the journal. The metric
+/// beside the line still counts every occurrence.
+#[derive(Default)]
+struct LogLimiter {
+    /// Milliseconds since `LOG_LIMIT_EPOCH` of the last line let through, plus one; 0 for never.
+    last_logged: std::sync::atomic::AtomicU64,
+    n_held_back: std::sync::atomic::AtomicU64,
+}
+
+const LOG_LIMIT_INTERVAL: Duration = Duration::from_secs(10);
+
+static LOG_LIMIT_EPOCH: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+
+impl LogLimiter {
+    /// `Some(n)` when a line may be logged now, `n` being how many were held back before it.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = LOG_LIMIT_EPOCH.elapsed().as_millis() as u64 + 1;
+        let last = self.last_logged.load(Relaxed);
+        let interval = LOG_LIMIT_INTERVAL.as_millis() as u64;
+        if last != 0 && now < last + interval || self.last_logged.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
+            self.n_held_back.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.n_held_back.swap(0, Relaxed))
+    }
 }
 
 impl StreamTelemetry {
@@ -481,7 +513,12 @@ impl StreamTelemetry {
     /// `invalid_utf8` (invalid bytes replaced with U+FFFD, as browsers do).
     pub fn upstream_error(&self, kind: &'static str, detail: &dyn Display) {
         self.upstream_errors.with_label_values(&[&self.name, kind]).inc();
-        warn!(stream = %self.name, kind, error = %detail, "malformed input from upstream");
+        if let Some(n_held_back) = self.upstream_error_log.admit() {
+            warn!(
+                stream = %self.name, kind, error = %detail, n_held_back,
+                "malformed input from upstream (logged at most every 10 s; the metric counts each)"
+            );
+        }
     }
 
     pub fn backpressure(&self) {
@@ -549,5 +586,19 @@ impl TargetTelemetry {
         }
         self.abandoned.inc_by(n_deliveries);
         error!(target = %self.name, n_deliveries, "{why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_limiter_lets_one_line_through_and_counts_the_rest() {
+        let limiter = LogLimiter::default();
+        assert_eq!(limiter.admit(), Some(0));
+        assert_eq!(limiter.admit(), None);
+        assert_eq!(limiter.admit(), None);
+        assert_eq!(limiter.n_held_back.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }
