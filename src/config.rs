@@ -720,9 +720,25 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     )
 }
 
-/// Parses config text; `origin` names it in errors (usually the file path).
-pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
-    let locate = |err: serde_yaml::Error| match err.location() {
+/// Reads only the `storage` section of a config file, for `sse-relay dlq`: the variables that
+/// streams and targets use (tokens, URLs) need not be set to manage dead letters.
+pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: origin.clone(),
+        source,
+    })?;
+    #[derive(Deserialize)]
+    struct StorageOnly {
+        #[serde(default)]
+        storage: StorageConfig,
+    }
+    let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
+    Ok(parsed.storage)
+}
+
+fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
+    match err.location() {
         Some(location) => ConfigError::Located {
             origin: origin.to_owned(),
             line: location.line(),
@@ -733,7 +749,12 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
             origin: origin.to_owned(),
             message: err.to_string(),
         },
-    };
+    }
+}
+
+/// Parses config text; `origin` names it in errors (usually the file path).
+pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
+    let locate = |err: serde_yaml::Error| locate(origin, err);
 
     // First pass: only the names of streams and targets, so that routes can be checked against
     // them wherever they stand in the file.

@@ -108,9 +108,9 @@ fn main() -> ExitCode {
                 Err(err) => fail(&format!("{err:#}")),
             }
         }
-        Command::Dlq { config, command } => match config::load(&config)
+        Command::Dlq { config, command } => match config::load_storage(&config)
             .map_err(anyhow::Error::from)
-            .and_then(|loaded| dead_letters(&loaded.storage, command))
+            .and_then(|storage| dead_letters(&storage, command))
         {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),

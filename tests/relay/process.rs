@@ -61,6 +61,35 @@ async fn check_reports_errors_with_their_place() {
 }
 
 #[tokio::test]
+async fn dlq_needs_only_the_storage_section() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let yaml = "storage: { path: \"${STATE_DIRECTORY}\" }\nstreams:\n  chat:\n    url: ${CHAT_URL}\n    headers: { Authorization: \"Bearer ${CHAT_TOKEN}\" }\ntargets:\n  n8n: { url: \"${N8N_URL}\" }\nroutes:\n  - stream: chat\n    targets: [n8n]\n";
+    let path = write_config(&directory, "relay.yaml", yaml);
+    let state = ("STATE_DIRECTORY", storage.to_str().unwrap());
+    let output = Command::new(BINARY)
+        .args(["dlq", "list", "--config"])
+        .arg(&path)
+        .env_clear()
+        .env(state.0, state.1)
+        .output()
+        .await
+        .unwrap();
+    // It gets as far as the database, which does not exist yet: the unset variables of the
+    // streams and targets did not stop it.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("no queue database at {}", storage.join("relay.db").display())),
+        "{stderr}"
+    );
+    // The whole config still needs them.
+    let output = check(&path, &[state]).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("CHAT_URL"));
+}
+
+#[tokio::test]
 async fn check_masks_secrets() {
     let directory = tempfile::tempdir().unwrap();
     let yaml = r#"
