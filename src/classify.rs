@@ -57,9 +57,9 @@ impl Classifier {
 
     pub fn classify(&self, message: SseMessage, received_at: SystemTime) -> Classified {
         let SseMessage { event, data, id } = message;
-        // The SSE spec dispatches no event when the data is empty (`data:` alone, or only
-        // `event:` and `id:` fields); such messages are noise, counted with the keepalives.
-        if data.is_empty() || self.is_keepalive(&data) {
+        // `data:` with no value is an event with empty data under the SSE spec (a type-only
+        // signal, say); it is routed like any other. `keepalive: [""]` makes such events noise.
+        if self.is_keepalive(&data) {
             return Classified::Keepalive;
         }
 
@@ -174,8 +174,8 @@ mod tests {
         check(&participant, "", "plain text", "message");
         check(&participant, "message", r#"{"eventType": 5}"#, "message");
         check(&participant, "message", r#"{"eventType":"#, "malformed:message");
-        check(&participant, "message", "", "keepalive");
-        check(&participant, "MESSAGE_SENT", "", "keepalive");
+        check(&participant, "message", "", "message");
+        check(&participant, "MESSAGE_SENT", "", "MESSAGE_SENT");
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //!
 //! The input is `[stream selector byte] event type \0 data \0 id`: a message on one of the
 //! fixed config's streams. It is classified and routed as the stream task does it, and the
-//! outcome is checked against a plain reading of the config: keepalives and empty data are
-//! never routed, the event type comes from the SSE field, then the stream's JSON pointers, then
+//! outcome is checked against a plain reading of the config: keepalives are never routed, the event type comes from the SSE field, then the stream's JSON pointers, then
 //! its default, and the targets are exactly those of the matching routes, each once, in route
 //! order.
 
@@ -103,8 +102,7 @@ fuzz_target!(|bytes: &[u8]| {
     };
     let stream_id = relay.table.stream_id(stream_name).unwrap();
     let is_keepalive = |text: &str| stream.keepalive.iter().any(|keepalive| keepalive.0 == text);
-    // Empty data is no event in SSE; the classifier counts it with the keepalives.
-    let is_noise = data.is_empty() || is_keepalive(&data);
+    let is_noise = is_keepalive(&data);
     let json = looks_like_json(&data)
         .then(|| serde_json::from_str::<serde_json::Value>(&data).ok())
         .flatten();
