@@ -31,16 +31,21 @@ pub struct EventKey(u64);
 /// One connection's keys that the other connection has not shown yet.
 struct Side {
     connection: u64,
-    open: bool,
+    /// Set once the connection closed: its keys are kept until then, to catch the copies that
+    /// the remaining connection shows late.
+    expires_at: Option<Instant>,
     keys: VecDeque<EventKey>,
+}
+
+impl Side {
+    fn is_open(&self) -> bool {
+        self.expires_at.is_none()
+    }
 }
 
 pub struct OverlapDeduplicator {
     hasher: std::collections::hash_map::RandomState,
     sides: Vec<Side>,
-    /// Set once only one connection is left: the remembered keys still catch the late copies
-    /// of events the closed connection showed first, until this instant.
-    expires_at: Option<Instant>,
     grace: std::time::Duration,
 }
 
@@ -49,22 +54,27 @@ impl OverlapDeduplicator {
         OverlapDeduplicator {
             hasher: std::collections::hash_map::RandomState::new(),
             sides: Vec::new(),
-            expires_at: None,
             grace,
         }
     }
 
-    /// True while keys are needed: from the start of an overlap until its grace period ends.
+    /// True while keys are needed: from the start of an overlap until the grace period of the
+    /// last closed connection ends.
     pub fn is_active(&mut self, now: Instant) -> bool {
-        if self.expires_at.is_some_and(|expires_at| now >= expires_at) {
-            self.clear();
+        self.sides
+            .retain(|side| side.expires_at.is_none_or(|expires_at| now < expires_at));
+        if self.sides.iter().all(Side::is_open) && self.sides.len() < 2 {
+            self.sides.clear();
         }
         !self.sides.is_empty()
     }
 
-    pub fn key(&self, sse_id: Option<&str>, event_type: &str, data: &[u8]) -> EventKey {
+    /// The key of an event. `fresh_id` says whether the SSE id is the event's own: a parser
+    /// gives events without an `id:` field the last id seen on their connection, and two
+    /// connections can have seen different last ids, so such events are keyed by content.
+    pub fn key(&self, sse_id: Option<&str>, fresh_id: bool, event_type: &str, data: &[u8]) -> EventKey {
         let mut hasher = self.hasher.build_hasher();
-        match sse_id {
+        match sse_id.filter(|_| fresh_id) {
             Some(id) => {
                 0u8.hash(&mut hasher);
                 id.hash(&mut hasher);
@@ -78,20 +88,26 @@ impl OverlapDeduplicator {
         EventKey(hasher.finish())
     }
 
-    /// A second connection opened beside `current`: from now on both are compared.
+    /// A hash of an SSE id, to tell whether the next event's id is its own or carried on.
+    pub fn id_hash(&self, sse_id: &str) -> u64 {
+        self.hasher.hash_one(sse_id)
+    }
+
+    /// A second connection opened beside `current`: from now on both are compared. The keys of
+    /// an earlier overlap's closed connection stay until their grace period ends.
     pub fn begin(&mut self, current: u64, next: u64) {
-        self.sides.clear();
-        self.expires_at = None;
+        self.sides
+            .retain(|side| !side.is_open() && side.connection != current && side.connection != next);
         for connection in [current, next] {
             self.sides.push(Side {
                 connection,
-                open: true,
+                expires_at: None,
                 keys: VecDeque::new(),
             });
         }
     }
 
-    /// True when `connection`'s event with `key` was already shown by the other connection.
+    /// True when `connection`'s event with `key` was already shown by another connection.
     pub fn is_duplicate(&mut self, connection: u64, key: EventKey) -> bool {
         let others = self.sides.iter_mut().filter(|side| side.connection != connection);
         for other in others {
@@ -100,9 +116,12 @@ impl OverlapDeduplicator {
                 return true;
             }
         }
-        let other_open = self.sides.iter().any(|side| side.connection != connection && side.open);
+        let other_open = self
+            .sides
+            .iter()
+            .any(|side| side.connection != connection && side.is_open());
         if let Some(own) = self.sides.iter_mut().find(|side| side.connection == connection)
-            && own.open
+            && own.is_open()
             && other_open
         {
             if own.keys.len() == MAX_KEYS_PER_CONNECTION {
@@ -116,20 +135,23 @@ impl OverlapDeduplicator {
     /// `connection` closed: its keys are kept for the grace period, to match the events the
     /// remaining connection has yet to show.
     pub fn closed(&mut self, connection: u64, now: Instant) {
+        let expires_at = now + self.grace;
         if let Some(side) = self.sides.iter_mut().find(|side| side.connection == connection) {
-            side.open = false;
+            side.expires_at = Some(expires_at);
         }
         // Nothing the remaining connection shows from now on needs remembering.
-        for side in self.sides.iter_mut().filter(|side| side.open) {
+        for side in self.sides.iter_mut().filter(|side| side.is_open()) {
             side.keys.clear();
         }
-        self.expires_at = Some(now + self.grace);
     }
 
-    /// The second connection failed before it carried anything: there is nothing to compare.
-    pub fn clear(&mut self) {
-        self.sides.clear();
-        self.expires_at = None;
+    /// `connection` ended before it carried anything: there is nothing to compare with it, and
+    /// what the other connection showed meanwhile need not be remembered.
+    pub fn forget(&mut self, connection: u64) {
+        self.sides.retain(|side| side.connection != connection);
+        for side in self.sides.iter_mut().filter(|side| side.is_open()) {
+            side.keys.clear();
+        }
     }
 }
 
@@ -149,7 +171,7 @@ mod tests {
         arrivals
             .iter()
             .filter(|(connection, content)| {
-                let key = dedup.key(None, "message", content.as_bytes());
+                let key = dedup.key(None, false, "message", content.as_bytes());
                 !dedup.is_duplicate(*connection, key)
             })
             .map(|(_, content)| content.to_string())
@@ -195,9 +217,24 @@ mod tests {
     #[test]
     fn ids_are_keys_when_the_server_sends_them() {
         let dedup = OverlapDeduplicator::new(Duration::from_secs(5));
-        assert_eq!(dedup.key(Some("7"), "a", b"one"), dedup.key(Some("7"), "b", b"two"));
-        assert_ne!(dedup.key(Some("7"), "a", b"one"), dedup.key(Some("8"), "a", b"one"));
-        assert_ne!(dedup.key(None, "a", b"one"), dedup.key(None, "b", b"one"));
+        assert_eq!(
+            dedup.key(Some("7"), true, "a", b"one"),
+            dedup.key(Some("7"), true, "b", b"two")
+        );
+        assert_ne!(
+            dedup.key(Some("7"), true, "a", b"one"),
+            dedup.key(Some("8"), true, "a", b"one")
+        );
+        assert_ne!(dedup.key(None, false, "a", b"one"), dedup.key(None, false, "b", b"one"));
+        // An id carried on from an earlier event is not the event's own: content decides.
+        assert_eq!(
+            dedup.key(Some("7"), false, "a", b"one"),
+            dedup.key(None, false, "a", b"one")
+        );
+        assert_ne!(
+            dedup.key(Some("7"), false, "a", b"one"),
+            dedup.key(Some("7"), false, "a", b"two")
+        );
     }
 
     #[test]
@@ -205,7 +242,7 @@ mod tests {
         let start = Instant::now();
         let mut dedup = OverlapDeduplicator::new(Duration::from_secs(5));
         dedup.begin(OLD, NEW);
-        let key = |dedup: &OverlapDeduplicator, content: &str| dedup.key(None, "t", content.as_bytes());
+        let key = |dedup: &OverlapDeduplicator, content: &str| dedup.key(None, false, "t", content.as_bytes());
         let (a, b) = (key(&dedup, "a"), key(&dedup, "b"));
         assert!(!dedup.is_duplicate(OLD, a));
         assert!(!dedup.is_duplicate(OLD, b));
@@ -220,11 +257,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_overlap_keeps_the_last_ones_late_copies() {
+        let start = Instant::now();
+        let mut dedup = OverlapDeduplicator::new(Duration::from_secs(5));
+        dedup.begin(OLD, NEW);
+        let late = dedup.key(None, false, "t", b"late");
+        assert!(!dedup.is_duplicate(OLD, late));
+        dedup.closed(OLD, start);
+        // The next rotation starts at once: NEW is current, 3 is its replacement.
+        dedup.begin(NEW, 3);
+        assert!(dedup.is_active(start + Duration::from_secs(1)));
+        assert!(dedup.is_duplicate(NEW, late), "OLD's late copy is still caught");
+    }
+
+    #[test]
     fn a_single_connection_remembers_nothing() {
         let mut dedup = OverlapDeduplicator::new(Duration::from_secs(5));
         dedup.begin(OLD, NEW);
-        dedup.closed(NEW, Instant::now());
-        let key = dedup.key(None, "t", b"same");
+        dedup.forget(NEW);
+        let key = dedup.key(None, false, "t", b"same");
         assert!(!dedup.is_duplicate(OLD, key));
         assert!(!dedup.is_duplicate(OLD, key));
     }

@@ -213,6 +213,14 @@ struct Connection {
     /// The connection carried its first message after the response head.
     live: bool,
     n_events: u64,
+    /// Opened by a rotation, beside the connection it replaces.
+    is_replacement: bool,
+    /// It took over from a productive connection: if it fails at once, the stream reconnects
+    /// at once, as it would have after that connection's close.
+    follows_productive: bool,
+    /// A hash of the SSE id of the last event on this connection: an event that repeats it has
+    /// no id of its own (the parser carries the last one on).
+    last_id_hash: Option<u64>,
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -227,6 +235,9 @@ impl Connection {
             connected: false,
             live: false,
             n_events: 0,
+            is_replacement: false,
+            follows_productive: false,
+            last_id_hash: None,
             idle: Box::pin(tokio::time::sleep(stream.idle_timeout)),
         })
     }
@@ -235,7 +246,8 @@ impl Connection {
         ConnectionEnd {
             reason,
             detail,
-            productive: self.connected && (self.n_events > 0 || self.started.elapsed() >= HEALTHY_CONNECTION_AGE),
+            productive: self.follows_productive
+                || self.connected && (self.n_events > 0 || self.started.elapsed() >= HEALTHY_CONNECTION_AGE),
         }
     }
 }
@@ -319,7 +331,8 @@ async fn read_connections(
                 rotation_tried = true;
                 stream.telemetry.rotation_started();
                 match Connection::open(stream, state) {
-                    Ok(connection) => {
+                    Ok(mut connection) => {
+                        connection.is_replacement = true;
                         state.duplicates.begin(current.serial, connection.serial);
                         replacement = Some(connection);
                     }
@@ -354,12 +367,25 @@ async fn read_connections(
                             connection.live = true;
                             drain_until = Some(Instant::now() + ROTATION_DRAIN);
                         }
-                        if let Some(id) = &message.id {
-                            remember_event_id(stream, state, id);
-                        }
-                        let serial = connection.serial;
+                        let fresh_id = message.id.as_deref().is_some_and(|id| {
+                            let id_hash = state.duplicates.id_hash(id);
+                            connection.last_id_hash.replace(id_hash) != Some(id_hash)
+                        });
+                        let origin = Origin {
+                            connection: connection.serial,
+                            fresh_id,
+                        };
                         let current_dispatch = Arc::clone(&dispatch.borrow());
-                        match accept(stream, &current_dispatch, message, serial, state, stop).await {
+                        let accepted = accept(stream, &current_dispatch, message, origin, state, stop).await;
+                        // Time spent waiting for room in the queue (backpressure) is not
+                        // silence on the connections: what they sent meanwhile is waiting in
+                        // their sockets, to be read now.
+                        let read_on_until = Instant::now() + stream.idle_timeout;
+                        current.idle.as_mut().reset(read_on_until);
+                        if let Some(next) = replacement.as_mut() {
+                            next.idle.as_mut().reset(read_on_until);
+                        }
+                        match accepted {
                             Accepted::Event => {
                                 if let Some(connection) = connection_mut(&mut current, &mut replacement, which) {
                                     connection.n_events += 1;
@@ -415,20 +441,33 @@ async fn read_connections(
                 which: Which::Current,
                 reason,
                 detail,
-                ..
+                refused,
             }) => {
+                if refused && current.is_replacement {
+                    // A replacement that took over before its answer came: the server allows one
+                    // connection at a time after all.
+                    state.rotation_refused = true;
+                    stream.telemetry.rotation_ended(RotationResult::Refused, &detail);
+                }
                 let end = current.end(reason, detail);
-                let Some(next) = replacement.take() else {
+                let Some(mut next) = replacement.take() else {
                     return Some(end);
                 };
                 // The replacement carries on, without a gap.
-                state.duplicates.closed(current.serial, Instant::now());
+                if next.live {
+                    state.duplicates.closed(current.serial, Instant::now());
+                } else {
+                    // It has shown nothing yet, so nothing of the old connection's is known to
+                    // be coming again; keeping its keys could only hide new events.
+                    state.duplicates.forget(current.serial);
+                }
+                next.follows_productive = end.productive;
                 current = next;
                 drain_until = None;
                 rotation_tried = false;
                 stream.telemetry.handed_over(end.reason, &end.detail);
-                stream.telemetry.rotation_ended(RotationResult::Completed, &"");
                 if current.connected {
+                    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
                     stream.telemetry.connected(state.last_event_id.as_deref());
                 }
             }
@@ -450,7 +489,7 @@ async fn read_connections(
                     if dropped.live {
                         state.duplicates.closed(dropped.serial, Instant::now());
                     } else {
-                        state.duplicates.clear();
+                        state.duplicates.forget(dropped.serial);
                     }
                 }
                 drain_until = None;
@@ -562,6 +601,13 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Which connection an event came on, and whether its SSE id is its own.
+#[derive(Clone, Copy)]
+struct Origin {
+    connection: u64,
+    fresh_id: bool,
+}
+
 enum Accepted {
     Event,
     Noise,
@@ -577,7 +623,7 @@ async fn accept(
     stream: &StreamRuntime,
     dispatch: &Dispatch,
     message: es::Event,
-    connection: u64,
+    origin: Origin,
     state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Accepted {
@@ -597,11 +643,16 @@ async fn accept(
     if state.duplicates.is_active(Instant::now()) {
         let key = state
             .duplicates
-            .key(event.sse_id.as_deref(), &event.event_type, &event.data);
-        if state.duplicates.is_duplicate(connection, key) {
+            .key(event.sse_id.as_deref(), origin.fresh_id, &event.event_type, &event.data);
+        if state.duplicates.is_duplicate(origin.connection, key) {
             telemetry.duplicate_suppressed();
             return Accepted::Duplicate;
         }
+    }
+    // Only an event that is not a copy moves Last-Event-ID: a lagging old connection's copies
+    // would move it back.
+    if let Some(id) = &event.sse_id {
+        remember_event_id(stream, state, id);
     }
     if let Some(err) = malformed_json {
         telemetry.upstream_error(

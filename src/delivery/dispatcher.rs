@@ -116,9 +116,13 @@ impl Dispatcher {
                 break;
             }
             self.note_overflow(&input);
-            // Counting everything held, waiting retries included, keeps memory bounded when
-            // a target fails for long: what does not fit waits on disk.
-            if self.on_disk_after.is_some() && self.in_memory.len() < self.capacity / 2 {
+            // Fresh deliveries are loaded while few are ready, even with retries waiting (a
+            // few poison deliveries must not hold back the rest), but never beyond twice the
+            // capacity in all: when a target fails for long, what does not fit waits on disk.
+            if self.on_disk_after.is_some()
+                && self.ready.len() < self.capacity / 2
+                && self.in_memory.len() < 2 * self.capacity
+            {
                 // Deliveries offered before an overflow may still be in the channel; they come
                 // before anything on disk beyond them, so they are taken first.
                 self.drain_input(&mut input);

@@ -714,3 +714,48 @@ routes:
     eprintln!("long outage: {n_events} deliveries drained in {drained_in:?}");
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_paused_by_backpressure_longer_than_its_idle_timeout_keeps_its_connection() {
+    // The participant stream sends a keepalive every 100 ms, but while the full queue pauses
+    // the stream nothing is read for longer than its idle timeout.
+    let upstream = Upstream::start(UpstreamOptions {
+        participant_keepalive: Duration::from_millis(100),
+        chat_keepalive: Duration::from_secs(3600),
+        ..UpstreamOptions::default()
+    })
+    .await
+    .unwrap();
+    let sink = Sink::start().await.unwrap();
+    let slow = Duration::from_millis(800);
+    sink.script(
+        "/hook",
+        (0..3).map(|_| SinkResponse::status(200).with_delay(slow)).collect(),
+    );
+    let relay = TestRelay::start(&format!(
+        "storage: {{ mode: memory, max_pending: 1 }}\n{}",
+        both_streams(&upstream, "idle_timeout: 500ms", &everything_to(&sink, "timeout: 5s"))
+    ))
+    .await;
+    both_connected(&upstream).await;
+    let events: Vec<String> = (0..3)
+        .map(|n| format!(r#"{{"eventType":"MESSAGE_SENT","n":{n}}}"#))
+        .collect();
+    for data in &events {
+        assert_eq!(upstream.publish_event(Api::Participant, data), 1);
+    }
+    let delivered = sink.wait_for_delivered("/hook", 3, DEADLINE).await;
+    assert_eq!(bodies(&delivered), events);
+    relay
+        .wait_metric("sse_relay_backpressure_total", &[("stream", "participant")], 1.0)
+        .await;
+    assert_eq!(
+        relay
+            .metric("sse_relay_stream_reconnects_total", &[("stream", "participant")])
+            .await,
+        0.0,
+        "waiting for room in the queue is not an idle connection"
+    );
+    assert_eq!(upstream.connections_accepted(Api::Participant), 1);
+    relay.stop().await;
+}
