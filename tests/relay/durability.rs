@@ -216,21 +216,27 @@ async fn a_restart_continues_the_retry_schedule() {
     assert!(stored_deliveries(&database).is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_delivery_is_a_dead_letter_until_replayed() {
+/// A relay child process whose first delivery, of `data`, the sink rejects with a 422, once
+/// that delivery is a dead letter. The child runs until the returned handle is dropped.
+async fn with_one_dead_letter(data: &str) -> (Upstream, Sink, ChildRelay, Child) {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     sink.script("/hook", vec![SinkResponse::status(422)]);
     let relay = ChildRelay::new(&upstream, &sink, "").await;
-    let _running = relay.spawn();
+    let running = relay.spawn();
     assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
-    let data = r#"{"type":"workflow_status","is_active":false}"#;
     upstream.publish_event(Api::Chat, data);
-
     eventually("a dead letter", DEADLINE, || async {
         relay.dlq(&["list"]).await.trim_end().ends_with("1 dead letter(s)")
     })
     .await;
+    (upstream, sink, relay, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_delivery_is_a_dead_letter_until_replayed() {
+    let data = r#"{"type":"workflow_status","is_active":false}"#;
+    let (_upstream, sink, relay, _running) = with_one_dead_letter(data).await;
     let listed = relay.dlq(&["list"]).await;
     assert!(
         listed.contains("hook") && listed.contains("workflow_status") && listed.contains(" 422 "),
@@ -254,18 +260,8 @@ async fn a_rejected_delivery_is_a_dead_letter_until_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replayed_while_events_flow_is_delivered() {
-    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
-    let sink = Sink::start().await.unwrap();
-    sink.script("/hook", vec![SinkResponse::status(422)]);
-    let relay = ChildRelay::new(&upstream, &sink, "").await;
-    let _running = relay.spawn();
-    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
     let rejected = r#"{"type":"workflow_status","rejected":true}"#;
-    upstream.publish_event(Api::Chat, rejected);
-    eventually("a dead letter", DEADLINE, || async {
-        relay.dlq(&["list"]).await.trim_end().ends_with("1 dead letter(s)")
-    })
-    .await;
+    let (upstream, sink, relay, _running) = with_one_dead_letter(rejected).await;
 
     // Events keep arriving for the same target while the replay is written by another process:
     // the relay's dispatcher sees newer deliveries than the replayed one.
