@@ -35,6 +35,10 @@ const MIN_ROTATE_AFTER: Duration = Duration::from_millis(500);
 
 const ROTATION_DRAIN: Duration = Duration::from_secs(2);
 
+/// The longest SSE id kept for `Last-Event-ID`. Servers commonly refuse request heads over
+/// 8 KiB; a longer id would make every reconnect fail, for good once stored.
+pub const MAX_EVENT_ID_BYTES: usize = 1024;
+
 /// How long after an overlap ends the events of the closed connection are still remembered, to
 /// catch the copies that the remaining connection shows late.
 const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
@@ -163,12 +167,14 @@ pub fn reconnect_delay(
 /// Runs the stream until `stop` is cancelled; `dispatch` is the current routing table and store.
 pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Arc<Dispatch>>, stop: CancellationToken) {
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
+    // The store knows the last id this stream accepted, whether in this run (a reload that
+    // restarted the stream) or the last one.
     let mut state = StreamState {
         last_event_id: dispatch
             .borrow()
             .store
             .last_event_id(&stream.telemetry.name)
-            .filter(|id| http::HeaderValue::from_str(id).is_ok()),
+            .filter(|id| can_resume_from(id)),
         rejected_event_id: None,
         targets: Vec::new(),
         rotation_refused: false,
@@ -545,22 +551,32 @@ fn connect(
     Ok(builder.build_with_transport(stream.transport.clone()).stream())
 }
 
-/// Keeps the id for `Last-Event-ID` unless it cannot be sent as a header, which would make
-/// every later connection fail.
-fn remember_event_id(stream: &StreamRuntime, state: &mut StreamState, id: &str) {
+/// Whether an SSE id can be sent back as `Last-Event-ID`: a valid header value, short enough
+/// for any server's header limit. An id that cannot would make every later connection fail.
+pub fn can_resume_from(id: &str) -> bool {
+    id.len() <= MAX_EVENT_ID_BYTES && http::HeaderValue::from_str(id).is_ok()
+}
+
+/// Keeps the id for `Last-Event-ID`, here and in the store, once its event was accepted;
+/// unless it cannot be sent back.
+fn remember_event_id(stream: &StreamRuntime, store: &Store, state: &mut StreamState, id: &str) {
     if state.last_event_id.as_deref() == Some(id) || state.rejected_event_id.as_deref() == Some(id) {
         return;
     }
-    if http::HeaderValue::from_str(id).is_ok() {
+    if can_resume_from(id) {
         state.last_event_id = Some(id.to_owned());
         state.rejected_event_id = None;
+        store.remember_last_event_id(&stream.telemetry.name, id);
     } else {
         // Events without an `id:` field carry the last id on, as the SSE spec says; one
         // warning per bad id is enough.
         state.rejected_event_id = Some(id.to_owned());
         stream.telemetry.upstream_error(
             "invalid_id",
-            &"an event id that cannot be sent back as Last-Event-ID was ignored",
+            &format_args!(
+                "an event id that cannot be sent back as Last-Event-ID (not printable ASCII, or over \
+                 {MAX_EVENT_ID_BYTES} bytes) was ignored; the stream resumes from the last usable id"
+            ),
         );
     }
 }
@@ -649,11 +665,6 @@ async fn accept(
             return Accepted::Duplicate;
         }
     }
-    // Only an event that is not a copy moves Last-Event-ID: a lagging old connection's copies
-    // would move it back.
-    if let Some(id) = &event.sse_id {
-        remember_event_id(stream, state, id);
-    }
     if let Some(err) = malformed_json {
         telemetry.upstream_error(
             "invalid_json",
@@ -669,15 +680,18 @@ async fn accept(
     dispatch.table.route(stream_id, &event, targets);
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);
+        // Only an event that is not a copy moves Last-Event-ID (a lagging old connection's
+        // copies would move it back), and only once it is accepted: an event dropped at
+        // shutdown is sent again after a resume.
+        if let Some(id) = &event.sse_id {
+            remember_event_id(stream, &dispatch.store, state, id);
+        }
         return Accepted::Event;
     }
 
     let event = Arc::new(event);
     // Only an id that can be sent back as Last-Event-ID is worth storing for the next run.
-    let position = event
-        .sse_id
-        .as_deref()
-        .filter(|id| http::HeaderValue::from_str(id).is_ok());
+    let position = event.sse_id.as_deref().filter(|id| can_resume_from(id));
     let target_names: Vec<Arc<str>> = targets
         .iter()
         .map(|target| Arc::clone(dispatch.table.target_name(*target)))
@@ -688,9 +702,13 @@ async fn accept(
             Accepted::Stopped
         }
         submitted = dispatch.store.submit(Arc::clone(&event), target_names, position) => match submitted {
-            Ok(false) => Accepted::Event,
-            Ok(true) => {
-                telemetry.backpressure();
+            Ok(waited) => {
+                if waited {
+                    telemetry.backpressure();
+                }
+                if let Some(id) = &event.sse_id {
+                    remember_event_id(stream, &dispatch.store, state, id);
+                }
                 Accepted::Event
             }
             Err(_) => Accepted::Stopped,

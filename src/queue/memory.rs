@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::delivery::DispatcherInput;
 use crate::event::Event;
 use crate::queue::sqlite::Dispatchers;
-use crate::queue::{Pending, PendingLimit, StoreError};
+use crate::queue::{Pending, PendingLimit, StoreError, StreamPositions};
 
 #[derive(Clone)]
 pub struct MemoryStore {
     next_id: Arc<AtomicI64>,
     pub(super) limit: Arc<PendingLimit>,
+    pub(super) positions: Arc<StreamPositions>,
     /// By target name; emptied at shutdown so the dispatchers' inputs close.
     dispatchers: Arc<Mutex<Dispatchers>>,
 }
@@ -23,6 +24,7 @@ impl MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
+            positions: Arc::default(),
             dispatchers: Arc::new(Mutex::new(dispatchers)),
         }
     }

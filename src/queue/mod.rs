@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -153,11 +154,22 @@ impl Store {
         }
     }
 
-    /// The last SSE id of a stream as of the last run, to resume with `Last-Event-ID`.
+    /// The last SSE id a stream accepted, in this run or (with SQLite) the last one, to resume
+    /// with `Last-Event-ID`.
     pub fn last_event_id(&self, stream: &str) -> Option<String> {
+        self.positions().last_event_id(stream)
+    }
+
+    /// A stream accepted an event with this id. With SQLite the id reaches the database with
+    /// the event's deliveries; this keeps it for a stream restarted in this run.
+    pub fn remember_last_event_id(&self, stream: &str, id: &str) {
+        self.positions().remember(stream, id);
+    }
+
+    fn positions(&self) -> &StreamPositions {
         match self {
-            Store::Memory(_) => None,
-            Store::Sqlite(store) => store.last_event_id(stream),
+            Store::Memory(store) => &store.positions,
+            Store::Sqlite(store) => &store.positions,
         }
     }
 
@@ -282,5 +294,41 @@ impl PendingLimit {
 
     fn is_full(&self) -> bool {
         *self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The last SSE id each stream accepted, by stream name.
+#[derive(Default)]
+pub struct StreamPositions {
+    by_stream: Mutex<HashMap<String, String>>,
+}
+
+impl StreamPositions {
+    pub fn new(by_stream: HashMap<String, String>) -> StreamPositions {
+        StreamPositions {
+            by_stream: Mutex::new(by_stream),
+        }
+    }
+
+    fn last_event_id(&self, stream: &str) -> Option<String> {
+        self.by_stream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(stream)
+            .cloned()
+    }
+
+    fn remember(&self, stream: &str, id: &str) {
+        let mut by_stream = self.by_stream.lock().unwrap_or_else(PoisonError::into_inner);
+        match by_stream.get_mut(stream) {
+            // Reuses the allocation: this runs for every event with an id.
+            Some(last) => {
+                last.clear();
+                last.push_str(id);
+            }
+            None => {
+                by_stream.insert(stream.to_owned(), id.to_owned());
+            }
+        }
     }
 }

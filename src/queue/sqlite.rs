@@ -27,7 +27,7 @@ use tracing::{error, warn};
 use crate::config::StorageConfig;
 use crate::delivery::DispatcherInput;
 use crate::event::{Event, EventId};
-use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError};
+use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError, StreamPositions};
 use crate::telemetry::StorageTelemetry;
 
 /// The database file inside `storage.path`.
@@ -148,7 +148,7 @@ pub struct SqliteStore {
     appends: mpsc::Sender<Append>,
     updates: mpsc::Sender<Update>,
     pub(super) limit: Arc<PendingLimit>,
-    positions: Arc<HashMap<String, String>>,
+    pub(super) positions: Arc<StreamPositions>,
     initial_pending: Arc<HashMap<String, u64>>,
     external_changes: Arc<AtomicU64>,
 }
@@ -218,7 +218,7 @@ impl SqliteStore {
             appends,
             updates,
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
-            positions: Arc::new(positions),
+            positions: Arc::new(StreamPositions::new(positions)),
             initial_pending: Arc::new(initial_pending),
             external_changes,
         })
@@ -276,10 +276,6 @@ impl SqliteStore {
         };
         self.updates.send(update).await.map_err(|_| StoreError::Stopped)?;
         answer.await.map_err(|_| StoreError::Stopped)?
-    }
-
-    pub fn last_event_id(&self, stream: &str) -> Option<String> {
-        self.positions.get(stream).cloned()
     }
 
     pub fn pending_targets(&self) -> impl Iterator<Item = &str> {

@@ -142,3 +142,47 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     assert_eq!(rows[0]["last_error"], "the target was removed from the config");
     drop(relay);
 }
+
+/// A changed stream is restarted; it resumes from the last id it accepted in this run, with
+/// the memory store (nothing on disk) and with SQLite (where the id loaded at start is stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_stream_resumes_from_the_last_id_it_accepted() {
+    for storage in ["storage: { mode: memory }", "storage: { mode: sqlite }"] {
+        let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+        let sink = Sink::start().await.unwrap();
+        let config = |stream_extra: &str| {
+            format!(
+                "{}\n{storage}\n",
+                both_streams(&upstream, stream_extra, &routes_to(&sink, &["first"]))
+            )
+        };
+        let mut relay = TestRelay::start(&config("")).await;
+        both_connected(&upstream).await;
+        for n in 1..=5 {
+            upstream.publish(
+                Api::Chat,
+                format!("id: evt-{n}\ndata: {{\"type\":\"update\",\"n\":{n}}}\n\n"),
+            );
+        }
+        // An event no route takes still moves the stream's position.
+        upstream.publish(Api::Participant, "id: p-1\ndata: {\"eventType\":\"MESSAGE_SENT\"}\n\n");
+        sink.wait_for_delivered("/first", 6, DEADLINE).await;
+
+        relay.reload(&config("idle_timeout: 30s")).await.unwrap();
+        assert!(upstream.wait_for_connections_accepted(Api::Chat, 2, DEADLINE).await);
+        assert!(
+            upstream
+                .wait_for_connections_accepted(Api::Participant, 2, DEADLINE)
+                .await
+        );
+        let chat = upstream.requests_seen(Api::Chat);
+        assert_eq!(chat.last().unwrap().header("last-event-id"), Some("evt-5"), "{storage}");
+        let participant = upstream.requests_seen(Api::Participant);
+        assert_eq!(
+            participant.last().unwrap().header("last-event-id"),
+            Some("p-1"),
+            "{storage}"
+        );
+        relay.stop().await;
+    }
+}

@@ -381,6 +381,43 @@ async fn last_event_id_is_sent_on_reconnect() {
     relay.stop().await;
 }
 
+/// An id too long for a request head is delivered with its event but never sent back as
+/// `Last-Event-ID` nor stored: the stream resumes from the last id it could use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_event_id_does_not_wedge_the_stream() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(&upstream, "", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    upstream.publish(Api::Participant, "id: evt-1\ndata: {\"eventType\":\"A\"}\n\n");
+    let huge_id = "x".repeat(100 * 1024);
+    upstream.publish(
+        Api::Participant,
+        format!("id: {huge_id}\ndata: {{\"eventType\":\"B\"}}\n\n"),
+    );
+    sink.wait_for_delivered("/hook", 2, DEADLINE).await;
+    relay
+        .wait_metric(
+            "sse_relay_upstream_errors_total",
+            &[("stream", "participant"), ("kind", "invalid_id")],
+            1.0,
+        )
+        .await;
+    upstream.close_all(Api::Participant);
+    assert!(
+        upstream
+            .wait_for_connections_accepted(Api::Participant, 2, DEADLINE)
+            .await
+    );
+    let seen = upstream.requests_seen(Api::Participant);
+    assert_eq!(seen.last().unwrap().header("last-event-id"), Some("evt-1"));
+    // And the stream works on the new connection.
+    assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
+    upstream.publish(Api::Participant, "id: evt-3\ndata: {\"eventType\":\"C\"}\n\n");
+    sink.wait_for_delivered("/hook", 3, DEADLINE).await;
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_upstream_input_is_counted_and_the_stream_survives() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
