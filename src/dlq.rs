@@ -72,10 +72,19 @@ fn open(config: &StorageConfig) -> anyhow::Result<rusqlite::Connection> {
         "no queue database at {}: the relay has not run with this storage.path",
         path.display()
     );
-    sqlite::connect(&path).with_context(|| format!("cannot open the queue database {}", path.display()))
+    sqlite::connect_checked(&path)
 }
 
 pub fn list(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
+    list_unnamed(config, selection).with_context(|| {
+        format!(
+            "cannot read the dead letters in {}",
+            sqlite::database_path(config).display()
+        )
+    })
+}
+
+fn list_unnamed(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
     let connection = open(config)?;
     let (filter, parameters) = selection.filter();
     let mut statement = connection.prepare(&format!(
@@ -105,6 +114,15 @@ pub fn list(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec
 /// Moves the selected dead letters back to the queue, with their attempts reset and their
 /// event ids (and so their idempotency keys) unchanged. Returns how many.
 pub fn replay(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
+    replay_unnamed(config, selection, all).with_context(|| {
+        format!(
+            "cannot replay dead letters in {}",
+            sqlite::database_path(config).display()
+        )
+    })
+}
+
+fn replay_unnamed(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
     anyhow::ensure!(
         all || !selection.is_empty(),
         "say which dead letters to replay: --id ID, --target NAME, or --all"
@@ -130,6 +148,15 @@ pub fn replay(config: &StorageConfig, selection: &Selection, all: bool) -> anyho
 
 /// Deletes the selected dead letters for good. Returns how many.
 pub fn purge(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
+    purge_unnamed(config, selection, all).with_context(|| {
+        format!(
+            "cannot purge dead letters in {}",
+            sqlite::database_path(config).display()
+        )
+    })
+}
+
+fn purge_unnamed(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
     anyhow::ensure!(
         all || !selection.is_empty(),
         "say which dead letters to purge: --target NAME, --older-than DURATION, --id ID, or --all"

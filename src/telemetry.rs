@@ -77,18 +77,31 @@ impl StorageTelemetry {
         self.failing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Writing appends failed; the writer keeps them and tries again, so nothing is lost, and
-    /// the streams pause once its queue is full. Logged once per outage, not once per retry.
-    pub fn append_failed(&self, problem: &dyn Display) {
+    /// A write to the store failed (appends, results, reads or housekeeping); the writer keeps
+    /// what it could not write and tries again, so nothing is lost, and the streams pause once
+    /// its queue is full. Logged once per outage, not once per try; the metric counts each.
+    pub fn write_failed(&self, problem: &dyn Display) {
+        self.errors.inc();
         if !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            error!(error = %problem, "cannot store events; streams pause until storage recovers");
+            error!(error = %problem, "storage is failing; streams pause until it recovers (logged once per outage)");
         }
     }
 
-    pub fn append_succeeded(&self) {
+    /// Everything is written again.
+    pub fn write_succeeded(&self) {
         if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
             info!("storage recovered; streams resume");
         }
+    }
+
+    /// The disk is full: the space held in reserve is given back, so that delivery results
+    /// can be recorded and free space; appends wait until the reserve can be made again.
+    pub fn reserve_released(&self) {
+        warn!("the disk is full: the queue's reserved space was given up to record delivery results");
+    }
+
+    pub fn reserve_restored(&self) {
+        info!("the disk has room again: the queue's reserved space is back, and events are stored again");
     }
 }
 

@@ -148,7 +148,7 @@ impl Dispatcher {
                     None => self.input_closed = true,
                 },
                 () = sleep_until(wake_at) => {}
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = housekeeping.tick() => self.housekeeping().await,
             }
         }
         self.abandon_the_rest();
@@ -430,9 +430,19 @@ impl Dispatcher {
         self.target.telemetry.queue_depth.dec();
     }
 
-    fn housekeeping(&mut self) {
+    async fn housekeeping(&mut self) {
         let now = Instant::now();
-        let oldest = self.in_memory.values().min().copied();
+        // Deliveries waiting on disk only are older than any loaded after them.
+        let oldest_on_disk = match self.on_disk_after {
+            Some(after) => self
+                .store
+                .oldest_on_disk(&self.target.telemetry.name, after)
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let oldest = self.in_memory.values().copied().chain(oldest_on_disk).min();
         let age = oldest
             .and_then(|received_at| SystemTime::now().duration_since(received_at).ok())
             .unwrap_or(Duration::ZERO);

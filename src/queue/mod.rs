@@ -6,6 +6,7 @@
 //! and memory, which is faster and loses what it holds when the process dies. Both bound the
 //! number of pending deliveries: at `max_pending`, appends wait, which pauses the streams.
 
+pub mod directory;
 pub mod memory;
 pub mod sqlite;
 
@@ -101,6 +102,7 @@ impl Store {
                     event,
                     targets,
                     position: position.map(Box::from),
+                    intake: None,
                 };
                 store.submit(append).await
             }
@@ -142,6 +144,15 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(Vec::new()),
             Store::Sqlite(store) => store.load(target, after, limit).await,
+        }
+    }
+
+    /// When the oldest delivery of `target` with an id above `after` arrived, if the store
+    /// holds one on disk; always `None` in memory.
+    pub async fn oldest_on_disk(&self, target: &str, after: DeliveryId) -> Result<Option<SystemTime>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(None),
+            Store::Sqlite(store) => store.oldest(target, after).await,
         }
     }
 

@@ -11,7 +11,7 @@
 //! Only this module touches the database file while the relay runs; `dlq.rs` opens it from the
 //! command line, which SQLite's WAL mode and busy timeout allow alongside the running relay.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,14 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use rusqlite::{Connection, params};
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::sleep_until as tokio_sleep_until;
-use tracing::{error, warn};
+use tracing::warn;
 
 use crate::config::StorageConfig;
 use crate::delivery::DispatcherInput;
 use crate::event::{Event, EventId};
+use crate::queue::directory::{Reserve, StorageLock};
 use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError, StreamPositions};
 use crate::telemetry::StorageTelemetry;
 
@@ -36,7 +37,8 @@ pub const DATABASE_FILE: &str = "relay.db";
 /// Appends (or updates) taken into one transaction at most.
 const MAX_GROUP: usize = 4096;
 
-/// Longest wait between two tries to write appends that failed.
+/// Shortest and longest wait between two tries to write what failed.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// How often the writer looks for rows that another process wrote (`sse-relay dlq replay`).
@@ -96,30 +98,50 @@ pub struct Append {
     pub event: Arc<Event>,
     pub targets: Vec<Arc<str>>,
     pub position: Option<Box<str>>,
+    /// The event's share of the bytes that may wait for the writer; given back once written.
+    pub intake: Option<OwnedSemaphorePermit>,
 }
 
-/// What dispatchers (and shutdown) send the writer.
-enum Update {
-    Complete {
-        id: DeliveryId,
-    },
+/// A delivery's result, to be recorded.
+#[derive(Debug)]
+enum Outcome {
+    Complete,
     Reschedule {
-        id: DeliveryId,
         n_attempts: u32,
         first_attempt_at: Option<SystemTime>,
         next_attempt_at: SystemTime,
         last_error: String,
     },
     DeadLetter {
-        id: DeliveryId,
         n_attempts: u32,
         dead_letter: DeadLetter,
+    },
+}
+
+impl Outcome {
+    /// The delivery leaves the queue with this outcome (space is freed).
+    fn ends_delivery(&self) -> bool {
+        matches!(self, Outcome::Complete | Outcome::DeadLetter { .. })
+    }
+}
+
+/// What dispatchers (and shutdown) send the writer.
+enum Command {
+    Record {
+        id: DeliveryId,
+        outcome: Outcome,
     },
     Load {
         target: String,
         after: DeliveryId,
         limit: usize,
         reply: Reply<Vec<Pending>>,
+    },
+    /// When the oldest delivery of `target` with an id above `after` arrived.
+    Oldest {
+        target: String,
+        after: DeliveryId,
+        reply: Reply<Option<SystemTime>>,
     },
     /// Write what was submitted, hand it on, then let go of the dispatchers.
     FinishAppends {
@@ -140,13 +162,33 @@ enum Update {
     },
 }
 
+/// A read the writer answers after it has written what came before it.
+enum Read {
+    Load {
+        target: String,
+        after: DeliveryId,
+        limit: usize,
+        reply: Reply<Vec<Pending>>,
+    },
+    Oldest {
+        target: String,
+        after: DeliveryId,
+        reply: Reply<Option<SystemTime>>,
+    },
+}
+
 /// Each target's dispatcher input, by target name.
 pub type Dispatchers = HashMap<Arc<str>, DispatcherInput>;
+
+/// Bytes of event data that may wait for the writer, in KiB: a failing or full store holds
+/// this much in memory at most, however large the events, before the streams pause.
+const INTAKE_KIB: u32 = 32 * 1024;
 
 #[derive(Clone)]
 pub struct SqliteStore {
     appends: mpsc::Sender<Append>,
-    updates: mpsc::Sender<Update>,
+    commands: mpsc::Sender<Command>,
+    intake: Arc<Semaphore>,
     pub(super) limit: Arc<PendingLimit>,
     pub(super) positions: Arc<StreamPositions>,
     initial_pending: Arc<HashMap<String, u64>>,
@@ -167,6 +209,53 @@ pub fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(connection)
 }
 
+/// Opens an existing database and checks it (`PRAGMA quick_check`): a damaged one is refused
+/// with a message that names the file and what to do.
+pub fn connect_checked(path: &Path) -> anyhow::Result<Connection> {
+    let damaged = |detail: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "the queue database {} is damaged ({detail}); sse-relay will not use it. Stop every relay using it, \
+             move the file aside (`sqlite3 FILE .recover` may save its rows) and start again with an empty \
+             queue, or restore it from a backup",
+            path.display()
+        )
+    };
+    let connection = match connect(path) {
+        Ok(connection) => connection,
+        Err(err) if is_damage(&err) => return Err(damaged(&err)),
+        Err(err) => return Err(err).with_context(|| format!("cannot open the queue database {}", path.display())),
+    };
+    let problems = connection
+        .prepare("PRAGMA quick_check")
+        .and_then(|mut statement| {
+            statement
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+        .map_err(|err| damaged(&err))?;
+    if problems != ["ok"] {
+        let shown: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
+        return Err(damaged(&shown.join("; ")));
+    }
+    Ok(connection)
+}
+
+fn is_damage(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// The disk (or the store's own `max_bytes`) has no room: worth another try once space is
+/// freed, unlike an error of the statement itself.
+fn is_out_of_space(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure)
+    )
+}
+
 impl SqliteStore {
     /// Opens (or creates) the database and starts the writer, which hands committed deliveries
     /// to `dispatchers`.
@@ -176,18 +265,25 @@ impl SqliteStore {
         dispatchers: Dispatchers,
     ) -> anyhow::Result<SqliteStore> {
         let directory = Path::new(&config.path.0);
-        std::fs::create_dir_all(directory)
-            .with_context(|| format!("cannot create the storage directory {}", directory.display()))?;
+        let mut lock = StorageLock::acquire(directory)?;
         let path = database_path(config);
-        let connection = connect(&path)
-            .and_then(|connection| {
-                connection.execute_batch(SCHEMA)?;
-                let page_size: i64 = connection.pragma_query_value(None, "page_size", |row| row.get(0))?;
-                let max_pages = (config.max_bytes.as_u64() as i64 / page_size).max(16);
-                connection.pragma_update(None, "max_page_count", max_pages)?;
-                Ok(connection)
-            })
-            .with_context(|| format!("cannot open the queue database {}", path.display()))?;
+        let database_bytes = std::fs::metadata(&path).map_or(0, |metadata| metadata.len());
+        anyhow::ensure!(
+            database_bytes > 0 || !lock.database_created(),
+            "the queue database {} is missing or empty, but this storage directory held one before (as {} \
+             records): its queued deliveries and stream positions are gone. Restore it from a backup, or \
+             delete {} to start with an empty queue",
+            path.display(),
+            lock.path().display(),
+            lock.path().display()
+        );
+        let connection = connect_checked(&path)?;
+        let page_size: i64 = connection
+            .execute_batch(SCHEMA)
+            .and_then(|()| connection.pragma_query_value(None, "page_size", |row| row.get(0)))
+            .with_context(|| format!("cannot set up the queue database {}", path.display()))?;
+        lock.mark_database_created()?;
+        let max_pages = (config.max_bytes.as_u64() as i64 / page_size).max(16);
 
         let positions = connection
             .prepare("SELECT stream, last_event_id FROM stream_positions")?
@@ -202,21 +298,30 @@ impl SqliteStore {
         let data_version = data_version(&connection)?;
         let external_changes = Arc::new(AtomicU64::new(0));
         let (appends, append_receiver) = mpsc::channel(MAX_GROUP);
-        let (updates, update_receiver) = mpsc::channel(MAX_GROUP);
+        let (commands, command_receiver) = mpsc::channel(MAX_GROUP);
+        let reserve = Reserve::new(directory);
+        if !reserve.is_present() {
+            storage.write_failed(&"the disk is full: no room for the space the store keeps in reserve");
+        }
         let writer = Writer {
             data_version,
             last_version_check: Instant::now(),
             external_changes: Arc::clone(&external_changes),
             connection: Some(connection),
+            max_pages,
             dispatchers,
+            unrecorded: BTreeMap::new(),
+            reserve,
+            lock: Some(lock),
             storage,
             retention: config.dead_letter_retention,
             last_purge: Instant::now() - PURGE_INTERVAL,
         };
-        tokio::spawn(writer.run(append_receiver, update_receiver));
+        tokio::spawn(writer.run(append_receiver, command_receiver));
         Ok(SqliteStore {
             appends,
-            updates,
+            commands,
+            intake: Arc::new(Semaphore::new(INTAKE_KIB as usize)),
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
             positions: Arc::new(StreamPositions::new(positions)),
             initial_pending: Arc::new(initial_pending),
@@ -230,10 +335,26 @@ impl SqliteStore {
         self.external_changes.load(Ordering::Relaxed)
     }
 
-    /// Queues the append for the writer; returns whether it had to wait for room.
-    pub async fn submit(&self, append: Append) -> Result<bool, StoreError> {
+    /// Queues the append for the writer; returns whether it had to wait for room, in the
+    /// writer's queue or in the bytes that may wait for it.
+    pub async fn submit(&self, mut append: Append) -> Result<bool, StoreError> {
+        let kib = u32::try_from(append.event.data.len() / 1024)
+            .unwrap_or(u32::MAX)
+            .clamp(1, INTAKE_KIB);
+        let mut waited = false;
+        let permit = match Arc::clone(&self.intake).try_acquire_many_owned(kib) {
+            Ok(permit) => permit,
+            Err(_) => {
+                waited = true;
+                Arc::clone(&self.intake)
+                    .acquire_many_owned(kib)
+                    .await
+                    .map_err(|_| StoreError::Stopped)?
+            }
+        };
+        append.intake = Some(permit);
         match self.appends.try_send(append) {
-            Ok(()) => Ok(false),
+            Ok(()) => Ok(waited),
             Err(mpsc::error::TrySendError::Full(append)) => {
                 self.appends.send(append).await.map_err(|_| StoreError::Stopped)?;
                 Ok(true)
@@ -242,40 +363,55 @@ impl SqliteStore {
         }
     }
 
+    async fn record(&self, id: DeliveryId, outcome: Outcome) {
+        let _ = self.commands.send(Command::Record { id, outcome }).await;
+    }
+
     pub async fn complete(&self, id: DeliveryId) {
-        let _ = self.updates.send(Update::Complete { id }).await;
+        self.record(id, Outcome::Complete).await;
     }
 
     pub async fn reschedule(&self, pending: &Pending, last_error: &str) {
-        let update = Update::Reschedule {
-            id: pending.id,
+        let outcome = Outcome::Reschedule {
             n_attempts: pending.n_attempts,
             first_attempt_at: pending.first_attempt_at,
             next_attempt_at: pending.next_attempt_at,
             last_error: last_error.to_owned(),
         };
-        let _ = self.updates.send(update).await;
+        self.record(pending.id, outcome).await;
     }
 
     pub async fn dead_letter(&self, pending: &Pending, dead_letter: DeadLetter) {
-        let update = Update::DeadLetter {
-            id: pending.id,
+        let outcome = Outcome::DeadLetter {
             n_attempts: pending.n_attempts,
             dead_letter,
         };
-        let _ = self.updates.send(update).await;
+        self.record(pending.id, outcome).await;
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?
     }
 
     pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let update = Update::Load {
-            target: target.to_owned(),
+        let target = target.to_owned();
+        self.ask(|reply| Command::Load {
+            target,
             after,
             limit,
             reply,
-        };
-        self.updates.send(update).await.map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        })
+        .await
+    }
+
+    pub async fn oldest(&self, target: &str, after: DeliveryId) -> Result<Option<SystemTime>, StoreError> {
+        let target = target.to_owned();
+        self.ask(|reply| Command::Oldest { target, after, reply }).await
     }
 
     pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
@@ -286,47 +422,46 @@ impl SqliteStore {
         self.initial_pending.get(target).copied().unwrap_or(0)
     }
 
-    pub async fn set_dispatchers(&self, dispatchers: Dispatchers) {
+    /// Sends a command that only acknowledges, and waits for the acknowledgement.
+    async fn acknowledged(&self, command: impl FnOnce(oneshot::Sender<()>) -> Command) {
         let (reply, answer) = oneshot::channel();
-        if self
-            .updates
-            .send(Update::SetDispatchers { dispatchers, reply })
-            .await
-            .is_ok()
-        {
+        if self.commands.send(command(reply)).await.is_ok() {
             let _ = answer.await;
         }
+    }
+
+    pub async fn set_dispatchers(&self, dispatchers: Dispatchers) {
+        self.acknowledged(|reply| Command::SetDispatchers { dispatchers, reply })
+            .await;
     }
 
     pub async fn retire_target(&self, target: Arc<str>) -> Result<usize, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.updates
-            .send(Update::RetireTarget { target, reply })
-            .await
-            .map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        self.ask(|reply| Command::RetireTarget { target, reply }).await
     }
 
     pub async fn finish_appends(&self) {
-        let (reply, answer) = oneshot::channel();
-        if self.updates.send(Update::FinishAppends { reply }).await.is_ok() {
-            let _ = answer.await;
-        }
+        self.acknowledged(|reply| Command::FinishAppends { reply }).await;
     }
 
     pub async fn close(&self) {
-        let (reply, answer) = oneshot::channel();
-        if self.updates.send(Update::Close { reply }).await.is_ok() {
-            let _ = answer.await;
-        }
+        self.acknowledged(|reply| Command::Close { reply }).await;
     }
 }
 
 struct Writer {
     /// Lent to a blocking thread for each transaction.
     connection: Option<Connection>,
+    /// `max_bytes` in pages: appends may not grow the database beyond it. Recording results
+    /// may, a little (a dead letter is written before its delivery is deleted).
+    max_pages: i64,
     /// By target name; emptied at shutdown so the dispatchers' inputs close.
     dispatchers: Dispatchers,
+    /// Results that could not be written yet (a full disk), by delivery id; written with the
+    /// next results. A delivery that left the queue here is not loaded again meanwhile.
+    unrecorded: BTreeMap<DeliveryId, Outcome>,
+    reserve: Reserve,
+    /// Held while the writer runs; let go before `close` answers.
+    lock: Option<StorageLock>,
     storage: Arc<StorageTelemetry>,
     retention: Duration,
     last_purge: Instant,
@@ -338,32 +473,39 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut appends: mpsc::Receiver<Append>, mut updates: mpsc::Receiver<Update>) {
-        // Appends received but not yet committed, in order; after a failure, when to try them
-        // again.
+    async fn run(mut self, mut appends: mpsc::Receiver<Append>, mut commands: mpsc::Receiver<Command>) {
+        // Appends received but not yet committed, in order; after a failure, when to try
+        // everything that failed again.
         let mut unwritten: Vec<Append> = Vec::new();
         let mut retry_at: Option<tokio::time::Instant> = None;
-        let mut retry_delay = Duration::from_millis(100);
+        let mut retry_delay = MIN_RETRY_DELAY;
         let mut finished_appends: Option<oneshot::Sender<()>> = None;
         loop {
             let mut batch = Vec::new();
-            let take_appends = retry_at.is_none() && unwritten.len() < MAX_GROUP && finished_appends.is_none();
+            let mut retry_due = false;
+            // Appends wait while the reserve is given up: the space is for recording results.
+            let take_appends = retry_at.is_none()
+                && self.reserve.is_present()
+                && unwritten.len() < MAX_GROUP
+                && finished_appends.is_none();
             tokio::select! {
                 biased;
-                update = updates.recv() => match update {
-                    Some(update) => batch.push(update),
+                command = commands.recv() => match command {
+                    Some(command) => batch.push(command),
                     None => return,
                 },
                 Some(append) = appends.recv(), if take_appends => unwritten.push(append),
-                () = sleep_until(retry_at) => retry_at = None,
+                () = sleep_until(retry_at) => {
+                    retry_at = None;
+                    retry_due = true;
+                }
             }
             while batch.len() < MAX_GROUP
-                && let Ok(update) = updates.try_recv()
+                && let Ok(command) = commands.try_recv()
             {
-                batch.push(update);
+                batch.push(command);
             }
-            while retry_at.is_none()
-                && finished_appends.is_none()
+            while take_appends
                 && unwritten.len() < MAX_GROUP
                 && let Ok(append) = appends.try_recv()
             {
@@ -371,20 +513,35 @@ impl Writer {
             }
 
             let mut close = None;
-            let mut writes = Vec::with_capacity(batch.len());
-            for update in batch {
-                match update {
-                    Update::FinishAppends { reply } => {
+            let mut results = Vec::new();
+            let mut reads = Vec::new();
+            for command in batch {
+                match command {
+                    Command::Record { id, outcome } => results.push((id, outcome)),
+                    Command::Load {
+                        target,
+                        after,
+                        limit,
+                        reply,
+                    } => reads.push(Read::Load {
+                        target,
+                        after,
+                        limit,
+                        reply,
+                    }),
+                    Command::Oldest { target, after, reply } => reads.push(Read::Oldest { target, after, reply }),
+                    Command::FinishAppends { reply } => {
                         // Take what was submitted before this, then no more.
                         while let Ok(append) = appends.try_recv() {
                             unwritten.push(append);
                         }
                         finished_appends = Some(reply);
                     }
-                    Update::Close { reply } => close = Some(reply),
-                    Update::SetDispatchers { dispatchers, reply } => {
+                    Command::Close { reply } => close = Some(reply),
+                    Command::SetDispatchers { dispatchers, reply } => {
                         // Appends taken so far were routed with the old targets: hand them on first.
                         if !unwritten.is_empty()
+                            && self.reserve.is_present()
                             && let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await
                         {
                             unwritten = failed;
@@ -392,38 +549,49 @@ impl Writer {
                         self.dispatchers = dispatchers;
                         let _ = reply.send(());
                     }
-                    Update::RetireTarget { target, reply } => {
+                    Command::RetireTarget { target, reply } => {
                         let retired = self
                             .with_connection(move |connection| retire_target(connection, &target))
                             .await;
                         if let Err(err) = &retired {
-                            self.storage.errors.inc();
-                            error!(error = %err, "cannot dead-letter the deliveries of a removed target");
+                            self.storage.write_failed(&format_args!(
+                                "cannot dead-letter the deliveries of a removed target: {err}"
+                            ));
                         }
                         let _ = reply.send(retired.map_err(|err| StoreError::Failed(err.to_string())));
                     }
-                    update => writes.push(update),
                 }
             }
-            if !writes.is_empty() {
-                // A completion or dead letter frees space: appends waiting on a full store are
-                // worth another try at once.
-                let frees_space = writes
-                    .iter()
-                    .any(|update| matches!(update, Update::Complete { .. } | Update::DeadLetter { .. }));
-                if self.write_updates(writes).await && frees_space {
+
+            if retry_due && !self.reserve.is_present() {
+                self.restore_reserve().await;
+            }
+            if !results.is_empty() || (retry_due || close.is_some()) && !self.unrecorded.is_empty() {
+                // A delivery that left the queue frees space: appends waiting on a full store
+                // are worth another try at once.
+                let frees_space = results.iter().any(|(_, outcome)| outcome.ends_delivery());
+                if self.record(results).await && frees_space && self.reserve.is_present() {
                     retry_at = None;
                 }
             }
-            if retry_at.is_none() && !unwritten.is_empty() {
-                match self.write_appends(std::mem::take(&mut unwritten)).await {
-                    Ok(()) => retry_delay = Duration::from_millis(100),
-                    Err(failed) => {
-                        unwritten = failed;
-                        retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                        retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
-                    }
+            if !reads.is_empty() {
+                self.answer(reads).await;
+            }
+            let mut appends_failed = false;
+            if retry_at.is_none() && self.reserve.is_present() && !unwritten.is_empty() {
+                if let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await {
+                    unwritten = failed;
+                    appends_failed = true;
                 }
+            }
+            if appends_failed || !self.unrecorded.is_empty() || !self.reserve.is_present() {
+                if retry_at.is_none() {
+                    retry_at = Some(tokio::time::Instant::now() + retry_delay);
+                    retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
+                }
+            } else if retry_at.is_none() {
+                retry_delay = MIN_RETRY_DELAY;
+                self.storage.write_succeeded();
             }
             if let Some(reply) = finished_appends.take_if(|_| unwritten.is_empty() || close.is_some()) {
                 if !unwritten.is_empty() {
@@ -437,6 +605,15 @@ impl Writer {
                 let _ = reply.send(());
             }
             if let Some(reply) = close {
+                if !self.unrecorded.is_empty() {
+                    warn!(
+                        n_deliveries = self.unrecorded.len(),
+                        "results that storage could not record at shutdown are lost: those deliveries are \
+                         sent again after a restart, with the same idempotency keys"
+                    );
+                }
+                // The next relay on this directory may start as soon as this one answers.
+                self.lock = None;
                 let _ = reply.send(());
                 return;
             }
@@ -473,28 +650,28 @@ impl Writer {
     /// not all of them (a nearly full disk) still makes progress; those that fail are returned,
     /// in order, to be tried again.
     async fn write_appends(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
+        let max_pages = self.max_pages;
         let (batch, written) = self
             .with_connection(move |connection| {
-                let written = insert_appends(connection, &batch);
+                let written = insert_appends(connection, &batch, max_pages);
                 (batch, written)
             })
             .await;
         let failure = match written {
             Ok(ids) => {
-                self.storage.append_succeeded();
                 self.hand_on(&batch, ids);
                 return Ok(());
             }
             // As text: the error is not Send, and this function waits after it.
             Err(err) => err.to_string(),
         };
-        self.storage.errors.inc();
-        self.storage.append_failed(&failure);
+        self.storage
+            .write_failed(&format_args!("cannot store events: {failure}"));
         let mut remaining = batch.into_iter();
         while let Some(append) = remaining.next() {
             let (append, written) = self
                 .with_connection(move |connection| {
-                    let written = insert_appends(connection, std::slice::from_ref(&append));
+                    let written = insert_appends(connection, std::slice::from_ref(&append), max_pages);
                     (append, written)
                 })
                 .await;
@@ -507,7 +684,6 @@ impl Writer {
                 }
             }
         }
-        self.storage.append_succeeded();
         Ok(())
     }
 
@@ -525,30 +701,123 @@ impl Writer {
         }
     }
 
-    /// Applies the dispatchers' updates in one transaction; returns whether it committed.
-    /// Loads are answered either way;
-    /// other updates that fail are logged and counted: the delivery stays as it was on disk
-    /// (a completed one is sent again after a restart, with the same idempotency key).
-    async fn write_updates(&mut self, batch: Vec<Update>) -> bool {
-        let outcome = self
+    /// Records the results, with any that could not be recorded before, in one transaction;
+    /// returns whether everything is recorded. On a failure the reserve is given up (a full
+    /// disk) and the results are tried again one at a time, so that one bad result cannot hold
+    /// back the others; what still fails stays in `unrecorded`, to be tried again, and is not
+    /// attempted again meanwhile.
+    async fn record(&mut self, results: Vec<(DeliveryId, Outcome)>) -> bool {
+        self.unrecorded.extend(results);
+        let mut batch = std::mem::take(&mut self.unrecorded);
+        let max_pages = self.max_pages;
+        let (returned, recorded) = self
             .with_connection(move |connection| {
-                let mut replies = Vec::new();
-                let applied = apply_updates(connection, batch, &mut replies);
-                (replies, applied)
+                let recorded = apply_outcomes(connection, &batch, max_pages);
+                (batch, recorded)
             })
             .await;
-        let (replies, applied) = outcome;
-        if let Err(err) = &applied {
-            self.storage.errors.inc();
-            error!(error = %err, "cannot record delivery results in the queue database");
+        batch = returned;
+        let Err(err) = recorded else {
+            return true;
+        };
+        self.storage
+            .write_failed(&format_args!("cannot record delivery results: {err}"));
+        if self.reserve.release() {
+            self.storage.reserve_released();
         }
-        for (reply, loaded) in replies {
-            let _ = reply.send(match &applied {
-                Ok(()) => Ok(loaded),
-                Err(err) => Err(StoreError::Failed(err.to_string())),
-            });
+        let mut remaining = std::mem::take(&mut batch).into_iter();
+        while let Some((id, outcome)) = remaining.next() {
+            let single = BTreeMap::from([(id, outcome)]);
+            let (single, recorded) = self
+                .with_connection(move |connection| {
+                    let recorded = apply_outcomes(connection, &single, max_pages);
+                    (single, recorded)
+                })
+                .await;
+            if let Err(err) = recorded {
+                let out_of_space = is_out_of_space(&err);
+                self.unrecorded.extend(single);
+                if out_of_space {
+                    // The rest would fail the same way.
+                    self.unrecorded.extend(remaining);
+                    break;
+                }
+            }
         }
-        applied.is_ok()
+        self.checkpoint().await;
+        self.unrecorded.is_empty()
+    }
+
+    /// Answers loads and oldest-delivery questions, leaving out deliveries whose end is not
+    /// recorded yet: they were delivered (or dead-lettered) and must not be attempted again.
+    async fn answer(&mut self, reads: Vec<Read>) {
+        let ended: HashSet<DeliveryId> = self
+            .unrecorded
+            .iter()
+            .filter(|(_, outcome)| outcome.ends_delivery())
+            .map(|(id, _)| *id)
+            .collect();
+        let (reads, answers) = self
+            .with_connection(move |connection| {
+                let answers: Vec<rusqlite::Result<ReadAnswer>> =
+                    reads.iter().map(|read| answer_read(connection, read, &ended)).collect();
+                (reads, answers)
+            })
+            .await;
+        for (read, answer) in reads.into_iter().zip(answers) {
+            if let Err(err) = &answer {
+                self.storage
+                    .write_failed(&format_args!("cannot read the queue database: {err}"));
+            }
+            let answer = answer.map_err(|err| StoreError::Failed(err.to_string()));
+            match read {
+                Read::Load { reply, .. } => {
+                    let _ = reply.send(answer.map(|answer| match answer {
+                        ReadAnswer::Loaded(loaded) => loaded,
+                        ReadAnswer::Oldest(_) => Vec::new(),
+                    }));
+                }
+                Read::Oldest { reply, .. } => {
+                    let _ = reply.send(answer.map(|answer| match answer {
+                        ReadAnswer::Oldest(oldest) => oldest,
+                        ReadAnswer::Loaded(_) => None,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Moves the write-ahead log into the database and truncates it, so that the space it
+    /// took goes back to the filesystem.
+    async fn checkpoint(&mut self) {
+        let checkpointed = self
+            .with_connection(|connection| {
+                connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get::<_, i64>(0))
+            })
+            .await;
+        if let Err(err) = checkpointed {
+            self.storage
+                .write_failed(&format_args!("cannot checkpoint the queue database: {err}"));
+        }
+    }
+
+    /// After the reserve was given up: once the recorded results' space is back on the
+    /// filesystem and the reserve can be made again, appends resume.
+    async fn restore_reserve(&mut self) {
+        if self.unrecorded.is_empty() {
+            self.checkpoint().await;
+        }
+        let mut reserve = self.reserve.clone();
+        let (reserve, restored) = tokio::task::spawn_blocking(move || {
+            let restored = reserve.restore();
+            (reserve, restored)
+        })
+        .await
+        .expect("making the reserve does not panic");
+        self.reserve = reserve;
+        if restored.is_ok() {
+            self.storage.reserve_restored();
+        }
     }
 
     async fn look_for_external_changes(&mut self) {
@@ -560,8 +829,8 @@ impl Writer {
             }
             Ok(_) => {}
             Err(err) => {
-                self.storage.errors.inc();
-                warn!(error = %err, "cannot read the queue database's data version");
+                self.storage
+                    .write_failed(&format_args!("cannot read the queue database's data version: {err}"));
             }
         }
     }
@@ -579,13 +848,14 @@ impl Writer {
             })
             .await;
         if let Err(err) = purged {
-            self.storage.errors.inc();
-            error!(error = %err, "cannot purge old dead letters");
+            self.storage
+                .write_failed(&format_args!("cannot purge old dead letters: {err}"));
         }
     }
 }
 
-fn insert_appends(connection: &mut Connection, batch: &[Append]) -> rusqlite::Result<Vec<DeliveryId>> {
+fn insert_appends(connection: &mut Connection, batch: &[Append], max_pages: i64) -> rusqlite::Result<Vec<DeliveryId>> {
+    connection.pragma_update(None, "max_page_count", max_pages)?;
     let transaction = connection.transaction()?;
     let mut ids = Vec::with_capacity(batch.len());
     {
@@ -621,50 +891,30 @@ fn insert_appends(connection: &mut Connection, batch: &[Append]) -> rusqlite::Re
     Ok(ids)
 }
 
-fn apply_updates(
+/// Records results in one transaction. Past `max_bytes` by a sixteenth at most: a dead letter
+/// is written before its delivery is deleted, and must not wait for room that only results
+/// can free.
+fn apply_outcomes(
     connection: &mut Connection,
-    batch: Vec<Update>,
-    replies: &mut Vec<(Reply<Vec<Pending>>, Vec<Pending>)>,
+    batch: &BTreeMap<DeliveryId, Outcome>,
+    max_pages: i64,
 ) -> rusqlite::Result<()> {
+    connection.pragma_update(None, "max_page_count", max_pages + max_pages / 16 + 64)?;
     let transaction = connection.transaction()?;
-    let mut outcome = Ok(());
-    for update in batch {
-        match update {
-            Update::Load {
-                target,
-                after,
-                limit,
-                reply,
-            } => {
-                let loaded = match &outcome {
-                    Ok(()) => load(&transaction, &target, after, limit),
-                    Err(_) => Ok(Vec::new()),
-                };
-                match loaded {
-                    Ok(loaded) => replies.push((reply, loaded)),
-                    Err(err) => {
-                        replies.push((reply, Vec::new()));
-                        outcome = Err(err);
-                    }
-                }
-            }
-            update if outcome.is_ok() => outcome = apply_update(&transaction, update),
-            _ => {}
-        }
+    for (id, outcome) in batch {
+        apply_outcome(&transaction, *id, outcome)?;
     }
-    outcome?;
     transaction.commit()
 }
 
-fn apply_update(transaction: &rusqlite::Transaction<'_>, update: Update) -> rusqlite::Result<()> {
-    match update {
-        Update::Complete { id } => {
+fn apply_outcome(transaction: &rusqlite::Transaction<'_>, id: DeliveryId, outcome: &Outcome) -> rusqlite::Result<()> {
+    match outcome {
+        Outcome::Complete => {
             transaction
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
         }
-        Update::Reschedule {
-            id,
+        Outcome::Reschedule {
             n_attempts,
             first_attempt_at,
             next_attempt_at,
@@ -679,12 +929,11 @@ fn apply_update(transaction: &rusqlite::Transaction<'_>, update: Update) -> rusq
                     id,
                     n_attempts,
                     first_attempt_at.map(millis),
-                    millis(next_attempt_at),
+                    millis(*next_attempt_at),
                     last_error
                 ])?;
         }
-        Update::DeadLetter {
-            id,
+        Outcome::DeadLetter {
             n_attempts,
             dead_letter,
         } => {
@@ -706,11 +955,6 @@ fn apply_update(transaction: &rusqlite::Transaction<'_>, update: Update) -> rusq
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
         }
-        Update::Load { .. }
-        | Update::FinishAppends { .. }
-        | Update::Close { .. }
-        | Update::SetDispatchers { .. }
-        | Update::RetireTarget { .. } => {}
     }
     Ok(())
 }
@@ -734,18 +978,38 @@ fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
     connection.pragma_query_value(None, "data_version", |row| row.get(0))
 }
 
-fn load(
-    transaction: &rusqlite::Transaction<'_>,
-    target: &str,
-    after: DeliveryId,
-    limit: usize,
-) -> rusqlite::Result<Vec<Pending>> {
-    transaction
-        .prepare_cached(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
-        ))?
-        .query_map(params![target, after, limit as i64], pending_from_row)?
-        .collect()
+enum ReadAnswer {
+    Loaded(Vec<Pending>),
+    Oldest(Option<SystemTime>),
+}
+
+fn answer_read(connection: &Connection, read: &Read, ended: &HashSet<DeliveryId>) -> rusqlite::Result<ReadAnswer> {
+    match read {
+        Read::Load {
+            target, after, limit, ..
+        } => {
+            // Rows left out are made up for, so that a short answer still means the dispatcher
+            // has caught up.
+            let loaded: Vec<Pending> = connection
+                .prepare_cached(&format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                ))?
+                .query_map(params![target, after, (*limit + ended.len()) as i64], pending_from_row)?
+                .filter(|pending| pending.as_ref().map_or(true, |pending| !ended.contains(&pending.id)))
+                .take(*limit)
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(ReadAnswer::Loaded(loaded))
+        }
+        Read::Oldest { target, after, .. } => {
+            let oldest = connection
+                .prepare_cached(
+                    "SELECT received_at_ms FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT 1",
+                )?
+                .query_row(params![target, after], |row| row.get::<_, i64>(0))
+                .optional()?;
+            Ok(ReadAnswer::Oldest(oldest.map(from_millis)))
+        }
+    }
 }
 
 /// Reads a row selected with `DELIVERY_COLUMNS`.
