@@ -386,3 +386,101 @@ async fn the_last_event_id_survives_a_restart() {
     assert_eq!(seen.first().unwrap().header("last-event-id"), None);
     assert_eq!(seen.last().unwrap().header("last-event-id"), Some("evt-7"));
 }
+
+/// Runs `sse-relay <args> --config <config>` to its end, within the deadline.
+async fn run_to_end(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    let output = Command::new(BINARY)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("the command ends at once")
+        .unwrap()
+}
+
+/// Stops the relay with SIGTERM, so that its write-ahead log is folded into the database.
+async fn sigterm(child: &mut Child) {
+    let pid = i32::try_from(child.id().expect("still running")).unwrap();
+    // SAFETY: signals the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert!(child.wait().await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_the_same_storage_exits_at_once_naming_the_first() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let first = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+
+    // Another admin port, as two containers sharing a volume would have.
+    let second_config = relay.directory.path().join("second.yaml");
+    let yaml = std::fs::read_to_string(relay.config_path()).unwrap().replace(
+        &format!("127.0.0.1:{}", relay.admin_port),
+        &format!("127.0.0.1:{}", crate::support::free_port().await),
+    );
+    std::fs::write(&second_config, yaml).unwrap();
+    let second = run_to_end(&["run"], &second_config).await;
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    let storage = relay.directory.path().join("data");
+    assert!(stderr.contains(&storage.display().to_string()), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.id().unwrap())), "{stderr}");
+    assert_eq!(upstream.connections_accepted(Api::Chat), 1, "the second relay never connected");
+
+    // The dead-letter commands work beside the running relay.
+    assert!(relay.dlq(&["list"]).await.contains("0 dead letter(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_or_lost_database_is_refused_with_what_to_do() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let mut first_run = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    let padding = "x".repeat(2000);
+    for n in 0..200 {
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"update","n":{n},"p":"{padding}"}}"#));
+    }
+    eventually("200 stored deliveries", DEADLINE, || async {
+        relay.metric("sse_relay_queue_depth", &[("target", "hook")]).await >= 200.0
+    })
+    .await;
+    sigterm(&mut first_run).await;
+    let database = relay.directory.path().join("data").join("relay.db");
+    let intact = std::fs::read(&database).unwrap();
+    assert!(intact.len() > 100 * 4096, "{} bytes", intact.len());
+
+    let refused = |output: &std::process::Output, expected: &str| {
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+        assert!(stderr.contains(&database.display().to_string()), "{stderr}");
+    };
+    // Garbage in the middle pages, then in the schema page: both are refused, by `dlq` too.
+    for (from, to) in [(intact.len() / 3, 2 * intact.len() / 3), (100, 4096)] {
+        let mut damaged = intact.clone();
+        damaged[from..to].fill(0xAB);
+        std::fs::write(&database, &damaged).unwrap();
+        refused(&run_to_end(&["run"], &relay.config_path()).await, "is damaged");
+        refused(&run_to_end(&["dlq", "list"], &relay.config_path()).await, "is damaged");
+    }
+    // Emptied, then missing: not taken for a first start.
+    std::fs::write(&database, b"").unwrap();
+    refused(&run_to_end(&["run"], &relay.config_path()).await, "is missing or empty");
+    std::fs::remove_file(&database).unwrap();
+    refused(&run_to_end(&["run"], &relay.config_path()).await, "is missing or empty");
+
+    // Restored, it runs and delivers what it held.
+    std::fs::write(&database, &intact).unwrap();
+    sink.answer_by_default("/hook", 200);
+    let _second_run = relay.spawn();
+    assert_eq!(sink.wait_for_delivered("/hook", 200, DEADLINE).await.len(), 200);
+}
