@@ -70,7 +70,12 @@ pub struct Metrics {
 pub struct StorageTelemetry {
     pub errors: IntCounter,
     failing: std::sync::atomic::AtomicBool,
+    last_error_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// A storage failure within this long of the last one logged as an error is part of the same
+/// outage.
+const STORAGE_OUTAGE_QUIET: Duration = Duration::from_secs(60);
 
 impl StorageTelemetry {
     pub fn is_failing(&self) -> bool {
@@ -82,7 +87,19 @@ impl StorageTelemetry {
     /// its queue is full. Logged once per outage, not once per try; the metric counts each.
     pub fn write_failed(&self, problem: &dyn Display) {
         self.errors.inc();
-        if !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if self.failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            debug!(error = %problem, "storage is still failing");
+            return;
+        }
+        // A disk that is nearly full recovers and fails again: one outage, one error line.
+        let mut last_error_at = self
+            .last_error_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last_error_at.is_some_and(|at| at.elapsed() < STORAGE_OUTAGE_QUIET) {
+            warn!(error = %problem, "storage is failing again; streams pause until it recovers");
+        } else {
+            *last_error_at = Some(std::time::Instant::now());
             error!(error = %problem, "storage is failing; streams pause until it recovers (logged once per outage)");
         }
     }
@@ -243,6 +260,7 @@ impl Metrics {
                         .expect("valid metric"),
                 ),
                 failing: std::sync::atomic::AtomicBool::new(false),
+                last_error_at: std::sync::Mutex::new(None),
             }),
             registry,
         })

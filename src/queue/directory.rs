@@ -139,6 +139,10 @@ impl Reserve {
         reserve
     }
 
+    pub fn n_bytes(&self) -> u64 {
+        self.n_bytes
+    }
+
     pub fn is_present(&self) -> bool {
         self.present
     }

@@ -45,6 +45,10 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// The writer looks only when it has work; the dispatchers give it some every second.
 const EXTERNAL_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often, at most, the writer tries to make the reserve again because results freed space;
+/// it also tries at every retry after a failure.
+const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often dead letters past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -240,6 +244,45 @@ pub fn connect_checked(path: &Path) -> anyhow::Result<Connection> {
     Ok(connection)
 }
 
+/// Makes the database give the pages that deliveries leave behind back to the filesystem when
+/// asked (`PRAGMA incremental_vacuum`), so that after a full disk the space they took can be
+/// reserved again. A database made before this setting existed is rebuilt once (`VACUUM`).
+fn give_freed_pages_back(connection: &Connection, path: &Path) {
+    let incremental = connection
+        .pragma_query_value(None, "auto_vacuum", |row| row.get::<_, i64>(0))
+        .is_ok_and(|mode| mode == 2);
+    if incremental {
+        return;
+    }
+    let rebuilt = connection
+        .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .and_then(|()| connection.execute_batch("VACUUM"));
+    if let Err(err) = rebuilt {
+        warn!(
+            database = %path.display(), error = %err,
+            "cannot set the queue database to give freed space back; after a full disk it may need more room \
+             to recover"
+        );
+    }
+}
+
+/// Gives the pages that deliveries left behind back to the filesystem: in rounds of at most
+/// `pages_per_round`, each folded into the database and its log truncated before the next, so
+/// that a nearly full disk has room for each round. The vacuum pragma frees one page per step,
+/// so it is stepped to its end.
+fn give_back_free_pages(connection: &Connection, pages_per_round: i64) -> rusqlite::Result<()> {
+    loop {
+        connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let n_free: i64 = connection.pragma_query_value(None, "freelist_count", |row| row.get(0))?;
+        if n_free == 0 {
+            return Ok(());
+        }
+        let mut statement = connection.prepare_cached(&format!("PRAGMA incremental_vacuum({pages_per_round})"))?;
+        let mut steps = statement.raw_query();
+        while steps.next()?.is_some() {}
+    }
+}
+
 fn is_damage(err: &rusqlite::Error) -> bool {
     matches!(
         err.sqlite_error_code(),
@@ -278,6 +321,7 @@ impl SqliteStore {
             lock.path().display()
         );
         let connection = connect_checked(&path)?;
+        give_freed_pages_back(&connection, &path);
         let page_size: i64 = connection
             .execute_batch(SCHEMA)
             .and_then(|()| connection.pragma_query_value(None, "page_size", |row| row.get(0)))
@@ -300,6 +344,13 @@ impl SqliteStore {
         let (appends, append_receiver) = mpsc::channel(MAX_GROUP);
         let (commands, command_receiver) = mpsc::channel(MAX_GROUP);
         let reserve = Reserve::new(directory);
+        // The write-ahead log is folded into the database (and truncated) once it holds a
+        // quarter of the reserve, so that on a full disk the reserve has room for a checkpoint.
+        let max_group_bytes = (reserve.n_bytes() / 4) as usize;
+        connection
+            .pragma_update(None, "wal_autocheckpoint", (max_group_bytes as i64 / page_size).max(16))
+            .and_then(|()| connection.pragma_update(None, "journal_size_limit", reserve.n_bytes() as i64))
+            .with_context(|| format!("cannot set up the queue database {}", path.display()))?;
         if !reserve.is_present() {
             storage.write_failed(&"the disk is full: no room for the space the store keeps in reserve");
         }
@@ -309,9 +360,12 @@ impl SqliteStore {
             external_changes: Arc::clone(&external_changes),
             connection: Some(connection),
             max_pages,
+            max_group_bytes,
             dispatchers,
             unrecorded: BTreeMap::new(),
             reserve,
+            last_restore_try: Instant::now(),
+            page_size,
             lock: Some(lock),
             storage,
             retention: config.dead_letter_retention,
@@ -454,12 +508,18 @@ struct Writer {
     /// `max_bytes` in pages: appends may not grow the database beyond it. Recording results
     /// may, a little (a dead letter is written before its delivery is deleted).
     max_pages: i64,
+    /// The most bytes of events one transaction writes: with the write-ahead log checkpointed
+    /// at the same size, what a checkpoint must add to the database file always fits in the
+    /// reserve.
+    max_group_bytes: usize,
     /// By target name; emptied at shutdown so the dispatchers' inputs close.
     dispatchers: Dispatchers,
     /// Results that could not be written yet (a full disk), by delivery id; written with the
     /// next results. A delivery that left the queue here is not loaded again meanwhile.
     unrecorded: BTreeMap<DeliveryId, Outcome>,
     reserve: Reserve,
+    last_restore_try: Instant,
+    page_size: i64,
     /// Held while the writer runs; let go before `close` answers.
     lock: Option<StorageLock>,
     storage: Arc<StorageTelemetry>,
@@ -563,16 +623,17 @@ impl Writer {
                 }
             }
 
-            if retry_due && !self.reserve.is_present() {
-                self.restore_reserve().await;
-            }
             if !results.is_empty() || (retry_due || close.is_some()) && !self.unrecorded.is_empty() {
                 // A delivery that left the queue frees space: appends waiting on a full store
-                // are worth another try at once.
+                // are worth another try at once, and so is the reserve (once a second).
                 let frees_space = results.iter().any(|(_, outcome)| outcome.ends_delivery());
-                if self.record(results).await && frees_space && self.reserve.is_present() {
+                if self.record(results).await && frees_space {
                     retry_at = None;
+                    retry_due |= self.last_restore_try.elapsed() >= RESTORE_INTERVAL;
                 }
+            }
+            if retry_due && !self.reserve.is_present() {
+                self.restore_reserve().await;
             }
             if !reads.is_empty() {
                 self.answer(reads).await;
@@ -645,11 +706,32 @@ impl Writer {
         result
     }
 
+    /// Commits the appends in groups of at most `max_group_bytes` and hands each delivery on.
+    /// Those that fail are returned, in order, to be tried again.
+    async fn write_appends(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
+        let mut remaining = batch.into_iter().peekable();
+        while remaining.peek().is_some() {
+            let mut group = Vec::new();
+            let mut n_bytes = 0;
+            while let Some(append) =
+                remaining.next_if(|append| group.is_empty() || n_bytes + append_bytes(append) <= self.max_group_bytes)
+            {
+                n_bytes += append_bytes(&append);
+                group.push(append);
+            }
+            if let Err(mut unwritten) = self.write_group(group).await {
+                unwritten.extend(remaining);
+                return Err(unwritten);
+            }
+        }
+        Ok(())
+    }
+
     /// Commits the appends in one transaction and hands each delivery to its dispatcher. If the
     /// group fails, the appends are tried one at a time, so that a store with room for some but
     /// not all of them (a nearly full disk) still makes progress; those that fail are returned,
     /// in order, to be tried again.
-    async fn write_appends(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
+    async fn write_group(&mut self, batch: Vec<Append>) -> Result<(), Vec<Append>> {
         let max_pages = self.max_pages;
         let (batch, written) = self
             .with_connection(move |connection| {
@@ -802,10 +884,19 @@ impl Writer {
     }
 
     /// After the reserve was given up: once the recorded results' space is back on the
-    /// filesystem and the reserve can be made again, appends resume.
+    /// filesystem (the pages they freed are cut off the database file, and the write-ahead log
+    /// is emptied) and the reserve can be made again, appends resume.
     async fn restore_reserve(&mut self) {
+        self.last_restore_try = Instant::now();
         if self.unrecorded.is_empty() {
-            self.checkpoint().await;
+            let pages_per_round = (self.max_group_bytes as i64 / self.page_size).max(1);
+            let shrunk = self
+                .with_connection(move |connection| give_back_free_pages(connection, pages_per_round))
+                .await;
+            if let Err(err) = shrunk {
+                self.storage
+                    .write_failed(&format_args!("cannot shrink the queue database: {err}"));
+            }
         }
         let mut reserve = self.reserve.clone();
         let (reserve, restored) = tokio::task::spawn_blocking(move || {
@@ -852,6 +943,11 @@ impl Writer {
                 .write_failed(&format_args!("cannot purge old dead letters: {err}"));
         }
     }
+}
+
+/// What an append adds to the database, roughly.
+fn append_bytes(append: &Append) -> usize {
+    (append.event.data.len() + 256) * append.targets.len().max(1)
 }
 
 fn insert_appends(connection: &mut Connection, batch: &[Append], max_pages: i64) -> rusqlite::Result<Vec<DeliveryId>> {
@@ -1056,5 +1152,31 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio_sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_pages_go_back_to_the_filesystem() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(DATABASE_FILE);
+        let connection = connect(&path).unwrap();
+        give_freed_pages_back(&connection, &path);
+        connection
+            .execute_batch(
+                "CREATE TABLE t (x BLOB);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+                 INSERT INTO t SELECT randomblob(1000) FROM n;
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        let full = std::fs::metadata(&path).unwrap().len();
+        connection.execute_batch("DELETE FROM t").unwrap();
+        give_back_free_pages(&connection, 100).unwrap();
+        let emptied = std::fs::metadata(&path).unwrap().len();
+        assert!(emptied < full / 10, "{full} -> {emptied} bytes");
     }
 }

@@ -431,7 +431,11 @@ async fn a_second_relay_on_the_same_storage_exits_at_once_naming_the_first() {
     let storage = relay.directory.path().join("data");
     assert!(stderr.contains(&storage.display().to_string()), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", first.id().unwrap())), "{stderr}");
-    assert_eq!(upstream.connections_accepted(Api::Chat), 1, "the second relay never connected");
+    assert_eq!(
+        upstream.connections_accepted(Api::Chat),
+        1,
+        "the second relay never connected"
+    );
 
     // The dead-letter commands work beside the running relay.
     assert!(relay.dlq(&["list"]).await.contains("0 dead letter(s)"));

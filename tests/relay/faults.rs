@@ -759,3 +759,193 @@ async fn a_stream_paused_by_backpressure_longer_than_its_idle_timeout_keeps_its_
     assert_eq!(upstream.connections_accepted(Api::Participant), 1);
     relay.stop().await;
 }
+
+/// A tmpfs of `size` mounted for the test, unmounted when dropped; `None` (and the test is
+/// skipped with a message) when this process may not mount one, as when not running as root.
+struct SmallFilesystem {
+    mount_point: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    fn mount(size: &str) -> Option<SmallFilesystem> {
+        let mount_point = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(mount_point.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (this test needs root); the disk-full case was not run");
+            return None;
+        }
+        Some(SmallFilesystem { mount_point })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.mount_point.path()
+    }
+
+    /// Fills what is left of the filesystem with one file, and returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.mount_point.path())
+            .status();
+    }
+}
+
+/// The disk under the queue fills up, first with the queue itself while the target is down,
+/// then with another file: each time every event is delivered exactly once when there is room
+/// again, the queue-depth gauge never goes below zero, and each outage logs one error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_recovers_and_delivers_every_event_once() {
+    let Some(filesystem) = SmallFilesystem::mount("4m") else {
+        return;
+    };
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let directory = tempfile::tempdir().unwrap();
+    let admin_port = crate::support::free_port().await;
+    let config = directory.path().join("relay.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+admin: {{ listen: "127.0.0.1:{admin_port}" }}
+shutdown: {{ grace_period: 1s }}
+storage: {{ path: "{storage}" }}
+streams:
+  chat: {{ url: "{chat}", event_type: [/type], keepalive: [keepalive] }}
+targets:
+  hook:
+    url: {hook}
+    max_in_flight: 8
+    retry: {{ initial_delay: 50ms, max_delay: 200ms, max_attempts: 1000000 }}
+    circuit_breaker: {{ open_delay: 100ms, max_open_delay: 200ms }}
+routes:
+  - {{ stream: chat, targets: [hook] }}
+"#,
+            storage = filesystem.path().display(),
+            chat = upstream.chat_url("3f1c"),
+            hook = sink.url("/hook"),
+        ),
+    )
+    .unwrap();
+    let log_path = directory.path().join("relay.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let ready_http = http.clone();
+    let metrics = move || {
+        let http = http.clone();
+        async move {
+            let url = format!("http://127.0.0.1:{admin_port}/metrics");
+            match http.get(&url).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        }
+    };
+    let ready = || {
+        let http = ready_http.clone();
+        async move {
+            let url = format!("http://127.0.0.1:{admin_port}/readyz");
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        }
+    };
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    // Sampled throughout: the gauge must never read below zero.
+    let lowest_depth = Arc::new(std::sync::Mutex::new(0.0_f64));
+    let sampler = tokio::spawn({
+        let (lowest_depth, metrics) = (Arc::clone(&lowest_depth), metrics.clone());
+        async move {
+            loop {
+                let depth = metric_value(&metrics().await, "sse_relay_queue_depth", &[("target", "hook")]);
+                {
+                    let mut lowest = lowest_depth.lock().unwrap();
+                    *lowest = lowest.min(depth);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+
+    // The queue fills the disk while the target is down.
+    let padding = "x".repeat(1000);
+    let first: Vec<String> = (0..5000)
+        .map(|n| format!(r#"{{"type":"update","n":{n},"p":"{padding}"}}"#))
+        .collect();
+    for data in &first {
+        upstream.publish_event(Api::Chat, data);
+    }
+    eventually("storage errors", DEADLINE, || async {
+        metric_value(&metrics().await, "sse_relay_storage_errors_total", &[]) >= 1.0
+    })
+    .await;
+    assert!(!ready().await, "not ready while the disk is full");
+    sink.answer_by_default("/hook", 200);
+    let long = Duration::from_secs(90);
+    sink.wait_for_delivered("/hook", first.len(), long).await;
+    eventually("the queue to drain", long, || async {
+        metric_value(&metrics().await, "sse_relay_queue_depth", &[("target", "hook")]) == 0.0
+    })
+    .await;
+    eventually("ready again", DEADLINE, || async { ready().await }).await;
+
+    // Another file fills the disk; the stream waits until it is deleted.
+    let filler = filesystem.fill();
+    let errors_before = metric_value(&metrics().await, "sse_relay_storage_errors_total", &[]);
+    let second: Vec<String> = (0..1000)
+        .map(|n| format!(r#"{{"type":"later","n":{n},"p":"{padding}"}}"#))
+        .collect();
+    for data in &second {
+        upstream.publish_event(Api::Chat, data);
+    }
+    eventually("storage errors from the filler", DEADLINE, || async {
+        metric_value(&metrics().await, "sse_relay_storage_errors_total", &[]) > errors_before
+    })
+    .await;
+    std::fs::remove_file(filler).unwrap();
+    sink.wait_for_delivered("/hook", first.len() + second.len(), long).await;
+    eventually("the queue to drain again", long, || async {
+        metric_value(&metrics().await, "sse_relay_queue_depth", &[("target", "hook")]) == 0.0
+    })
+    .await;
+    eventually("ready after the filler went", DEADLINE, || async { ready().await }).await;
+    sampler.abort();
+
+    let delivered = bodies(&sink.delivered("/hook"));
+    let expected: BTreeSet<&String> = first.iter().chain(&second).collect();
+    let mut seen = BTreeSet::new();
+    let repeated: Vec<&String> = delivered.iter().filter(|body| !seen.insert(*body)).collect();
+    assert!(repeated.is_empty(), "{} deliveries made twice", repeated.len());
+    assert_eq!(seen, expected, "every event delivered");
+    assert!(*lowest_depth.lock().unwrap() >= 0.0, "the queue depth went negative");
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let n_errors = logs.lines().filter(|line| line.contains("ERROR")).count();
+    assert!(n_errors <= 2, "one error line per outage, not {n_errors}:\n{logs}");
+}
