@@ -709,10 +709,7 @@ fn name_list(names: &BTreeSet<String>) -> String {
 
 /// Reads and parses a config file with the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = read_config_file(path)?;
     parse(
         &text,
         &path.display().to_string(),
@@ -724,10 +721,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// streams and targets use (tokens, URLs) need not be set to manage dead letters.
 pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: origin.clone(),
-        source,
-    })?;
+    let text = read_config_file(path)?;
     #[derive(Deserialize)]
     struct StorageOnly {
         #[serde(default)]
@@ -735,6 +729,15 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
     }
     let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
     Ok(parsed.storage)
+}
+
+/// The config file's text. Like a secret file, it must be a regular file: SIGHUP re-reads it
+/// while the relay runs, and a FIFO or a device there must not stop the relay.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
@@ -887,9 +890,58 @@ fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String>
 /// A secret kept in a file, without its trailing newline. The error names the file, never its
 /// contents.
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    let contents = std::fs::read_to_string(path)
+    let contents = read_regular_file(path, MAX_SECRET_FILE_BYTES)
         .map_err(|err| format!("cannot read the secret file {}: {err}", path.display()))?;
     Ok(contents.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// The most a `${file:...}` or `${cred:...}` reference reads; README.md names it.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The largest config file that is read; README.md names it.
+const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a regular file of at most `max_bytes` as text. Anything else is refused before a byte is
+/// read: a device such as /dev/zero never ends, and a FIFO blocks until someone writes to it.
+/// The file is opened without blocking (opening a FIFO waits for a writer otherwise) and checked
+/// through the opened handle, so it cannot be swapped for another between the check and the read.
+fn read_regular_file(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let metadata = file.metadata()?;
+    let too_large = || {
+        Error::new(
+            ErrorKind::FileTooLarge,
+            format!("larger than {}", bytes_for_people(max_bytes)),
+        )
+    };
+    if !metadata.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if metadata.len() > max_bytes {
+        return Err(too_large());
+    }
+    // The file may grow after the check: one byte more than the limit tells.
+    let mut contents = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut contents)?;
+    if contents.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    String::from_utf8(contents).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// `64 KiB`, `1 MiB`: the limits above as README.md writes them.
+fn bytes_for_people(n_bytes: u64) -> String {
+    match n_bytes {
+        n if n >= 1024 * 1024 && n % (1024 * 1024) == 0 => format!("{} MiB", n / (1024 * 1024)),
+        n if n >= 1024 && n % 1024 == 0 => format!("{} KiB", n / 1024),
+        n => format!("{n} bytes"),
+    }
 }
 
 fn is_variable_name(name: &str) -> bool {

@@ -1,6 +1,29 @@
 //! Config text in, a config or an error naming the place out.
 
-use crate::support::parse_config;
+use std::time::Instant;
+
+use sse_relay::config::{Config, ConfigError};
+
+use crate::support::{DEADLINE, make_fifo, parse_config};
+
+/// `parse_config` on a thread of its own, so that a parse that hangs fails the test at the
+/// deadline instead of hanging it.
+fn parse_before_the_deadline(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let (owned_yaml, env) = (
+        yaml.to_owned(),
+        env.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<Vec<_>>(),
+    );
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let _ = sender.send(parse_config(&owned_yaml, &env));
+    });
+    receiver
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("parsing took longer than {DEADLINE:?}:\n{yaml}"))
+}
 
 /// Config text in, an error naming the place out.
 #[test]
@@ -127,4 +150,92 @@ fn secrets_can_come_from_files_and_systemd_credentials() {
         missing.contains("cannot read the secret file") && missing.contains("absent"),
         "{missing}"
     );
+}
+
+/// `${file:...}` and `${cred:...}` read only regular files of at most 64 KiB: a device never
+/// ends, a FIFO never opens, and neither may hang the relay or fill its memory.
+#[test]
+fn secret_files_are_small_regular_files() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = |name: &str| directory.path().join(name).display().to_string();
+    std::fs::write(path("largest"), "x".repeat(64 * 1024)).unwrap();
+    std::fs::write(path("too-large"), "x".repeat(64 * 1024 + 1)).unwrap();
+    std::fs::write(path("binary"), [0xff, 0xfe]).unwrap();
+    make_fifo(directory.path().join("fifo").as_path());
+    let credentials = path("");
+    let yaml = |reference: &str| {
+        format!(
+            "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    headers: {{ X-Token: \"{reference}\" }}\ntargets: {{}}\n"
+        )
+    };
+    let check = |reference: &str, expected: &str| {
+        let started = Instant::now();
+        let outcome = parse_before_the_deadline(&yaml(reference), &[("CREDENTIALS_DIRECTORY", &credentials)]);
+        let err = outcome.expect_err(reference).to_string();
+        assert_eq!(
+            err,
+            format!("test.yaml:4:25: streams.chat.headers.X-Token: {expected}"),
+            "for {reference}"
+        );
+        assert!(
+            started.elapsed() < DEADLINE / 3,
+            "{reference} took {:?}",
+            started.elapsed()
+        );
+    };
+    check(
+        "${file:/dev/zero}",
+        "cannot read the secret file /dev/zero: not a regular file",
+    );
+    check(
+        &format!("${{file:{}}}", path("fifo")),
+        &format!("cannot read the secret file {}: not a regular file", path("fifo")),
+    );
+    check(
+        "${cred:fifo}",
+        &format!("cannot read the secret file {}: not a regular file", path("fifo")),
+    );
+    check(
+        &format!("${{file:{}}}", path("too-large")),
+        &format!("cannot read the secret file {}: larger than 64 KiB", path("too-large")),
+    );
+    check(
+        &format!("${{file:{}}}", path("binary")),
+        &format!("cannot read the secret file {}: not UTF-8 text", path("binary")),
+    );
+    check(
+        &format!("${{file:{}}}", directory.path().display()),
+        &format!(
+            "cannot read the secret file {}: not a regular file",
+            directory.path().display()
+        ),
+    );
+
+    let config = parse_before_the_deadline(&yaml("${cred:largest}"), &[("CREDENTIALS_DIRECTORY", &credentials)])
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(
+        config.streams["chat"].headers.values().next().unwrap().0.len(),
+        64 * 1024
+    );
+}
+
+/// The config file itself is read the same way, up to 1 MiB.
+#[test]
+fn the_config_file_is_a_regular_file_of_at_most_1_mib() {
+    let directory = tempfile::tempdir().unwrap();
+    let too_large = directory.path().join("too-large.yaml");
+    std::fs::write(&too_large, format!("# {}\n", "x".repeat(1024 * 1024))).unwrap();
+    let check = |path: &std::path::Path, expected: &str| {
+        let started = Instant::now();
+        let err = sse_relay::config::load(path).expect_err("refused").to_string();
+        assert_eq!(err, format!("{}: cannot read the file: {expected}", path.display()));
+        assert!(
+            started.elapsed() < DEADLINE / 3,
+            "{} took {:?}",
+            path.display(),
+            started.elapsed()
+        );
+    };
+    check(&too_large, "larger than 1 MiB");
+    check(std::path::Path::new("/dev/zero"), "not a regular file");
 }
