@@ -727,6 +727,7 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
         #[serde(default)]
         storage: StorageConfig,
     }
+    refuse_deep_nesting(&text, &origin)?;
     let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
     Ok(parsed.storage)
 }
@@ -758,6 +759,7 @@ fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
 /// Parses config text; `origin` names it in errors (usually the file path).
 pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
     let locate = |err: serde_yaml::Error| locate(origin, err);
+    refuse_deep_nesting(text, origin)?;
 
     // First pass: only the names of streams and targets, so that routes can be checked against
     // them wherever they stand in the file.
@@ -789,6 +791,98 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         });
     }
     Ok(config)
+}
+
+/// Flow collections (`[...]`, `{...}`) nested deeper than this are refused before the YAML
+/// parser sees them: its scanner takes time quadratic in their depth (128 KB of `[` took 15 s).
+/// A config needs a handful of levels.
+const MAX_FLOW_NESTING: usize = 64;
+
+fn refuse_deep_nesting(text: &str, origin: &str) -> Result<(), ConfigError> {
+    match find_deep_nesting(text) {
+        Some((line, column)) => Err(ConfigError::Located {
+            origin: origin.to_owned(),
+            line,
+            column,
+            message: format!("collections nested more than {MAX_FLOW_NESTING} levels deep"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The line and column of the first `[` or `{` that opens a flow collection more than
+/// `MAX_FLOW_NESTING` levels deep. A linear scan, not a YAML parser: it skips comments and quoted
+/// scalars, and can be wrong only about brackets inside plain or block scalars, which no config
+/// nests that deep. Lines and columns are counted as serde_yaml counts them.
+fn find_deep_nesting(text: &str) -> Option<(usize, usize)> {
+    #[derive(PartialEq)]
+    enum Inside {
+        Nothing,
+        Comment,
+        SingleQuoted,
+        DoubleQuoted,
+        DoubleQuotedEscape,
+    }
+    let mut inside = Inside::Nothing;
+    let mut depth = 0;
+    let (mut line, mut column) = (1, 1);
+    // The character before, a line break as '\n'; none at the start of the text.
+    let mut previous: Option<char> = None;
+    let mut chars = text.strip_prefix('\u{feff}').unwrap_or(text).chars().peekable();
+    while let Some(c) = chars.next() {
+        let at = (line, column);
+        let is_break = match c {
+            '\r' => {
+                chars.next_if_eq(&'\n');
+                true
+            }
+            '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => true,
+            _ => false,
+        };
+        if is_break {
+            (line, column) = (line + 1, 1);
+        } else {
+            column += 1;
+        }
+        // Where a scalar or a comment may start: after a space or a line break, and inside a
+        // flow collection also after an indicator, as in `["a","b"]` or `{"a":1}`.
+        let after_space = previous.is_none_or(char::is_whitespace);
+        let starts_node = after_space || (depth > 0 && previous.is_some_and(|p| "[{,:".contains(p)));
+        inside = match inside {
+            Inside::Comment if is_break => Inside::Nothing,
+            // `''` is a quote inside the scalar.
+            Inside::SingleQuoted if c == '\'' && chars.next_if_eq(&'\'').is_some() => {
+                column += 1;
+                Inside::SingleQuoted
+            }
+            Inside::SingleQuoted if c == '\'' => Inside::Nothing,
+            Inside::DoubleQuoted if c == '\\' => Inside::DoubleQuotedEscape,
+            Inside::DoubleQuoted if c == '"' => Inside::Nothing,
+            Inside::DoubleQuotedEscape => Inside::DoubleQuoted,
+            Inside::Nothing => match c {
+                '#' if after_space => Inside::Comment,
+                '\'' if starts_node => Inside::SingleQuoted,
+                '"' if starts_node => Inside::DoubleQuoted,
+                // Outside a flow collection, a bracket opens one only where a node starts;
+                // `a[b` is plain text.
+                '[' | '{' if depth > 0 || after_space => {
+                    depth += 1;
+                    if depth > MAX_FLOW_NESTING {
+                        return Some(at);
+                    }
+                    Inside::Nothing
+                }
+                ']' | '}' => {
+                    depth = usize::saturating_sub(depth, 1);
+                    Inside::Nothing
+                }
+                _ => Inside::Nothing,
+            },
+            unchanged => unchanged,
+        };
+        previous = Some(if is_break { '\n' } else { c });
+    }
+    None
 }
 
 /// serde_yaml appends " at line L column C" to messages; the location is reported up front.

@@ -239,3 +239,52 @@ fn the_config_file_is_a_regular_file_of_at_most_1_mib() {
     check(&too_large, "larger than 1 MiB");
     check(std::path::Path::new("/dev/zero"), "not a regular file");
 }
+
+/// Flow collections nested more than 64 deep are refused before YAML parsing, whose time grows
+/// with the square of the depth (128 KB of `[` took 15 s); brackets in quotes and comments do
+/// not count.
+#[test]
+fn deep_nesting_is_refused_at_once() {
+    let check = |yaml: &str, expected: Result<(), &str>| {
+        let started = Instant::now();
+        let outcome = parse_before_the_deadline(yaml, &[])
+            .map(|_| ())
+            .map_err(|err| err.to_string());
+        assert_eq!(
+            outcome,
+            expected.map_err(str::to_owned),
+            "for:\n{}",
+            &yaml[..yaml.len().min(300)]
+        );
+        assert!(started.elapsed() < DEADLINE / 3, "took {:?}", started.elapsed());
+    };
+    let too_deep = Err("test.yaml:1:74: collections nested more than 64 levels deep");
+    check(&format!("streams: {}", "[".repeat(128 * 1024)), too_deep);
+    check(&format!("streams: {}", "[".repeat(65)), too_deep);
+    check(
+        &format!("streams:\n  chat: {}", "{a: ".repeat(32 * 1024)),
+        Err("test.yaml:2:265: collections nested more than 64 levels deep"),
+    );
+    check(
+        &format!("streams:\n{}", "  [\r\n".repeat(100)),
+        Err("test.yaml:66:3: collections nested more than 64 levels deep"),
+    );
+
+    let valid = |where_value: &str, extra: &str| {
+        format!(
+            "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n{extra}targets: {{ n8n: {{ url: \"http://127.0.0.1:2/h\" }} }}\nroutes:\n  - stream: chat\n    targets: [n8n]\n    where: {{ /a: {where_value} }}\n"
+        )
+    };
+    // `where: {` is one level: 63 more make 64.
+    let deepest = format!("{}1{}", "[".repeat(63), "]".repeat(63));
+    check(&valid(&deepest, ""), Ok(()));
+    check(
+        &valid(&format!("[{deepest}]"), ""),
+        Err("test.yaml:8:81: collections nested more than 64 levels deep"),
+    );
+    let brackets = "[{".repeat(100);
+    let quoted = format!(
+        "    keepalive: [\"{brackets}\", '{brackets}', \"\\\"{brackets}\", 'it''s {brackets}']\n    # {brackets}\n    default_event_type: a[{brackets}\n"
+    );
+    check(&valid(&deepest, &quoted), Ok(()));
+}
