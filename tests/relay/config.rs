@@ -288,3 +288,106 @@ fn deep_nesting_is_refused_at_once() {
     );
     check(&valid(&deepest, &quoted), Ok(()));
 }
+
+/// Durations, sizes and their relations that parse but cannot work are refused at the place of
+/// the value: zero delays are hot loops, a zero timeout fails every request, a cap below its
+/// starting value contradicts it.
+#[test]
+fn values_that_cannot_work_are_refused_at_their_place() {
+    let config = |stream_line: &str, target_line: &str, top_line: &str| {
+        format!(
+            "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    {stream_line}\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\n    {target_line}\n{top_line}\n"
+        )
+    };
+    let check = |yaml: String, expected: &str| {
+        let err = parse_config(&yaml, &[]).expect_err(&yaml).to_string();
+        assert_eq!(err, expected, "for:\n{yaml}");
+    };
+    let stream = |line: &str, expected: &str| check(config(line, "", ""), expected);
+    let target = |line: &str, expected: &str| check(config("", line, ""), expected);
+    let top = |line: &str, expected: &str| check(config("", "", line), expected);
+
+    stream(
+        "idle_timeout: 0s",
+        "test.yaml:4:19: streams.chat.idle_timeout: must be at least 1ms, or every connection is dropped before it can receive anything",
+    );
+    stream(
+        "idle_timeout: 999us",
+        "test.yaml:4:19: streams.chat.idle_timeout: must be at least 1ms, or every connection is dropped before it can receive anything",
+    );
+    stream(
+        "idle_timeout: 500000000000y",
+        "test.yaml:4:19: streams.chat.idle_timeout: must be at most 100 years",
+    );
+    stream(
+        "rotate_after: 100ms",
+        "test.yaml:4:19: streams.chat.rotate_after: must be at least 500ms, or connections would overlap most of the time",
+    );
+    stream(
+        "max_event_bytes: 0",
+        "test.yaml:4:22: streams.chat.max_event_bytes: must be at least 1, or every event is skipped",
+    );
+    stream(
+        "reconnect: { initial_delay: 0s }",
+        "test.yaml:4:33: streams.chat.reconnect.initial_delay: must be at least 1ms, or a failing upstream is reconnected to in a hot loop",
+    );
+    stream(
+        "reconnect: { auth_failure_delay: 0s }",
+        "test.yaml:4:38: streams.chat.reconnect.auth_failure_delay: must be at least 1ms, or an upstream that refuses the credentials is reconnected to in a hot loop",
+    );
+    stream(
+        "reconnect: { max_delay: 500ms, initial_delay: 1s }",
+        "test.yaml:4:29: streams.chat.reconnect.max_delay: must not be shorter than initial_delay (1s)",
+    );
+    stream(
+        "reconnect: { max_delay: 100ms }",
+        "test.yaml:4:29: streams.chat.reconnect.max_delay: must not be shorter than initial_delay (500ms)",
+    );
+    stream(
+        "reconnect: { initial_delay: 1m }",
+        "test.yaml:4:33: streams.chat.reconnect.initial_delay: must not be longer than max_delay (30s)",
+    );
+    target(
+        "timeout: 0s",
+        "test.yaml:8:14: targets.n8n.timeout: must be at least 1ms, or every request times out at once",
+    );
+    target(
+        "retry: { initial_delay: 0s }",
+        "test.yaml:8:29: targets.n8n.retry.initial_delay: must be at least 1ms, or a failing target is retried in a hot loop",
+    );
+    target(
+        "retry: { initial_delay: 2s, max_delay: 1s }",
+        "test.yaml:8:44: targets.n8n.retry.max_delay: must not be shorter than initial_delay (2s)",
+    );
+    target(
+        "retry: { max_elapsed: 0s }",
+        "test.yaml:8:27: targets.n8n.retry.max_elapsed: must not be shorter than initial_delay (1s): no retry could start in time; to never retry, set max_attempts: 1",
+    );
+    target(
+        "circuit_breaker: { open_delay: 0s }",
+        "test.yaml:8:36: targets.n8n.circuit_breaker.open_delay: must be at least 1ms, or a failing target is probed in a hot loop",
+    );
+    target(
+        "circuit_breaker: { open_delay: 10m }",
+        "test.yaml:8:36: targets.n8n.circuit_breaker.open_delay: must not be longer than max_open_delay (5m)",
+    );
+    top(
+        "storage: { max_bytes: 0 }",
+        "test.yaml:9:23: storage.max_bytes: must be at least 64 KiB",
+    );
+    top(
+        "storage: { max_bytes: 63KiB }",
+        "test.yaml:9:23: storage.max_bytes: must be at least 64 KiB",
+    );
+    top(
+        "shutdown: { grace_period: 200y }",
+        "test.yaml:9:27: shutdown.grace_period: must be at most 100 years",
+    );
+
+    // The smallest and largest workable values.
+    let edges = "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    idle_timeout: 1ms\n    rotate_after: 500ms\n    max_event_bytes: 1\n    \
+        reconnect: { initial_delay: 1ms, max_delay: 1ms, auth_failure_delay: 36500d }\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\n    \
+        timeout: 1ms\n    retry: { initial_delay: 1ms, max_delay: 1ms, max_elapsed: 1ms }\n    circuit_breaker: { open_delay: 1ms, max_open_delay: 1ms }\n\
+        storage: { max_bytes: 64KiB, dead_letter_retention: 0s }\nshutdown: { grace_period: 0s }\n";
+    parse_config(edges, &[]).unwrap_or_else(|err| panic!("{err}"));
+}
