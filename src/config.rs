@@ -52,6 +52,15 @@ pub struct Config {
     /// Credentials written literally in the file, not as `${...}` references.
     #[serde(skip)]
     pub n_literal_secrets: usize,
+    /// Values that `check` shows (names, patterns, the storage path) but that were read from
+    /// `${file:...}` or `${cred:...}`, each with the text it was written as: a file or a
+    /// credential may hold a secret, so `check` shows that text instead.
+    #[serde(skip)]
+    pub written_as: BTreeMap<String, String>,
+    /// URLs with a `${...}` reference before their query: their path may hold a secret, so
+    /// `check` shows only their scheme and host.
+    #[serde(skip)]
+    pub urls_from_references: BTreeSet<String>,
 }
 
 /// Where deliveries wait until their target accepts them.
@@ -460,7 +469,7 @@ pub struct Text(pub String);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        from_text(deserializer, |raw| expand(raw).map(Text))
+        from_text(deserializer, |raw| expand_shown(raw).map(Text))
     }
 }
 
@@ -499,11 +508,29 @@ impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             // The URL may hold a credential, so errors describe the problem without repeating it.
-            let url = Url::parse(&expand(raw)?).map_err(|err| format!("invalid url: {err}"))?;
+            let text = expand(raw)?;
+            let url = Url::parse(&text).map_err(|err| format!("invalid url: {err}"))?;
             match url.scheme() {
-                "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
+                "http" | "https" if url.host().is_some() => {
+                    if raw
+                        .split('?')
+                        .next()
+                        .is_some_and(|before_query| before_query.contains("${"))
+                    {
+                        with_context(|context| {
+                            context.urls_from_references.borrow_mut().insert(url.to_string());
+                        });
+                    }
+                    Ok(HttpUrl(url))
+                }
                 "http" | "https" => Err("invalid url: it has no host".to_owned()),
-                scheme => Err(format!("invalid url: the scheme must be http or https, not {scheme}")),
+                // What parses as the scheme of `user:password@host` is a user name, and a value
+                // from a reference may be anything: the scheme is named only when it was written
+                // as one.
+                scheme if text == raw && raw.starts_with(&format!("{scheme}://")) => {
+                    Err(format!("invalid url: the scheme must be http or https, not {scheme}"))
+                }
+                _ => Err("invalid url: the scheme must be http or https".to_owned()),
             }
         })
     }
@@ -561,7 +588,7 @@ impl Pattern {
 }
 
 fn parse_pattern(raw: &str) -> Result<Pattern, String> {
-    let text = expand(raw)?;
+    let text = expand_shown(raw)?;
     if text.is_empty() {
         return Err("an empty pattern matches nothing".to_owned());
     }
@@ -582,15 +609,20 @@ impl<'de> Deserialize<'de> for StreamPattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             let pattern = parse_pattern(raw)?;
+            // A value from a `${...}` reference may be a secret: the error names the reference.
+            let named = if pattern.0 == raw {
+                format!("`{raw}`")
+            } else {
+                format!("from `{raw}`")
+            };
             with_context(|context| {
                 if context.stream_names.iter().any(|name| pattern.matches(name)) {
                     Ok(())
                 } else if pattern.is_wildcard() {
-                    Err(format!("stream pattern `{}` matches no configured stream", pattern.0))
+                    Err(format!("stream pattern {named} matches no configured stream"))
                 } else {
                     Err(format!(
-                        "unknown stream `{}`; configured streams: {}",
-                        pattern.0,
+                        "unknown stream {named}; configured streams: {}",
                         name_list(&context.stream_names)
                     ))
                 }
@@ -700,6 +732,16 @@ fn expand(raw: &str) -> Result<String, String> {
     with_context(|context| expand_env(raw, &*context.env))
 }
 
+/// Expands a value that `check` shows, noting one read from a file or a credential (see
+/// `Config::written_as`).
+fn expand_shown(raw: &str) -> Result<String, String> {
+    let value = expand(raw)?;
+    if raw.contains("${file:") || raw.contains("${cred:") {
+        with_context(|context| context.written_as.borrow_mut().insert(value.clone(), raw.to_owned()));
+    }
+    Ok(value)
+}
+
 fn name_list(names: &BTreeSet<String>) -> String {
     if names.is_empty() {
         return "none".to_owned();
@@ -777,12 +819,18 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         stream_names: names.streams.into_keys().collect(),
         target_names: names.targets.into_keys().collect(),
         n_literal_secrets: std::cell::Cell::new(0),
+        written_as: RefCell::default(),
+        urls_from_references: RefCell::default(),
     };
     CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
     let parsed = serde_yaml::from_str::<Config>(text);
     let context = CONTEXT.with(|cell| cell.borrow_mut().take());
     let mut config = parsed.map_err(locate)?;
-    config.n_literal_secrets = context.map_or(0, |context| context.n_literal_secrets.get());
+    if let Some(context) = context {
+        config.n_literal_secrets = context.n_literal_secrets.get();
+        config.written_as = context.written_as.into_inner();
+        config.urls_from_references = context.urls_from_references.into_inner();
+    }
 
     if config.streams.is_empty() {
         return Err(ConfigError::Unlocated {
@@ -1188,6 +1236,8 @@ struct ParseContext {
     stream_names: BTreeSet<String>,
     target_names: BTreeSet<String>,
     n_literal_secrets: std::cell::Cell<usize>,
+    written_as: RefCell<BTreeMap<String, String>>,
+    urls_from_references: RefCell<BTreeSet<String>>,
 }
 
 thread_local! {
@@ -1205,6 +1255,8 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
                 stream_names: BTreeSet::new(),
                 target_names: BTreeSet::new(),
                 n_literal_secrets: std::cell::Cell::new(0),
+                written_as: RefCell::default(),
+                urls_from_references: RefCell::default(),
             }),
         }
     })

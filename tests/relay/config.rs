@@ -34,7 +34,12 @@ fn config_errors_name_the_place() {
         )
     };
     let check = |yaml: &str, expected: &str| {
-        let err = parse_config(yaml, &[("SET", "value")]).expect_err(yaml).to_string();
+        let env = [
+            ("SET", "value"),
+            ("SECRET", "ENV-SECRET-31337"),
+            ("NOT_A_URL", "admin:ENV-SECRET-31337@hooks.example.com/x"),
+        ];
+        let err = parse_config(yaml, &env).expect_err(yaml).to_string();
         assert_eq!(err, expected, "for:\n{yaml}");
     };
     check(
@@ -91,6 +96,24 @@ fn config_errors_name_the_place() {
         "test.yaml:9:14: routes[0].where: `node/status` is not a JSON pointer: it must start with /, as in /eventType",
     );
     check("streams: {}\ntargets: {}\n", "test.yaml: no streams are configured");
+
+    // A value from a reference may be a secret: errors name the reference, not the value.
+    check(
+        &base("routes:\n  - stream: ${SECRET}\n    targets: [n8n]\n"),
+        "test.yaml:8:13: routes[0].stream: unknown stream from `${SECRET}`; configured streams: chat",
+    );
+    check(
+        &base("routes:\n  - stream: \"x-${SECRET}*\"\n    targets: [n8n]\n"),
+        "test.yaml:8:13: routes[0].stream: stream pattern from `x-${SECRET}*` matches no configured stream",
+    );
+    check(
+        &base("").replace("http://127.0.0.1:2/hook", "${NOT_A_URL}"),
+        "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https",
+    );
+    check(
+        &base("").replace("http://127.0.0.1:2/hook", "admin:literal@hooks.example.com/x"),
+        "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https",
+    );
 }
 
 #[test]

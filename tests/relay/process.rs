@@ -162,6 +162,56 @@ routes:
     );
 }
 
+/// What `${file:...}` and `${cred:...}` read is never shown, even in fields that are not
+/// secrets: `check` shows the reference. A stream URL whose path comes from any reference shows
+/// only its scheme and host.
+#[tokio::test]
+async fn check_shows_references_to_secret_files_not_their_contents() {
+    let directory = tempfile::tempdir().unwrap();
+    let secret = |name: &str, contents: &str| {
+        std::fs::write(directory.path().join(name), contents).unwrap();
+        format!("${{file:{}}}", directory.path().join(name).display())
+    };
+    let storage = secret("storage", "/tmp/sekret-path-0007");
+    let event_type = secret("event-type", "sekret-type-0008\n");
+    let pattern = secret("pattern", "sekret-pattern-0009*");
+    std::fs::write(directory.path().join("keepalive"), "sekret-keepalive-0010").unwrap();
+    let yaml = format!(
+        r#"
+storage: {{ path: "{storage}" }}
+streams:
+  chat:
+    url: http://127.0.0.1:1/c/${{CHAT_ID}}/listen
+    default_event_type: "{event_type}"
+    keepalive: ["${{cred:keepalive}}", literal-keepalive]
+targets:
+  n8n: {{ url: "http://127.0.0.1:2/hook" }}
+routes:
+  - stream: chat
+    events: ["{pattern}", literal-event]
+    targets: [n8n]
+"#
+    );
+    let credentials = directory.path().display().to_string();
+    let output = check(
+        &write_config(&directory, "relay.yaml", &yaml),
+        &[("CHAT_ID", "sekret-chat-0011"), ("CREDENTIALS_DIRECTORY", &credentials)],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!stdout.contains("sekret"), "a secret leaked:\n{stdout}");
+    for expected in [
+        format!("sqlite {storage}/relay.db"),
+        "url http://127.0.0.1:1/…".to_owned(),
+        format!("else {event_type}\n"),
+        "keepalive ${cred:keepalive}, literal-keepalive".to_owned(),
+        format!("events {pattern}, literal-event"),
+    ] {
+        assert!(stdout.contains(&expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
 /// Receives one sd_notify datagram, or panics at the deadline.
 async fn notification(socket: &UnixDatagram) -> String {
     let mut buffer = [0u8; 512];
