@@ -527,7 +527,12 @@ impl<'de> Deserialize<'de> for HttpUrl {
                 // What parses as the scheme of `user:password@host` is a user name, and a value
                 // from a reference may be anything: the scheme is named only when it was written
                 // as one.
-                scheme if text == raw && raw.starts_with(&format!("{scheme}://")) => {
+                scheme
+                    if text == raw
+                        && raw
+                            .get(..scheme.len() + 3)
+                            .is_some_and(|start| start.eq_ignore_ascii_case(&format!("{scheme}://"))) =>
+                {
                     Err(format!("invalid url: the scheme must be http or https, not {scheme}"))
                 }
                 _ => Err("invalid url: the scheme must be http or https".to_owned()),

@@ -107,6 +107,10 @@ fn config_errors_name_the_place() {
         "test.yaml:8:13: routes[0].stream: stream pattern from `x-${SECRET}*` matches no configured stream",
     );
     check(
+        &base("").replace("http://127.0.0.1:2/hook", "FTP://127.0.0.1:2/hook"),
+        "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https, not ftp",
+    );
+    check(
         &base("").replace("http://127.0.0.1:2/hook", "${NOT_A_URL}"),
         "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https",
     );
