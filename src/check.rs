@@ -1,13 +1,15 @@
 //! `sse-relay check`: the resolved configuration as a reader can check it, secrets masked.
 //!
 //! Header values are never shown (they are mostly credentials), target URLs show only scheme
-//! and host unless marked `safe_url`, and stream URLs hide their query string.
+//! and host unless marked `safe_url`, and stream URLs hide their query string, and their path
+//! too when it came from a `${...}` reference. A value read from `${file:...}` or `${cred:...}`
+//! is shown as it was written, never as what the file holds.
 
 use std::fmt::Write as _;
 
 use url::Url;
 
-use crate::config::Config;
+use crate::config::{Config, Text};
 use crate::delivery::display_url;
 
 const MASK: &str = "***";
@@ -23,7 +25,11 @@ pub fn describe(config: &Config) -> String {
             let _ = writeln!(
                 out,
                 "\nstorage\n  sqlite {} (nothing accepted is lost)\n  max_pending {}, max_bytes {}, dead letters kept {}",
-                crate::queue::sqlite::database_path(storage).display(),
+                crate::queue::sqlite::database_path(&crate::config::StorageConfig {
+                    path: Text(shown(config, &storage.path.0).to_owned()),
+                    ..storage.clone()
+                })
+                .display(),
                 storage.max_pending.0,
                 storage.max_bytes,
                 duration(storage.dead_letter_retention),
@@ -40,12 +46,17 @@ pub fn describe(config: &Config) -> String {
 
     out.push_str("\nstreams\n");
     for (name, stream) in &config.streams {
-        let _ = writeln!(out, "  {name}\n    url {}", stream_display_url(&stream.url.0));
+        let url = if config.urls_from_references.contains(stream.url.0.as_str()) {
+            display_url(&stream.url.0, false)
+        } else {
+            stream_display_url(&stream.url.0)
+        };
+        let _ = writeln!(out, "  {name}\n    url {url}");
         for header in stream.headers.keys() {
             let _ = writeln!(out, "    header {}: {MASK}", header.0);
         }
         let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
-        let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| k.0.as_str()).collect();
+        let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
         let _ = writeln!(
             out,
             "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}",
@@ -54,7 +65,7 @@ pub fn describe(config: &Config) -> String {
             } else {
                 format!("the SSE event field, {}", pointers.join(", "))
             },
-            stream.default_event_type,
+            shown(config, &stream.default_event_type.0),
             if keepalive.is_empty() {
                 "none".to_owned()
             } else {
@@ -118,7 +129,7 @@ pub fn describe(config: &Config) -> String {
             .filter(|name| route.stream.0.matches(name))
             .map(String::as_str)
             .collect();
-        let events: Vec<&str> = route.events.iter().map(|e| e.0.as_str()).collect();
+        let events: Vec<&str> = route.events.iter().map(|e| shown(config, &e.0)).collect();
         let targets: Vec<&str> = route.targets.iter().map(|t| t.0.as_str()).collect();
         let _ = write!(
             out,
@@ -133,6 +144,11 @@ pub fn describe(config: &Config) -> String {
         let _ = writeln!(out, " -> {}", targets.join(", "));
     }
     out
+}
+
+/// A value as `check` shows it: one read from a file or a credential as it was written.
+fn shown<'a>(config: &'a Config, value: &'a str) -> &'a str {
+    config.written_as.get(value).map_or(value, String::as_str)
 }
 
 /// Scheme, host, port and path; a query string may hold a token, so it is masked.

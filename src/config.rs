@@ -52,6 +52,15 @@ pub struct Config {
     /// Credentials written literally in the file, not as `${...}` references.
     #[serde(skip)]
     pub n_literal_secrets: usize,
+    /// Values that `check` shows (names, patterns, the storage path) but that were read from
+    /// `${file:...}` or `${cred:...}`, each with the text it was written as: a file or a
+    /// credential may hold a secret, so `check` shows that text instead.
+    #[serde(skip)]
+    pub written_as: BTreeMap<String, String>,
+    /// URLs with a `${...}` reference before their query: their path may hold a secret, so
+    /// `check` shows only their scheme and host.
+    #[serde(skip)]
+    pub urls_from_references: BTreeSet<String>,
 }
 
 /// Where deliveries wait until their target accepts them.
@@ -460,7 +469,7 @@ pub struct Text(pub String);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        from_text(deserializer, |raw| expand(raw).map(Text))
+        from_text(deserializer, |raw| expand_shown(raw).map(Text))
     }
 }
 
@@ -499,11 +508,34 @@ impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             // The URL may hold a credential, so errors describe the problem without repeating it.
-            let url = Url::parse(&expand(raw)?).map_err(|err| format!("invalid url: {err}"))?;
+            let text = expand(raw)?;
+            let url = Url::parse(&text).map_err(|err| format!("invalid url: {err}"))?;
             match url.scheme() {
-                "http" | "https" if url.host().is_some() => Ok(HttpUrl(url)),
+                "http" | "https" if url.host().is_some() => {
+                    if raw
+                        .split('?')
+                        .next()
+                        .is_some_and(|before_query| before_query.contains("${"))
+                    {
+                        with_context(|context| {
+                            context.urls_from_references.borrow_mut().insert(url.to_string());
+                        });
+                    }
+                    Ok(HttpUrl(url))
+                }
                 "http" | "https" => Err("invalid url: it has no host".to_owned()),
-                scheme => Err(format!("invalid url: the scheme must be http or https, not {scheme}")),
+                // What parses as the scheme of `user:password@host` is a user name, and a value
+                // from a reference may be anything: the scheme is named only when it was written
+                // as one.
+                scheme
+                    if text == raw
+                        && raw
+                            .get(..scheme.len() + 3)
+                            .is_some_and(|start| start.eq_ignore_ascii_case(&format!("{scheme}://"))) =>
+                {
+                    Err(format!("invalid url: the scheme must be http or https, not {scheme}"))
+                }
+                _ => Err("invalid url: the scheme must be http or https".to_owned()),
             }
         })
     }
@@ -561,7 +593,7 @@ impl Pattern {
 }
 
 fn parse_pattern(raw: &str) -> Result<Pattern, String> {
-    let text = expand(raw)?;
+    let text = expand_shown(raw)?;
     if text.is_empty() {
         return Err("an empty pattern matches nothing".to_owned());
     }
@@ -582,15 +614,20 @@ impl<'de> Deserialize<'de> for StreamPattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             let pattern = parse_pattern(raw)?;
+            // A value from a `${...}` reference may be a secret: the error names the reference.
+            let named = if pattern.0 == raw {
+                format!("`{raw}`")
+            } else {
+                format!("from `{raw}`")
+            };
             with_context(|context| {
                 if context.stream_names.iter().any(|name| pattern.matches(name)) {
                     Ok(())
                 } else if pattern.is_wildcard() {
-                    Err(format!("stream pattern `{}` matches no configured stream", pattern.0))
+                    Err(format!("stream pattern {named} matches no configured stream"))
                 } else {
                     Err(format!(
-                        "unknown stream `{}`; configured streams: {}",
-                        pattern.0,
+                        "unknown stream {named}; configured streams: {}",
                         name_list(&context.stream_names)
                     ))
                 }
@@ -700,6 +737,16 @@ fn expand(raw: &str) -> Result<String, String> {
     with_context(|context| expand_env(raw, &*context.env))
 }
 
+/// Expands a value that `check` shows, noting one read from a file or a credential (see
+/// `Config::written_as`).
+fn expand_shown(raw: &str) -> Result<String, String> {
+    let value = expand(raw)?;
+    if raw.contains("${file:") || raw.contains("${cred:") {
+        with_context(|context| context.written_as.borrow_mut().insert(value.clone(), raw.to_owned()));
+    }
+    Ok(value)
+}
+
 fn name_list(names: &BTreeSet<String>) -> String {
     if names.is_empty() {
         return "none".to_owned();
@@ -709,10 +756,7 @@ fn name_list(names: &BTreeSet<String>) -> String {
 
 /// Reads and parses a config file with the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = read_config_file(path)?;
     parse(
         &text,
         &path.display().to_string(),
@@ -724,17 +768,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// streams and targets use (tokens, URLs) need not be set to manage dead letters.
 pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: origin.clone(),
-        source,
-    })?;
+    let text = read_config_file(path)?;
     #[derive(Deserialize)]
     struct StorageOnly {
         #[serde(default)]
         storage: StorageConfig,
     }
+    refuse_deep_nesting(&text, &origin)?;
     let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
     Ok(parsed.storage)
+}
+
+/// The config file's text. Like a secret file, it must be a regular file: SIGHUP re-reads it
+/// while the relay runs, and a FIFO or a device there must not stop the relay.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
@@ -755,6 +806,7 @@ fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
 /// Parses config text; `origin` names it in errors (usually the file path).
 pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
     let locate = |err: serde_yaml::Error| locate(origin, err);
+    refuse_deep_nesting(text, origin)?;
 
     // First pass: only the names of streams and targets, so that routes can be checked against
     // them wherever they stand in the file.
@@ -772,12 +824,18 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         stream_names: names.streams.into_keys().collect(),
         target_names: names.targets.into_keys().collect(),
         n_literal_secrets: std::cell::Cell::new(0),
+        written_as: RefCell::default(),
+        urls_from_references: RefCell::default(),
     };
     CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
     let parsed = serde_yaml::from_str::<Config>(text);
     let context = CONTEXT.with(|cell| cell.borrow_mut().take());
     let mut config = parsed.map_err(locate)?;
-    config.n_literal_secrets = context.map_or(0, |context| context.n_literal_secrets.get());
+    if let Some(context) = context {
+        config.n_literal_secrets = context.n_literal_secrets.get();
+        config.written_as = context.written_as.into_inner();
+        config.urls_from_references = context.urls_from_references.into_inner();
+    }
 
     if config.streams.is_empty() {
         return Err(ConfigError::Unlocated {
@@ -785,7 +843,389 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
             message: "no streams are configured".to_owned(),
         });
     }
+    if let Some(unworkable) = unworkable_values(&config).into_iter().next() {
+        return Err(unworkable.locate(text, origin));
+    }
     Ok(config)
+}
+
+/// Delays and timeouts shorter than this are refused: tokio's timers count milliseconds, so a
+/// shorter one is zero, and a zero delay is a hot loop (`reconnect.initial_delay: 0s` made 13,048
+/// requests in 5 s to a failing upstream).
+const MIN_DELAY: Duration = Duration::from_millis(1);
+
+/// Longer durations are refused: added to the time now, they would overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A shorter `rotate_after` would spend most of the time in overlaps; `source.rs` refuses the
+/// same when a stream starts.
+pub const MIN_ROTATE_AFTER: Duration = Duration::from_millis(500);
+
+/// SQLite's store never gets smaller than 16 pages of 4 KiB; a smaller `max_bytes` would be
+/// silently raised to it.
+const MIN_STORAGE_BYTES: u64 = 64 * 1024;
+
+/// A value that parses but cannot work. Some depend on another field, and either may be the one
+/// written in the file (the other a default), so it has a message for each place it can be
+/// reported at, best first.
+struct Unworkable {
+    places: Vec<(Vec<String>, String)>,
+}
+
+impl Unworkable {
+    /// The error at the first of its places that the file has.
+    fn locate(self, text: &str, origin: &str) -> ConfigError {
+        for (place, message) in &self.places {
+            if let Some(err) = fail_at(text, place, message) {
+                return locate(origin, err);
+            }
+        }
+        let (place, message) = &self.places[0];
+        ConfigError::Unlocated {
+            origin: origin.to_owned(),
+            message: format!("{}: {message}", place.join(".")),
+        }
+    }
+}
+
+/// Durations, sizes and their relations that cannot work, in the order of the config reference.
+fn unworkable_values(config: &Config) -> Vec<Unworkable> {
+    let mut found = Found(Vec::new());
+    found.duration(&["shutdown", "grace_period"], config.shutdown.grace_period, None);
+    let storage = &config.storage;
+    if storage.max_bytes.as_u64() < MIN_STORAGE_BYTES {
+        found.push(&["storage", "max_bytes"], "must be at least 64 KiB".to_owned());
+    }
+    found.duration(
+        &["storage", "dead_letter_retention"],
+        storage.dead_letter_retention,
+        None,
+    );
+
+    let hot_loop = |what: &'static str| Some((MIN_DELAY, what));
+    for (name, stream) in &config.streams {
+        let at = |keys: &[&'static str]| [&["streams", name.as_str()], keys].concat();
+        found.duration(
+            &at(&["idle_timeout"]),
+            stream.idle_timeout,
+            Some((MIN_DELAY, "every connection is dropped before it can receive anything")),
+        );
+        if let Some(rotate_after) = stream.rotate_after {
+            found.duration(
+                &at(&["rotate_after"]),
+                rotate_after,
+                Some((MIN_ROTATE_AFTER, "connections would overlap most of the time")),
+            );
+        }
+        if stream.max_event_bytes == 0 {
+            found.push(
+                &at(&["max_event_bytes"]),
+                "must be at least 1, or every event is skipped".to_owned(),
+            );
+        }
+        let reconnect = &stream.reconnect;
+        found.duration(
+            &at(&["reconnect", "initial_delay"]),
+            reconnect.initial_delay,
+            hot_loop("a failing upstream is reconnected to in a hot loop"),
+        );
+        found.duration(&at(&["reconnect", "max_delay"]), reconnect.max_delay, None);
+        found.no_shorter(
+            &at(&["reconnect"]),
+            ("max_delay", reconnect.max_delay),
+            ("initial_delay", reconnect.initial_delay),
+            "",
+        );
+        found.duration(
+            &at(&["reconnect", "auth_failure_delay"]),
+            reconnect.auth_failure_delay,
+            hot_loop("an upstream that refuses the credentials is reconnected to in a hot loop"),
+        );
+    }
+
+    for (name, target) in &config.targets {
+        let at = |keys: &[&'static str]| [&["targets", name.as_str()], keys].concat();
+        found.duration(
+            &at(&["timeout"]),
+            target.timeout,
+            Some((MIN_DELAY, "every request times out at once")),
+        );
+        let breaker = &target.circuit_breaker;
+        found.duration(
+            &at(&["circuit_breaker", "open_delay"]),
+            breaker.open_delay,
+            hot_loop("a failing target is probed in a hot loop"),
+        );
+        found.duration(
+            &at(&["circuit_breaker", "max_open_delay"]),
+            breaker.max_open_delay,
+            None,
+        );
+        found.no_shorter(
+            &at(&["circuit_breaker"]),
+            ("max_open_delay", breaker.max_open_delay),
+            ("open_delay", breaker.open_delay),
+            "",
+        );
+        let retry = &target.retry;
+        found.duration(
+            &at(&["retry", "initial_delay"]),
+            retry.initial_delay,
+            hot_loop("a failing target is retried in a hot loop"),
+        );
+        found.duration(&at(&["retry", "max_delay"]), retry.max_delay, None);
+        found.no_shorter(
+            &at(&["retry"]),
+            ("max_delay", retry.max_delay),
+            ("initial_delay", retry.initial_delay),
+            "",
+        );
+        found.duration(&at(&["retry", "max_elapsed"]), retry.max_elapsed, None);
+        found.no_shorter(
+            &at(&["retry"]),
+            ("max_elapsed", retry.max_elapsed),
+            ("initial_delay", retry.initial_delay),
+            ": no retry could start in time; to never retry, set max_attempts: 1",
+        );
+    }
+    found.0
+}
+
+/// What `unworkable_values` has found so far.
+struct Found(Vec<Unworkable>);
+
+impl Found {
+    fn push(&mut self, place: &[&str], message: String) {
+        self.0.push(Unworkable {
+            places: vec![(owned_keys(place), message)],
+        });
+    }
+
+    /// A duration from `minimum` (with what goes wrong below it) up to `MAX_DURATION`.
+    fn duration(&mut self, place: &[&str], value: Duration, minimum: Option<(Duration, &str)>) {
+        match minimum {
+            Some((minimum, or_else)) if value < minimum => {
+                let minimum = humantime::format_duration(minimum);
+                self.push(place, format!("must be at least {minimum}, or {or_else}"));
+            }
+            _ if value > MAX_DURATION => self.push(place, "must be at most 100 years".to_owned()),
+            _ => {}
+        }
+    }
+
+    /// `cap` must be no shorter than `start`, both fields of `section`: reported at `cap`, or at
+    /// `start` when the file leaves `cap` at its default.
+    fn no_shorter(
+        &mut self,
+        section: &[&str],
+        (cap, cap_value): (&str, Duration),
+        (start, start_value): (&str, Duration),
+        consequence: &str,
+    ) {
+        if cap_value >= start_value {
+            return;
+        }
+        let (cap_shown, start_shown) = (
+            humantime::format_duration(cap_value),
+            humantime::format_duration(start_value),
+        );
+        self.0.push(Unworkable {
+            places: vec![
+                (
+                    owned_keys(&[section, &[cap]].concat()),
+                    format!("must not be shorter than {start} ({start_shown}){consequence}"),
+                ),
+                (
+                    owned_keys(&[section, &[start]].concat()),
+                    format!("must not be longer than {cap} ({cap_shown}){consequence}"),
+                ),
+            ],
+        });
+    }
+}
+
+fn owned_keys(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|key| (*key).to_owned()).collect()
+}
+
+/// Deserializes `text` again down `path`, a list of mapping keys, and fails at the node found
+/// there with `message`, so that serde_yaml attaches that node's line, column and path to it.
+/// None when the file has no such node (the value is a default).
+fn fail_at(text: &str, path: &[String], message: &str) -> Option<serde_yaml::Error> {
+    struct FailAt<'a> {
+        path: &'a [String],
+        message: &'a str,
+    }
+
+    impl<'de> de::DeserializeSeed<'de> for FailAt<'_> {
+        /// Whether the node was found (and the error is therefore never `Ok`).
+        type Value = bool;
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+            if self.path.is_empty() {
+                deserializer.deserialize_any(self)
+            } else {
+                deserializer.deserialize_map(self)
+            }
+        }
+    }
+
+    impl<'de> de::Visitor<'de> for FailAt<'_> {
+        type Value = bool;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("any value")
+        }
+
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let Some((key, rest)) = self.path.split_first() else {
+                return Err(de::Error::custom(self.message));
+            };
+            let mut found = false;
+            while let Some(candidate) = map.next_key::<String>()? {
+                if !found && candidate == *key {
+                    found = map.next_value_seed(FailAt {
+                        path: rest,
+                        message: self.message,
+                    })?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<bool, A::Error> {
+            Err(de::Error::custom(self.message))
+        }
+
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_i128<E: de::Error>(self, _: i128) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_u128<E: de::Error>(self, _: u128) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+            Err(E::custom(self.message))
+        }
+    }
+
+    let seed = FailAt { path, message };
+    de::DeserializeSeed::deserialize(seed, serde_yaml::Deserializer::from_str(text)).err()
+}
+
+/// Flow collections (`[...]`, `{...}`) nested deeper than this are refused before the YAML
+/// parser sees them: its scanner takes time quadratic in their depth (128 KB of `[` took 15 s).
+/// A config needs a handful of levels.
+const MAX_FLOW_NESTING: usize = 64;
+
+fn refuse_deep_nesting(text: &str, origin: &str) -> Result<(), ConfigError> {
+    match find_deep_nesting(text) {
+        Some((line, column)) => Err(ConfigError::Located {
+            origin: origin.to_owned(),
+            line,
+            column,
+            message: format!("collections nested more than {MAX_FLOW_NESTING} levels deep"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The line and column of the first `[` or `{` that opens a flow collection more than
+/// `MAX_FLOW_NESTING` levels deep. A linear scan, not a YAML parser: it skips comments and quoted
+/// scalars, and can be wrong only about brackets inside plain or block scalars, which no config
+/// nests that deep. Lines and columns are counted as serde_yaml counts them.
+fn find_deep_nesting(text: &str) -> Option<(usize, usize)> {
+    #[derive(PartialEq)]
+    enum Inside {
+        Nothing,
+        Comment,
+        SingleQuoted,
+        DoubleQuoted,
+        DoubleQuotedEscape,
+    }
+    let mut inside = Inside::Nothing;
+    let mut depth = 0;
+    let (mut line, mut column) = (1, 1);
+    // The character before, a line break as '\n'; none at the start of the text.
+    let mut previous: Option<char> = None;
+    let mut chars = text.strip_prefix('\u{feff}').unwrap_or(text).chars().peekable();
+    while let Some(c) = chars.next() {
+        let at = (line, column);
+        let is_break = match c {
+            '\r' => {
+                chars.next_if_eq(&'\n');
+                true
+            }
+            '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => true,
+            _ => false,
+        };
+        if is_break {
+            (line, column) = (line + 1, 1);
+        } else {
+            column += 1;
+        }
+        // Where a scalar or a comment may start: after a space or a line break, and inside a
+        // flow collection also after an indicator, as in `["a","b"]` or `{"a":1}`.
+        let after_space = previous.is_none_or(char::is_whitespace);
+        let starts_node = after_space || (depth > 0 && previous.is_some_and(|p| "[{,:".contains(p)));
+        inside = match inside {
+            Inside::Comment if is_break => Inside::Nothing,
+            // `''` is a quote inside the scalar.
+            Inside::SingleQuoted if c == '\'' && chars.next_if_eq(&'\'').is_some() => {
+                column += 1;
+                Inside::SingleQuoted
+            }
+            Inside::SingleQuoted if c == '\'' => Inside::Nothing,
+            Inside::DoubleQuoted if c == '\\' => Inside::DoubleQuotedEscape,
+            Inside::DoubleQuoted if c == '"' => Inside::Nothing,
+            Inside::DoubleQuotedEscape => Inside::DoubleQuoted,
+            Inside::Nothing => match c {
+                '#' if after_space => Inside::Comment,
+                '\'' if starts_node => Inside::SingleQuoted,
+                '"' if starts_node => Inside::DoubleQuoted,
+                // Outside a flow collection, a bracket opens one only where a node starts;
+                // `a[b` is plain text.
+                '[' | '{' if depth > 0 || after_space => {
+                    depth += 1;
+                    if depth > MAX_FLOW_NESTING {
+                        return Some(at);
+                    }
+                    Inside::Nothing
+                }
+                ']' | '}' => {
+                    depth = usize::saturating_sub(depth, 1);
+                    Inside::Nothing
+                }
+                _ => Inside::Nothing,
+            },
+            unchanged => unchanged,
+        };
+        previous = Some(if is_break { '\n' } else { c });
+    }
+    None
 }
 
 /// serde_yaml appends " at line L column C" to messages; the location is reported up front.
@@ -801,6 +1241,8 @@ struct ParseContext {
     stream_names: BTreeSet<String>,
     target_names: BTreeSet<String>,
     n_literal_secrets: std::cell::Cell<usize>,
+    written_as: RefCell<BTreeMap<String, String>>,
+    urls_from_references: RefCell<BTreeSet<String>>,
 }
 
 thread_local! {
@@ -818,6 +1260,8 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
                 stream_names: BTreeSet::new(),
                 target_names: BTreeSet::new(),
                 n_literal_secrets: std::cell::Cell::new(0),
+                written_as: RefCell::default(),
+                urls_from_references: RefCell::default(),
             }),
         }
     })
@@ -887,9 +1331,58 @@ fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String>
 /// A secret kept in a file, without its trailing newline. The error names the file, never its
 /// contents.
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    let contents = std::fs::read_to_string(path)
+    let contents = read_regular_file(path, MAX_SECRET_FILE_BYTES)
         .map_err(|err| format!("cannot read the secret file {}: {err}", path.display()))?;
     Ok(contents.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// The most a `${file:...}` or `${cred:...}` reference reads; README.md names it.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The largest config file that is read; README.md names it.
+const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a regular file of at most `max_bytes` as text. Anything else is refused before a byte is
+/// read: a device such as /dev/zero never ends, and a FIFO blocks until someone writes to it.
+/// The file is opened without blocking (opening a FIFO waits for a writer otherwise) and checked
+/// through the opened handle, so it cannot be swapped for another between the check and the read.
+fn read_regular_file(path: &Path, max_bytes: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read as _};
+
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path)?;
+    let metadata = file.metadata()?;
+    let too_large = || {
+        Error::new(
+            ErrorKind::FileTooLarge,
+            format!("larger than {}", bytes_for_people(max_bytes)),
+        )
+    };
+    if !metadata.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if metadata.len() > max_bytes {
+        return Err(too_large());
+    }
+    // The file may grow after the check: one byte more than the limit tells.
+    let mut contents = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut contents)?;
+    if contents.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    String::from_utf8(contents).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// `64 KiB`, `1 MiB`: the limits above as README.md writes them.
+fn bytes_for_people(n_bytes: u64) -> String {
+    match n_bytes {
+        n if n >= 1024 * 1024 && n % (1024 * 1024) == 0 => format!("{} MiB", n / (1024 * 1024)),
+        n if n >= 1024 && n % 1024 == 0 => format!("{} KiB", n / 1024),
+        n => format!("{n} bytes"),
+    }
 }
 
 fn is_variable_name(name: &str) -> bool {

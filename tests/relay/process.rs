@@ -8,7 +8,7 @@ use tokio::process::Command;
 use sse_relay::emulator::{Api, Upstream};
 use sse_relay::sink::Sink;
 
-use crate::support::{DEADLINE, quiet_upstream};
+use crate::support::{DEADLINE, eventually, make_fifo, metric_value, quiet_upstream};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
 
@@ -18,13 +18,22 @@ fn write_config(directory: &tempfile::TempDir, name: &str, yaml: &str) -> std::p
     path
 }
 
+/// `sse-relay check`, killed and failed at the deadline if it hangs.
 async fn check(config: &std::path::Path, env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(BINARY);
-    command.arg("check").arg("--config").arg(config).env_clear();
+    command
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .env_clear()
+        .kill_on_drop(true);
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().await.expect("the binary runs")
+    tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("check --config {} still runs after {DEADLINE:?}", config.display()))
+        .expect("the binary runs")
 }
 
 #[tokio::test]
@@ -58,6 +67,35 @@ async fn check_reports_errors_with_their_place() {
     let path = write_config(&directory, "good.yaml", valid);
     let output = check(&path, &[]).await;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A FIFO as a secret file or as the config file is refused at once, naming it: opening one
+/// would wait for a writer forever.
+#[tokio::test]
+async fn check_refuses_a_fifo_at_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let fifo = directory.path().join("fifo");
+    make_fifo(&fifo);
+    let yaml = format!(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    headers: {{ Authorization: \"${{file:{}}}\" }}\ntargets: {{}}\n",
+        fifo.display()
+    );
+    let cases = [
+        (
+            write_config(&directory, "relay.yaml", &yaml),
+            format!(
+                ":4:31: streams.chat.headers.Authorization: cannot read the secret file {}: not a regular file",
+                fifo.display()
+            ),
+        ),
+        (fifo.clone(), ": cannot read the file: not a regular file".to_owned()),
+    ];
+    for (path, expected) in cases {
+        let output = check(&path, &[]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "check accepted {}", path.display());
+        assert_eq!(stderr, format!("error: {}{expected}\n", path.display()));
+    }
 }
 
 #[tokio::test]
@@ -122,6 +160,56 @@ routes:
         stdout.contains("url http://127.0.0.1:1/participants/42/stream?***"),
         "{stdout}"
     );
+}
+
+/// What `${file:...}` and `${cred:...}` read is never shown, even in fields that are not
+/// secrets: `check` shows the reference. A stream URL whose path comes from any reference shows
+/// only its scheme and host.
+#[tokio::test]
+async fn check_shows_references_to_secret_files_not_their_contents() {
+    let directory = tempfile::tempdir().unwrap();
+    let secret = |name: &str, contents: &str| {
+        std::fs::write(directory.path().join(name), contents).unwrap();
+        format!("${{file:{}}}", directory.path().join(name).display())
+    };
+    let storage = secret("storage", "/tmp/sekret-path-0007");
+    let event_type = secret("event-type", "sekret-type-0008\n");
+    let pattern = secret("pattern", "sekret-pattern-0009*");
+    std::fs::write(directory.path().join("keepalive"), "sekret-keepalive-0010").unwrap();
+    let yaml = format!(
+        r#"
+storage: {{ path: "{storage}" }}
+streams:
+  chat:
+    url: http://127.0.0.1:1/c/${{CHAT_ID}}/listen
+    default_event_type: "{event_type}"
+    keepalive: ["${{cred:keepalive}}", literal-keepalive]
+targets:
+  n8n: {{ url: "http://127.0.0.1:2/hook" }}
+routes:
+  - stream: chat
+    events: ["{pattern}", literal-event]
+    targets: [n8n]
+"#
+    );
+    let credentials = directory.path().display().to_string();
+    let output = check(
+        &write_config(&directory, "relay.yaml", &yaml),
+        &[("CHAT_ID", "sekret-chat-0011"), ("CREDENTIALS_DIRECTORY", &credentials)],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!stdout.contains("sekret"), "a secret leaked:\n{stdout}");
+    for expected in [
+        format!("sqlite {storage}/relay.db"),
+        "url http://127.0.0.1:1/…".to_owned(),
+        format!("else {event_type}\n"),
+        "keepalive ${cred:keepalive}, literal-keepalive".to_owned(),
+        format!("events {pattern}, literal-event"),
+    ] {
+        assert!(stdout.contains(&expected), "no {expected:?} in:\n{stdout}");
+    }
 }
 
 /// Receives one sd_notify datagram, or panics at the deadline.
@@ -266,4 +354,55 @@ async fn the_demo_delivers_to_both_example_targets() {
         seen.is_ok(),
         "the demo printed no webhook for zapier ({zapier}) or n8n ({n8n})"
     );
+}
+
+/// A reload that names a FIFO fails at once and is counted; the relay still stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_names_a_fifo_fails_without_stopping_the_relay() {
+    let directory = tempfile::tempdir().unwrap();
+    let fifo = directory.path().join("token");
+    make_fifo(&fifo);
+    let admin_port = crate::support::free_port().await;
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\nstorage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    headers: {{ Authorization: \"TOKEN\" }}\ntargets: {{}}\n",
+        directory.path().join("data").display()
+    );
+    let config = write_config(&directory, "relay.yaml", &yaml);
+    let mut relay = crate::support::spawn_relay(&config, &[]);
+    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let failed_reloads = || async {
+        match reqwest::get(&metrics_url).await {
+            Ok(response) => metric_value(
+                &response.text().await.unwrap_or_default(),
+                "sse_relay_config_reloads_total",
+                &[("result", "failed")],
+            ),
+            Err(_) => -1.0,
+        }
+    };
+    eventually("the relay serves metrics", DEADLINE, || async {
+        failed_reloads().await == 0.0
+    })
+    .await;
+
+    let pid = i32::try_from(relay.id().unwrap()).unwrap();
+    write_config(
+        &directory,
+        "relay.yaml",
+        &yaml.replace("TOKEN", &format!("${{file:{}}}", fifo.display())),
+    );
+    // SAFETY: signals the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually("the failed reload counted", DEADLINE, || async {
+        failed_reloads().await == 1.0
+    })
+    .await;
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(DEADLINE, relay.wait())
+        .await
+        .expect("exits before the deadline")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }

@@ -240,6 +240,16 @@ const INVALID_STREAM_FIELDS: &[InvalidField] = &[
         error_offset: 0,
         message: "unknown field `colour`",
     },
+    InvalidField {
+        line: "idle_timeout: 0s",
+        error_offset: 14,
+        message: "must be at least 1ms",
+    },
+    InvalidField {
+        line: "reconnect: { initial_delay: 2s, max_delay: 1s }",
+        error_offset: 43,
+        message: "must not be shorter than initial_delay (2s)",
+    },
 ];
 
 const INVALID_TARGET_FIELDS: &[InvalidField] = &[
@@ -277,6 +287,16 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
         line: "ordered: maybe",
         error_offset: 9,
         message: "expected a boolean",
+    },
+    InvalidField {
+        line: "timeout: 0s",
+        error_offset: 9,
+        message: "must be at least 1ms",
+    },
+    InvalidField {
+        line: "circuit_breaker: { open_delay: 1h }",
+        error_offset: 31,
+        message: "must not be longer than max_open_delay (5m)",
     },
 ];
 

@@ -243,3 +243,17 @@ pub fn bodies(requests: &[ReceivedRequest]) -> Vec<String> {
         .map(|request| String::from_utf8_lossy(&request.body).into_owned())
         .collect()
 }
+
+/// Makes a FIFO at `path`: opening it for reading waits for a writer, and reading it waits for
+/// data, so whatever reads one by mistake hangs.
+pub fn make_fifo(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c_path` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(
+        unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
