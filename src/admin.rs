@@ -39,7 +39,7 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::Head
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if !same_secret(presented.as_bytes(), token.as_bytes()) {
             return (
@@ -63,6 +63,15 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::Head
             format!("cannot encode metrics: {err}\n").into_bytes(),
         ),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. RFC 7235 makes the scheme
+/// case-insensitive and lets one or more spaces follow it, so `bearer <token>` is as good.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// Compares without stopping at the first difference, so response times do not reveal how much
@@ -111,4 +120,21 @@ pub async fn probe(url: &str) -> anyhow::Result<()> {
     let status = response.status();
     anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let check = |value: &str, expected: Option<&str>| assert_eq!(bearer_token(value), expected, "{value:?}");
+        check("Bearer t0k", Some("t0k"));
+        check("bearer t0k", Some("t0k"));
+        check("BEARER t0k", Some("t0k"));
+        check("Bearer   t0k", Some("t0k"));
+        check("Basic t0k", None);
+        check("Bearert0k", None);
+        check("t0k", None);
+    }
 }
