@@ -289,6 +289,8 @@ impl Metrics {
             dead_letters: self.dead_letters.with_label_values(&[name]),
             oldest_pending: self.oldest_pending.with_label_values(&[name]),
             target_state: self.target_state.with_label_values(&[name]),
+            retry_log: LogLimiter::default(),
+            failure_log: LogLimiter::default(),
         }
     }
 }
@@ -540,6 +542,8 @@ pub struct TargetTelemetry {
     dead_letters: IntCounter,
     pub oldest_pending: prometheus::Gauge,
     target_state: IntGauge,
+    retry_log: LogLimiter,
+    failure_log: LogLimiter,
 }
 
 impl TargetTelemetry {
@@ -551,27 +555,38 @@ impl TargetTelemetry {
         self.delivered.inc();
     }
 
+    /// Logged at most every 10 s per target, with how many were held back: a target that fails
+    /// every request would otherwise log a line per event.
     pub fn retrying(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, retry_in: Duration) {
         self.retried.inc();
-        warn!(
-            target = %self.name, %event_id, n_attempts, error = %problem,
-            retry_in = %humantime::format_duration(retry_in), "delivery failed; will retry"
-        );
+        if let Some(n_held_back) = self.retry_log.admit() {
+            warn!(
+                webhook = %self.name, %event_id, n_attempts, error = %problem,
+                retry_in = %humantime::format_duration(retry_in), n_held_back,
+                "delivery failed; will retry (logged at most every 10 s per target; the metric counts each)"
+            );
+        }
     }
 
-    /// A delivery failed permanently or ran out of retries.
+    /// A delivery failed permanently or ran out of retries. Logged at most every 10 s per
+    /// target, as retries are: a target that answers 3xx or 4xx fails every event.
     pub fn dead_lettered(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, kept: bool) {
         self.failed.inc();
         self.dead_letters.inc();
+        let Some(n_held_back) = self.failure_log.admit() else {
+            return;
+        };
         if kept {
             error!(
-                target = %self.name, %event_id, n_attempts, error = %problem,
-                "delivery failed; it is kept as a dead letter (sse-relay dlq list)"
+                webhook = %self.name, %event_id, n_attempts, error = %problem, n_held_back,
+                "delivery failed; it is kept as a dead letter (sse-relay dlq list; logged at most every 10 s \
+                 per target; the metric counts each)"
             );
         } else {
             error!(
-                target = %self.name, %event_id, n_attempts, error = %problem,
-                "delivery failed; the in-memory store keeps no dead letters"
+                webhook = %self.name, %event_id, n_attempts, error = %problem, n_held_back,
+                "delivery failed; the in-memory store keeps no dead letters (logged at most every 10 s per \
+                 target; the metric counts each)"
             );
         }
     }
@@ -585,7 +600,7 @@ impl TargetTelemetry {
             return;
         }
         self.abandoned.inc_by(n_deliveries);
-        error!(target = %self.name, n_deliveries, "{why}");
+        error!(webhook = %self.name, n_deliveries, "{why}");
     }
 }
 

@@ -6,6 +6,7 @@ mod config;
 mod delivery;
 mod durability;
 mod faults;
+mod logs;
 mod process;
 mod properties;
 mod reload;
