@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::BodyConfig;
 use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
@@ -79,14 +80,9 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
     request = request
         .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
         .header("idempotency-key", event_id);
-    for (name, value) in [
-        ("x-relay-stream", &*event.stream_name),
-        ("x-relay-event-type", &*event.event_type),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            request = request.header(name, value);
-        }
-    }
+    request = request
+        .header("x-relay-stream", header_text(&event.stream_name))
+        .header("x-relay-event-type", header_text(&event.event_type));
     if let Some(key) = &target.signing_key {
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -147,6 +143,19 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
             excerpt: excerpt.trim().to_owned(),
         },
     })
+}
+
+/// What [`header_text`] percent-encodes: control characters, which a header cannot carry, and
+/// `%` itself, so that a receiver can always percent-decode the value. Everything beyond ASCII
+/// is encoded too (as UTF-8), which `utf8_percent_encode` always does.
+const HEADER_TEXT_ENCODED: &AsciiSet = &CONTROLS.add(b'%');
+
+/// A stream name or event type as a header value, percent-encoded where HTTP cannot carry it
+/// as it is. An event type comes from the upstream, so it may hold anything; leaving the header
+/// out instead would lose it without a word.
+pub fn header_text(text: &str) -> HeaderValue {
+    let encoded = utf8_percent_encode(text, HEADER_TEXT_ENCODED).to_string();
+    HeaderValue::try_from(encoded).expect("percent-encoded text is printable ASCII, which a header value may hold")
 }
 
 /// The body a target receives, and its content type.
@@ -240,6 +249,17 @@ mod tests {
         let (body, _) = body_for(&BodyConfig::Envelope, &event("say \"hi\"\n")).unwrap();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["data"], "say \"hi\"\n");
+    }
+
+    #[test]
+    fn header_text_is_percent_encoded_only_where_http_cannot_carry_it() {
+        let check = |text: &str, expected: &str| assert_eq!(header_text(text), expected, "{text:?}");
+        check("MESSAGE_SENT", "MESSAGE_SENT");
+        check("workflow update: 1/2 (ok)", "workflow update: 1/2 (ok)");
+        check("a\nb\tc\u{1}\u{7f}", "a%0Ab%09c%01%7F");
+        check("größe", "gr%C3%B6%C3%9Fe");
+        check("100%", "100%25");
+        check("", "");
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod admin;
 mod config;
 mod delivery;
 mod durability;
+mod encoding;
 mod faults;
 mod logs;
 mod process;
