@@ -123,26 +123,79 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
         return Ok(());
     }
 
-    let mut excerpt = Vec::new();
-    while excerpt.len() < EXCERPT_BYTES {
+    // Read past the excerpt's end by the longest secret, so that a secret starting inside the
+    // excerpt is seen whole and removed, not cut into a prefix that stays.
+    let mut body = Vec::new();
+    while body.len() < EXCERPT_BYTES + target.secrets.longest() {
         match response.chunk().await {
-            Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             _ => break,
         }
     }
-    excerpt.truncate(EXCERPT_BYTES);
-    let excerpt: String = String::from_utf8_lossy(&excerpt)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let excerpt = target.secrets.redact(&printable(&String::from_utf8_lossy(&body)));
     Err(Failure {
         verdict,
         status: Some(status),
         problem: Problem::Status {
             status,
-            excerpt: excerpt.trim().to_owned(),
+            excerpt: truncate_to_char_boundary(excerpt.trim(), EXCERPT_BYTES)
+                .trim_end()
+                .to_owned(),
         },
     })
+}
+
+/// Control characters as spaces, so that an excerpt is one line in a log.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn truncate_to_char_boundary(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The secret values of one target, found once when it is built: a target that echoes its
+/// request in an error body would otherwise put them in the log and the dead-letter table
+/// through the response excerpt. Used only on that failure path.
+#[derive(Default)]
+pub struct Secrets {
+    /// Longest first, so that a secret that contains another is replaced whole.
+    values: Vec<String>,
+}
+
+impl Secrets {
+    /// Each value as an excerpt would show it (control characters as spaces), and as a JSON
+    /// string escapes it when that differs; empty values are left out.
+    pub fn new(values: impl IntoIterator<Item = String>) -> Secrets {
+        let mut forms = Vec::new();
+        for value in values.into_iter().filter(|value| !value.trim().is_empty()) {
+            let json = serde_json::to_string(&value).expect("a string can be written as JSON");
+            forms.push(json[1..json.len() - 1].to_owned());
+            forms.push(printable(&value));
+        }
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        forms.dedup();
+        Secrets { values: forms }
+    }
+
+    fn longest(&self) -> usize {
+        self.values.first().map_or(0, String::len)
+    }
+
+    /// `text` with every secret value replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for value in &self.values {
+            if text.contains(value.as_str()) {
+                text = text.replace(value.as_str(), "***");
+            }
+        }
+        text
+    }
 }
 
 /// What [`header_text`] percent-encodes: control characters, which a header cannot carry, and
@@ -260,6 +313,21 @@ mod tests {
         check("größe", "gr%C3%B6%C3%9Fe");
         check("100%", "100%25");
         check("", "");
+    }
+
+    #[test]
+    fn secrets_are_redacted_whole_and_in_their_json_form() {
+        let secrets = Secrets::new([
+            "sekret".to_owned(),
+            "sekret-longer".to_owned(),
+            "a\"b".to_owned(),
+            " ".to_owned(),
+        ]);
+        let check = |text: &str, expected: &str| assert_eq!(secrets.redact(text), expected, "{text:?}");
+        check("key sekret-longer, and sekret", "key ***, and ***");
+        check(r#"{"echo":"a\"b"}"#, r#"{"echo":"***"}"#);
+        check("nothing here", "nothing here");
+        assert_eq!(Secrets::new(Vec::new()).redact("as is"), "as is");
     }
 
     #[test]

@@ -12,5 +12,6 @@ mod process;
 mod properties;
 mod reload;
 mod rotation;
+mod secrets;
 mod streams;
 mod support;

@@ -252,7 +252,7 @@ pub struct LoggedRelay {
     _child: tokio::process::Child,
     pub admin: SocketAddr,
     /// The config and the store, removed when dropped.
-    _directory: tempfile::TempDir,
+    directory: tempfile::TempDir,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     http: reqwest::Client,
 }
@@ -307,7 +307,7 @@ impl LoggedRelay {
         let relay = LoggedRelay {
             _child: child,
             admin,
-            _directory: directory,
+            directory,
             lines,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
         };
@@ -339,5 +339,34 @@ impl LoggedRelay {
     /// Every log line so far, as written.
     pub fn log_lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `text`, and returns that line.
+    pub async fn wait_for_log(&self, text: &str) -> String {
+        let mut found = None;
+        eventually(&format!("a log line with {text:?}"), DEADLINE, || {
+            found = self.log_lines().into_iter().find(|line| line.contains(text));
+            std::future::ready(found.is_some())
+        })
+        .await;
+        found.expect("found")
+    }
+
+    /// `sse-relay dlq <args>` on this relay's store; its standard output.
+    pub async fn dlq(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(self.directory.path().join("relay.yaml"))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "dlq {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
     }
 }
