@@ -146,10 +146,22 @@ struct ConnectionCounts {
     accepted: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ScriptedFailure {
     status: u16,
     retry_after: Option<Duration>,
+    /// For a redirect: the `Location` header, as given.
+    location: Option<String>,
+}
+
+impl ScriptedFailure {
+    fn status(status: u16) -> ScriptedFailure {
+        ScriptedFailure {
+            status,
+            retry_after: None,
+            location: None,
+        }
+    }
 }
 
 impl Upstream {
@@ -273,13 +285,35 @@ impl Upstream {
         self.script_failures(api, status, count, Some(retry_after));
     }
 
+    /// The next `count` requests to `api` are answered `status` (a 3xx) with `Location:
+    /// location`, before any auth check.
+    pub fn redirect_next(&self, api: Api, status: u16, location: &str, count: usize) {
+        assert!((300..=399).contains(&status), "status {status} is not a redirect");
+        let redirect = ScriptedFailure {
+            location: Some(location.to_owned()),
+            ..ScriptedFailure::status(status)
+        };
+        self.shared
+            .api(api)
+            .lock()
+            .scripted_failures
+            .extend(std::iter::repeat_n(redirect, count));
+    }
+
     fn script_failures(&self, api: Api, status: u16, count: usize, retry_after: Option<Duration>) {
         assert!(
             (100..=999).contains(&status),
             "status {status} is not a valid HTTP status"
         );
-        let failures = std::iter::repeat_n(ScriptedFailure { status, retry_after }, count);
-        self.shared.api(api).lock().scripted_failures.extend(failures);
+        let failure = ScriptedFailure {
+            retry_after,
+            ..ScriptedFailure::status(status)
+        };
+        self.shared
+            .api(api)
+            .lock()
+            .scripted_failures
+            .extend(std::iter::repeat_n(failure, count));
     }
 
     /// Closes every open stream of `api` cleanly, as the server does at the maximum age.
@@ -417,35 +451,32 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let request = match head {
         Ok(Some(request)) => request,
         Ok(None) => return,
-        Err(status) => return write_error_and_close(stream, status, None).await,
+        Err(status) => return write_error_and_close(stream, &ScriptedFailure::status(status)).await,
     };
     let route_path = request.path.split('?').next().unwrap_or_default();
     let segments: Vec<&str> = route_path.split('/').collect();
     let api = match segments.as_slice() {
         ["", "participants", user_id, "stream"] if !user_id.is_empty() => Api::Participant,
         ["", "api", "v1", "chat-internal-messages", chat_id, "listen"] if !chat_id.is_empty() => Api::Chat,
-        _ => return write_error_and_close(stream, 404, None).await,
+        _ => return write_error_and_close(stream, &ScriptedFailure::status(404)).await,
     };
     let api_shared = shared.api(api);
     let failure = {
         let mut state = api_shared.lock();
         state.requests_seen.push(request.clone());
         let busy = api_shared.one_connection_at_a_time && !state.subscribers.is_empty();
-        let conflict = busy.then_some(ScriptedFailure {
-            status: 409,
-            retry_after: None,
-        });
+        let conflict = busy.then(|| ScriptedFailure::status(409));
         state.scripted_failures.pop_front().or(conflict)
     };
     if let Some(failure) = failure {
-        return write_error_and_close(stream, failure.status, failure.retry_after).await;
+        return write_error_and_close(stream, &failure).await;
     }
     if request.method != "GET" {
-        return write_error_and_close(stream, 405, None).await;
+        return write_error_and_close(stream, &ScriptedFailure::status(405)).await;
     }
     let mut required_headers = api_shared.required_headers.iter();
     if !required_headers.all(|(name, value)| request.header(name) == Some(value.as_str())) {
-        return write_error_and_close(stream, 401, None).await;
+        return write_error_and_close(stream, &ScriptedFailure::status(401)).await;
     }
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
@@ -544,17 +575,22 @@ async fn read_request_head(stream: &mut TcpStream) -> Result<Option<RecordedRequ
     }))
 }
 
-async fn write_error_and_close(mut stream: TcpStream, status: u16, retry_after: Option<Duration>) {
+async fn write_error_and_close(mut stream: TcpStream, failure: &ScriptedFailure) {
+    let status = failure.status;
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|status| status.canonical_reason())
         .unwrap_or("Error");
     let body = format!("{status} {reason}\n");
-    let retry_after = retry_after
-        .map(|delay| format!("Retry-After: {}\r\n", delay.as_secs()))
-        .unwrap_or_default();
+    let mut extra_headers = String::new();
+    if let Some(delay) = failure.retry_after {
+        extra_headers.push_str(&format!("Retry-After: {}\r\n", delay.as_secs()));
+    }
+    if let Some(location) = &failure.location {
+        extra_headers.push_str(&format!("Location: {location}\r\n"));
+    }
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{retry_after}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n{body}",
         body.len()
     );
     if stream.write_all(response.as_bytes()).await.is_ok() {
@@ -811,6 +847,15 @@ mod tests {
         let throttled = client.get(upstream.participant_url("40")).send().await.unwrap();
         assert_eq!(throttled.status(), 429);
         assert_eq!(throttled.headers()["retry-after"], "7");
+        upstream.redirect_next(Api::Chat, 307, "/elsewhere", 1);
+        let no_redirects = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let redirected = no_redirects.get(upstream.chat_url("c0ffee")).send().await.unwrap();
+        assert_eq!(redirected.status(), 307);
+        assert_eq!(redirected.headers()["location"], "/elsewhere");
         let unknown = client
             .get(format!("http://{}/participants/40", upstream.addr()))
             .send()

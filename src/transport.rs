@@ -35,6 +35,53 @@ impl ReqwestTransport {
     }
 }
 
+/// Redirects a stream follows, all within the origin of its URL.
+const MAX_REDIRECTS: usize = 5;
+
+/// The stream client's redirect policy: follow redirects within the origin (scheme, host and
+/// port) of the stream's URL, up to [`MAX_REDIRECTS`], and refuse any other. A stream's headers
+/// (an API key, a token) and its URL's query are meant for its server, and on the way to another
+/// one reqwest would strip only `Authorization` and cookies.
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if !same_origin {
+            let to = attempt.url().origin().ascii_serialization();
+            attempt.error(RedirectRefused::OtherOrigin { to })
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(RedirectRefused::TooMany)
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Why a stream did not follow a redirect. Names the other server by its origin only, which
+/// holds no secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedirectRefused {
+    #[error(
+        "the server redirected to another origin, {to}; a stream follows redirects only within its \
+         URL's origin, so that its headers reach no other server"
+    )]
+    OtherOrigin { to: String },
+    #[error("the server redirected more than {MAX_REDIRECTS} times")]
+    TooMany,
+    #[error("the server answered {status} without a redirect within the stream's origin to follow")]
+    Unfollowed { status: u16 },
+}
+
+/// A redirect a stream did not follow, with the stream's name.
+#[derive(Debug, thiserror::Error)]
+#[error("stream {stream}: {reason}")]
+pub struct StreamRedirectRefused {
+    stream: Arc<str>,
+    reason: RedirectRefused,
+}
+
 /// The response ended in the middle of an event.
 #[derive(Debug, thiserror::Error)]
 #[error("the server closed the stream in the middle of an event")]
@@ -52,11 +99,29 @@ impl HttpTransport for ReqwestTransport {
         }
         let (max_event_bytes, telemetry) = (self.max_event_bytes, Arc::clone(&self.telemetry));
         Box::pin(SyncFuture::new(async move {
+            let refused = |reason| {
+                TransportError::new(StreamRedirectRefused {
+                    stream: Arc::clone(&telemetry.name),
+                    reason,
+                })
+            };
             // Errors lose the URL: a stream URL can carry a token in its query.
-            let response = builder
-                .send()
-                .await
-                .map_err(|err| TransportError::new(err.without_url()))?;
+            let response = builder.send().await.map_err(|err| {
+                let redirect_refused = std::error::Error::source(&err)
+                    .and_then(|source| source.downcast_ref::<RedirectRefused>())
+                    .cloned();
+                match redirect_refused {
+                    Some(reason) => refused(reason),
+                    None => TransportError::new(err.without_url()),
+                }
+            })?;
+            // What reqwest did not follow, eventsource-client would, with the stream's headers
+            // and to any origin: 301 and 307 without a usable Location, say.
+            if response.status().is_redirection() {
+                return Err(refused(RedirectRefused::Unfollowed {
+                    status: response.status().as_u16(),
+                }));
+            }
             let mut head = http::Response::builder().status(response.status());
             if let Some(headers) = head.headers_mut() {
                 *headers = response.headers().clone();

@@ -5,7 +5,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
 
-use sse_relay::emulator::{Api, Upstream};
+use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
 use sse_relay::sink::{Sink, SinkResponse};
 
 use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
@@ -110,4 +110,79 @@ routes:
             assert!(!text.contains(secret), "{secret} is in {place}:\n{text}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_redirect_is_followed_within_its_origin_and_refused_beyond_it() {
+    let upstream = Upstream::start(UpstreamOptions {
+        bearer_token: Some("sekret-bearer-0021".to_owned()),
+        api_key: Some("sekret-api-key-0022".to_owned()),
+        ..quiet_upstream()
+    })
+    .await
+    .unwrap();
+    // Another port is another origin.
+    let elsewhere = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    // First a redirect within the origin, relative as servers often send it.
+    upstream.redirect_next(
+        Api::Participant,
+        307,
+        "/participants/43/stream?access_token=sekret-query-0023",
+        1,
+    );
+    let yaml = format!(
+        r#"
+streams:
+  participant:
+    url: "{url}?access_token=${{QUERY_TOKEN}}"
+    headers: {{ Authorization: "Bearer ${{TOKEN}}", X-API-Key: "${{API_KEY}}" }}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+    reconnect: {{ initial_delay: 50ms, max_delay: 200ms }}
+targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: participant
+    targets: [hook]
+"#,
+        url = upstream.participant_url("42"),
+        hook = sink.url("/hook"),
+    );
+    let env = [
+        ("QUERY_TOKEN", "sekret-query-0023"),
+        ("TOKEN", "sekret-bearer-0021"),
+        ("API_KEY", "sekret-api-key-0022"),
+    ];
+    let relay = LoggedRelay::start(&yaml, &env).await;
+    assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
+    let requests = upstream.requests_seen(Api::Participant);
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(
+        requests[1].path,
+        "/participants/43/stream?access_token=sekret-query-0023"
+    );
+    assert_eq!(requests[1].header("x-api-key"), Some("sekret-api-key-0022"));
+    assert_eq!(requests[1].header("referer"), None, "{requests:?}");
+    upstream.publish_event(Api::Participant, r#"{"eventType":"MESSAGE_SENT"}"#);
+    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+
+    // Then, on the next connections, a redirect to the other origin: refused.
+    let away = format!("{}?access_token=sekret-query-0023", elsewhere.participant_url("42"));
+    upstream.redirect_next(Api::Participant, 302, &away, 1_000);
+    upstream.close_all(Api::Participant);
+    let refused = relay
+        .wait_for_log("stream participant: the server redirected to another origin")
+        .await;
+    assert!(refused.contains(&format!("http://{}", elsewhere.addr())), "{refused}");
+    eventually("a second refused redirect", DEADLINE, || async {
+        upstream.requests_seen(Api::Participant).len() >= 4
+    })
+    .await;
+    assert!(
+        elsewhere.requests_seen(Api::Participant).is_empty(),
+        "the other origin was asked: {:?}",
+        elsewhere.requests_seen(Api::Participant)
+    );
+    assert!(!relay.log_lines().join("\n").contains("sekret"));
 }
