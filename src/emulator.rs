@@ -48,6 +48,9 @@ pub struct UpstreamOptions {
     /// Like APIs that allow one stream per user: a second concurrent stream of an API is
     /// answered `409 Conflict`.
     pub one_connection_at_a_time: bool,
+    /// Every stream's body is gzip-encoded, with `Content-Encoding: gzip`, whatever the
+    /// request's `Accept-Encoding` says, as some servers and proxies do.
+    pub gzip: bool,
 }
 
 impl Default for UpstreamOptions {
@@ -61,6 +64,7 @@ impl Default for UpstreamOptions {
             participant_max_connection_age: None,
             hold_while_disconnected: false,
             one_connection_at_a_time: false,
+            gzip: false,
         }
     }
 }
@@ -97,6 +101,7 @@ struct UpstreamShared {
     addr: SocketAddr,
     participant: ApiShared,
     chat: ApiShared,
+    gzip: bool,
     stop_sender: watch::Sender<bool>,
 }
 
@@ -191,6 +196,7 @@ impl Upstream {
             addr: listener.local_addr()?,
             participant,
             chat,
+            gzip: options.gzip,
             stop_sender: watch::Sender::new(false),
         });
         tokio::spawn(accept_connections(shared.clone(), listener));
@@ -478,9 +484,12 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     if !required_headers.all(|(name, value)| request.header(name) == Some(value.as_str())) {
         return write_error_and_close(stream, &ScriptedFailure::status(401)).await;
     }
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    if stream.write_all(head.as_bytes()).await.is_err() {
+    let mut body_encoder = BodyEncoder::new(shared.gzip);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n{}Connection: close\r\n\r\n",
+        body_encoder.content_encoding_header()
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body_encoder.start()).await.is_err() {
         return;
     }
     let close_signal = Arc::new(Notify::new());
@@ -488,12 +497,14 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let unwritten_frame = write_frames_until_closed(
         api_shared,
         &mut stream,
+        &mut body_encoder,
         &mut frame_receiver,
         &close_signal,
         stop_receiver,
     )
     .await;
     api_shared.unsubscribe(connection_id, frame_receiver, unwritten_frame);
+    let _ = stream.write_all(&body_encoder.finish()).await;
     close_cleanly(stream).await;
 }
 
@@ -502,6 +513,7 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
 async fn write_frames_until_closed(
     api_shared: &ApiShared,
     stream: &mut TcpStream,
+    body_encoder: &mut BodyEncoder,
     frame_receiver: &mut mpsc::Receiver<Bytes>,
     close_signal: &Notify,
     mut stop_receiver: watch::Receiver<bool>,
@@ -528,12 +540,93 @@ async fn write_frames_until_closed(
             _ = &mut max_age_reached => return None,
             // The client sends nothing after its request, so a read returns only when it leaves.
             read = reader.read(&mut scratch) => if matches!(read, Ok(0) | Err(_)) { return None },
-            Some(frame) = frame_receiver.recv() => if writer.write_all(&frame).await.is_err() {
+            Some(frame) = frame_receiver.recv() => if writer.write_all(&body_encoder.encode(&frame)).await.is_err() {
                 return Some(frame);
             },
-            _ = keepalive.tick() => if writer.write_all(api_shared.keepalive_frame).await.is_err() { return None },
+            _ = keepalive.tick() => {
+                if writer.write_all(&body_encoder.encode(api_shared.keepalive_frame)).await.is_err() {
+                    return None;
+                }
+            }
         }
     }
+}
+
+/// How a stream's body goes out: as it is, or gzip-encoded. The gzip stream uses stored
+/// (uncompressed) deflate blocks, one per write: valid gzip that needs no compressor and is
+/// written as frames come.
+enum BodyEncoder {
+    Identity,
+    Gzip { crc: u32, n_bytes: u32 },
+}
+
+impl BodyEncoder {
+    fn new(gzip: bool) -> BodyEncoder {
+        if gzip {
+            BodyEncoder::Gzip { crc: 0, n_bytes: 0 }
+        } else {
+            BodyEncoder::Identity
+        }
+    }
+
+    fn content_encoding_header(&self) -> &'static str {
+        match self {
+            BodyEncoder::Identity => "",
+            BodyEncoder::Gzip { .. } => "Content-Encoding: gzip\r\n",
+        }
+    }
+
+    /// The bytes that open the body: gzip's header (deflate, no name, no time, unknown OS).
+    fn start(&self) -> &'static [u8] {
+        match self {
+            BodyEncoder::Identity => b"",
+            BodyEncoder::Gzip { .. } => &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
+        }
+    }
+
+    fn encode<'a>(&mut self, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let BodyEncoder::Gzip { crc, n_bytes } = self else {
+            return std::borrow::Cow::Borrowed(bytes);
+        };
+        *crc = crc32(*crc, bytes);
+        *n_bytes = n_bytes.wrapping_add(bytes.len() as u32);
+        let mut out = Vec::with_capacity(bytes.len() + 5);
+        for block in bytes.chunks(usize::from(u16::MAX)) {
+            let length = block.len() as u16;
+            out.push(0); // not the final block; stored
+            out.extend_from_slice(&length.to_le_bytes());
+            out.extend_from_slice(&(!length).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The bytes that close the body: an empty final block, then gzip's CRC-32 and length.
+    fn finish(&self) -> Vec<u8> {
+        let BodyEncoder::Gzip { crc, n_bytes } = self else {
+            return Vec::new();
+        };
+        let mut out = vec![1, 0, 0, 0xff, 0xff];
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&n_bytes.to_le_bytes());
+        out
+    }
+}
+
+/// CRC-32 (IEEE), continued from `crc`; bit by bit, which is fast enough for tests.
+fn crc32(crc: u32, bytes: &[u8]) -> u32 {
+    let mut crc = !crc;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// Reads up to the blank line ending the request head. `Ok(None)` when the client left first;
@@ -830,6 +923,22 @@ mod tests {
         let expected: Vec<String> = (0..n_published).map(|n| format!("data: {n}\n\n")).collect();
         assert_eq!(received, expected);
         reconnecting_reader.abort();
+    }
+
+    #[test]
+    fn gzip_bodies_are_stored_deflate_blocks_with_the_right_crc() {
+        assert_eq!(super::crc32(0, b"123456789"), 0xCBF4_3926, "the CRC-32 check value");
+        assert_eq!(super::crc32(super::crc32(0, b"1234"), b"56789"), 0xCBF4_3926);
+        let mut encoder = super::BodyEncoder::new(true);
+        let mut body = encoder.start().to_vec();
+        body.extend_from_slice(&encoder.encode(b"data: a\n\n"));
+        body.extend_from_slice(&encoder.finish());
+        let mut expected = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 0, 9, 0, 0xf6, 0xff];
+        expected.extend_from_slice(b"data: a\n\n");
+        expected.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+        expected.extend_from_slice(&super::crc32(0, b"data: a\n\n").to_le_bytes());
+        expected.extend_from_slice(&[9, 0, 0, 0]);
+        assert_eq!(body, expected);
     }
 
     #[tokio::test]

@@ -82,6 +82,34 @@ pub struct StreamRedirectRefused {
     reason: RedirectRefused,
 }
 
+/// A response body in an encoding other than identity, which the relay asks for and reads.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stream {stream}: the server sent its body with Content-Encoding {encoding}, though the relay \
+     asked for identity; the relay does not decode it, so it closed the connection"
+)]
+pub struct UnsupportedContentEncoding {
+    stream: Arc<str>,
+    encoding: String,
+}
+
+/// `identity` or nothing, possibly as a list: the body is as sent.
+fn is_identity(content_encoding: &http::HeaderValue) -> bool {
+    String::from_utf8_lossy(content_encoding.as_bytes())
+        .split(',')
+        .map(str::trim)
+        .all(|coding| coding.is_empty() || coding.eq_ignore_ascii_case("identity"))
+}
+
+/// A header value from the server, safe and short enough for a log line.
+fn printable_excerpt(value: &[u8]) -> String {
+    String::from_utf8_lossy(value)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(40)
+        .collect()
+}
+
 /// The response ended in the middle of an event.
 #[derive(Debug, thiserror::Error)]
 #[error("the server closed the stream in the middle of an event")]
@@ -89,7 +117,12 @@ pub struct ClosedMidEvent;
 
 impl HttpTransport for ReqwestTransport {
     fn request(&self, request: http::Request<Option<Bytes>>) -> ResponseFuture {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // The body goes to the SSE parser as it comes, and the relay decodes no compression.
+        parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
         let mut builder = self
             .client
             .request(parts.method, parts.uri.to_string())
@@ -120,6 +153,14 @@ impl HttpTransport for ReqwestTransport {
             if response.status().is_redirection() {
                 return Err(refused(RedirectRefused::Unfollowed {
                     status: response.status().as_u16(),
+                }));
+            }
+            if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING)
+                && !is_identity(encoding)
+            {
+                return Err(TransportError::new(UnsupportedContentEncoding {
+                    stream: Arc::clone(&telemetry.name),
+                    encoding: printable_excerpt(encoding.as_bytes()),
                 }));
             }
             let mut head = http::Response::builder().status(response.status());
@@ -321,6 +362,23 @@ mod tests {
             run(20, &[b"data: ", piece.as_bytes(), piece.as_bytes(), b"\n\ndata: c\n\n"]),
             "data: c\n\n"
         );
+    }
+
+    #[test]
+    fn only_identity_is_read_as_it_is() {
+        let check = |value: &str, expected: bool| {
+            assert_eq!(
+                is_identity(&http::HeaderValue::from_str(value).unwrap()),
+                expected,
+                "{value:?}"
+            );
+        };
+        check("identity", true);
+        check("Identity", true);
+        check("", true);
+        check("identity, identity", true);
+        check("gzip", false);
+        check("identity, br", false);
     }
 
     #[test]
