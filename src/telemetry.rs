@@ -64,6 +64,37 @@ pub struct Metrics {
     target_state: IntGaugeVec,
     config_reloads: IntCounterVec,
     pub storage: Arc<StorageTelemetry>,
+    pub admin: AdminTelemetry,
+}
+
+/// The admin server's connections.
+pub struct AdminTelemetry {
+    connections_refused: IntCounter,
+    refused_log: LogLimiter,
+    accept_failed_log: LogLimiter,
+}
+
+impl AdminTelemetry {
+    /// A connection beyond the limit, closed as soon as it was accepted.
+    pub fn connection_refused(&self, limit: usize) {
+        self.connections_refused.inc();
+        if let Some(n_held_back) = self.refused_log.admit() {
+            warn!(
+                limit,
+                n_held_back,
+                "admin connection closed at once: the admin server serves {limit} at a time (logged at \
+                 most every 10 s; the metric counts each)"
+            );
+        }
+    }
+
+    /// Accepting a connection failed, most likely for want of file descriptors; it waits in the
+    /// listen queue meanwhile.
+    pub fn accept_failed(&self, problem: &dyn Display) {
+        if let Some(n_held_back) = self.accept_failed_log.admit() {
+            warn!(error = %problem, n_held_back, "cannot accept an admin connection (logged at most every 10 s)");
+        }
+    }
 }
 
 /// The health of the store, for `/readyz` and the streams.
@@ -231,6 +262,19 @@ impl Metrics {
                 ),
                 failing: std::sync::atomic::AtomicBool::new(false),
             }),
+            admin: AdminTelemetry {
+                connections_refused: register(
+                    &registry,
+                    IntCounter::new(
+                        "sse_relay_admin_connections_refused_total",
+                        "Admin connections closed as soon as they were accepted, because as many as \
+                         the admin server serves at a time were open.",
+                    )
+                    .expect("valid metric"),
+                ),
+                refused_log: LogLimiter::default(),
+                accept_failed_log: LogLimiter::default(),
+            },
             registry,
         })
     }

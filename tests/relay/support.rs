@@ -249,7 +249,7 @@ pub fn bodies(requests: &[ReceivedRequest]) -> Vec<String> {
 /// a temporary directory.
 pub struct LoggedRelay {
     /// Killed when dropped.
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     pub admin: SocketAddr,
     /// The config and the store, removed when dropped.
     directory: tempfile::TempDir,
@@ -305,7 +305,7 @@ impl LoggedRelay {
             }
         });
         let relay = LoggedRelay {
-            _child: child,
+            child,
             admin,
             directory,
             lines,
@@ -334,6 +334,10 @@ impl LoggedRelay {
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.get("/metrics").await.1, name, labels)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the relay is running")
     }
 
     /// Every log line so far, as written.
