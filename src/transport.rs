@@ -6,6 +6,11 @@
 //! badly: a line or event without end (the parser would buffer it without limit) is cut off at
 //! `max_event_bytes` and skipped to the next event, and invalid UTF-8 (which would make the
 //! parser fail the whole connection) is replaced with U+FFFD, as the SSE specification decodes.
+//!
+//! Before that, a response is refused if the parser could not read it: a body in an encoding
+//! other than identity (which the request asks for), or a redirect that the client's
+//! [`redirect_policy`] did not follow, which eventsource-client would otherwise follow with the
+//! stream's headers to any origin.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,7 +75,7 @@ pub enum RedirectRefused {
     OtherOrigin { to: String },
     #[error("the server redirected more than {MAX_REDIRECTS} times")]
     TooMany,
-    #[error("the server answered {status} without a redirect within the stream's origin to follow")]
+    #[error("the server answered {status} without a Location that the relay can follow")]
     Unfollowed { status: u16 },
 }
 
@@ -155,7 +160,9 @@ impl HttpTransport for ReqwestTransport {
                     status: response.status().as_u16(),
                 }));
             }
+            // Only a stream's body is read; an error answer is judged by its status.
             if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING)
+                && response.status().is_success()
                 && !is_identity(encoding)
             {
                 return Err(TransportError::new(UnsupportedContentEncoding {
