@@ -161,7 +161,6 @@ fn truncate_to_char_boundary(text: &str, max_bytes: usize) -> &str {
 /// The secret values of one target, found once when it is built: a target that echoes its
 /// request in an error body would otherwise put them in the log and the dead-letter table
 /// through the response excerpt. Used only on that failure path.
-#[derive(Default)]
 pub struct Secrets {
     /// Longest first, so that a secret that contains another is replaced whole.
     values: Vec<String>,
