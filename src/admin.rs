@@ -1,14 +1,19 @@
 //! The admin server: `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus::{Encoder, TextEncoder};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::Store;
@@ -23,15 +28,75 @@ pub struct AdminState {
     pub token: Option<String>,
 }
 
+/// Admin connections served at a time. More are closed as soon as they are accepted, so that
+/// clients that connect and idle cannot take the file descriptors that streams and deliveries
+/// need (the relay raises its descriptor limit at start, but that limit is still finite).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A connection must send a whole request head within this time, both when new and between
+/// requests when kept alive; otherwise it is closed. So a half-sent request cannot hold a
+/// connection, and neither can an idle one.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// At shutdown, how long requests in progress get to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves until `stop`, then lets requests in progress finish for up to [`SHUTDOWN_GRACE`].
+/// A hand-written accept loop rather than `axum::serve`, which has neither a connection limit
+/// nor a request head timeout.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) -> std::io::Result<()> {
+    let telemetry = Arc::clone(&state.metrics);
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok((stream, _)) if connections.len() < MAX_CONNECTIONS => {
+                connections.spawn(serve_connection(stream, router.clone(), stop.clone()));
+            }
+            Ok((stream, _)) => {
+                drop(stream);
+                telemetry.admin.connection_refused(MAX_CONNECTIONS);
+            }
+            Err(err) => {
+                telemetry.admin.accept_failed(&err);
+                // Out of descriptors, say: wait for some to be freed instead of spinning.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    drop(listener);
+    let all_finished = async { while connections.join_next().await.is_some() {} };
+    // Those still running after the grace period are aborted as the set is dropped.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, all_finished).await;
+    Ok(())
+}
+
+async fn serve_connection(stream: TcpStream, router: Router, stop: CancellationToken) {
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = stop.cancelled() => {
+            // Finishes the request in progress, if any, then closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
@@ -39,7 +104,7 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::Head
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if !same_secret(presented.as_bytes(), token.as_bytes()) {
             return (
@@ -63,6 +128,15 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::Head
             format!("cannot encode metrics: {err}\n").into_bytes(),
         ),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. RFC 7235 makes the scheme
+/// case-insensitive and lets one or more spaces follow it, so `bearer <token>` is as good.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// Compares without stopping at the first difference, so response times do not reveal how much
@@ -111,4 +185,21 @@ pub async fn probe(url: &str) -> anyhow::Result<()> {
     let status = response.status();
     anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let check = |value: &str, expected: Option<&str>| assert_eq!(bearer_token(value), expected, "{value:?}");
+        check("Bearer t0k", Some("t0k"));
+        check("bearer t0k", Some("t0k"));
+        check("BEARER t0k", Some("t0k"));
+        check("Bearer   t0k", Some("t0k"));
+        check("Basic t0k", None);
+        check("Bearert0k", None);
+        check("t0k", None);
+    }
 }

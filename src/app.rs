@@ -161,6 +161,8 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         .context("cannot build the HTTP client")?;
     let stream_client = reqwest::Client::builder()
         .user_agent(user_agent)
+        .redirect(crate::transport::redirect_policy())
+        .referer(false)
         .connect_timeout(Duration::from_secs(10))
         .tcp_keepalive(Duration::from_secs(30))
         .build()

@@ -350,6 +350,13 @@ impl PartialEq for SigningSecret {
     }
 }
 
+impl SigningSecret {
+    /// The secret as configured, so that response excerpts can be cleaned of it; never shown.
+    pub fn text(&self) -> &str {
+        &self.1
+    }
+}
+
 impl fmt::Debug for SigningSecret {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str("SigningSecret(***)")

@@ -48,6 +48,9 @@ pub struct UpstreamOptions {
     /// Like APIs that allow one stream per user: a second concurrent stream of an API is
     /// answered `409 Conflict`.
     pub one_connection_at_a_time: bool,
+    /// Every stream's body is gzip-encoded, with `Content-Encoding: gzip`, whatever the
+    /// request's `Accept-Encoding` says, as some servers and proxies do.
+    pub gzip: bool,
 }
 
 impl Default for UpstreamOptions {
@@ -61,6 +64,7 @@ impl Default for UpstreamOptions {
             participant_max_connection_age: None,
             hold_while_disconnected: false,
             one_connection_at_a_time: false,
+            gzip: false,
         }
     }
 }
@@ -97,6 +101,7 @@ struct UpstreamShared {
     addr: SocketAddr,
     participant: ApiShared,
     chat: ApiShared,
+    gzip: bool,
     stop_sender: watch::Sender<bool>,
 }
 
@@ -146,10 +151,22 @@ struct ConnectionCounts {
     accepted: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ScriptedFailure {
     status: u16,
     retry_after: Option<Duration>,
+    /// For a redirect: the `Location` header, as given.
+    location: Option<String>,
+}
+
+impl ScriptedFailure {
+    fn status(status: u16) -> ScriptedFailure {
+        ScriptedFailure {
+            status,
+            retry_after: None,
+            location: None,
+        }
+    }
 }
 
 impl Upstream {
@@ -179,6 +196,7 @@ impl Upstream {
             addr: listener.local_addr()?,
             participant,
             chat,
+            gzip: options.gzip,
             stop_sender: watch::Sender::new(false),
         });
         tokio::spawn(accept_connections(shared.clone(), listener));
@@ -273,13 +291,35 @@ impl Upstream {
         self.script_failures(api, status, count, Some(retry_after));
     }
 
+    /// The next `count` requests to `api` are answered `status` (a 3xx) with `Location:
+    /// location`, before any auth check.
+    pub fn redirect_next(&self, api: Api, status: u16, location: &str, count: usize) {
+        assert!((300..=399).contains(&status), "status {status} is not a redirect");
+        let redirect = ScriptedFailure {
+            location: Some(location.to_owned()),
+            ..ScriptedFailure::status(status)
+        };
+        self.shared
+            .api(api)
+            .lock()
+            .scripted_failures
+            .extend(std::iter::repeat_n(redirect, count));
+    }
+
     fn script_failures(&self, api: Api, status: u16, count: usize, retry_after: Option<Duration>) {
         assert!(
             (100..=999).contains(&status),
             "status {status} is not a valid HTTP status"
         );
-        let failures = std::iter::repeat_n(ScriptedFailure { status, retry_after }, count);
-        self.shared.api(api).lock().scripted_failures.extend(failures);
+        let failure = ScriptedFailure {
+            retry_after,
+            ..ScriptedFailure::status(status)
+        };
+        self.shared
+            .api(api)
+            .lock()
+            .scripted_failures
+            .extend(std::iter::repeat_n(failure, count));
     }
 
     /// Closes every open stream of `api` cleanly, as the server does at the maximum age.
@@ -417,39 +457,39 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let request = match head {
         Ok(Some(request)) => request,
         Ok(None) => return,
-        Err(status) => return write_error_and_close(stream, status, None).await,
+        Err(status) => return write_error_and_close(stream, &ScriptedFailure::status(status)).await,
     };
     let route_path = request.path.split('?').next().unwrap_or_default();
     let segments: Vec<&str> = route_path.split('/').collect();
     let api = match segments.as_slice() {
         ["", "participants", user_id, "stream"] if !user_id.is_empty() => Api::Participant,
         ["", "api", "v1", "chat-internal-messages", chat_id, "listen"] if !chat_id.is_empty() => Api::Chat,
-        _ => return write_error_and_close(stream, 404, None).await,
+        _ => return write_error_and_close(stream, &ScriptedFailure::status(404)).await,
     };
     let api_shared = shared.api(api);
     let failure = {
         let mut state = api_shared.lock();
         state.requests_seen.push(request.clone());
         let busy = api_shared.one_connection_at_a_time && !state.subscribers.is_empty();
-        let conflict = busy.then_some(ScriptedFailure {
-            status: 409,
-            retry_after: None,
-        });
+        let conflict = busy.then(|| ScriptedFailure::status(409));
         state.scripted_failures.pop_front().or(conflict)
     };
     if let Some(failure) = failure {
-        return write_error_and_close(stream, failure.status, failure.retry_after).await;
+        return write_error_and_close(stream, &failure).await;
     }
     if request.method != "GET" {
-        return write_error_and_close(stream, 405, None).await;
+        return write_error_and_close(stream, &ScriptedFailure::status(405)).await;
     }
     let mut required_headers = api_shared.required_headers.iter();
     if !required_headers.all(|(name, value)| request.header(name) == Some(value.as_str())) {
-        return write_error_and_close(stream, 401, None).await;
+        return write_error_and_close(stream, &ScriptedFailure::status(401)).await;
     }
-    let head =
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    if stream.write_all(head.as_bytes()).await.is_err() {
+    let mut body_encoder = BodyEncoder::new(shared.gzip);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n{}Connection: close\r\n\r\n",
+        body_encoder.content_encoding_header()
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body_encoder.start()).await.is_err() {
         return;
     }
     let close_signal = Arc::new(Notify::new());
@@ -457,12 +497,14 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let unwritten_frame = write_frames_until_closed(
         api_shared,
         &mut stream,
+        &mut body_encoder,
         &mut frame_receiver,
         &close_signal,
         stop_receiver,
     )
     .await;
     api_shared.unsubscribe(connection_id, frame_receiver, unwritten_frame);
+    let _ = stream.write_all(&body_encoder.finish()).await;
     close_cleanly(stream).await;
 }
 
@@ -471,6 +513,7 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
 async fn write_frames_until_closed(
     api_shared: &ApiShared,
     stream: &mut TcpStream,
+    body_encoder: &mut BodyEncoder,
     frame_receiver: &mut mpsc::Receiver<Bytes>,
     close_signal: &Notify,
     mut stop_receiver: watch::Receiver<bool>,
@@ -497,12 +540,93 @@ async fn write_frames_until_closed(
             _ = &mut max_age_reached => return None,
             // The client sends nothing after its request, so a read returns only when it leaves.
             read = reader.read(&mut scratch) => if matches!(read, Ok(0) | Err(_)) { return None },
-            Some(frame) = frame_receiver.recv() => if writer.write_all(&frame).await.is_err() {
+            Some(frame) = frame_receiver.recv() => if writer.write_all(&body_encoder.encode(&frame)).await.is_err() {
                 return Some(frame);
             },
-            _ = keepalive.tick() => if writer.write_all(api_shared.keepalive_frame).await.is_err() { return None },
+            _ = keepalive.tick() => {
+                if writer.write_all(&body_encoder.encode(api_shared.keepalive_frame)).await.is_err() {
+                    return None;
+                }
+            }
         }
     }
+}
+
+/// How a stream's body goes out: as it is, or gzip-encoded. The gzip stream uses stored
+/// (uncompressed) deflate blocks, one per write: valid gzip that needs no compressor and is
+/// written as frames come.
+enum BodyEncoder {
+    Identity,
+    Gzip { crc: u32, n_bytes: u32 },
+}
+
+impl BodyEncoder {
+    fn new(gzip: bool) -> BodyEncoder {
+        if gzip {
+            BodyEncoder::Gzip { crc: 0, n_bytes: 0 }
+        } else {
+            BodyEncoder::Identity
+        }
+    }
+
+    fn content_encoding_header(&self) -> &'static str {
+        match self {
+            BodyEncoder::Identity => "",
+            BodyEncoder::Gzip { .. } => "Content-Encoding: gzip\r\n",
+        }
+    }
+
+    /// The bytes that open the body: gzip's header (deflate, no name, no time, unknown OS).
+    fn start(&self) -> &'static [u8] {
+        match self {
+            BodyEncoder::Identity => b"",
+            BodyEncoder::Gzip { .. } => &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
+        }
+    }
+
+    fn encode<'a>(&mut self, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let BodyEncoder::Gzip { crc, n_bytes } = self else {
+            return std::borrow::Cow::Borrowed(bytes);
+        };
+        *crc = crc32(*crc, bytes);
+        *n_bytes = n_bytes.wrapping_add(bytes.len() as u32);
+        let mut out = Vec::with_capacity(bytes.len() + 5);
+        for block in bytes.chunks(usize::from(u16::MAX)) {
+            let length = block.len() as u16;
+            out.push(0); // not the final block; stored
+            out.extend_from_slice(&length.to_le_bytes());
+            out.extend_from_slice(&(!length).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The bytes that close the body: an empty final block, then gzip's CRC-32 and length.
+    fn finish(&self) -> Vec<u8> {
+        let BodyEncoder::Gzip { crc, n_bytes } = self else {
+            return Vec::new();
+        };
+        let mut out = vec![1, 0, 0, 0xff, 0xff];
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&n_bytes.to_le_bytes());
+        out
+    }
+}
+
+/// CRC-32 (IEEE), continued from `crc`; bit by bit, which is fast enough for tests.
+fn crc32(crc: u32, bytes: &[u8]) -> u32 {
+    let mut crc = !crc;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// Reads up to the blank line ending the request head. `Ok(None)` when the client left first;
@@ -544,17 +668,22 @@ async fn read_request_head(stream: &mut TcpStream) -> Result<Option<RecordedRequ
     }))
 }
 
-async fn write_error_and_close(mut stream: TcpStream, status: u16, retry_after: Option<Duration>) {
+async fn write_error_and_close(mut stream: TcpStream, failure: &ScriptedFailure) {
+    let status = failure.status;
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|status| status.canonical_reason())
         .unwrap_or("Error");
     let body = format!("{status} {reason}\n");
-    let retry_after = retry_after
-        .map(|delay| format!("Retry-After: {}\r\n", delay.as_secs()))
-        .unwrap_or_default();
+    let mut extra_headers = String::new();
+    if let Some(delay) = failure.retry_after {
+        extra_headers.push_str(&format!("Retry-After: {}\r\n", delay.as_secs()));
+    }
+    if let Some(location) = &failure.location {
+        extra_headers.push_str(&format!("Location: {location}\r\n"));
+    }
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{retry_after}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n{body}",
         body.len()
     );
     if stream.write_all(response.as_bytes()).await.is_ok() {
@@ -796,6 +925,22 @@ mod tests {
         reconnecting_reader.abort();
     }
 
+    #[test]
+    fn gzip_bodies_are_stored_deflate_blocks_with_the_right_crc() {
+        assert_eq!(super::crc32(0, b"123456789"), 0xCBF4_3926, "the CRC-32 check value");
+        assert_eq!(super::crc32(super::crc32(0, b"1234"), b"56789"), 0xCBF4_3926);
+        let mut encoder = super::BodyEncoder::new(true);
+        let mut body = encoder.start().to_vec();
+        body.extend_from_slice(&encoder.encode(b"data: a\n\n"));
+        body.extend_from_slice(&encoder.finish());
+        let mut expected = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 0, 9, 0, 0xf6, 0xff];
+        expected.extend_from_slice(b"data: a\n\n");
+        expected.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+        expected.extend_from_slice(&super::crc32(0, b"data: a\n\n").to_le_bytes());
+        expected.extend_from_slice(&[9, 0, 0, 0]);
+        assert_eq!(body, expected);
+    }
+
     #[tokio::test]
     async fn fail_next_answers_the_scripted_status_then_streams() {
         let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
@@ -811,6 +956,15 @@ mod tests {
         let throttled = client.get(upstream.participant_url("40")).send().await.unwrap();
         assert_eq!(throttled.status(), 429);
         assert_eq!(throttled.headers()["retry-after"], "7");
+        upstream.redirect_next(Api::Chat, 307, "/elsewhere", 1);
+        let no_redirects = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let redirected = no_redirects.get(upstream.chat_url("c0ffee")).send().await.unwrap();
+        assert_eq!(redirected.status(), 307);
+        assert_eq!(redirected.headers()["location"], "/elsewhere");
         let unknown = client
             .get(format!("http://{}/participants/40", upstream.addr()))
             .send()

@@ -103,6 +103,7 @@ fn main() -> ExitCode {
                 Err(err) => return fail(&err),
             };
             telemetry::init_logging(cli.log_format);
+            raise_open_file_limit();
             match runtime().block_on(app::run_with_reloads(loaded, Some(config), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(&format!("{err:#}")),
@@ -168,6 +169,17 @@ fn dead_letters(storage: &config::StorageConfig, command: DlqCommand) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one. Services often start with a soft
+/// limit of 1,024, which streams, deliveries, the store and admin clients can reach together.
+fn raise_open_file_limit() {
+    // The hard limit can be "unlimited", which Linux refuses as a soft limit; 2^20 is its
+    // usual ceiling (fs.nr_open).
+    match rlimit::increase_nofile_limit(u64::MAX).or_else(|_| rlimit::increase_nofile_limit(1 << 20)) {
+        Ok(limit) => tracing::info!(limit, "open file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open file limit; it stays as it was"),
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -41,6 +41,10 @@ pub struct SinkResponse {
     /// How long the sink waits before answering, to make a client time out, say.
     pub delay: Duration,
     pub action: SinkAction,
+    pub body: String,
+    /// The body starts with the request's headers, a `name: value` line each, as some servers'
+    /// error pages and debugging endpoints echo them.
+    pub echo_request_headers: bool,
 }
 
 /// What the sink does once a response's delay is over.
@@ -64,6 +68,8 @@ impl SinkResponse {
             headers: Vec::new(),
             delay: Duration::ZERO,
             action: SinkAction::Answer,
+            body: String::new(),
+            echo_request_headers: false,
         }
     }
 
@@ -86,6 +92,18 @@ impl SinkResponse {
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> SinkResponse {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn with_body(mut self, body: impl Into<String>) -> SinkResponse {
+        self.body = body.into();
+        self
+    }
+
+    /// Answers with the request's headers in the body, before any body set with
+    /// [`SinkResponse::with_body`].
+    pub fn echoing_request_headers(mut self) -> SinkResponse {
+        self.echo_request_headers = true;
         self
     }
 
@@ -346,15 +364,22 @@ async fn answer_after_delay(shared: Arc<SinkShared>, index: usize, response: Sin
     if !response.delay.is_zero() {
         tokio::time::sleep(response.delay).await;
     }
-    let (answered, callbacks) = {
+    let (answered, callbacks, body) = {
         let mut state = shared.lock();
         state.requests[index].status_sent = response.status;
+        let mut body = String::new();
+        if response.echo_request_headers {
+            for (name, value) in &state.requests[index].headers {
+                body.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            }
+        }
+        body.push_str(&response.body);
         if (200..300).contains(&response.status) {
             let path = state.requests[index].path.clone();
             state.counts.entry(path).or_default().1 += 1;
         }
         let answered = (!state.callbacks.is_empty()).then(|| state.requests[index].clone());
-        (answered, state.callbacks.clone())
+        (answered, state.callbacks.clone(), body)
     };
     shared.change_counter.send_modify(|counter| *counter += 1);
     if let Some(answered) = answered {
@@ -363,6 +388,7 @@ async fn answer_after_delay(shared: Arc<SinkShared>, index: usize, response: Sin
         }
     }
     let mut http_response = response_with_status(StatusCode::from_u16(response.status).expect("checked by script"));
+    *http_response.body_mut() = Body::from(body);
     for (name, value) in response.headers {
         let name = HeaderName::try_from(name).expect("checked by script");
         let value = HeaderValue::try_from(value).expect("checked by script");
@@ -521,6 +547,29 @@ mod tests {
         let response = test_client().post(sink.url("/hook")).send().await.unwrap();
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()["retry-after"], "7");
+    }
+
+    #[tokio::test]
+    async fn echoes_the_request_headers_before_the_scripted_body() {
+        let sink = Sink::start().await.unwrap();
+        sink.script(
+            "/hook",
+            vec![
+                SinkResponse::status(400)
+                    .echoing_request_headers()
+                    .with_body("bad request\n"),
+            ],
+        );
+        let response = test_client()
+            .post(sink.url("/hook"))
+            .header("x-api-key", "k3y")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body = response.text().await.unwrap();
+        assert!(body.contains("x-api-key: k3y\n"), "{body}");
+        assert!(body.ends_with("\nbad request\n"), "{body}");
     }
 
     #[tokio::test]

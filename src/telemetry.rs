@@ -64,6 +64,37 @@ pub struct Metrics {
     target_state: IntGaugeVec,
     config_reloads: IntCounterVec,
     pub storage: Arc<StorageTelemetry>,
+    pub admin: AdminTelemetry,
+}
+
+/// The admin server's connections.
+pub struct AdminTelemetry {
+    connections_refused: IntCounter,
+    refused_log: LogLimiter,
+    accept_failed_log: LogLimiter,
+}
+
+impl AdminTelemetry {
+    /// A connection beyond the limit, closed as soon as it was accepted.
+    pub fn connection_refused(&self, limit: usize) {
+        self.connections_refused.inc();
+        if let Some(n_held_back) = self.refused_log.admit() {
+            warn!(
+                limit,
+                n_held_back,
+                "admin connection closed at once: the admin server serves {limit} at a time (logged at \
+                 most every 10 s; the metric counts each)"
+            );
+        }
+    }
+
+    /// Accepting a connection failed, most likely for want of file descriptors; it waits in the
+    /// listen queue meanwhile.
+    pub fn accept_failed(&self, problem: &dyn Display) {
+        if let Some(n_held_back) = self.accept_failed_log.admit() {
+            warn!(error = %problem, n_held_back, "cannot accept an admin connection (logged at most every 10 s)");
+        }
+    }
 }
 
 /// The health of the store, for `/readyz` and the streams.
@@ -262,6 +293,19 @@ impl Metrics {
                 failing: std::sync::atomic::AtomicBool::new(false),
                 last_error_at: std::sync::Mutex::new(None),
             }),
+            admin: AdminTelemetry {
+                connections_refused: register(
+                    &registry,
+                    IntCounter::new(
+                        "sse_relay_admin_connections_refused_total",
+                        "Admin connections closed as soon as they were accepted, because as many as \
+                         the admin server serves at a time were open.",
+                    )
+                    .expect("valid metric"),
+                ),
+                refused_log: LogLimiter::default(),
+                accept_failed_log: LogLimiter::default(),
+            },
             registry,
         })
     }
@@ -320,6 +364,8 @@ impl Metrics {
             dead_letters: self.dead_letters.with_label_values(&[name]),
             oldest_pending: self.oldest_pending.with_label_values(&[name]),
             target_state: self.target_state.with_label_values(&[name]),
+            retry_log: LogLimiter::default(),
+            failure_log: LogLimiter::default(),
         }
     }
 }
@@ -571,6 +617,8 @@ pub struct TargetTelemetry {
     dead_letters: IntCounter,
     pub oldest_pending: prometheus::Gauge,
     target_state: IntGauge,
+    retry_log: LogLimiter,
+    failure_log: LogLimiter,
 }
 
 impl TargetTelemetry {
@@ -582,27 +630,38 @@ impl TargetTelemetry {
         self.delivered.inc();
     }
 
+    /// Logged at most every 10 s per target, with how many were held back: a target that fails
+    /// every request would otherwise log a line per event.
     pub fn retrying(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, retry_in: Duration) {
         self.retried.inc();
-        warn!(
-            target = %self.name, %event_id, n_attempts, error = %problem,
-            retry_in = %humantime::format_duration(retry_in), "delivery failed; will retry"
-        );
+        if let Some(n_held_back) = self.retry_log.admit() {
+            warn!(
+                webhook = %self.name, %event_id, n_attempts, error = %problem,
+                retry_in = %humantime::format_duration(retry_in), n_held_back,
+                "delivery failed; will retry (logged at most every 10 s per target; the metric counts each)"
+            );
+        }
     }
 
-    /// A delivery failed permanently or ran out of retries.
+    /// A delivery failed permanently or ran out of retries. Logged at most every 10 s per
+    /// target, as retries are: a target that answers 3xx or 4xx fails every event.
     pub fn dead_lettered(&self, event_id: &dyn Display, n_attempts: u32, problem: &dyn Display, kept: bool) {
         self.failed.inc();
         self.dead_letters.inc();
+        let Some(n_held_back) = self.failure_log.admit() else {
+            return;
+        };
         if kept {
             error!(
-                target = %self.name, %event_id, n_attempts, error = %problem,
-                "delivery failed; it is kept as a dead letter (sse-relay dlq list)"
+                webhook = %self.name, %event_id, n_attempts, error = %problem, n_held_back,
+                "delivery failed; it is kept as a dead letter (sse-relay dlq list; logged at most every 10 s \
+                 per target; the metric counts each)"
             );
         } else {
             error!(
-                target = %self.name, %event_id, n_attempts, error = %problem,
-                "delivery failed; the in-memory store keeps no dead letters"
+                webhook = %self.name, %event_id, n_attempts, error = %problem, n_held_back,
+                "delivery failed; the in-memory store keeps no dead letters (logged at most every 10 s per \
+                 target; the metric counts each)"
             );
         }
     }
@@ -616,7 +675,7 @@ impl TargetTelemetry {
             return;
         }
         self.abandoned.inc_by(n_deliveries);
-        error!(target = %self.name, n_deliveries, "{why}");
+        error!(webhook = %self.name, n_deliveries, "{why}");
     }
 }
 

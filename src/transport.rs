@@ -6,6 +6,11 @@
 //! badly: a line or event without end (the parser would buffer it without limit) is cut off at
 //! `max_event_bytes` and skipped to the next event, and invalid UTF-8 (which would make the
 //! parser fail the whole connection) is replaced with U+FFFD, as the SSE specification decodes.
+//!
+//! Before that, a response is refused if the parser could not read it: a body in an encoding
+//! other than identity (which the request asks for), or a redirect that the client's
+//! [`redirect_policy`] did not follow, which eventsource-client would otherwise follow with the
+//! stream's headers to any origin.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +40,81 @@ impl ReqwestTransport {
     }
 }
 
+/// Redirects a stream follows, all within the origin of its URL.
+const MAX_REDIRECTS: usize = 5;
+
+/// The stream client's redirect policy: follow redirects within the origin (scheme, host and
+/// port) of the stream's URL, up to [`MAX_REDIRECTS`], and refuse any other. A stream's headers
+/// (an API key, a token) and its URL's query are meant for its server, and on the way to another
+/// one reqwest would strip only `Authorization` and cookies.
+pub fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if !same_origin {
+            let to = attempt.url().origin().ascii_serialization();
+            attempt.error(RedirectRefused::OtherOrigin { to })
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(RedirectRefused::TooMany)
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Why a stream did not follow a redirect. Names the other server by its origin only, which
+/// holds no secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedirectRefused {
+    #[error(
+        "the server redirected to another origin, {to}; a stream follows redirects only within its \
+         URL's origin, so that its headers reach no other server"
+    )]
+    OtherOrigin { to: String },
+    #[error("the server redirected more than {MAX_REDIRECTS} times")]
+    TooMany,
+    #[error("the server answered {status} without a Location that the relay can follow")]
+    Unfollowed { status: u16 },
+}
+
+/// A redirect a stream did not follow, with the stream's name.
+#[derive(Debug, thiserror::Error)]
+#[error("stream {stream}: {reason}")]
+pub struct StreamRedirectRefused {
+    stream: Arc<str>,
+    reason: RedirectRefused,
+}
+
+/// A response body in an encoding other than identity, which the relay asks for and reads.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stream {stream}: the server sent its body with Content-Encoding {encoding}, though the relay \
+     asked for identity; the relay does not decode it, so it closed the connection"
+)]
+pub struct UnsupportedContentEncoding {
+    stream: Arc<str>,
+    encoding: String,
+}
+
+/// `identity` or nothing, possibly as a list: the body is as sent.
+fn is_identity(content_encoding: &http::HeaderValue) -> bool {
+    String::from_utf8_lossy(content_encoding.as_bytes())
+        .split(',')
+        .map(str::trim)
+        .all(|coding| coding.is_empty() || coding.eq_ignore_ascii_case("identity"))
+}
+
+/// A header value from the server, safe and short enough for a log line.
+fn printable_excerpt(value: &[u8]) -> String {
+    String::from_utf8_lossy(value)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(40)
+        .collect()
+}
+
 /// The response ended in the middle of an event.
 #[derive(Debug, thiserror::Error)]
 #[error("the server closed the stream in the middle of an event")]
@@ -42,7 +122,12 @@ pub struct ClosedMidEvent;
 
 impl HttpTransport for ReqwestTransport {
     fn request(&self, request: http::Request<Option<Bytes>>) -> ResponseFuture {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // The body goes to the SSE parser as it comes, and the relay decodes no compression.
+        parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
         let mut builder = self
             .client
             .request(parts.method, parts.uri.to_string())
@@ -52,11 +137,39 @@ impl HttpTransport for ReqwestTransport {
         }
         let (max_event_bytes, telemetry) = (self.max_event_bytes, Arc::clone(&self.telemetry));
         Box::pin(SyncFuture::new(async move {
+            let refused = |reason| {
+                TransportError::new(StreamRedirectRefused {
+                    stream: Arc::clone(&telemetry.name),
+                    reason,
+                })
+            };
             // Errors lose the URL: a stream URL can carry a token in its query.
-            let response = builder
-                .send()
-                .await
-                .map_err(|err| TransportError::new(err.without_url()))?;
+            let response = builder.send().await.map_err(|err| {
+                let redirect_refused = std::error::Error::source(&err)
+                    .and_then(|source| source.downcast_ref::<RedirectRefused>())
+                    .cloned();
+                match redirect_refused {
+                    Some(reason) => refused(reason),
+                    None => TransportError::new(err.without_url()),
+                }
+            })?;
+            // What reqwest did not follow, eventsource-client would, with the stream's headers
+            // and to any origin: 301 and 307 without a usable Location, say.
+            if response.status().is_redirection() {
+                return Err(refused(RedirectRefused::Unfollowed {
+                    status: response.status().as_u16(),
+                }));
+            }
+            // Only a stream's body is read; an error answer is judged by its status.
+            if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING)
+                && response.status().is_success()
+                && !is_identity(encoding)
+            {
+                return Err(TransportError::new(UnsupportedContentEncoding {
+                    stream: Arc::clone(&telemetry.name),
+                    encoding: printable_excerpt(encoding.as_bytes()),
+                }));
+            }
             let mut head = http::Response::builder().status(response.status());
             if let Some(headers) = head.headers_mut() {
                 *headers = response.headers().clone();
@@ -256,6 +369,23 @@ mod tests {
             run(20, &[b"data: ", piece.as_bytes(), piece.as_bytes(), b"\n\ndata: c\n\n"]),
             "data: c\n\n"
         );
+    }
+
+    #[test]
+    fn only_identity_is_read_as_it_is() {
+        let check = |value: &str, expected: bool| {
+            assert_eq!(
+                is_identity(&http::HeaderValue::from_str(value).unwrap()),
+                expected,
+                "{value:?}"
+            );
+        };
+        check("identity", true);
+        check("Identity", true);
+        check("", true);
+        check("identity, identity", true);
+        check("gzip", false);
+        check("identity, br", false);
     }
 
     #[test]

@@ -12,13 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
 use http::{HeaderMap, HeaderValue};
+use percent_encoding::percent_decode_str;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BodyConfig, RateLimit, RetryConfig, TargetConfig};
 use crate::delivery::breaker::BreakerConfig;
 use crate::delivery::dispatcher::Dispatcher;
+use crate::delivery::request::Secrets;
 use crate::delivery::signing::SigningKey;
 use crate::event::TargetId;
 use crate::queue::{Pending, Store};
@@ -45,6 +49,8 @@ pub struct TargetRuntime {
     pub signing_key: Option<Arc<SigningKey>>,
     pub breaker: BreakerConfig,
     pub telemetry: TargetTelemetry,
+    /// Removed from response excerpts before they are logged or stored.
+    pub secrets: Secrets,
 }
 
 impl TargetRuntime {
@@ -83,8 +89,49 @@ impl TargetRuntime {
                 ..BreakerConfig::default()
             },
             telemetry,
+            secrets: secrets_of(config),
         })
     }
+}
+
+/// Every secret value of a target: header values (and the credentials after a scheme such as
+/// `Bearer`), the URL's user information (also as the Basic authorization made of it), the
+/// URL's path and query unless `safe_url` (a catch-hook URL is its own credential), and the
+/// signing secret.
+fn secrets_of(config: &TargetConfig) -> Secrets {
+    let mut values = Vec::new();
+    for value in config.headers.values() {
+        values.push(value.0.clone());
+        if let Some((_scheme, credentials)) = value.0.trim().split_once(' ') {
+            values.push(credentials.trim().to_owned());
+        }
+    }
+    let url = &config.url.0;
+    let decode = |text: &str| percent_decode_str(text).decode_utf8_lossy().into_owned();
+    if !url.username().is_empty() || url.password().is_some() {
+        let (username, password) = (decode(url.username()), url.password().map(decode));
+        // As reqwest sends it: `Authorization: Basic base64(user:password)`.
+        values.push(BASE64_STANDARD.encode(format!("{username}:{}", password.as_deref().unwrap_or(""))));
+        match (url.password(), password) {
+            (Some(raw), Some(decoded)) => values.extend([raw.to_owned(), decoded]),
+            // Without a password, the user name is the credential.
+            _ => values.extend([url.username().to_owned(), username]),
+        }
+    }
+    if !config.safe_url {
+        if url.path() != "/" {
+            values.push(url.path().to_owned());
+        }
+        if let Some(query) = url.query() {
+            values.push(query.to_owned());
+            values.extend(url.query_pairs().map(|(_, value)| value.into_owned()));
+        }
+    }
+    if let Some(secret) = &config.signing_secret {
+        values.push(secret.text().to_owned());
+        values.extend(secret.text().strip_prefix("whsec_").map(str::to_owned));
+    }
+    Secrets::new(values)
 }
 
 /// Scheme and host (and port) only, unless `safe` says the whole URL may be shown.

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::BodyConfig;
 use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
@@ -79,14 +80,9 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
     request = request
         .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
         .header("idempotency-key", event_id);
-    for (name, value) in [
-        ("x-relay-stream", &*event.stream_name),
-        ("x-relay-event-type", &*event.event_type),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            request = request.header(name, value);
-        }
-    }
+    request = request
+        .header("x-relay-stream", header_text(&event.stream_name))
+        .header("x-relay-event-type", header_text(&event.event_type));
     if let Some(key) = &target.signing_key {
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -127,26 +123,91 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
         return Ok(());
     }
 
-    let mut excerpt = Vec::new();
-    while excerpt.len() < EXCERPT_BYTES {
+    // Read past the excerpt's end by the longest secret, so that a secret starting inside the
+    // excerpt is seen whole and removed, not cut into a prefix that stays.
+    let mut body = Vec::new();
+    while body.len() < EXCERPT_BYTES + target.secrets.longest() {
         match response.chunk().await {
-            Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             _ => break,
         }
     }
-    excerpt.truncate(EXCERPT_BYTES);
-    let excerpt: String = String::from_utf8_lossy(&excerpt)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let excerpt = target.secrets.redact(&printable(&String::from_utf8_lossy(&body)));
     Err(Failure {
         verdict,
         status: Some(status),
         problem: Problem::Status {
             status,
-            excerpt: excerpt.trim().to_owned(),
+            excerpt: truncate_to_char_boundary(excerpt.trim(), EXCERPT_BYTES)
+                .trim_end()
+                .to_owned(),
         },
     })
+}
+
+/// Control characters as spaces, so that an excerpt is one line in a log.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+fn truncate_to_char_boundary(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The secret values of one target, found once when it is built: a target that echoes its
+/// request in an error body would otherwise put them in the log and the dead-letter table
+/// through the response excerpt. Used only on that failure path.
+pub struct Secrets {
+    /// Longest first, so that a secret that contains another is replaced whole.
+    values: Vec<String>,
+}
+
+impl Secrets {
+    /// Each value as an excerpt would show it (control characters as spaces), and as a JSON
+    /// string escapes it when that differs; empty values are left out.
+    pub fn new(values: impl IntoIterator<Item = String>) -> Secrets {
+        let mut forms = Vec::new();
+        for value in values.into_iter().filter(|value| !value.trim().is_empty()) {
+            let json = serde_json::to_string(&value).expect("a string can be written as JSON");
+            forms.push(json[1..json.len() - 1].to_owned());
+            forms.push(printable(&value));
+        }
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        forms.dedup();
+        Secrets { values: forms }
+    }
+
+    fn longest(&self) -> usize {
+        self.values.first().map_or(0, String::len)
+    }
+
+    /// `text` with every secret value replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for value in &self.values {
+            if text.contains(value.as_str()) {
+                text = text.replace(value.as_str(), "***");
+            }
+        }
+        text
+    }
+}
+
+/// What [`header_text`] percent-encodes: control characters, which a header cannot carry, and
+/// `%` itself, so that a receiver can always percent-decode the value. Everything beyond ASCII
+/// is encoded too (as UTF-8), which `utf8_percent_encode` always does.
+const HEADER_TEXT_ENCODED: &AsciiSet = &CONTROLS.add(b'%');
+
+/// A stream name or event type as a header value, percent-encoded where HTTP cannot carry it
+/// as it is. An event type comes from the upstream, so it may hold anything; leaving the header
+/// out instead would lose it without a word.
+pub fn header_text(text: &str) -> HeaderValue {
+    let encoded = utf8_percent_encode(text, HEADER_TEXT_ENCODED).to_string();
+    HeaderValue::try_from(encoded).expect("percent-encoded text is printable ASCII, which a header value may hold")
 }
 
 /// The body a target receives, and its content type.
@@ -240,6 +301,32 @@ mod tests {
         let (body, _) = body_for(&BodyConfig::Envelope, &event("say \"hi\"\n")).unwrap();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["data"], "say \"hi\"\n");
+    }
+
+    #[test]
+    fn header_text_is_percent_encoded_only_where_http_cannot_carry_it() {
+        let check = |text: &str, expected: &str| assert_eq!(header_text(text), expected, "{text:?}");
+        check("MESSAGE_SENT", "MESSAGE_SENT");
+        check("workflow update: 1/2 (ok)", "workflow update: 1/2 (ok)");
+        check("a\nb\tc\u{1}\u{7f}", "a%0Ab%09c%01%7F");
+        check("größe", "gr%C3%B6%C3%9Fe");
+        check("100%", "100%25");
+        check("", "");
+    }
+
+    #[test]
+    fn secrets_are_redacted_whole_and_in_their_json_form() {
+        let secrets = Secrets::new([
+            "sekret".to_owned(),
+            "sekret-longer".to_owned(),
+            "a\"b".to_owned(),
+            " ".to_owned(),
+        ]);
+        let check = |text: &str, expected: &str| assert_eq!(secrets.redact(text), expected, "{text:?}");
+        check("key sekret-longer, and sekret", "key ***, and ***");
+        check(r#"{"echo":"a\"b"}"#, r#"{"echo":"***"}"#);
+        check("nothing here", "nothing here");
+        assert_eq!(Secrets::new(Vec::new()).redact("as is"), "as is");
     }
 
     #[test]

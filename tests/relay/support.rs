@@ -257,3 +257,134 @@ pub fn make_fifo(path: &std::path::Path) {
         path.display()
     );
 }
+
+/// The relay binary as a child process whose JSON log lines, at `info`, the test reads. Its
+/// config is the test's YAML after an `admin` section on a free port and a `storage` section in
+/// a temporary directory.
+pub struct LoggedRelay {
+    /// Killed when dropped.
+    child: tokio::process::Child,
+    pub admin: SocketAddr,
+    /// The config and the store, removed when dropped.
+    directory: tempfile::TempDir,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    http: reqwest::Client,
+}
+
+impl LoggedRelay {
+    /// Starts the relay and waits until its admin server answers.
+    pub async fn start(yaml: &str, env: &[(&str, &str)]) -> LoggedRelay {
+        Self::start_with(yaml, env, |_| {}).await
+    }
+
+    /// Like [`LoggedRelay::start`], with `adjust` applied to the command first (to set resource
+    /// limits, say).
+    pub async fn start_with(
+        yaml: &str,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut tokio::process::Command),
+    ) -> LoggedRelay {
+        use tokio::io::AsyncBufReadExt;
+
+        let directory = tempfile::tempdir().unwrap();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port().await));
+        let config = format!(
+            "admin: {{ listen: \"{admin}\" }}\nstorage: {{ path: \"{storage}\" }}\nshutdown: {{ grace_period: 1s }}\n{yaml}",
+            storage = directory.path().join("data").display(),
+        );
+        let config_path = directory.path().join("relay.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"));
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        adjust(&mut command);
+        let mut child = command.spawn().expect("the relay binary starts");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+        let collected = std::sync::Arc::clone(&lines);
+        tokio::spawn(async move {
+            let echo = std::env::var_os("TEST_RELAY_LOGS").is_some();
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if echo {
+                    println!("relay: {line}");
+                }
+                collected.lock().unwrap().push(line);
+            }
+        });
+        let relay = LoggedRelay {
+            child,
+            admin,
+            directory,
+            lines,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        };
+        eventually("the relay's admin server answers", DEADLINE, || async {
+            relay.get("/healthz").await.0 == 200
+        })
+        .await;
+        relay
+    }
+
+    /// The status and body of a GET on the admin server; status 0 when it does not answer.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match response {
+            Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.get("/metrics").await.1, name, labels)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the relay is running")
+    }
+
+    /// Every log line so far, as written.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `text`, and returns that line.
+    pub async fn wait_for_log(&self, text: &str) -> String {
+        let mut found = None;
+        eventually(&format!("a log line with {text:?}"), DEADLINE, || {
+            found = self.log_lines().into_iter().find(|line| line.contains(text));
+            std::future::ready(found.is_some())
+        })
+        .await;
+        found.expect("found")
+    }
+
+    /// `sse-relay dlq <args>` on this relay's store; its standard output.
+    pub async fn dlq(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(self.directory.path().join("relay.yaml"))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "dlq {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+}
