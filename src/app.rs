@@ -233,10 +233,12 @@ async fn retire_target(store: &Store, target: &str) {
     match store.retire_target(Arc::from(target)).await {
         Ok(0) => {}
         Ok(n_deliveries) => warn!(
-            %target, n_deliveries,
+            webhook = %target, n_deliveries,
             "the target is no longer configured; its pending deliveries were kept as dead letters (sse-relay dlq list)"
         ),
-        Err(err) => error!(%target, error = %err, "cannot keep the deliveries of a removed target as dead letters"),
+        Err(err) => {
+            error!(webhook = %target, error = %err, "cannot keep the deliveries of a removed target as dead letters")
+        }
     }
 }
 
@@ -256,7 +258,7 @@ impl Relay {
         let stop = CancellationToken::new();
         let task = delivery::spawn_dispatcher(&target, output, &self.store, &self.delivery_client, &stop);
         info!(
-            target = %target.telemetry.name, url = %target.display_url, max_in_flight = target.max_in_flight,
+            webhook = %target.telemetry.name, url = %target.display_url, max_in_flight = target.max_in_flight,
             "target ready"
         );
         RunningTarget {

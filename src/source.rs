@@ -30,9 +30,7 @@ const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
 /// How long the old connection is still read after its replacement carried data, unless it
 /// catches up sooner: events published before the replacement subscribed may be in flight on it.
-/// A shorter `rotate_after` would spend most of the time in overlaps.
-const MIN_ROTATE_AFTER: Duration = Duration::from_millis(500);
-
+/// (`rotate_after` is at least `config::MIN_ROTATE_AFTER`, so overlaps stay a small part.)
 const ROTATION_DRAIN: Duration = Duration::from_secs(2);
 
 /// The longest SSE id kept for `Last-Event-ID`. Servers commonly refuse request heads over
@@ -93,16 +91,6 @@ impl StreamRuntime {
                 );
             }
             headers.push((name.0.clone(), value.0.clone()));
-        }
-        if config
-            .rotate_after
-            .is_some_and(|rotate_after| rotate_after < MIN_ROTATE_AFTER)
-        {
-            anyhow::bail!(
-                "stream {}: rotate_after must be at least {}",
-                telemetry.name,
-                humantime::format_duration(MIN_ROTATE_AFTER)
-            );
         }
         let known_event_types: Vec<Arc<str>> = table
             .stream_id(&telemetry.name)

@@ -135,7 +135,7 @@ impl Dispatcher {
                 () = stop.cancelled() => break,
                 Some(joined) = self.in_flight.join_next(), if !self.in_flight.is_empty() => match joined {
                     Ok(attempted) => self.finish(attempted).await,
-                    Err(err) => error!(target = %self.target.telemetry.name, error = %err, "a delivery attempt panicked"),
+                    Err(err) => error!(webhook = %self.target.telemetry.name, error = %err, "a delivery attempt panicked"),
                 },
                 received = input.receiver.recv(), if take_input => match received {
                     Some(pending) => {
@@ -358,7 +358,7 @@ impl Dispatcher {
             // the config changes.
             if self.breaker.record(permit, AttemptResult::Gone, now).is_some() {
                 error!(
-                    target = %telemetry.name, url = %self.target.display_url,
+                    webhook = %telemetry.name, url = %self.target.display_url,
                     "the target answered 410 Gone; it is paused and its deliveries are kept until the config changes"
                 );
             }
@@ -379,7 +379,7 @@ impl Dispatcher {
         };
         if let Some(transition) = self.breaker.record(permit, AttemptResult::Failure, now) {
             warn!(
-                target = %telemetry.name, from = transition.from.label(), to = transition.to.label(),
+                webhook = %telemetry.name, from = transition.from.label(), to = transition.to.label(),
                 "target keeps failing; its deliveries stay queued while it is paused and probed"
             );
         }
@@ -451,7 +451,7 @@ impl Dispatcher {
         self.target.telemetry.state(state);
         if state == TargetState::Gone && self.breaker.should_log_gone(now) {
             error!(
-                target = %self.target.telemetry.name, n_pending = self.in_memory.len(),
+                webhook = %self.target.telemetry.name, n_pending = self.in_memory.len(),
                 "the target answered 410 Gone and stays paused until the config changes"
             );
         }
@@ -476,7 +476,7 @@ impl Dispatcher {
         if self.store.is_durable() {
             if n_in_flight > 0 {
                 info!(
-                    target = %self.target.telemetry.name, n_in_flight,
+                    webhook = %self.target.telemetry.name, n_in_flight,
                     "attempts in progress were stopped; they stay queued on disk for the next run"
                 );
             }

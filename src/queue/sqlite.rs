@@ -639,11 +639,13 @@ impl Writer {
                 self.answer(reads).await;
             }
             let mut appends_failed = false;
-            if retry_at.is_none() && self.reserve.is_present() && !unwritten.is_empty() {
-                if let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await {
-                    unwritten = failed;
-                    appends_failed = true;
-                }
+            if retry_at.is_none()
+                && self.reserve.is_present()
+                && !unwritten.is_empty()
+                && let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await
+            {
+                unwritten = failed;
+                appends_failed = true;
             }
             if appends_failed || !self.unrecorded.is_empty() || !self.reserve.is_present() {
                 if retry_at.is_none() {
