@@ -7,6 +7,7 @@
 //! Each connection here is one client, and [`reconnect_delay`] decides what comes after it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -215,12 +216,25 @@ struct Connection {
     /// A hash of the SSE id of the last event on this connection: an event that repeats it has
     /// no id of its own (the parser carries the last one on).
     last_id_hash: Option<u64>,
+    /// Bytes received so far, whole events or not, and as of the last look: bytes that keep
+    /// coming (a large event arriving slowly, a ping without data) keep the connection alive.
+    activity: Arc<AtomicU64>,
+    activity_seen: u64,
     idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Connection {
+    /// Whether bytes arrived since the last look.
+    fn received_bytes(&mut self) -> bool {
+        let activity = self.activity.load(Ordering::Relaxed);
+        std::mem::replace(&mut self.activity_seen, activity) != activity
+    }
+}
+
+impl Connection {
     fn open(stream: &StreamRuntime, state: &mut StreamState) -> Result<Connection, es::Error> {
-        let events = connect(stream, state.last_event_id.as_deref())?;
+        let (transport, activity) = stream.transport.for_connection();
+        let events = connect(stream, transport, state.last_event_id.as_deref())?;
         state.n_connections += 1;
         Ok(Connection {
             serial: state.n_connections,
@@ -232,6 +246,8 @@ impl Connection {
             is_replacement: false,
             follows_productive: false,
             last_id_hash: None,
+            activity,
+            activity_seen: 0,
             idle: Box::pin(tokio::time::sleep(stream.idle_timeout)),
         })
     }
@@ -346,6 +362,12 @@ async fn read_connections(
                 None
             }
             Step::Idle(which) => {
+                if let Some(connection) = connection_mut(&mut current, &mut replacement, which)
+                    && connection.received_bytes()
+                {
+                    connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
+                    continue;
+                }
                 let idle_for = humantime::format_duration(stream.idle_timeout);
                 let detail = format!("nothing received for {idle_for}");
                 Some(Ended::new(which, DisconnectReason::IdleTimeout, detail))
@@ -355,6 +377,7 @@ async fn read_connections(
                     continue;
                 };
                 connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
+                connection.received_bytes();
                 match item {
                     Some(Ok(es::SSE::Event(message))) => {
                         if which == Which::Replacement && !connection.live {
@@ -525,6 +548,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn connect(
     stream: &StreamRuntime,
+    transport: ReqwestTransport,
     last_event_id: Option<&str>,
 ) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {
     let mut builder = es::ClientBuilder::for_url(&stream.url)?
@@ -536,7 +560,7 @@ fn connect(
     if let Some(id) = last_event_id {
         builder = builder.last_event_id(id.to_owned());
     }
-    Ok(builder.build_with_transport(stream.transport.clone()).stream())
+    Ok(builder.build_with_transport(transport).stream())
 }
 
 /// Whether an SSE id can be sent back as `Last-Event-ID`: a valid header value, short enough

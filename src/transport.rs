@@ -14,6 +14,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -28,6 +29,9 @@ pub struct ReqwestTransport {
     client: reqwest::Client,
     max_event_bytes: usize,
     telemetry: Arc<StreamTelemetry>,
+    /// Bytes received on the connection this transport serves, whole events or not: any byte
+    /// from the upstream is a sign of life, for the idle watchdog.
+    activity: Arc<AtomicU64>,
 }
 
 impl ReqwestTransport {
@@ -36,7 +40,18 @@ impl ReqwestTransport {
             client,
             max_event_bytes,
             telemetry,
+            activity: Arc::default(),
         }
+    }
+
+    /// A transport for one connection, and the count of bytes it receives.
+    pub fn for_connection(&self) -> (ReqwestTransport, Arc<AtomicU64>) {
+        let activity = Arc::new(AtomicU64::new(0));
+        let transport = ReqwestTransport {
+            activity: Arc::clone(&activity),
+            ..self.clone()
+        };
+        (transport, activity)
     }
 }
 
@@ -136,6 +151,7 @@ impl HttpTransport for ReqwestTransport {
             builder = builder.body(body);
         }
         let (max_event_bytes, telemetry) = (self.max_event_bytes, Arc::clone(&self.telemetry));
+        let activity = Arc::clone(&self.activity);
         Box::pin(SyncFuture::new(async move {
             let refused = |reason| {
                 TransportError::new(StreamRedirectRefused {
@@ -174,9 +190,11 @@ impl HttpTransport for ReqwestTransport {
             if let Some(headers) = head.headers_mut() {
                 *headers = response.headers().clone();
             }
-            let body = response
-                .bytes_stream()
-                .map(|chunk| chunk.map_err(|err| TransportError::new(err.without_url())));
+            let body = response.bytes_stream().map(move |chunk| {
+                let chunk = chunk.map_err(|err| TransportError::new(err.without_url()))?;
+                activity.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok(chunk)
+            });
             let framed = EventFramer::new(body, max_event_bytes, telemetry);
             let body: ByteStream = Box::pin(SyncStream::new(framed));
             head.body(body).map_err(TransportError::new)

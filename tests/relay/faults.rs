@@ -949,3 +949,32 @@ routes:
     let n_errors = logs.lines().filter(|line| line.contains("ERROR")).count();
     assert!(n_errors <= 2, "one error line per outage, not {n_errors}:\n{logs}");
 }
+
+/// Bytes arriving are life: an event that takes longer than `idle_timeout` to arrive, and a
+/// ping with no data (nginx-Nchan's `event: ping`), keep the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_arriving_slower_than_the_idle_timeout_is_delivered_on_one_connection() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let relay = TestRelay::start(&both_streams(&upstream, "idle_timeout: 1s", &everything_to(&sink, ""))).await;
+    both_connected(&upstream).await;
+    let padding = "y".repeat(40_000);
+    let frame = format!("data: {{\"type\":\"big\",\"padding\":\"{padding}\"}}\n\n");
+    // 3 s in all, a piece every 250 ms: no whole event for three idle timeouts.
+    for piece in frame.as_bytes().chunks(frame.len() / 12 + 1) {
+        upstream.publish(Api::Chat, piece.to_vec());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for _ in 0..6 {
+        upstream.publish(Api::Chat, "event: ping\n\n");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    assert_eq!(delivered[0].body.len(), frame.len() - "data: \n\n".len());
+    assert_eq!(upstream.connections_accepted(Api::Chat), 1, "the chat stream kept its connection");
+    assert_eq!(
+        relay.metric("sse_relay_stream_reconnects_total", &reconnects("chat", "idle_timeout")).await,
+        0.0
+    );
+    relay.stop().await;
+}
