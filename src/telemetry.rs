@@ -231,7 +231,8 @@ impl Metrics {
             ),
             deliveries: counter(
                 "sse_relay_deliveries_total",
-                "Delivery attempts by outcome: delivered, retried, failed, abandoned.",
+                "Deliveries by outcome: delivered, retried, failed, abandoned (at shutdown, memory store), \
+                 dropped (the target's queue_capacity was full, memory store).",
                 &["target", "outcome"],
             ),
             delivery_duration: register(
@@ -358,6 +359,7 @@ impl Metrics {
             retried: outcome("retried"),
             failed: outcome("failed"),
             abandoned: outcome("abandoned"),
+            dropped: outcome("dropped"),
             duration: self.delivery_duration.with_label_values(&[name]),
             queue_depth: self.queue_depth.with_label_values(&[name]),
             in_flight: self.in_flight.with_label_values(&[name]),
@@ -366,6 +368,7 @@ impl Metrics {
             target_state: self.target_state.with_label_values(&[name]),
             retry_log: LogLimiter::default(),
             failure_log: LogLimiter::default(),
+            dropped_log: LogLimiter::default(),
         }
     }
 }
@@ -611,6 +614,7 @@ pub struct TargetTelemetry {
     retried: IntCounter,
     failed: IntCounter,
     abandoned: IntCounter,
+    dropped: IntCounter,
     duration: Histogram,
     pub queue_depth: IntGauge,
     pub in_flight: IntGauge,
@@ -619,6 +623,7 @@ pub struct TargetTelemetry {
     target_state: IntGauge,
     retry_log: LogLimiter,
     failure_log: LogLimiter,
+    dropped_log: LogLimiter,
 }
 
 impl TargetTelemetry {
@@ -668,6 +673,19 @@ impl TargetTelemetry {
 
     pub fn state(&self, state: crate::delivery::breaker::TargetState) {
         self.target_state.set(state.metric_value());
+    }
+
+    /// With the memory store, the target already holds `queue_capacity` deliveries: this one is
+    /// dropped, for this target only, so that the stream and other targets go on.
+    pub fn dropped_queue_full(&self, event_id: &dyn Display, queue_capacity: usize) {
+        self.dropped.inc();
+        if let Some(n_held_back) = self.dropped_log.admit() {
+            error!(
+                webhook = %self.name, %event_id, queue_capacity, n_held_back,
+                "the target's queue is full, so this delivery was dropped; other targets are not held up \
+                 (memory store; logged at most every 10 s per target; the metric counts each)"
+            );
+        }
     }
 
     pub fn abandoned(&self, n_deliveries: u64, why: &str) {

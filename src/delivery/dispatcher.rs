@@ -4,7 +4,9 @@
 //! It holds at most `capacity` deliveries in memory. With the SQLite store, deliveries beyond
 //! that stay on disk only ("spilled") and are loaded back as room frees up, so a target that is
 //! down for hours costs disk, not memory, and the streams keep flowing. With the memory store
-//! there is nowhere to spill, so a full dispatcher stops taking input and the streams pause.
+//! there is nowhere to spill: a dispatcher that holds `queue_capacity` deliveries drops the next
+//! ones for its target (counted and logged), so a slow or dead target never holds up the stream
+//! or the other targets.
 //!
 //! Before an attempt starts, three gates must open: the circuit breaker (a failing target is
 //! paused and probed), the rate limiter (bursts are smoothed), and, for `ordered` targets, the
@@ -129,7 +131,9 @@ impl Dispatcher {
                 self.load_from_disk().await;
             }
             let wake_at = self.start_attempts();
-            let take_input = !self.input_closed && (self.store.is_durable() || self.in_memory.len() < self.capacity);
+            // Input is always taken: what does not fit waits on disk, or with the memory
+            // store is dropped for this target, so the store never waits on a slow target.
+            let take_input = !self.input_closed;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -202,8 +206,16 @@ impl Dispatcher {
             self.on_disk_after = Some(after.min(pending.id - 1));
             return;
         }
-        if self.store.is_durable() && self.in_memory.len() >= self.capacity {
-            self.on_disk_after = Some(pending.id - 1);
+        if self.in_memory.len() >= self.capacity {
+            if self.store.is_durable() {
+                self.on_disk_after = Some(pending.id - 1);
+            } else {
+                self.target
+                    .telemetry
+                    .dropped_queue_full(&pending.event.id, self.capacity);
+                self.target.telemetry.queue_depth.dec();
+                self.store.release_abandoned(1);
+            }
             return;
         }
         self.hold(pending);

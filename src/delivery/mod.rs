@@ -40,7 +40,7 @@ pub struct TargetRuntime {
     pub headers: HeaderMap,
     pub timeout: Duration,
     pub max_in_flight: usize,
-    /// Deliveries held in memory with the memory store; beyond it the streams pause.
+    /// Deliveries held in memory with the memory store; beyond it they are dropped for this target.
     pub queue_capacity: usize,
     pub body: BodyConfig,
     pub retry: RetryConfig,

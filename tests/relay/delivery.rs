@@ -143,6 +143,54 @@ routes:
     held.abort();
 }
 
+/// With the memory store, a target that fails holds exactly `queue_capacity` deliveries and
+/// drops the rest, counted; the stream and the other target never wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_a_failing_target_drops_beyond_its_capacity_and_holds_up_nothing() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/dead", 503);
+    let routes = format!(
+        r#"
+storage: {{ mode: memory }}
+targets:
+  dead:
+    url: "{dead}"
+    queue_capacity: 100
+    retry: {{ initial_delay: 1s, max_delay: 10s, max_attempts: 1000 }}
+  live: {{ url: "{live}", max_in_flight: 4 }}
+routes:
+  - stream: "*"
+    targets: [dead, live]
+"#,
+        dead = sink.url("/dead"),
+        live = sink.url("/live"),
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &routes)).await;
+    both_connected(&upstream).await;
+    let n_events = 3000;
+    for index in 0..n_events {
+        upstream.publish_event(Api::Participant, &format!(r#"{{"eventType":"E","n":{index}}}"#));
+    }
+    assert_eq!(
+        sink.wait_for_delivered("/live", n_events, DEADLINE).await.len(),
+        n_events
+    );
+    let dropped = [("target", "dead"), ("outcome", "dropped")];
+    relay
+        .wait_metric("sse_relay_deliveries_total", &dropped, (n_events - 100) as f64)
+        .await;
+    assert_eq!(
+        relay.metric("sse_relay_deliveries_total", &dropped).await,
+        (n_events - 100) as f64
+    );
+    assert_eq!(
+        relay.metric("sse_relay_queue_depth", &[("target", "dead")]).await,
+        100.0
+    );
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_can_be_envelopes_or_parts_of_the_data() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();

@@ -971,9 +971,15 @@ async fn an_event_arriving_slower_than_the_idle_timeout_is_delivered_on_one_conn
     }
     let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
     assert_eq!(delivered[0].body.len(), frame.len() - "data: \n\n".len());
-    assert_eq!(upstream.connections_accepted(Api::Chat), 1, "the chat stream kept its connection");
     assert_eq!(
-        relay.metric("sse_relay_stream_reconnects_total", &reconnects("chat", "idle_timeout")).await,
+        upstream.connections_accepted(Api::Chat),
+        1,
+        "the chat stream kept its connection"
+    );
+    assert_eq!(
+        relay
+            .metric("sse_relay_stream_reconnects_total", &reconnects("chat", "idle_timeout"))
+            .await,
         0.0
     );
     relay.stop().await;
