@@ -332,6 +332,37 @@ async fn a_full_store_pauses_the_streams_until_there_is_room() {
     relay.stop().await;
 }
 
+/// While storage cannot take large events, what waits for it is bounded by bytes (32 MiB), not
+/// only by count: the stream stops reading long before thousands of events are held in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_waiting_for_a_full_store_are_bounded_by_bytes() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let hold = format!(
+        "{}\nstorage: {{ max_bytes: 64KiB }}",
+        crate::support::everything_to(&sink, "")
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &hold)).await;
+    both_connected(&upstream).await;
+    let padding = "z".repeat(50_000);
+    for n in 0..1500 {
+        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"big","n":{n},"p":"{padding}"}}"#));
+    }
+    relay.wait_metric("sse_relay_storage_errors_total", &[], 1.0).await;
+    let received = [("stream", "chat")];
+    relay
+        .wait_metric("sse_relay_events_received_total", &received, 600.0)
+        .await;
+    // 32 MiB of 50 KB events is 671; the stream may hold a few more in hand. Without the
+    // bound, all 1,500 are read within this second.
+    let read_on = relay.wait_metric("sse_relay_events_received_total", &received, 701.0);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), read_on).await.is_err(),
+        "more than 700 events read while storage was full"
+    );
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_spills_to_disk_and_delivers_everything_once_in_order() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
