@@ -428,6 +428,7 @@ async fn read_connections(
                         None
                     }
                     Some(Ok(es::SSE::Comment(_))) => {
+                        stream.telemetry.keepalive();
                         if which == Which::Replacement && !connection.live {
                             connection.live = true;
                             drain_until = Some(Instant::now() + ROTATION_DRAIN);

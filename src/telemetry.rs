@@ -466,7 +466,7 @@ pub struct StreamTelemetry {
     /// Indexed by `RotationResult as usize`.
     rotations: Vec<IntCounter>,
     duplicates_suppressed: IntCounter,
-    keepalives: IntCounter,
+    pub(crate) keepalives: IntCounter,
     unrouted: IntCounter,
     dropped: IntCounterVec,
     upstream_errors: IntCounterVec,

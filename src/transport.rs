@@ -203,6 +203,8 @@ impl HttpTransport for ReqwestTransport {
 }
 
 /// Passes on whole SSE events only; see the module documentation.
+const DATA_FIELD: &[u8] = b"data";
+
 pub struct EventFramer<S> {
     inner: S,
     max_event_bytes: usize,
@@ -215,6 +217,14 @@ pub struct EventFramer<S> {
     n_event_bytes: usize,
     at_line_start: bool,
     previous_was_cr: bool,
+    /// Where the current line is, to tell whether it is a `data` field.
+    line_column: usize,
+    line_may_be_data: bool,
+    /// The current event has a field other than a comment, and whether one is `data`: a block
+    /// with fields and no data (Nchan's `event: ping`) is a keepalive the SSE parser never
+    /// shows.
+    event_has_fields: bool,
+    event_has_data: bool,
     /// Skipping the rest of an oversized event, up to its blank line.
     skipping: bool,
     finished: bool,
@@ -231,9 +241,27 @@ impl<S> EventFramer<S> {
             n_event_bytes: 0,
             at_line_start: true,
             previous_was_cr: false,
+            line_column: 0,
+            line_may_be_data: false,
+            event_has_fields: false,
+            event_has_data: false,
             skipping: false,
             finished: false,
         }
+    }
+
+    /// Follows the first bytes of a line, enough to tell a `data` field.
+    fn note_field_name(&mut self, byte: u8) {
+        if self.line_may_be_data {
+            match DATA_FIELD.get(self.line_column) {
+                Some(expected) => self.line_may_be_data = byte == *expected,
+                None => {
+                    self.event_has_data |= byte == b':';
+                    self.line_may_be_data = false;
+                }
+            }
+        }
+        self.line_column += 1;
     }
 
     /// Takes a chunk in and returns the complete events it finished, if any.
@@ -260,10 +288,23 @@ impl<S> EventFramer<S> {
                     }
                     run_start = Some(index + 1);
                     self.n_event_bytes = 0;
+                    if self.event_has_fields && !self.event_has_data {
+                        self.telemetry.keepalive();
+                    }
+                    self.event_has_fields = false;
+                    self.event_has_data = false;
                     continue;
                 }
+                // `data` alone on its line is a data field too.
+                self.event_has_data |= self.line_may_be_data && self.line_column == DATA_FIELD.len();
                 self.at_line_start = true;
             } else {
+                if self.at_line_start {
+                    self.line_column = 0;
+                    self.line_may_be_data = true;
+                    self.event_has_fields |= byte != b':';
+                }
+                self.note_field_name(byte);
                 self.at_line_start = false;
             }
             self.n_event_bytes += 1;
@@ -404,6 +445,27 @@ mod tests {
         check("identity, identity", true);
         check("gzip", false);
         check("identity, br", false);
+    }
+
+    #[test]
+    fn counts_blocks_with_fields_and_no_data_as_keepalives() {
+        let check = |input: &[&[u8]], expected: u64| {
+            let mut framer = framer(1000);
+            for chunk in input {
+                framer.feed(chunk);
+            }
+            assert_eq!(framer.telemetry.keepalives.get(), expected, "{input:?}");
+        };
+        check(&[b"event: ping\n\n"], 1);
+        check(&[b"event: ping\r\n\r\nevent: ping\n\n"], 2);
+        check(&[b"eve", b"nt: ping\n", b"\n"], 1);
+        check(&[b"id: 4\nevent: ping\n\n"], 1);
+        check(&[b"event: x\ndata: 1\n\n"], 0);
+        check(&[b"event: x\ndata\n\n"], 0);
+        check(&[b"event: x\nda", b"ta:1\n\n"], 0);
+        // A comment alone is shown by the parser, and counted there.
+        check(&[b": ping\n\n"], 0);
+        check(&[b"event: x\ndatum: 1\n\n"], 1);
     }
 
     #[test]

@@ -965,11 +965,15 @@ async fn an_event_arriving_slower_than_the_idle_timeout_is_delivered_on_one_conn
         upstream.publish(Api::Chat, piece.to_vec());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for _ in 0..6 {
-        upstream.publish(Api::Chat, "event: ping\n\n");
+    // Nchan's pings have no data; others send comments. Both are keepalives.
+    for n in 0..6 {
+        upstream.publish(Api::Chat, if n % 2 == 0 { "event: ping\n\n" } else { ": ping\n\n" });
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    relay
+        .wait_metric("sse_relay_keepalives_total", &[("stream", "chat")], 6.0)
+        .await;
     assert_eq!(delivered[0].body.len(), frame.len() - "data: \n\n".len());
     assert_eq!(
         upstream.connections_accepted(Api::Chat),
