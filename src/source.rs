@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
 use crate::dedup::OverlapDeduplicator;
+use crate::delivery::retry::parse_retry_after;
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
@@ -32,6 +33,9 @@ const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 /// How long the old connection is still read after its replacement carried data, unless it
 /// catches up sooner: events published before the replacement subscribed may be in flight on it.
 /// (`rotate_after` is at least `config::MIN_ROTATE_AFTER`, so overlaps stay a small part.)
+/// The longest `Retry-After` an upstream is obeyed for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 const ROTATION_DRAIN: Duration = Duration::from_secs(2);
 
 /// The longest SSE id kept for `Last-Event-ID`. Servers commonly refuse request heads over
@@ -127,11 +131,14 @@ pub struct ConnectionEnd {
     /// The connection opened and then carried an event or lasted a healthy while; after a
     /// productive connection, a close is normal (the chat API closes every 30 minutes).
     pub productive: bool,
+    /// The server's `Retry-After` with a 429 or 503.
+    pub retry_after: Option<Duration>,
 }
 
 /// The delay before the next connection. A productive connection that ended reconnects at
 /// once; authentication failures wait `auth_failure_delay`; anything else backs off
-/// exponentially with jitter, so a server that closes right after accepting costs no hot loop.
+/// exponentially with jitter, so a server that closes right after accepting costs no hot loop,
+/// or waits as long as the server's `Retry-After` asks, if that is longer.
 pub fn reconnect_delay(
     end: &ConnectionEnd,
     config: &ReconnectConfig,
@@ -149,7 +156,10 @@ pub fn reconnect_delay(
             *backoff = new_backoff();
             Duration::ZERO
         }
-        _ => backoff.next().unwrap_or(config.max_delay),
+        _ => {
+            let delay = backoff.next().unwrap_or(config.max_delay);
+            end.retry_after.map_or(delay, |retry_after| retry_after.max(delay))
+        }
     }
 }
 
@@ -252,10 +262,11 @@ impl Connection {
         })
     }
 
-    fn end(&self, reason: DisconnectReason, detail: String) -> ConnectionEnd {
+    fn end(&self, reason: DisconnectReason, detail: String, retry_after: Option<Duration>) -> ConnectionEnd {
         ConnectionEnd {
             reason,
             detail,
+            retry_after,
             productive: self.follows_productive
                 || self.connected && (self.n_events > 0 || self.started.elapsed() >= HEALTHY_CONNECTION_AGE),
         }
@@ -277,6 +288,7 @@ struct Ended {
     detail: String,
     /// The server answered 409: it allows one connection at a time.
     refused: bool,
+    retry_after: Option<Duration>,
 }
 
 impl Ended {
@@ -286,6 +298,7 @@ impl Ended {
             reason,
             detail,
             refused: false,
+            retry_after: None,
         }
     }
 }
@@ -312,6 +325,7 @@ async fn read_connections(
                 reason: DisconnectReason::ConnectError,
                 detail: err.to_string(),
                 productive: false,
+                retry_after: None,
             });
         }
     };
@@ -444,6 +458,7 @@ async fn read_connections(
                             reason,
                             detail,
                             refused,
+                            retry_after: retry_after(&err),
                         })
                     }
                     None => Some(Ended::new(
@@ -460,6 +475,7 @@ async fn read_connections(
                 reason,
                 detail,
                 refused,
+                retry_after,
             }) => {
                 if refused && current.is_replacement {
                     // A replacement that took over before its answer came: the server allows one
@@ -467,7 +483,7 @@ async fn read_connections(
                     state.rotation_refused = true;
                     stream.telemetry.rotation_ended(RotationResult::Refused, &detail);
                 }
-                let end = current.end(reason, detail);
+                let end = current.end(reason, detail, retry_after);
                 let Some(mut next) = replacement.take() else {
                     return Some(end);
                 };
@@ -592,6 +608,19 @@ fn remember_event_id(stream: &StreamRuntime, store: &Store, state: &mut StreamSt
             ),
         );
     }
+}
+
+/// The delay a 429 or 503 answer asks for, at most an hour (a server's mistake must not stop
+/// the stream for good).
+fn retry_after(err: &es::Error) -> Option<Duration> {
+    let es::Error::UnexpectedResponse(response, _) = err else {
+        return None;
+    };
+    if !matches!(response.status(), 429 | 503) {
+        return None;
+    }
+    let value = response.get_header_value("retry-after").ok().flatten()?;
+    parse_retry_after(value, SystemTime::now()).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
 fn describe_error(err: &es::Error, connected: bool) -> (DisconnectReason, String) {
@@ -738,6 +767,7 @@ mod tests {
             reason,
             detail: String::new(),
             productive,
+            retry_after: None,
         }
     }
 

@@ -311,6 +311,28 @@ async fn upstream_errors_back_off_then_recover() {
     relay.stop().await;
 }
 
+/// A 429 or 503 with `Retry-After` is obeyed, however short the configured backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_retry_after_is_honoured() {
+    for status in [429, 503] {
+        let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+        upstream.fail_next_with_retry_after(Api::Chat, status, 1, Duration::from_secs(2));
+        let sink = Sink::start().await.unwrap();
+        let started = Instant::now();
+        let relay = TestRelay::start(&both_streams(
+            &upstream,
+            "reconnect: { initial_delay: 20ms, max_delay: 100ms }",
+            &everything_to(&sink, ""),
+        ))
+        .await;
+        assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(2), "{status}: reconnected after {waited:?}");
+        assert_eq!(upstream.requests_seen(Api::Chat).len(), 2, "{status}");
+        relay.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_closes_at_once_is_not_hammered() {
     let upstream = Upstream::start(UpstreamOptions {
