@@ -157,7 +157,8 @@ pub fn reconnect_delay(
             Duration::ZERO
         }
         _ => {
-            let delay = backoff.next().unwrap_or(config.max_delay);
+            // backon adds its jitter on top of the delay, beyond the maximum.
+            let delay = backoff.next().unwrap_or(config.max_delay).min(config.max_delay);
             end.retry_after.map_or(delay, |retry_after| retry_after.max(delay))
         }
     }
@@ -768,6 +769,33 @@ mod tests {
             detail: String::new(),
             productive,
             retry_after: None,
+        }
+    }
+
+    #[test]
+    fn no_reconnect_delay_exceeds_max_delay_jitter_included() {
+        let config = ReconnectConfig {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(2),
+            auth_failure_delay: Duration::from_secs(60),
+        };
+        let new_backoff = || {
+            ExponentialBuilder::new()
+                .with_min_delay(config.initial_delay)
+                .with_max_delay(config.max_delay)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut backoff = new_backoff();
+        for _ in 0..200 {
+            let delay = reconnect_delay(
+                &end(DisconnectReason::HttpError, false),
+                &config,
+                &mut backoff,
+                new_backoff,
+            );
+            assert!(delay <= config.max_delay, "{delay:?}");
         }
     }
 

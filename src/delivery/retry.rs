@@ -84,7 +84,9 @@ pub fn next_delay(
             .without_max_times()
             .build()
             .nth(n_attempts.saturating_sub(1) as usize)
-            .unwrap_or(config.max_delay),
+            .unwrap_or(config.max_delay)
+            // backon adds its jitter on top of the delay, beyond the maximum.
+            .min(config.max_delay),
     };
     if elapsed.saturating_add(delay) > config.max_elapsed {
         return Err(Exhausted::Elapsed);
@@ -95,6 +97,19 @@ pub fn next_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_delay_exceeds_max_delay_jitter_included() {
+        let config = RetryConfig {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(2),
+            ..RetryConfig::default()
+        };
+        for n_attempts in 1..config.max_attempts.0 as u32 {
+            let delay = next_delay(&config, n_attempts, Duration::ZERO, None).unwrap();
+            assert!(delay <= config.max_delay, "attempt {n_attempts}: {delay:?}");
+        }
+    }
     use crate::config::PositiveCount;
 
     #[test]

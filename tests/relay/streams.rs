@@ -327,7 +327,10 @@ async fn an_upstream_retry_after_is_honoured() {
         .await;
         assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_secs(2), "{status}: reconnected after {waited:?}");
+        assert!(
+            waited >= Duration::from_secs(2),
+            "{status}: reconnected after {waited:?}"
+        );
         assert_eq!(upstream.requests_seen(Api::Chat).len(), 2, "{status}");
         relay.stop().await;
     }
