@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -113,7 +114,8 @@ struct ApiShared {
     keepalive_frame: &'static [u8],
     max_connection_age: Option<Duration>,
     hold_while_disconnected: bool,
-    one_connection_at_a_time: bool,
+    /// Changes while the emulator runs: a server may start or stop allowing a second stream.
+    one_connection_at_a_time: AtomicBool,
     /// One lock over subscribers and held frames: publishing, subscribing and unsubscribing
     /// each happen entirely under it, which is what keeps frames in order across connections.
     state: Mutex<ApiState>,
@@ -330,6 +332,14 @@ impl Upstream {
     }
 
     /// Stops accepting connections and closes every open one.
+    /// From now on, `api` answers a second concurrent stream `409 Conflict` (or stops doing so).
+    pub fn set_one_connection_at_a_time(&self, api: Api, one: bool) {
+        self.shared
+            .api(api)
+            .one_connection_at_a_time
+            .store(one, Ordering::Relaxed);
+    }
+
     pub fn stop(&self) {
         self.shared.stop_sender.send_replace(true);
     }
@@ -359,7 +369,7 @@ impl ApiShared {
             keepalive_frame,
             max_connection_age,
             hold_while_disconnected,
-            one_connection_at_a_time,
+            one_connection_at_a_time: AtomicBool::new(one_connection_at_a_time),
             state: Mutex::new(ApiState::default()),
             counts_sender: watch::Sender::new(ConnectionCounts::default()),
         }
@@ -470,7 +480,7 @@ async fn serve_connection(shared: Arc<UpstreamShared>, mut stream: TcpStream) {
     let failure = {
         let mut state = api_shared.lock();
         state.requests_seen.push(request.clone());
-        let busy = api_shared.one_connection_at_a_time && !state.subscribers.is_empty();
+        let busy = api_shared.one_connection_at_a_time.load(Ordering::Relaxed) && !state.subscribers.is_empty();
         let conflict = busy.then(|| ScriptedFailure::status(409));
         state.scripted_failures.pop_front().or(conflict)
     };

@@ -202,7 +202,8 @@ struct StreamState {
     rejected_event_id: Option<String>,
     /// Scratch space for routing, reused for every event.
     targets: Vec<TargetId>,
-    /// The server answered 409 to a second connection: this stream does not rotate.
+    /// The server answered 409 to the last second connection. Rotation is tried again with the
+    /// next connection, at its `rotate_after` age; meanwhile the stream reconnects after a close.
     rotation_refused: bool,
     n_connections: u64,
     duplicates: OverlapDeduplicator,
@@ -339,7 +340,7 @@ async fn read_connections(
 
     loop {
         let rotate_at = match stream.rotate_after {
-            Some(rotate_after) if !rotation_tried && !state.rotation_refused => Some(current.started + rotate_after),
+            Some(rotate_after) if !rotation_tried => Some(current.started + rotate_after),
             _ => None,
         };
         let step = tokio::select! {
@@ -361,7 +362,7 @@ async fn read_connections(
                         state.duplicates.begin(current.serial, connection.serial);
                         replacement = Some(connection);
                     }
-                    Err(err) => stream.telemetry.rotation_ended(RotationResult::Failed, &err),
+                    Err(err) => rotation_ended(stream, state, RotationResult::Failed, &err),
                 }
                 None
             }
@@ -372,7 +373,7 @@ async fn read_connections(
                     // Dropping the old connection's stream closes its socket.
                     current = next;
                     rotation_tried = false;
-                    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
+                    rotation_ended(stream, state, RotationResult::Completed, &"");
                 }
                 None
             }
@@ -481,8 +482,7 @@ async fn read_connections(
                 if refused && current.is_replacement {
                     // A replacement that took over before its answer came: the server allows one
                     // connection at a time after all.
-                    state.rotation_refused = true;
-                    stream.telemetry.rotation_ended(RotationResult::Refused, &detail);
+                    rotation_ended(stream, state, RotationResult::Refused, &detail);
                 }
                 let end = current.end(reason, detail, retry_after);
                 let Some(mut next) = replacement.take() else {
@@ -502,7 +502,7 @@ async fn read_connections(
                 rotation_tried = false;
                 stream.telemetry.handed_over(end.reason, &end.detail);
                 if current.connected {
-                    stream.telemetry.rotation_ended(RotationResult::Completed, &"");
+                    rotation_ended(stream, state, RotationResult::Completed, &"");
                     stream.telemetry.connected(state.last_event_id.as_deref());
                 }
             }
@@ -513,7 +513,6 @@ async fn read_connections(
                 ..
             }) => {
                 let result = if refused {
-                    state.rotation_refused = true;
                     RotationResult::Refused
                 } else {
                     RotationResult::Failed
@@ -528,11 +527,30 @@ async fn read_connections(
                     }
                 }
                 drain_until = None;
-                stream.telemetry.rotation_ended(result, &detail);
+                rotation_ended(stream, state, result, &detail);
             }
             None => {}
         }
     }
+}
+
+/// Counts a rotation's end, and logs a refusal only when the server starts refusing, and once
+/// it accepts a second connection again.
+fn rotation_ended(
+    stream: &StreamRuntime,
+    state: &mut StreamState,
+    result: RotationResult,
+    detail: &dyn std::fmt::Display,
+) {
+    let was_refused = state.rotation_refused;
+    state.rotation_refused = match result {
+        RotationResult::Refused => true,
+        RotationResult::Completed => false,
+        RotationResult::Failed => was_refused,
+    };
+    stream
+        .telemetry
+        .rotation_ended(result, detail, was_refused != state.rotation_refused);
 }
 
 fn connection_mut<'a>(

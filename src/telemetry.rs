@@ -550,15 +550,23 @@ impl StreamTelemetry {
         debug!(stream = %self.name, "opening a replacement connection before the server closes this one");
     }
 
-    pub fn rotation_ended(&self, result: RotationResult, detail: &dyn Display) {
+    /// `changed`: the server began refusing a second connection, or accepts one again.
+    pub fn rotation_ended(&self, result: RotationResult, detail: &dyn Display, changed: bool) {
         self.rotations[result as usize].inc();
         match result {
+            RotationResult::Completed if changed => info!(
+                stream = %self.name,
+                "the server accepts a second connection again; the stream rotates without gaps again"
+            ),
             RotationResult::Completed => info!(stream = %self.name, "stream connection rotated"),
-            RotationResult::Refused => warn!(
+            RotationResult::Refused if changed => warn!(
                 stream = %self.name, error = %detail,
                 "the server refused a second connection, so this stream cannot rotate; it reconnects \
-                 at once whenever the server closes it"
+                 at once whenever the server closes it, and tries rotating again with each new connection"
             ),
+            RotationResult::Refused => {
+                debug!(stream = %self.name, error = %detail, "the server still refuses a second connection")
+            }
             RotationResult::Failed => warn!(
                 stream = %self.name, error = %detail,
                 "stream rotation failed; the current connection carries on"
