@@ -32,7 +32,7 @@ use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
 use crate::source::{self, Dispatch, StreamRuntime};
-use crate::telemetry::{Metrics, StreamTelemetry};
+use crate::telemetry::{Metrics, StreamTelemetry, SummaryTotals};
 
 /// A running relay: its tasks and how to change or stop them.
 pub struct Relay {
@@ -49,6 +49,8 @@ pub struct Relay {
     admin_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
     stop_admin: CancellationToken,
     admin: JoinHandle<std::io::Result<()>>,
+    /// Logs a summary every `logging.summary_interval`; none when it is 0.
+    summary: Option<JoinHandle<()>>,
 }
 
 struct RunningStream {
@@ -80,6 +82,16 @@ pub async fn run_with_reloads(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut relay = start(config).await?;
+    let storage = match relay.config.storage.mode {
+        config::StorageMode::Sqlite => relay.config.storage.path.0.clone(),
+        config::StorageMode::Memory => "memory (lost when the process stops)".to_owned(),
+    };
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config_path.as_deref().map_or_else(|| "-".into(), |path| path.display().to_string()),
+        %storage, admin = %relay.admin_addr, n_streams = relay.config.streams.len(),
+        n_targets = relay.config.targets.len(), n_routes = relay.config.routes.len(), "sse-relay started"
+    );
     notify_service_manager(NotifyState::Ready);
     let watchdog = sd_notify::watchdog_enabled().map(|timeout| {
         tokio::spawn(async move {
@@ -209,7 +221,9 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         admin_streams,
         stop_admin,
         admin,
+        summary: None,
     };
+    relay.start_summary();
     for ((index, (name, target_config)), output) in config.targets.iter().enumerate().zip(outputs) {
         let telemetry = relay.metrics.target(name);
         telemetry.queue_depth.set(relay.store.initial_pending(name) as i64);
@@ -222,10 +236,6 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         relay.streams.insert(name.clone(), stream);
     }
     relay.publish_streams_to_admin();
-    info!(
-        admin = %admin_addr, n_streams = config.streams.len(), n_targets = config.targets.len(),
-        n_routes = config.routes.len(), "relay started"
-    );
     Ok(relay)
 }
 
@@ -298,6 +308,26 @@ impl Relay {
             stop,
             task,
         }
+    }
+
+    /// Starts logging a summary every `logging.summary_interval`, replacing a running one.
+    fn start_summary(&mut self) {
+        if let Some(running) = self.summary.take() {
+            running.abort();
+        }
+        let interval = self.config.logging.summary_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let metrics = Arc::clone(&self.metrics);
+        self.summary = Some(tokio::spawn(async move {
+            let mut totals = SummaryTotals::default();
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            loop {
+                ticks.tick().await;
+                metrics.log_summary(&mut totals);
+            }
+        }));
     }
 
     fn publish_streams_to_admin(&self) {
@@ -419,7 +449,11 @@ impl Relay {
             n_streams = config.streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
             "config reloaded"
         );
+        let summary_changed = config.logging != self.config.logging;
         self.config = config;
+        if summary_changed {
+            self.start_summary();
+        }
         Ok(())
     }
 
@@ -462,6 +496,9 @@ impl Relay {
         }
         self.store.close().await;
 
+        if let Some(summary) = self.summary.take() {
+            summary.abort();
+        }
         self.stop_admin.cancel();
         match self.admin.await {
             Ok(result) => result.context("the admin server failed")?,

@@ -49,6 +49,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
     /// Credentials written literally in the file, not as `${...}` references.
     #[serde(skip)]
     pub n_literal_secrets: usize,
@@ -152,6 +154,27 @@ pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM.
     #[serde(default = "default_grace_period", with = "humantime_serde")]
     pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// How often an info line sums up what each stream received and each target delivered;
+    /// 0 turns it off.
+    #[serde(default = "default_summary_interval", with = "humantime_serde")]
+    pub summary_interval: Duration,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            summary_interval: default_summary_interval(),
+        }
+    }
+}
+
+fn default_summary_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl Default for ShutdownConfig {

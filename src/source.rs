@@ -384,7 +384,7 @@ async fn read_connections(
                     connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
                     continue;
                 }
-                let idle_for = humantime::format_duration(stream.idle_timeout);
+                let idle_for = crate::telemetry::to_millis(stream.idle_timeout);
                 let detail = format!("nothing received for {idle_for}");
                 Some(Ended::new(which, DisconnectReason::IdleTimeout, detail))
             }

@@ -4,7 +4,8 @@
 //! metric and its log never disagree. Label values come from config (stream and target names,
 //! event types that routes name) or from fixed sets (reasons, outcomes), never from input.
 
-use std::fmt::Display;
+use std::collections::BTreeMap;
+use std::fmt::{Display, Write as _};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,6 +152,34 @@ impl StorageTelemetry {
     pub fn reserve_restored(&self) {
         info!("the disk has room again: the queue's reserved space is back, and events are stored again");
     }
+}
+
+/// The host and port of a URL, as errors may show it.
+pub fn host_and_port(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => "an unknown host".to_owned(),
+    }
+}
+
+/// Totals since the relay started, by stream or target name, that a summary counts from.
+#[derive(Default)]
+pub struct SummaryTotals {
+    received: BTreeMap<String, u64>,
+    delivered: BTreeMap<String, u64>,
+    failed: BTreeMap<String, u64>,
+}
+
+fn separator(text: &str) -> &'static str {
+    if text.is_empty() { "" } else { "; " }
+}
+
+/// A duration as logs show it: whole milliseconds (`1s 250ms`, not `1s 250ms 582us 774ns`).
+pub fn to_millis(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+    ))
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: T) -> T {
@@ -309,6 +338,65 @@ impl Metrics {
             },
             registry,
         })
+    }
+
+    /// Logs what each stream received and each target delivered and failed since the last
+    /// summary, and what each target has queued; `previous` holds the totals it counts from.
+    pub fn log_summary(&self, previous: &mut SummaryTotals) {
+        let mut totals = SummaryTotals::default();
+        let mut queued: BTreeMap<String, i64> = BTreeMap::new();
+        for family in self.registry.gather() {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|pair| pair.name() == name)
+                        .map_or_else(String::new, |pair| pair.value().to_owned())
+                };
+                let count = metric.get_counter().get_value() as u64;
+                match (family.name(), label("outcome").as_str()) {
+                    ("sse_relay_events_received_total", _) => {
+                        *totals.received.entry(label("stream")).or_default() += count
+                    }
+                    ("sse_relay_deliveries_total", "delivered") => {
+                        *totals.delivered.entry(label("target")).or_default() += count
+                    }
+                    ("sse_relay_deliveries_total", "failed") => {
+                        *totals.failed.entry(label("target")).or_default() += count
+                    }
+                    ("sse_relay_queue_depth", _) => {
+                        queued.insert(label("target"), metric.get_gauge().get_value() as i64);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let since = |now: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, name: &str| {
+            let count = |totals: &BTreeMap<String, u64>| totals.get(name).copied().unwrap_or(0);
+            count(now).saturating_sub(count(before))
+        };
+        let mut streams = String::new();
+        for name in totals.received.keys() {
+            let _ = write!(
+                streams,
+                "{}{name}: {} received",
+                separator(&streams),
+                since(&totals.received, &previous.received, name)
+            );
+        }
+        let mut targets = String::new();
+        for (name, n_queued) in &queued {
+            let _ = write!(
+                targets,
+                "{}{name}: {} delivered, {} failed, {n_queued} queued",
+                separator(&targets),
+                since(&totals.delivered, &previous.delivered, name),
+                since(&totals.failed, &previous.failed, name),
+            );
+        }
+        info!(%streams, %targets, "summary since the last one (logging.summary_interval)");
+        *previous = totals;
     }
 
     /// A reload was applied, or was refused and the running config stays.
@@ -520,7 +608,7 @@ impl StreamTelemetry {
     pub fn disconnected(&self, reason: DisconnectReason, detail: &dyn Display, reconnect_in: Duration) {
         self.connected.set(0);
         self.reconnects[reason as usize].inc();
-        let reconnect_in = humantime::format_duration(reconnect_in);
+        let reconnect_in = to_millis(reconnect_in);
         match reason {
             DisconnectReason::Closed => {
                 info!(stream = %self.name, reason = reason.label(), %reconnect_in, "stream closed by the server")
@@ -639,8 +727,9 @@ impl TargetTelemetry {
         self.duration.observe(duration.as_secs_f64());
     }
 
-    pub fn delivered(&self) {
+    pub fn delivered(&self, event_id: &dyn Display, n_attempts: u32, duration: Duration) {
         self.delivered.inc();
+        debug!(webhook = %self.name, %event_id, n_attempts, duration = %to_millis(duration), "delivered");
     }
 
     /// Logged at most every 10 s per target, with how many were held back: a target that fails
@@ -650,7 +739,7 @@ impl TargetTelemetry {
         if let Some(n_held_back) = self.retry_log.admit() {
             warn!(
                 webhook = %self.name, %event_id, n_attempts, error = %problem,
-                retry_in = %humantime::format_duration(retry_in), n_held_back,
+                retry_in = %to_millis(retry_in), n_held_back,
                 "delivery failed; will retry (logged at most every 10 s per target; the metric counts each)"
             );
         }
@@ -708,6 +797,13 @@ impl TargetTelemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_logged_in_whole_milliseconds() {
+        assert_eq!(to_millis(Duration::from_nanos(305_582_774)).to_string(), "305ms");
+        assert_eq!(to_millis(Duration::from_micros(1_250_999)).to_string(), "1s 250ms");
+        assert_eq!(to_millis(Duration::ZERO).to_string(), "0s");
+    }
 
     #[test]
     fn a_log_limiter_lets_one_line_through_and_counts_the_rest() {

@@ -22,7 +22,7 @@ use futures_util::{Stream, StreamExt};
 use launchdarkly_sdk_transport::{ByteStream, HttpTransport, ResponseFuture, TransportError};
 use sync_wrapper::{SyncFuture, SyncStream};
 
-use crate::telemetry::{DropReason, StreamTelemetry};
+use crate::telemetry::{DropReason, StreamTelemetry, host_and_port};
 
 #[derive(Clone)]
 pub struct ReqwestTransport {
@@ -130,6 +130,16 @@ fn printable_excerpt(value: &[u8]) -> String {
         .collect()
 }
 
+/// The connection could not be made (DNS, refused, TLS). Named by host and port, so that a
+/// mistyped host shows in the log, but never by path or query, which may hold a token.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {host}")]
+pub struct Unreachable {
+    host: String,
+    #[source]
+    source: reqwest::Error,
+}
+
 /// The response ended in the middle of an event.
 #[derive(Debug, thiserror::Error)]
 #[error("the server closed the stream in the middle of an event")]
@@ -166,6 +176,10 @@ impl HttpTransport for ReqwestTransport {
                     .cloned();
                 match redirect_refused {
                     Some(reason) => refused(reason),
+                    None if err.is_connect() => TransportError::new(Unreachable {
+                        host: err.url().map_or_else(|| "an unknown host".to_owned(), host_and_port),
+                        source: err.without_url(),
+                    }),
                     None => TransportError::new(err.without_url()),
                 }
             })?;

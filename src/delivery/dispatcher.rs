@@ -358,7 +358,7 @@ impl Dispatcher {
         let failure = match outcome {
             Ok(()) => {
                 self.breaker.record(permit, AttemptResult::Success, now);
-                telemetry.delivered();
+                telemetry.delivered(&pending.event.id, pending.n_attempts, duration);
                 self.store.complete(pending.id).await;
                 self.forget(&pending);
                 return;

@@ -27,6 +27,12 @@ pub enum Problem {
         excerpt: String,
     },
     Transport(reqwest::Error),
+    /// The connection could not be made (DNS, refused, TLS): named by host and port, so that a
+    /// mistyped host shows in the log, but never by path, query or credentials.
+    Unreachable {
+        host: String,
+        error: reqwest::Error,
+    },
     Body(String),
     /// The attempt panicked: a bug in the relay, not the target's fault. Retried.
     Panicked,
@@ -39,18 +45,24 @@ impl fmt::Display for Problem {
             Problem::Status { status, excerpt } if excerpt.is_empty() => write!(formatter, "status {status}"),
             Problem::Status { status, excerpt } => write!(formatter, "status {status}: {excerpt}"),
             Problem::Transport(err) if err.is_timeout() => write!(formatter, "timed out"),
-            Problem::Transport(err) => {
-                write!(formatter, "{err}")?;
-                let mut source = std::error::Error::source(err);
-                while let Some(cause) = source {
-                    write!(formatter, ": {cause}")?;
-                    source = cause.source();
-                }
-                Ok(())
+            Problem::Transport(err) => write_chain(formatter, err),
+            Problem::Unreachable { host, error } => {
+                write!(formatter, "cannot connect to {host}: ")?;
+                write_chain(formatter, error)
             }
             Problem::Body(message) => formatter.write_str(message),
         }
     }
+}
+
+fn write_chain(formatter: &mut fmt::Formatter<'_>, err: &reqwest::Error) -> fmt::Result {
+    write!(formatter, "{err}")?;
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        write!(formatter, ": {cause}")?;
+        source = cause.source();
+    }
+    Ok(())
 }
 
 /// An attempt that did not deliver: what it means, the status if there was a response, and
@@ -100,7 +112,14 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
             return Err(Failure {
                 verdict: verdict_for_transport_error(),
                 status: None,
-                problem: Problem::Transport(err.without_url()),
+                problem: if err.is_connect() {
+                    Problem::Unreachable {
+                        host: crate::telemetry::host_and_port(&target.url),
+                        error: err.without_url(),
+                    }
+                } else {
+                    Problem::Transport(err.without_url())
+                },
             });
         }
     };

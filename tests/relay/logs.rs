@@ -61,3 +61,82 @@ routes:
         }
     }
 }
+
+/// What an operator reads from a healthy relay and from a failing one: a start-up line with
+/// the version, the config and the storage; a periodic summary; durations in whole
+/// milliseconds; and connection errors that name the host, never the path or query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_what_runs_sums_it_up_and_names_unreachable_hosts() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/flaky", vec![sse_relay::sink::SinkResponse::status(503)]);
+    // Nothing listens on port 1.
+    let yaml = format!(
+        r#"
+logging: {{ summary_interval: 300ms }}
+streams:
+  chat: {{ url: "{chat}", event_type: [/type] }}
+  gone: {{ url: "http://127.0.0.1:1/stream/secret-path?token=secret-query", reconnect: {{ initial_delay: 1s, max_delay: 2s }} }}
+targets:
+  flaky: {{ url: "{flaky}", retry: {{ initial_delay: 30ms, max_delay: 60ms }} }}
+  unreachable: {{ url: "http://127.0.0.1:1/hook/secret-path?token=secret-query", retry: {{ initial_delay: 1s }} }}
+routes:
+  - {{ stream: chat, targets: [flaky, unreachable] }}
+"#,
+        chat = upstream.chat_url("3f1c"),
+        flaky = sink.url("/flaky"),
+    );
+    let relay = LoggedRelay::start(&yaml, &[]).await;
+    let started = relay.wait_for_log("sse-relay started").await;
+    assert!(
+        started.contains(&format!("\"version\":\"{}\"", env!("CARGO_PKG_VERSION"))),
+        "{started}"
+    );
+    assert!(started.contains("relay.yaml") && started.contains("data"), "{started}");
+
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    upstream.publish_event(Api::Chat, r#"{"type":"update"}"#);
+    sink.wait_for_delivered("/flaky", 1, DEADLINE).await;
+
+    let mut retrying = String::new();
+    eventually("the flaky target's retry line", DEADLINE, || {
+        let line = relay
+            .log_lines()
+            .into_iter()
+            .find(|line| line.contains("will retry") && line.contains("\"webhook\":\"flaky\""));
+        retrying = line.clone().unwrap_or_default();
+        std::future::ready(line.is_some())
+    })
+    .await;
+    let retry_in = serde_json::from_str::<serde_json::Value>(&retrying).unwrap()["retry_in"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        retry_in.ends_with("ms") && !retry_in.contains("us") && !retry_in.contains("ns"),
+        "{retrying}"
+    );
+
+    for (webhook_or_stream, field) in [
+        ("\"webhook\":\"unreachable\"", "target"),
+        ("\"stream\":\"gone\"", "stream"),
+    ] {
+        eventually(&format!("the {field}'s connection error"), DEADLINE, || {
+            std::future::ready(
+                relay
+                    .log_lines()
+                    .iter()
+                    .any(|line| line.contains(webhook_or_stream) && line.contains("cannot connect to 127.0.0.1:1")),
+            )
+        })
+        .await;
+    }
+    let summary = relay.wait_for_log("flaky: 1 delivered").await;
+    assert!(summary.contains("chat: 1 received"), "{summary}");
+    for line in relay.log_lines() {
+        assert!(
+            !line.contains("secret-path") && !line.contains("secret-query"),
+            "{line}"
+        );
+    }
+}
