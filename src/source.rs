@@ -114,13 +114,18 @@ impl StreamRuntime {
     }
 
     fn error_backoff(&self) -> ExponentialBackoff {
-        ExponentialBuilder::new()
-            .with_min_delay(self.reconnect.initial_delay)
-            .with_max_delay(self.reconnect.max_delay)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        error_backoff(&self.reconnect)
     }
+}
+
+/// The backoff after failed connections: exponential from `initial_delay`, with jitter.
+fn error_backoff(config: &ReconnectConfig) -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(config.initial_delay)
+        .with_max_delay(config.max_delay)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// How one connection ended.
@@ -797,14 +802,7 @@ mod tests {
             max_delay: Duration::from_secs(2),
             auth_failure_delay: Duration::from_secs(60),
         };
-        let new_backoff = || {
-            ExponentialBuilder::new()
-                .with_min_delay(config.initial_delay)
-                .with_max_delay(config.max_delay)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let new_backoff = || error_backoff(&config);
         let mut backoff = new_backoff();
         for _ in 0..200 {
             let delay = reconnect_delay(

@@ -135,18 +135,7 @@ enum Command {
         id: DeliveryId,
         outcome: Outcome,
     },
-    Load {
-        target: String,
-        after: DeliveryId,
-        limit: usize,
-        reply: Reply<Vec<Pending>>,
-    },
-    /// When the oldest delivery of `target` with an id above `after` arrived.
-    Oldest {
-        target: String,
-        after: DeliveryId,
-        reply: Reply<Option<SystemTime>>,
-    },
+    Read(Read),
     /// Write what was submitted, hand it on, then let go of the dispatchers.
     FinishAppends {
         reply: oneshot::Sender<()>,
@@ -168,12 +157,14 @@ enum Command {
 
 /// A read the writer answers after it has written what came before it.
 enum Read {
+    /// Deliveries of `target` with ids above `after`, oldest first.
     Load {
         target: String,
         after: DeliveryId,
         limit: usize,
         reply: Reply<Vec<Pending>>,
     },
+    /// When the oldest delivery of `target` with an id above `after` arrived.
     Oldest {
         target: String,
         after: DeliveryId,
@@ -454,18 +445,21 @@ impl SqliteStore {
 
     pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
         let target = target.to_owned();
-        self.ask(|reply| Command::Load {
-            target,
-            after,
-            limit,
-            reply,
+        self.ask(|reply| {
+            Command::Read(Read::Load {
+                target,
+                after,
+                limit,
+                reply,
+            })
         })
         .await
     }
 
     pub async fn oldest(&self, target: &str, after: DeliveryId) -> Result<Option<SystemTime>, StoreError> {
         let target = target.to_owned();
-        self.ask(|reply| Command::Oldest { target, after, reply }).await
+        self.ask(|reply| Command::Read(Read::Oldest { target, after, reply }))
+            .await
     }
 
     pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
@@ -578,18 +572,7 @@ impl Writer {
             for command in batch {
                 match command {
                     Command::Record { id, outcome } => results.push((id, outcome)),
-                    Command::Load {
-                        target,
-                        after,
-                        limit,
-                        reply,
-                    } => reads.push(Read::Load {
-                        target,
-                        after,
-                        limit,
-                        reply,
-                    }),
-                    Command::Oldest { target, after, reply } => reads.push(Read::Oldest { target, after, reply }),
+                    Command::Read(read) => reads.push(read),
                     Command::FinishAppends { reply } => {
                         // Take what was submitted before this, then no more.
                         while let Ok(append) = appends.try_recv() {
@@ -841,33 +824,32 @@ impl Writer {
             .filter(|(_, outcome)| outcome.ends_delivery())
             .map(|(id, _)| *id)
             .collect();
-        let (reads, answers) = self
+        let failures = self
             .with_connection(move |connection| {
-                let answers: Vec<rusqlite::Result<ReadAnswer>> =
-                    reads.iter().map(|read| answer_read(connection, read, &ended)).collect();
-                (reads, answers)
+                let mut failures = Vec::new();
+                for read in reads {
+                    match read {
+                        Read::Load {
+                            target,
+                            after,
+                            limit,
+                            reply,
+                        } => {
+                            let loaded = load(connection, &target, after, limit, &ended);
+                            let _ = reply.send(answer_of(loaded, &mut failures));
+                        }
+                        Read::Oldest { target, after, reply } => {
+                            let oldest = oldest(connection, &target, after);
+                            let _ = reply.send(answer_of(oldest, &mut failures));
+                        }
+                    }
+                }
+                failures
             })
             .await;
-        for (read, answer) in reads.into_iter().zip(answers) {
-            if let Err(err) = &answer {
-                self.storage
-                    .write_failed(&format_args!("cannot read the queue database: {err}"));
-            }
-            let answer = answer.map_err(|err| StoreError::Failed(err.to_string()));
-            match read {
-                Read::Load { reply, .. } => {
-                    let _ = reply.send(answer.map(|answer| match answer {
-                        ReadAnswer::Loaded(loaded) => loaded,
-                        ReadAnswer::Oldest(_) => Vec::new(),
-                    }));
-                }
-                Read::Oldest { reply, .. } => {
-                    let _ = reply.send(answer.map(|answer| match answer {
-                        ReadAnswer::Oldest(oldest) => oldest,
-                        ReadAnswer::Loaded(_) => None,
-                    }));
-                }
-            }
+        for failure in failures {
+            self.storage
+                .write_failed(&format_args!("cannot read the queue database: {failure}"));
         }
     }
 
@@ -1076,38 +1058,39 @@ fn data_version(connection: &Connection) -> rusqlite::Result<i64> {
     connection.pragma_query_value(None, "data_version", |row| row.get(0))
 }
 
-enum ReadAnswer {
-    Loaded(Vec<Pending>),
-    Oldest(Option<SystemTime>),
+fn answer_of<T>(read: rusqlite::Result<T>, failures: &mut Vec<String>) -> Result<T, StoreError> {
+    read.map_err(|err| {
+        failures.push(err.to_string());
+        StoreError::Failed(err.to_string())
+    })
 }
 
-fn answer_read(connection: &Connection, read: &Read, ended: &HashSet<DeliveryId>) -> rusqlite::Result<ReadAnswer> {
-    match read {
-        Read::Load {
-            target, after, limit, ..
-        } => {
-            // Rows left out are made up for, so that a short answer still means the dispatcher
-            // has caught up.
-            let loaded: Vec<Pending> = connection
-                .prepare_cached(&format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
-                ))?
-                .query_map(params![target, after, (*limit + ended.len()) as i64], pending_from_row)?
-                .filter(|pending| pending.as_ref().map_or(true, |pending| !ended.contains(&pending.id)))
-                .take(*limit)
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(ReadAnswer::Loaded(loaded))
-        }
-        Read::Oldest { target, after, .. } => {
-            let oldest = connection
-                .prepare_cached(
-                    "SELECT received_at_ms FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT 1",
-                )?
-                .query_row(params![target, after], |row| row.get::<_, i64>(0))
-                .optional()?;
-            Ok(ReadAnswer::Oldest(oldest.map(from_millis)))
-        }
-    }
+/// Deliveries of `target` with ids above `after`, oldest first, without those in `ended`.
+/// Rows left out are made up for, so that a short answer still means there are no more.
+fn load(
+    connection: &Connection,
+    target: &str,
+    after: DeliveryId,
+    limit: usize,
+    ended: &HashSet<DeliveryId>,
+) -> rusqlite::Result<Vec<Pending>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+        ))?
+        .query_map(params![target, after, (limit + ended.len()) as i64], pending_from_row)?
+        .filter(|pending| pending.as_ref().map_or(true, |pending| !ended.contains(&pending.id)))
+        .take(limit)
+        .collect()
+}
+
+/// When the first delivery of `target` with an id above `after` arrived.
+fn oldest(connection: &Connection, target: &str, after: DeliveryId) -> rusqlite::Result<Option<SystemTime>> {
+    let oldest = connection
+        .prepare_cached("SELECT received_at_ms FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT 1")?
+        .query_row(params![target, after], |row| row.get::<_, i64>(0))
+        .optional()?;
+    Ok(oldest.map(from_millis))
 }
 
 /// Reads a row selected with `DELIVERY_COLUMNS`.
