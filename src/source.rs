@@ -607,7 +607,8 @@ fn connect(
 /// Whether an SSE id can be sent back as `Last-Event-ID`: a valid header value, short enough
 /// for any server's header limit. An id that cannot would make every later connection fail.
 pub fn can_resume_from(id: &str) -> bool {
-    id.len() <= MAX_EVENT_ID_BYTES && http::HeaderValue::from_str(id).is_ok()
+    // `HeaderValue` takes bytes above 0x7f (obs-text), which servers are free to refuse.
+    id.len() <= MAX_EVENT_ID_BYTES && id.is_ascii() && http::HeaderValue::from_str(id).is_ok()
 }
 
 /// Keeps the id for `Last-Event-ID`, here and in the store, once its event was accepted;
