@@ -138,5 +138,8 @@ routes:
             !line.contains("secret-path") && !line.contains("secret-query"),
             "{line}"
         );
+        // Valid JSON with unique keys: a second `target` key would hide the module or the field.
+        serde_json::from_str::<serde_json::Value>(&line).expect("a log line is JSON");
+        assert_eq!(line.matches("\"target\":").count(), 1, "one target key: {line}");
     }
 }
