@@ -193,6 +193,9 @@ pub struct StreamConfig {
     /// age and keep no history (the chat API closes after 30 minutes); off when unset.
     #[serde(default, with = "humantime_serde")]
     pub rotate_after: Option<Duration>,
+    /// Certificate authorities to trust besides the system's, and a client certificate.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_event_type() -> Text {
@@ -275,6 +278,9 @@ pub struct TargetConfig {
     pub signing_secret: Option<SigningSecret>,
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Certificate authorities to trust besides the system's, and a client certificate (mTLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -449,6 +455,220 @@ impl<'de> Deserialize<'de> for BodyConfig {
                 "body `{text}` is not one of data, envelope or a JSON pointer such as /payload"
             )),
         })
+    }
+}
+
+/// The `tls` section of a stream or target. Its files are read and checked as the config is
+/// loaded: the certificates parse, and the client key belongs to the client certificate. A
+/// reload reads them again, and a stream or target whose files changed restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Certificate authorities trusted besides the system's store and the bundled roots.
+    pub ca_file: Option<PemCertificates>,
+    /// A certificate (chain) and its key, shown to servers that ask for one (mTLS).
+    pub client_identity: Option<ClientIdentity>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientIdentity {
+    pub certificates: PemCertificates,
+    pub key: PemPrivateKey,
+}
+
+/// The certificates of a PEM file, with the file's path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PemCertificates {
+    pub path: String,
+    pub certificates: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+/// The private key of a PEM file, with the file's path. The key is never printed.
+#[derive(Clone)]
+pub struct PemPrivateKey {
+    pub path: String,
+    key: std::sync::Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+}
+
+impl PemPrivateKey {
+    pub fn der(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}
+
+impl PartialEq for PemPrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl fmt::Debug for PemPrivateKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "PemPrivateKey({}, ***)", self.path)
+    }
+}
+
+/// The most a `tls` file may hold; README.md names it. A bundle of a few hundred certificates
+/// fits.
+const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The kind and DER bytes of each block of a PEM file.
+type PemSections = Vec<(rustls_pki_types::pem::SectionKind, Vec<u8>)>;
+
+/// A `tls` file's path (expanded) and PEM blocks. Errors name the file, never a byte of what it
+/// holds.
+fn read_pem_sections(raw_path: &str) -> Result<(String, PemSections), String> {
+    use rustls_pki_types::pem::{self, PemObject as _};
+
+    let path = expand(raw_path)?;
+    let text =
+        read_regular_file(Path::new(&path), MAX_PEM_FILE_BYTES).map_err(|err| format!("cannot read {path}: {err}"))?;
+    let sections = <(pem::SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| {
+            let problem = match err {
+                pem::Error::MissingSectionEnd { .. } => "a PEM block has no END line",
+                pem::Error::Base64Decode(_) => "a PEM block is not valid base64",
+                _ => "it is not valid PEM",
+            };
+            format!("{path} cannot be read as PEM: {problem}")
+        })?;
+    Ok((path, sections))
+}
+
+impl<'de> Deserialize<'de> for PemCertificates {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |raw| {
+            let (path, sections) = read_pem_sections(raw)?;
+            let certificates: Vec<_> = sections
+                .into_iter()
+                .filter(|(kind, _)| *kind == rustls_pki_types::pem::SectionKind::Certificate)
+                .map(|(_, der)| rustls_pki_types::CertificateDer::from(der))
+                .collect();
+            if certificates.is_empty() {
+                return Err(format!(
+                    "{path} holds no certificate (a PEM block -----BEGIN CERTIFICATE-----)"
+                ));
+            }
+            for (index, certificate) in certificates.iter().enumerate() {
+                rustls::RootCertStore::empty().add(certificate.clone()).map_err(|err| {
+                    format!(
+                        "{path}: certificate {} is not a valid X.509 certificate ({err})",
+                        index + 1
+                    )
+                })?;
+            }
+            Ok(PemCertificates { path, certificates })
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PemPrivateKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use rustls_pki_types::pem::SectionKind;
+        use rustls_pki_types::{PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
+
+        from_text(deserializer, |raw| {
+            let (path, sections) = read_pem_sections(raw)?;
+            let mut keys = sections.into_iter().filter_map(|(kind, der)| match kind {
+                SectionKind::PrivateKey => Some(PrivatePkcs8KeyDer::from(der).into()),
+                SectionKind::RsaPrivateKey => Some(PrivatePkcs1KeyDer::from(der).into()),
+                SectionKind::EcPrivateKey => Some(PrivateSec1KeyDer::from(der).into()),
+                _ => None,
+            });
+            match (keys.next(), keys.next()) {
+                (Some(key), None) => Ok(PemPrivateKey {
+                    path,
+                    key: std::sync::Arc::new(key),
+                }),
+                (None, _) => Err(format!(
+                    "{path} holds no private key (a PEM block -----BEGIN PRIVATE KEY-----, or RSA or EC \
+                     PRIVATE KEY)"
+                )),
+                (Some(_), Some(_)) => Err(format!("{path} holds more than one private key")),
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// A visitor of its own rather than a derive, so that an error about two fields together
+        /// is reported at the `tls` section's place, not its stream's or target's.
+        struct TlsVisitor;
+
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            CaFile,
+            ClientCert,
+            ClientKey,
+        }
+
+        impl<'de> de::Visitor<'de> for TlsVisitor {
+            type Value = TlsConfig;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a tls section: ca_file, client_cert, client_key")
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TlsConfig, A::Error> {
+                let (mut ca_file, mut client_cert, mut client_key) = (None, None, None);
+                while let Some(field) = map.next_key::<Field>()? {
+                    let duplicate = match field {
+                        Field::CaFile => ca_file.replace(map.next_value::<PemCertificates>()?).is_some(),
+                        Field::ClientCert => client_cert.replace(map.next_value::<PemCertificates>()?).is_some(),
+                        Field::ClientKey => client_key.replace(map.next_value::<PemPrivateKey>()?).is_some(),
+                    };
+                    if duplicate {
+                        return Err(de::Error::custom("a field is given twice"));
+                    }
+                }
+                let client_identity = match (client_cert, client_key) {
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(de::Error::custom(
+                            "client_cert needs client_key, the certificate's private key",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(de::Error::custom("client_key needs client_cert, the key's certificate"));
+                    }
+                    (Some(certificates), Some(key)) => {
+                        check_key_belongs_to_certificate(&certificates, &key).map_err(de::Error::custom)?;
+                        Some(ClientIdentity { certificates, key })
+                    }
+                };
+                Ok(TlsConfig {
+                    ca_file,
+                    client_identity,
+                })
+            }
+        }
+
+        deserializer.deserialize_map(TlsVisitor)
+    }
+}
+
+/// The key must be one TLS can sign with, and the public key of the first certificate its own.
+fn check_key_belongs_to_certificate(certificates: &PemCertificates, key: &PemPrivateKey) -> Result<(), String> {
+    let provider = rustls::crypto::ring::default_provider();
+    let signing_key = provider.key_provider.load_private_key(key.der()).map_err(|_| {
+        format!(
+            "client_key {}: the private key is not of a kind TLS can use (RSA, ECDSA P-256 or P-384, Ed25519)",
+            key.path
+        )
+    })?;
+    let certified = rustls::sign::CertifiedKey::new(certificates.certificates.clone(), signing_key);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
+            "the private key in client_key {} does not belong to the first certificate in client_cert {}",
+            key.path, certificates.path
+        )),
+        Err(err) => Err(format!(
+            "client_cert {}: the first certificate is not a valid X.509 certificate ({err})",
+            certificates.path
+        )),
     }
 }
 

@@ -19,4 +19,5 @@ pub mod routing;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;

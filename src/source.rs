@@ -612,7 +612,10 @@ fn describe_error(err: &es::Error, connected: bool) -> (DisconnectReason, String
     };
     let detail = match err {
         es::Error::UnexpectedResponse(response, _) => format!("the server answered {}", response.status()),
-        es::Error::Transport(transport) => error_chain(transport.inner()),
+        es::Error::Transport(transport) => match crate::tls::hint(transport.inner()) {
+            Some(hint) => format!("{} ({hint})", error_chain(transport.inner())),
+            None => error_chain(transport.inner()),
+        },
         other => other.to_string(),
     };
     (reason, detail)

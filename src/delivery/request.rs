@@ -46,7 +46,10 @@ impl fmt::Display for Problem {
                     write!(formatter, ": {cause}")?;
                     source = cause.source();
                 }
-                Ok(())
+                match crate::tls::hint(err) {
+                    Some(hint) => write!(formatter, " ({hint})"),
+                    None => Ok(()),
+                }
             }
             Problem::Body(message) => formatter.write_str(message),
         }

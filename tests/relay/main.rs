@@ -15,3 +15,4 @@ mod rotation;
 mod secrets;
 mod streams;
 mod support;
+mod tls;
