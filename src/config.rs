@@ -707,17 +707,66 @@ impl fmt::Display for Text {
 }
 
 /// A string value that is usually a credential (a header value, a signing secret, a token),
-/// after expansion. Written literally in the file rather than as a `${...}` reference, it is
-/// counted, so that `check` can warn when the file is readable by everyone.
+/// after expansion, and how to make it again when it read files (see [`SecretRecipe`]).
+/// Written literally in the file rather than as a `${...}` reference, it is counted, so that
+/// `check` can warn when the file is readable by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SecretText(pub String);
+pub struct SecretText(pub String, pub Option<SecretRecipe>);
 
 impl<'de> Deserialize<'de> for SecretText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             note_if_literal_secret(raw);
-            expand(raw).map(SecretText)
+            let (value, recipe) = with_context(|context| expand_with_recipe(raw, &*context.env))?;
+            Ok(SecretText(value, recipe))
         })
+    }
+}
+
+/// How a value that read `${file:...}` or `${cred:...}` references was made: the text around
+/// them (variables already expanded) and the files they read, so that it can be made again
+/// after an agent outside the relay rotates a file. Never printed: its text may hold a
+/// variable's secret.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretRecipe {
+    parts: Vec<RecipePart>,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum RecipePart {
+    Text(String),
+    File(std::path::PathBuf),
+}
+
+impl SecretRecipe {
+    /// The value made again from the files as they are now. The error names the file, never
+    /// what it holds.
+    pub fn make(&self) -> Result<String, String> {
+        let mut value = String::new();
+        for part in &self.parts {
+            match part {
+                RecipePart::Text(text) => value.push_str(text),
+                RecipePart::File(path) => value.push_str(&read_secret_file(path)?),
+            }
+        }
+        Ok(value)
+    }
+
+    /// The files the value is made from.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.parts.iter().filter_map(|part| match part {
+            RecipePart::File(path) => Some(path.as_path()),
+            RecipePart::Text(_) => None,
+        })
+    }
+}
+
+impl fmt::Debug for SecretRecipe {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_tuple("SecretRecipe")
+            .field(&self.files().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -1497,10 +1546,18 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
 /// Expands `${VAR}`, `${VAR:-default}`, `${file:/path}`, `${cred:NAME}` and `$$` (a literal
 /// `$`); any other `$` stays as it is.
 pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
+    expand_with_recipe(raw, env).map(|(expanded, _)| expanded)
+}
+
+/// Like [`expand_env`], with the recipe to make the value again when it read files.
+fn expand_with_recipe(raw: &str, env: &EnvLookup) -> Result<(String, Option<SecretRecipe>), String> {
     if !raw.contains('$') {
-        return Ok(raw.to_owned());
+        return Ok((raw.to_owned(), None));
     }
     let mut expanded = String::with_capacity(raw.len());
+    // The recipe's parts before the text expanded since the last file.
+    let mut parts = Vec::new();
+    let mut text_since_file = 0;
     let mut rest = raw;
     while let Some(dollar) = rest.find('$') {
         expanded.push_str(&rest[..dollar]);
@@ -1512,7 +1569,16 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
             let close = body
                 .find('}')
                 .ok_or_else(|| "unclosed `${`: a variable reference is written ${NAME}".to_owned())?;
-            expanded.push_str(&resolve_reference(&body[..close], env)?);
+            let reference = &body[..close];
+            match secret_file_path(reference, env)? {
+                Some(path) => {
+                    parts.push(RecipePart::Text(expanded[text_since_file..].to_owned()));
+                    expanded.push_str(&read_secret_file(&path)?);
+                    text_since_file = expanded.len();
+                    parts.push(RecipePart::File(path));
+                }
+                None => expanded.push_str(&resolve_variable(reference, env)?),
+            }
             rest = &body[close + 1..];
         } else {
             expanded.push('$');
@@ -1520,13 +1586,18 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
         }
     }
     expanded.push_str(rest);
-    Ok(expanded)
+    if parts.is_empty() {
+        return Ok((expanded, None));
+    }
+    parts.push(RecipePart::Text(expanded[text_since_file..].to_owned()));
+    parts.retain(|part| !matches!(part, RecipePart::Text(text) if text.is_empty()));
+    Ok((expanded, Some(SecretRecipe { parts })))
 }
 
-/// The value of one `${...}` reference.
-fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String> {
+/// The file a `${file:...}` or `${cred:...}` reference reads; none for a variable.
+fn secret_file_path(reference: &str, env: &EnvLookup) -> Result<Option<std::path::PathBuf>, String> {
     if let Some(path) = reference.strip_prefix("file:") {
-        return read_secret_file(Path::new(path));
+        return Ok(Some(Path::new(path).to_owned()));
     }
     if let Some(name) = reference.strip_prefix("cred:") {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
@@ -1537,8 +1608,13 @@ fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String>
         let directory = env("CREDENTIALS_DIRECTORY").ok_or_else(|| {
             format!("`${{cred:{name}}}` needs CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
         })?;
-        return read_secret_file(&Path::new(&directory).join(name));
+        return Ok(Some(Path::new(&directory).join(name)));
     }
+    Ok(None)
+}
+
+/// The value of a `${VAR}` or `${VAR:-default}` reference.
+fn resolve_variable(reference: &str, env: &EnvLookup) -> Result<String, String> {
     let (name, default) = match reference.split_once(":-") {
         Some((name, default)) => (name, Some(default)),
         None => (reference, None),
@@ -1675,6 +1751,38 @@ mod tests {
         assert!(
             missing.starts_with("cannot read the secret file ") && missing.contains("absent"),
             "{missing}"
+        );
+    }
+
+    #[test]
+    fn a_secret_that_read_files_is_made_again_from_them() {
+        let directory = tempfile::tempdir().unwrap();
+        let token = directory.path().join("token");
+        std::fs::write(&token, "first\n").unwrap();
+        let credentials = directory.path().display().to_string();
+        let env: Box<EnvLookup> = Box::new(move |name| match name {
+            "CREDENTIALS_DIRECTORY" => Some(credentials.clone()),
+            "USER" => Some("relay".to_owned()),
+            _ => None,
+        });
+        let raw = format!("${{USER}}:${{file:{}}}/$$/${{cred:token}}!", token.display());
+        let (value, recipe) = expand_with_recipe(&raw, &*env).unwrap();
+        assert_eq!(value, "relay:first/$/first!");
+        let recipe = recipe.expect("the value read files");
+        std::fs::write(&token, "second").unwrap();
+        assert_eq!(recipe.make().unwrap(), "relay:second/$/second!");
+        assert_eq!(recipe.files().count(), 2);
+        assert!(!format!("{recipe:?}").contains("relay:"), "{recipe:?}");
+        std::fs::remove_file(&token).unwrap();
+        let err = recipe.make().unwrap_err();
+        assert!(
+            err.starts_with("cannot read the secret file ") && !err.contains("second"),
+            "{err}"
+        );
+        // Without files there is nothing to make again.
+        assert_eq!(
+            expand_with_recipe("${USER}", &*env).unwrap(),
+            ("relay".to_owned(), None)
         );
     }
 

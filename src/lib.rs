@@ -16,6 +16,7 @@ pub mod emulator;
 pub mod event;
 pub mod queue;
 pub mod routing;
+pub mod secret_headers;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

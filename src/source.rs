@@ -23,6 +23,7 @@ use crate::dedup::OverlapDeduplicator;
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
+use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
 use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
@@ -64,7 +65,7 @@ impl Dispatch {
 /// A stream as its task uses it, built from its config.
 pub struct StreamRuntime {
     url: String,
-    headers: Vec<(String, String)>,
+    headers: SecretHeaders,
     idle_timeout: Duration,
     rotate_after: Option<Duration>,
     reconnect: ReconnectConfig,
@@ -80,19 +81,7 @@ impl StreamRuntime {
         telemetry: Arc<StreamTelemetry>,
         client: &reqwest::Client,
     ) -> anyhow::Result<StreamRuntime> {
-        let mut headers = Vec::with_capacity(config.headers.len());
-        // An empty value (an unset `${VAR:-}`) leaves the header out.
-        for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
-            // The value may be a secret: the error names the header, never the value.
-            if http::HeaderValue::from_str(&value.0).is_err() {
-                anyhow::bail!(
-                    "stream {}: header {} has a character that is not allowed in an HTTP header",
-                    telemetry.name,
-                    name.0
-                );
-            }
-            headers.push((name.0.clone(), value.0.clone()));
-        }
+        let headers = SecretHeaders::new(Owner::Stream(Arc::clone(&telemetry.name)), &config.headers)?;
         let known_event_types: Vec<Arc<str>> = table
             .stream_id(&telemetry.name)
             .map(|id| table.exact_event_types(id).collect())
@@ -167,6 +156,7 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
         rejected_event_id: None,
         targets: Vec::new(),
         rotation_refused: false,
+        auth_failed_with: None,
         n_connections: 0,
         duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
     };
@@ -193,6 +183,9 @@ struct StreamState {
     targets: Vec<TargetId>,
     /// The server answered 409 to a second connection: this stream does not rotate.
     rotation_refused: bool,
+    /// The headers of a connection that the server answered 401 or 403: the next connection
+    /// makes those from secret files again first.
+    auth_failed_with: Option<Arc<HeaderSet>>,
     n_connections: u64,
     duplicates: OverlapDeduplicator,
 }
@@ -201,6 +194,8 @@ struct StreamState {
 struct Connection {
     /// Distinguishes the two connections of an overlap.
     serial: u64,
+    /// The headers it was opened with.
+    headers: Arc<HeaderSet>,
     events: es::BoxStream<es::Result<es::SSE>>,
     started: Instant,
     /// The server answered 200.
@@ -233,11 +228,16 @@ impl Connection {
 
 impl Connection {
     fn open(stream: &StreamRuntime, state: &mut StreamState) -> Result<Connection, es::Error> {
+        if let Some(used) = state.auth_failed_with.take() {
+            stream.headers.after_auth_failure(&used);
+        }
+        let headers = stream.headers.current();
         let (transport, activity) = stream.transport.for_connection();
-        let events = connect(stream, transport, state.last_event_id.as_deref())?;
+        let events = connect(stream, transport, &headers, state.last_event_id.as_deref())?;
         state.n_connections += 1;
         Ok(Connection {
             serial: state.n_connections,
+            headers,
             events,
             started: Instant::now(),
             connected: false,
@@ -436,6 +436,9 @@ async fn read_connections(
                     }
                     Some(Err(err)) => {
                         let (reason, detail) = describe_error(&err, connection.connected);
+                        if reason == DisconnectReason::AuthFailed {
+                            state.auth_failed_with = Some(Arc::clone(&connection.headers));
+                        }
                         let refused =
                             matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
                         Some(Ended {
@@ -549,12 +552,13 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn connect(
     stream: &StreamRuntime,
     transport: ReqwestTransport,
+    headers: &HeaderSet,
     last_event_id: Option<&str>,
 ) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {
     let mut builder = es::ClientBuilder::for_url(&stream.url)?
         .reconnect(es::ReconnectOptions::reconnect(false).retry_initial(false).build())
         .redirect_limit(5);
-    for (name, value) in &stream.headers {
+    for (name, value) in &headers.pairs {
         builder = builder.header(name, value)?;
     }
     if let Some(id) = last_event_id {
