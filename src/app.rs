@@ -26,13 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{self, Config, StreamConfig, TargetConfig};
+use crate::config::{self, Config, StreamConfig, TargetConfig, TlsConfig};
 use crate::delivery::{self, DispatcherInput, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
 use crate::source::{self, Dispatch, StreamRuntime};
 use crate::telemetry::{Metrics, StreamTelemetry, SummaryTotals};
+use crate::tls::TrustedRoots;
 
 /// A running relay: its tasks and how to change or stop them.
 pub struct Relay {
@@ -40,6 +41,9 @@ pub struct Relay {
     admin_addr: SocketAddr,
     metrics: Arc<Metrics>,
     store: Store,
+    /// The certificate authorities every client trusts, read once at start.
+    trusted_roots: TrustedRoots,
+    /// Shared by the streams and targets without a `tls` section of their own.
     stream_client: reqwest::Client,
     delivery_client: reqwest::Client,
     dispatch: watch::Sender<Arc<Dispatch>>,
@@ -161,24 +165,9 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let admin_addr = listener.local_addr()?;
 
     let metrics = Metrics::new();
-    let user_agent = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
-    let delivery_client = reqwest::Client::builder()
-        .user_agent(user_agent)
-        // A redirected POST would become a GET elsewhere, carrying the target's headers there:
-        // a 3xx is a permanent failure instead (see delivery/retry.rs).
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-        .context("cannot build the HTTP client")?;
-    let stream_client = reqwest::Client::builder()
-        .user_agent(user_agent)
-        .redirect(crate::transport::redirect_policy())
-        .referer(false)
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_keepalive(Duration::from_secs(30))
-        .build()
-        .context("cannot build the HTTP client")?;
+    let trusted_roots = TrustedRoots::load();
+    let delivery_client = delivery_client(&trusted_roots, None).context("cannot build the HTTP client")?;
+    let stream_client = stream_client(&trusted_roots, None).context("cannot build the HTTP client")?;
 
     // The dispatchers' inputs come first: the store hands them what it has stored.
     let mut inputs = HashMap::new();
@@ -213,6 +202,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         admin_addr,
         metrics,
         store,
+        trusted_roots,
         stream_client,
         delivery_client,
         dispatch,
@@ -228,7 +218,8 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         let telemetry = relay.metrics.target(name);
         telemetry.queue_depth.set(relay.store.initial_pending(name) as i64);
         let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-        let target = relay.start_target(runtime, target_config, inputs[name.as_str()].clone(), output);
+        let client = relay.target_client(name, target_config)?;
+        let target = relay.start_target(runtime, target_config, &client, inputs[name.as_str()].clone(), output);
         relay.targets.insert(name.clone(), target);
     }
     for (name, stream_config) in &config.streams {
@@ -237,6 +228,34 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     }
     relay.publish_streams_to_admin();
     Ok(relay)
+}
+
+const USER_AGENT: &str = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
+
+/// The client streams connect with: redirects within the stream's origin only, no `Referer`,
+/// TCP keepalive for connections that stay open for hours.
+fn stream_client(roots: &TrustedRoots, tls: Option<&TlsConfig>) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(roots.client_config(tls)?)
+        .user_agent(USER_AGENT)
+        .redirect(crate::transport::redirect_policy())
+        .referer(false)
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Duration::from_secs(30))
+        .build()?)
+}
+
+/// The client deliveries are made with.
+fn delivery_client(roots: &TrustedRoots, tls: Option<&TlsConfig>) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(roots.client_config(tls)?)
+        .user_agent(USER_AGENT)
+        // A redirected POST would become a GET elsewhere, carrying the target's headers there:
+        // a 3xx is a permanent failure instead (see delivery/retry.rs).
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()?)
 }
 
 async fn retire_target(store: &Store, target: &str) {
@@ -258,15 +277,34 @@ impl Relay {
         self.admin_addr
     }
 
+    /// The shared delivery client, or one of the target's own when it has a `tls` section.
+    fn target_client(&self, name: &str, config: &TargetConfig) -> anyhow::Result<reqwest::Client> {
+        match &config.tls {
+            Some(tls) => delivery_client(&self.trusted_roots, Some(tls))
+                .with_context(|| format!("target {name}: cannot set up its TLS client")),
+            None => Ok(self.delivery_client.clone()),
+        }
+    }
+
+    /// The shared stream client, or one of the stream's own when it has a `tls` section.
+    fn stream_client(&self, name: &str, config: &StreamConfig) -> anyhow::Result<reqwest::Client> {
+        match &config.tls {
+            Some(tls) => stream_client(&self.trusted_roots, Some(tls))
+                .with_context(|| format!("stream {name}: cannot set up its TLS client")),
+            None => Ok(self.stream_client.clone()),
+        }
+    }
+
     fn start_target(
         &self,
         target: Arc<TargetRuntime>,
         config: &TargetConfig,
+        client: &reqwest::Client,
         input: DispatcherInput,
         output: delivery::DispatcherOutput,
     ) -> RunningTarget {
         let stop = CancellationToken::new();
-        let task = delivery::spawn_dispatcher(&target, output, &self.store, &self.delivery_client, &stop);
+        let task = delivery::spawn_dispatcher(&target, output, &self.store, client, &stop);
         info!(
             webhook = %target.telemetry.name, url = %target.display_url, max_in_flight = target.max_in_flight,
             "target ready"
@@ -285,7 +323,7 @@ impl Relay {
             config,
             &self.dispatch.borrow().table,
             Arc::clone(&telemetry),
-            &self.stream_client,
+            &self.stream_client(name, config)?,
         )?;
         Ok(self.spawn_stream(config.clone(), runtime, telemetry))
     }
@@ -376,7 +414,8 @@ impl Relay {
             let telemetry = self.metrics.target(name);
             let (input, output) = delivery::dispatcher_input(telemetry.queue_depth.clone());
             let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-            new_targets.push((name.clone(), target_config.clone(), runtime, input, output));
+            let client = self.target_client(name, target_config)?;
+            new_targets.push((name.clone(), target_config.clone(), runtime, client, input, output));
         }
         let table = RoutingTable::new(&config);
         let mut new_streams = Vec::new();
@@ -389,7 +428,8 @@ impl Relay {
                 continue;
             }
             let telemetry = Arc::new(self.metrics.stream(name));
-            let runtime = StreamRuntime::new(stream_config, &table, Arc::clone(&telemetry), &self.stream_client)?;
+            let client = self.stream_client(name, stream_config)?;
+            let runtime = StreamRuntime::new(stream_config, &table, Arc::clone(&telemetry), &client)?;
             new_streams.push((name.clone(), stream_config.clone(), runtime, telemetry));
         }
 
@@ -403,7 +443,7 @@ impl Relay {
                 inputs.insert(Arc::from(name.as_str()), running.input.clone());
             }
         }
-        for (name, _, _, input, _) in &new_targets {
+        for (name, _, _, _, input, _) in &new_targets {
             inputs.insert(Arc::from(name.as_str()), input.clone());
         }
         self.store.set_dispatchers(inputs).await;
@@ -423,8 +463,8 @@ impl Relay {
                 retire_target(&self.store, &name).await;
             }
         }
-        for (name, target_config, runtime, input, output) in new_targets {
-            let target = self.start_target(runtime, &target_config, input, output);
+        for (name, target_config, runtime, client, input, output) in new_targets {
+            let target = self.start_target(runtime, &target_config, &client, input, output);
             self.targets.insert(name, target);
         }
 

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use url::Url;
 
-use crate::config::{Config, Text};
+use crate::config::{Config, Text, TlsConfig};
 use crate::delivery::display_url;
 
 const MASK: &str = "***";
@@ -74,6 +74,7 @@ pub fn describe(config: &Config) -> String {
             duration(stream.idle_timeout),
             stream.max_event_bytes,
         );
+        describe_tls(&mut out, stream.tls.as_ref());
     }
 
     out.push_str("\ntargets\n");
@@ -116,6 +117,7 @@ pub fn describe(config: &Config) -> String {
         if target.signing_secret.is_some() {
             let _ = writeln!(out, "    signed (Standard Webhooks), secret {MASK}");
         }
+        describe_tls(&mut out, target.tls.as_ref());
     }
 
     out.push_str("\nroutes (every matching route delivers; a target gets an event once)\n");
@@ -144,6 +146,29 @@ pub fn describe(config: &Config) -> String {
         let _ = writeln!(out, " -> {}", targets.join(", "));
     }
     out
+}
+
+/// A `tls` section: the files it names (never what a key file holds). Without one, only the
+/// system's store and the bundled roots are trusted, which is said once, in the header.
+fn describe_tls(out: &mut String, tls: Option<&TlsConfig>) {
+    let Some(tls) = tls else {
+        return;
+    };
+    if let Some(ca_file) = &tls.ca_file {
+        let _ = writeln!(
+            out,
+            "    tls trusts {} ({} certificates) besides the system's store",
+            ca_file.path,
+            ca_file.certificates.len()
+        );
+    }
+    if let Some(identity) = &tls.client_identity {
+        let _ = writeln!(
+            out,
+            "    tls client certificate {}, key {}",
+            identity.certificates.path, identity.key.path
+        );
+    }
 }
 
 /// A value as `check` shows it: one read from a file or a credential as it was written.

@@ -216,6 +216,9 @@ pub struct StreamConfig {
     /// age and keep no history (the chat API closes after 30 minutes); off when unset.
     #[serde(default, with = "humantime_serde")]
     pub rotate_after: Option<Duration>,
+    /// Certificate authorities to trust besides the system's, and a client certificate.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_event_type() -> Text {
@@ -298,6 +301,9 @@ pub struct TargetConfig {
     pub signing_secret: Option<SigningSecret>,
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Certificate authorities to trust besides the system's, and a client certificate (mTLS).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -475,6 +481,220 @@ impl<'de> Deserialize<'de> for BodyConfig {
     }
 }
 
+/// The `tls` section of a stream or target. Its files are read and checked as the config is
+/// loaded: the certificates parse, and the client key belongs to the client certificate. A
+/// reload reads them again, and a stream or target whose files changed restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Certificate authorities trusted besides the system's store and the bundled roots.
+    pub ca_file: Option<PemCertificates>,
+    /// A certificate (chain) and its key, shown to servers that ask for one (mTLS).
+    pub client_identity: Option<ClientIdentity>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientIdentity {
+    pub certificates: PemCertificates,
+    pub key: PemPrivateKey,
+}
+
+/// The certificates of a PEM file, with the file's path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PemCertificates {
+    pub path: String,
+    pub certificates: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+/// The private key of a PEM file, with the file's path. The key is never printed.
+#[derive(Clone)]
+pub struct PemPrivateKey {
+    pub path: String,
+    key: std::sync::Arc<rustls_pki_types::PrivateKeyDer<'static>>,
+}
+
+impl PemPrivateKey {
+    pub fn der(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+}
+
+impl PartialEq for PemPrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl fmt::Debug for PemPrivateKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "PemPrivateKey({}, ***)", self.path)
+    }
+}
+
+/// The most a `tls` file may hold; README.md names it. A bundle of a few hundred certificates
+/// fits.
+const MAX_PEM_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The kind and DER bytes of each block of a PEM file.
+type PemSections = Vec<(rustls_pki_types::pem::SectionKind, Vec<u8>)>;
+
+/// A `tls` file's path (expanded) and PEM blocks. Errors name the file, never a byte of what it
+/// holds.
+fn read_pem_sections(raw_path: &str) -> Result<(String, PemSections), String> {
+    use rustls_pki_types::pem::{self, PemObject as _};
+
+    let path = expand(raw_path)?;
+    let text =
+        read_regular_file(Path::new(&path), MAX_PEM_FILE_BYTES).map_err(|err| format!("cannot read {path}: {err}"))?;
+    let sections = <(pem::SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| {
+            let problem = match err {
+                pem::Error::MissingSectionEnd { .. } => "a PEM block has no END line",
+                pem::Error::Base64Decode(_) => "a PEM block is not valid base64",
+                _ => "it is not valid PEM",
+            };
+            format!("{path} cannot be read as PEM: {problem}")
+        })?;
+    Ok((path, sections))
+}
+
+impl<'de> Deserialize<'de> for PemCertificates {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |raw| {
+            let (path, sections) = read_pem_sections(raw)?;
+            let certificates: Vec<_> = sections
+                .into_iter()
+                .filter(|(kind, _)| *kind == rustls_pki_types::pem::SectionKind::Certificate)
+                .map(|(_, der)| rustls_pki_types::CertificateDer::from(der))
+                .collect();
+            if certificates.is_empty() {
+                return Err(format!(
+                    "{path} holds no certificate (a PEM block -----BEGIN CERTIFICATE-----)"
+                ));
+            }
+            for (index, certificate) in certificates.iter().enumerate() {
+                rustls::RootCertStore::empty().add(certificate.clone()).map_err(|err| {
+                    format!(
+                        "{path}: certificate {} is not a valid X.509 certificate ({err})",
+                        index + 1
+                    )
+                })?;
+            }
+            Ok(PemCertificates { path, certificates })
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PemPrivateKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use rustls_pki_types::pem::SectionKind;
+        use rustls_pki_types::{PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer};
+
+        from_text(deserializer, |raw| {
+            let (path, sections) = read_pem_sections(raw)?;
+            let mut keys = sections.into_iter().filter_map(|(kind, der)| match kind {
+                SectionKind::PrivateKey => Some(PrivatePkcs8KeyDer::from(der).into()),
+                SectionKind::RsaPrivateKey => Some(PrivatePkcs1KeyDer::from(der).into()),
+                SectionKind::EcPrivateKey => Some(PrivateSec1KeyDer::from(der).into()),
+                _ => None,
+            });
+            match (keys.next(), keys.next()) {
+                (Some(key), None) => Ok(PemPrivateKey {
+                    path,
+                    key: std::sync::Arc::new(key),
+                }),
+                (None, _) => Err(format!(
+                    "{path} holds no private key (a PEM block -----BEGIN PRIVATE KEY-----, or RSA or EC \
+                     PRIVATE KEY)"
+                )),
+                (Some(_), Some(_)) => Err(format!("{path} holds more than one private key")),
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// A visitor of its own rather than a derive, so that an error about two fields together
+        /// is reported at the `tls` section's place, not its stream's or target's.
+        struct TlsVisitor;
+
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            CaFile,
+            ClientCert,
+            ClientKey,
+        }
+
+        impl<'de> de::Visitor<'de> for TlsVisitor {
+            type Value = TlsConfig;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a tls section: ca_file, client_cert, client_key")
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TlsConfig, A::Error> {
+                let (mut ca_file, mut client_cert, mut client_key) = (None, None, None);
+                while let Some(field) = map.next_key::<Field>()? {
+                    let duplicate = match field {
+                        Field::CaFile => ca_file.replace(map.next_value::<PemCertificates>()?).is_some(),
+                        Field::ClientCert => client_cert.replace(map.next_value::<PemCertificates>()?).is_some(),
+                        Field::ClientKey => client_key.replace(map.next_value::<PemPrivateKey>()?).is_some(),
+                    };
+                    if duplicate {
+                        return Err(de::Error::custom("a field is given twice"));
+                    }
+                }
+                let client_identity = match (client_cert, client_key) {
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(de::Error::custom(
+                            "client_cert needs client_key, the certificate's private key",
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err(de::Error::custom("client_key needs client_cert, the key's certificate"));
+                    }
+                    (Some(certificates), Some(key)) => {
+                        check_key_belongs_to_certificate(&certificates, &key).map_err(de::Error::custom)?;
+                        Some(ClientIdentity { certificates, key })
+                    }
+                };
+                Ok(TlsConfig {
+                    ca_file,
+                    client_identity,
+                })
+            }
+        }
+
+        deserializer.deserialize_map(TlsVisitor)
+    }
+}
+
+/// The key must be one TLS can sign with, and the public key of the first certificate its own.
+fn check_key_belongs_to_certificate(certificates: &PemCertificates, key: &PemPrivateKey) -> Result<(), String> {
+    let provider = rustls::crypto::ring::default_provider();
+    let signing_key = provider.key_provider.load_private_key(key.der()).map_err(|_| {
+        format!(
+            "client_key {}: the private key is not of a kind TLS can use (RSA, ECDSA P-256 or P-384, Ed25519)",
+            key.path
+        )
+    })?;
+    let certified = rustls::sign::CertifiedKey::new(certificates.certificates.clone(), signing_key);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(format!(
+            "the private key in client_key {} does not belong to the first certificate in client_cert {}",
+            key.path, certificates.path
+        )),
+        Err(err) => Err(format!(
+            "client_cert {}: the first certificate is not a valid X.509 certificate ({err})",
+            certificates.path
+        )),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -510,17 +730,66 @@ impl fmt::Display for Text {
 }
 
 /// A string value that is usually a credential (a header value, a signing secret, a token),
-/// after expansion. Written literally in the file rather than as a `${...}` reference, it is
-/// counted, so that `check` can warn when the file is readable by everyone.
+/// after expansion, and how to make it again when it read files (see [`SecretRecipe`]).
+/// Written literally in the file rather than as a `${...}` reference, it is counted, so that
+/// `check` can warn when the file is readable by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SecretText(pub String);
+pub struct SecretText(pub String, pub Option<SecretRecipe>);
 
 impl<'de> Deserialize<'de> for SecretText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             note_if_literal_secret(raw);
-            expand(raw).map(SecretText)
+            let (value, recipe) = with_context(|context| expand_with_recipe(raw, &*context.env))?;
+            Ok(SecretText(value, recipe))
         })
+    }
+}
+
+/// How a value that read `${file:...}` or `${cred:...}` references was made: the text around
+/// them (variables already expanded) and the files they read, so that it can be made again
+/// after an agent outside the relay rotates a file. Never printed: its text may hold a
+/// variable's secret.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretRecipe {
+    parts: Vec<RecipePart>,
+}
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum RecipePart {
+    Text(String),
+    File(std::path::PathBuf),
+}
+
+impl SecretRecipe {
+    /// The value made again from the files as they are now. The error names the file, never
+    /// what it holds.
+    pub fn make(&self) -> Result<String, String> {
+        let mut value = String::new();
+        for part in &self.parts {
+            match part {
+                RecipePart::Text(text) => value.push_str(text),
+                RecipePart::File(path) => value.push_str(&read_secret_file(path)?),
+            }
+        }
+        Ok(value)
+    }
+
+    /// The files the value is made from.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.parts.iter().filter_map(|part| match part {
+            RecipePart::File(path) => Some(path.as_path()),
+            RecipePart::Text(_) => None,
+        })
+    }
+}
+
+impl fmt::Debug for SecretRecipe {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_tuple("SecretRecipe")
+            .field(&self.files().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -1300,10 +1569,18 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
 /// Expands `${VAR}`, `${VAR:-default}`, `${file:/path}`, `${cred:NAME}` and `$$` (a literal
 /// `$`); any other `$` stays as it is.
 pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
+    expand_with_recipe(raw, env).map(|(expanded, _)| expanded)
+}
+
+/// Like [`expand_env`], with the recipe to make the value again when it read files.
+fn expand_with_recipe(raw: &str, env: &EnvLookup) -> Result<(String, Option<SecretRecipe>), String> {
     if !raw.contains('$') {
-        return Ok(raw.to_owned());
+        return Ok((raw.to_owned(), None));
     }
     let mut expanded = String::with_capacity(raw.len());
+    // The recipe's parts before the text expanded since the last file.
+    let mut parts = Vec::new();
+    let mut text_since_file = 0;
     let mut rest = raw;
     while let Some(dollar) = rest.find('$') {
         expanded.push_str(&rest[..dollar]);
@@ -1315,7 +1592,16 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
             let close = body
                 .find('}')
                 .ok_or_else(|| "unclosed `${`: a variable reference is written ${NAME}".to_owned())?;
-            expanded.push_str(&resolve_reference(&body[..close], env)?);
+            let reference = &body[..close];
+            match secret_file_path(reference, env)? {
+                Some(path) => {
+                    parts.push(RecipePart::Text(expanded[text_since_file..].to_owned()));
+                    expanded.push_str(&read_secret_file(&path)?);
+                    text_since_file = expanded.len();
+                    parts.push(RecipePart::File(path));
+                }
+                None => expanded.push_str(&resolve_variable(reference, env)?),
+            }
             rest = &body[close + 1..];
         } else {
             expanded.push('$');
@@ -1323,13 +1609,18 @@ pub fn expand_env(raw: &str, env: &EnvLookup) -> Result<String, String> {
         }
     }
     expanded.push_str(rest);
-    Ok(expanded)
+    if parts.is_empty() {
+        return Ok((expanded, None));
+    }
+    parts.push(RecipePart::Text(expanded[text_since_file..].to_owned()));
+    parts.retain(|part| !matches!(part, RecipePart::Text(text) if text.is_empty()));
+    Ok((expanded, Some(SecretRecipe { parts })))
 }
 
-/// The value of one `${...}` reference.
-fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String> {
+/// The file a `${file:...}` or `${cred:...}` reference reads; none for a variable.
+fn secret_file_path(reference: &str, env: &EnvLookup) -> Result<Option<std::path::PathBuf>, String> {
     if let Some(path) = reference.strip_prefix("file:") {
-        return read_secret_file(Path::new(path));
+        return Ok(Some(Path::new(path).to_owned()));
     }
     if let Some(name) = reference.strip_prefix("cred:") {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
@@ -1340,8 +1631,13 @@ fn resolve_reference(reference: &str, env: &EnvLookup) -> Result<String, String>
         let directory = env("CREDENTIALS_DIRECTORY").ok_or_else(|| {
             format!("`${{cred:{name}}}` needs CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
         })?;
-        return read_secret_file(&Path::new(&directory).join(name));
+        return Ok(Some(Path::new(&directory).join(name)));
     }
+    Ok(None)
+}
+
+/// The value of a `${VAR}` or `${VAR:-default}` reference.
+fn resolve_variable(reference: &str, env: &EnvLookup) -> Result<String, String> {
     let (name, default) = match reference.split_once(":-") {
         Some((name, default)) => (name, Some(default)),
         None => (reference, None),
@@ -1478,6 +1774,38 @@ mod tests {
         assert!(
             missing.starts_with("cannot read the secret file ") && missing.contains("absent"),
             "{missing}"
+        );
+    }
+
+    #[test]
+    fn a_secret_that_read_files_is_made_again_from_them() {
+        let directory = tempfile::tempdir().unwrap();
+        let token = directory.path().join("token");
+        std::fs::write(&token, "first\n").unwrap();
+        let credentials = directory.path().display().to_string();
+        let env: Box<EnvLookup> = Box::new(move |name| match name {
+            "CREDENTIALS_DIRECTORY" => Some(credentials.clone()),
+            "USER" => Some("relay".to_owned()),
+            _ => None,
+        });
+        let raw = format!("${{USER}}:${{file:{}}}/$$/${{cred:token}}!", token.display());
+        let (value, recipe) = expand_with_recipe(&raw, &*env).unwrap();
+        assert_eq!(value, "relay:first/$/first!");
+        let recipe = recipe.expect("the value read files");
+        std::fs::write(&token, "second").unwrap();
+        assert_eq!(recipe.make().unwrap(), "relay:second/$/second!");
+        assert_eq!(recipe.files().count(), 2);
+        assert!(!format!("{recipe:?}").contains("relay:"), "{recipe:?}");
+        std::fs::remove_file(&token).unwrap();
+        let err = recipe.make().unwrap_err();
+        assert!(
+            err.starts_with("cannot read the secret file ") && !err.contains("second"),
+            "{err}"
+        );
+        // Without files there is nothing to make again.
+        assert_eq!(
+            expand_with_recipe("${USER}", &*env).unwrap(),
+            ("relay".to_owned(), None)
         );
     }
 

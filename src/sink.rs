@@ -162,6 +162,8 @@ struct SinkState {
     scripts: HashMap<String, VecDeque<SinkResponse>>,
     /// The answer once a path's script is used up; 200 when unset.
     defaults: HashMap<String, u16>,
+    /// Per path: a header (name, value) that requests must carry, or be answered 401.
+    required_headers: HashMap<String, (String, String)>,
     callbacks: Vec<RequestCallback>,
     /// Per path: requests received and requests answered 2xx, so that waiting for a count
     /// does not copy every request each time one arrives.
@@ -236,6 +238,15 @@ impl Sink {
     /// down, say), until set again.
     pub fn answer_by_default(&self, path: &str, status: u16) {
         self.shared.lock().defaults.insert(path.to_string(), status);
+    }
+
+    /// Answers 401 to requests for `path` that do not carry header `name` with exactly `value`,
+    /// as a webhook that checks a token does, before any script; until set again.
+    pub fn require_header(&self, path: &str, name: &str, value: &str) {
+        self.shared
+            .lock()
+            .required_headers
+            .insert(path.to_string(), (name.to_owned(), value.to_owned()));
     }
 
     pub fn requests(&self, path: &str) -> Vec<ReceivedRequest> {
@@ -324,11 +335,17 @@ async fn record_and_answer(
     // is used in arrival order even when requests arrive concurrently.
     let (response, index) = {
         let mut state = shared.lock();
-        let response = state
-            .scripts
-            .get_mut(&path)
-            .and_then(VecDeque::pop_front)
-            .unwrap_or_else(|| SinkResponse::status(state.defaults.get(&path).copied().unwrap_or(200)));
+        let refused = state.required_headers.get(&path).is_some_and(|(name, value)| {
+            parts.headers.get(name.as_str()).and_then(|given| given.to_str().ok()) != Some(value.as_str())
+        });
+        let response = match refused {
+            true => SinkResponse::status(401),
+            false => state
+                .scripts
+                .get_mut(&path)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or_else(|| SinkResponse::status(state.defaults.get(&path).copied().unwrap_or(200))),
+        };
         let request = ReceivedRequest {
             method: parts.method,
             path,

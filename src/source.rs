@@ -24,6 +24,7 @@ use crate::delivery::retry::parse_retry_after;
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::routing::RoutingTable;
+use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
 use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
 
@@ -68,7 +69,7 @@ impl Dispatch {
 /// A stream as its task uses it, built from its config.
 pub struct StreamRuntime {
     url: String,
-    headers: Vec<(String, String)>,
+    headers: SecretHeaders,
     idle_timeout: Duration,
     rotate_after: Option<Duration>,
     reconnect: ReconnectConfig,
@@ -84,19 +85,7 @@ impl StreamRuntime {
         telemetry: Arc<StreamTelemetry>,
         client: &reqwest::Client,
     ) -> anyhow::Result<StreamRuntime> {
-        let mut headers = Vec::with_capacity(config.headers.len());
-        // An empty value (an unset `${VAR:-}`) leaves the header out.
-        for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
-            // The value may be a secret: the error names the header, never the value.
-            if http::HeaderValue::from_str(&value.0).is_err() {
-                anyhow::bail!(
-                    "stream {}: header {} has a character that is not allowed in an HTTP header",
-                    telemetry.name,
-                    name.0
-                );
-            }
-            headers.push((name.0.clone(), value.0.clone()));
-        }
+        let headers = SecretHeaders::new(Owner::Stream(Arc::clone(&telemetry.name)), &config.headers)?;
         let known_event_types: Vec<Arc<str>> = table
             .stream_id(&telemetry.name)
             .map(|id| table.exact_event_types(id).collect())
@@ -183,6 +172,7 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
         rejected_event_id: None,
         targets: Vec::new(),
         rotation_refused: false,
+        auth_failed_with: None,
         n_connections: 0,
         duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
     };
@@ -210,6 +200,9 @@ struct StreamState {
     /// The server answered 409 to the last second connection. Rotation is tried again with the
     /// next connection, at its `rotate_after` age; meanwhile the stream reconnects after a close.
     rotation_refused: bool,
+    /// The headers of a connection that the server answered 401 or 403: the next connection
+    /// makes those from secret files again first.
+    auth_failed_with: Option<Arc<HeaderSet>>,
     n_connections: u64,
     duplicates: OverlapDeduplicator,
 }
@@ -218,6 +211,8 @@ struct StreamState {
 struct Connection {
     /// Distinguishes the two connections of an overlap.
     serial: u64,
+    /// The headers it was opened with.
+    headers: Arc<HeaderSet>,
     events: es::BoxStream<es::Result<es::SSE>>,
     started: Instant,
     /// The server answered 200.
@@ -250,11 +245,16 @@ impl Connection {
 
 impl Connection {
     fn open(stream: &StreamRuntime, state: &mut StreamState) -> Result<Connection, es::Error> {
+        if let Some(used) = state.auth_failed_with.take() {
+            stream.headers.after_auth_failure(&used);
+        }
+        let headers = stream.headers.current();
         let (transport, activity) = stream.transport.for_connection();
-        let events = connect(stream, transport, state.last_event_id.as_deref())?;
+        let events = connect(stream, transport, &headers, state.last_event_id.as_deref())?;
         state.n_connections += 1;
         Ok(Connection {
             serial: state.n_connections,
+            headers,
             events,
             started: Instant::now(),
             connected: false,
@@ -458,6 +458,9 @@ async fn read_connections(
                     }
                     Some(Err(err)) => {
                         let (reason, detail) = describe_error(&err, connection.connected);
+                        if reason == DisconnectReason::AuthFailed {
+                            state.auth_failed_with = Some(Arc::clone(&connection.headers));
+                        }
                         let refused =
                             matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
                         Some(Ended {
@@ -590,12 +593,13 @@ async fn sleep_until(deadline: Option<Instant>) {
 fn connect(
     stream: &StreamRuntime,
     transport: ReqwestTransport,
+    headers: &HeaderSet,
     last_event_id: Option<&str>,
 ) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {
     let mut builder = es::ClientBuilder::for_url(&stream.url)?
         .reconnect(es::ReconnectOptions::reconnect(false).retry_initial(false).build())
         .redirect_limit(5);
-    for (name, value) in &stream.headers {
+    for (name, value) in &headers.pairs {
         builder = builder.header(name, value)?;
     }
     if let Some(id) = last_event_id {
@@ -667,7 +671,10 @@ fn describe_error(err: &es::Error, connected: bool) -> (DisconnectReason, String
     };
     let detail = match err {
         es::Error::UnexpectedResponse(response, _) => format!("the server answered {}", response.status()),
-        es::Error::Transport(transport) => error_chain(transport.inner()),
+        es::Error::Transport(transport) => match crate::tls::hint(transport.inner()) {
+            Some(hint) => format!("{} ({hint})", error_chain(transport.inner())),
+            None => error_chain(transport.inner()),
+        },
         other => other.to_string(),
     };
     (reason, detail)

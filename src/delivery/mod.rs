@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
-use http::{HeaderMap, HeaderValue};
+
 use percent_encoding::percent_decode_str;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ use crate::delivery::request::Secrets;
 use crate::delivery::signing::SigningKey;
 use crate::event::TargetId;
 use crate::queue::{Pending, Store};
+use crate::secret_headers::{Owner, SecretHeaders};
 use crate::telemetry::TargetTelemetry;
 
 /// Appended deliveries on their way from the streams to a target's dispatcher.
@@ -37,7 +38,8 @@ pub struct TargetRuntime {
     pub url: reqwest::Url,
     /// The URL as logs may show it: scheme and host only, unless the config marks it safe.
     pub display_url: String,
-    pub headers: HeaderMap,
+    /// Its configured headers; those from secret files are made again after a 401 or 403.
+    pub headers: SecretHeaders,
     pub timeout: Duration,
     pub max_in_flight: usize,
     /// Deliveries held in memory with the memory store; beyond it they are dropped for this target.
@@ -55,20 +57,7 @@ pub struct TargetRuntime {
 
 impl TargetRuntime {
     pub fn new(id: TargetId, config: &TargetConfig, telemetry: TargetTelemetry) -> anyhow::Result<TargetRuntime> {
-        let mut headers = HeaderMap::new();
-        // An empty value (an unset `${VAR:-}`) leaves the header out.
-        for (name, value) in config.headers.iter().filter(|(_, value)| !value.0.is_empty()) {
-            let header_name = http::HeaderName::from_bytes(name.0.as_bytes())?;
-            // The value may be a secret: the error names the header, never the value.
-            let header_value = HeaderValue::from_str(&value.0).map_err(|_| {
-                anyhow::anyhow!(
-                    "target {}: header {} has a character that is not allowed in an HTTP header",
-                    telemetry.name,
-                    name.0
-                )
-            })?;
-            headers.insert(header_name, header_value);
-        }
+        let headers = SecretHeaders::new(Owner::Target(Arc::clone(&telemetry.name)), &config.headers)?;
         Ok(TargetRuntime {
             id,
             url: config.url.0.clone(),
@@ -94,17 +83,24 @@ impl TargetRuntime {
     }
 }
 
+/// A header value, and the credentials after a scheme such as `Bearer`.
+pub fn header_secrets(value: &str) -> impl Iterator<Item = String> {
+    let credentials = value
+        .trim()
+        .split_once(' ')
+        .map(|(_scheme, credentials)| credentials.trim().to_owned());
+    std::iter::once(value.to_owned()).chain(credentials)
+}
+
 /// Every secret value of a target: header values (and the credentials after a scheme such as
 /// `Bearer`), the URL's user information (also as the Basic authorization made of it), the
 /// URL's path and query unless `safe_url` (a catch-hook URL is its own credential), and the
 /// signing secret.
 fn secrets_of(config: &TargetConfig) -> Secrets {
+    // (Values that a secret file holds later are added as they are read: see request.rs.)
     let mut values = Vec::new();
     for value in config.headers.values() {
-        values.push(value.0.clone());
-        if let Some((_scheme, credentials)) = value.0.trim().split_once(' ') {
-            values.push(credentials.trim().to_owned());
-        }
+        values.extend(header_secrets(&value.0));
     }
     let url = &config.url.0;
     let decode = |text: &str| percent_decode_str(text).decode_utf8_lossy().into_owned();

@@ -12,6 +12,7 @@ use crate::config::BodyConfig;
 use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
 use crate::delivery::{TargetRuntime, signing};
 use crate::event::Event;
+use crate::secret_headers::HeaderSet;
 
 /// How much of an error response's body is kept for the log line.
 const EXCERPT_BYTES: usize = 200;
@@ -55,6 +56,7 @@ impl fmt::Display for Problem {
     }
 }
 
+/// The error and its causes, and what would fix a TLS failure.
 fn write_chain(formatter: &mut fmt::Formatter<'_>, err: &reqwest::Error) -> fmt::Result {
     write!(formatter, "{err}")?;
     let mut source = std::error::Error::source(err);
@@ -62,7 +64,10 @@ fn write_chain(formatter: &mut fmt::Formatter<'_>, err: &reqwest::Error) -> fmt:
         write!(formatter, ": {cause}")?;
         source = cause.source();
     }
-    Ok(())
+    match crate::tls::hint(err) {
+        Some(hint) => write!(formatter, " ({hint})"),
+        None => Ok(()),
+    }
 }
 
 /// An attempt that did not deliver: what it means, the status if there was a response, and
@@ -75,19 +80,52 @@ pub struct Failure {
 }
 
 /// Sends one attempt and says what it means.
+///
+/// A 401 or 403 makes the target's header values from secret files again (an agent outside the
+/// relay may have rotated a token); if that changed them, the request is sent once more with
+/// the new values, within the same attempt, and its answer is the attempt's.
 pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &Event) -> Result<(), Failure> {
     let (body, content_type) = body_for(&target.body, event).map_err(|message| Failure {
         verdict: Verdict::Permanent,
         status: None,
         problem: Problem::Body(message),
     })?;
+    let headers = target.headers.current();
+    let sent = send(client, target, event, body.clone(), content_type, &headers).await;
+    let Err(Failure {
+        status: Some(401 | 403),
+        ..
+    }) = &sent
+    else {
+        return sent;
+    };
+    match target.headers.after_auth_failure(&headers) {
+        Some(fresh) => {
+            // A target that echoes its request must not show the new values either.
+            target
+                .secrets
+                .add(fresh.pairs.iter().flat_map(|(_, value)| super::header_secrets(value)));
+            send(client, target, event, body, content_type, &fresh).await
+        }
+        None => sent,
+    }
+}
 
+/// Sends the request once, with `headers`, and judges the response.
+async fn send(
+    client: &reqwest::Client,
+    target: &TargetRuntime,
+    event: &Event,
+    body: Bytes,
+    content_type: &'static str,
+    headers: &HeaderSet,
+) -> Result<(), Failure> {
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let event_id = event.id.encode(&mut id_buffer);
     let mut request = client.post(target.url.clone()).timeout(target.timeout);
     // Most targets have no headers of their own; copying an empty map still allocates.
-    if !target.headers.is_empty() {
-        request = request.headers(target.headers.clone());
+    if !headers.map.is_empty() {
+        request = request.headers(headers.map.clone());
     }
     request = request
         .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
@@ -181,15 +219,25 @@ fn truncate_to_char_boundary(text: &str, max_bytes: usize) -> &str {
 /// request in an error body would otherwise put them in the log and the dead-letter table
 /// through the response excerpt. Used only on that failure path.
 pub struct Secrets {
-    /// Longest first, so that a secret that contains another is replaced whole.
-    values: Vec<String>,
+    /// Longest first, so that a secret that contains another is replaced whole. Values read
+    /// again from secret files are added (the old ones stay: a late answer may echo them).
+    values: std::sync::RwLock<Vec<String>>,
 }
 
 impl Secrets {
     /// Each value as an excerpt would show it (control characters as spaces), and as a JSON
     /// string escapes it when that differs; empty values are left out.
     pub fn new(values: impl IntoIterator<Item = String>) -> Secrets {
-        let mut forms = Vec::new();
+        let secrets = Secrets {
+            values: std::sync::RwLock::default(),
+        };
+        secrets.add(values);
+        secrets
+    }
+
+    /// Adds values, as [`Secrets::new`] takes them.
+    pub fn add(&self, values: impl IntoIterator<Item = String>) {
+        let mut forms = self.values.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         for value in values.into_iter().filter(|value| !value.trim().is_empty()) {
             let json = serde_json::to_string(&value).expect("a string can be written as JSON");
             forms.push(json[1..json.len() - 1].to_owned());
@@ -197,17 +245,20 @@ impl Secrets {
         }
         forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         forms.dedup();
-        Secrets { values: forms }
     }
 
     fn longest(&self) -> usize {
-        self.values.first().map_or(0, String::len)
+        self.read().first().map_or(0, String::len)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<String>> {
+        self.values.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `text` with every secret value replaced by `***`.
     pub fn redact(&self, text: &str) -> String {
         let mut text = text.to_owned();
-        for value in &self.values {
+        for value in self.read().iter() {
             if text.contains(value.as_str()) {
                 text = text.replace(value.as_str(), "***");
             }
