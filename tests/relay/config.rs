@@ -60,7 +60,7 @@ fn config_errors_name_the_place() {
     );
     check(
         &base("colour: blue\n"),
-        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`",
+        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`, `logging`",
     );
     check(
         &base("").replace(
