@@ -1,16 +1,19 @@
 //! The configuration file: the only serde types in the crate.
 //!
-//! `parse` turns YAML text into a validated [`Config`]. Every check that can point at a place in
-//! the file runs during deserialization, so serde_yaml attaches the line and column of the
-//! offending node to the error. Checks that need to know the names of all streams and targets
-//! (a route naming an unknown target, say) read them from a per-thread [`ParseContext`] that
-//! `parse` fills in a first, lenient pass over the same text.
+//! `parse` turns YAML text into a validated [`Config`], or into every problem of the text. Every
+//! check that can point at a place in the file runs during deserialization, so serde_yaml
+//! attaches the line and column of the offending node to the error; after an error, the text is
+//! deserialized again with the failed entry hidden (`yaml::Recovery`), so one run finds them
+//! all. Checks that need to know the names of all streams and targets (a route naming an
+//! unknown target, say) read them from a per-thread [`ParseContext`] that `parse` fills in a
+//! first, lenient pass over the same text.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,11 +21,42 @@ use serde::de::{self, Deserializer, IgnoredAny};
 use url::Url;
 use wildmatch::WildMatch;
 
+use crate::yaml;
+
 /// Looks up an environment variable by name; tests pass their own.
 pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
+/// Everything wrong with a config: each problem on a line of its own, in the order of the file.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Never empty.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                formatter.write_str("\n")?;
+            }
+            write!(formatter, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigProblem> for ConfigError {
+    fn from(problem: ConfigProblem) -> ConfigError {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum ConfigProblem {
     #[error("{path}: cannot read the file: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("{origin}:{line}:{column}: {message}")]
@@ -782,37 +816,40 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
         storage: StorageConfig,
     }
     refuse_deep_nesting(&text, &origin)?;
-    let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
+    let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| ConfigError::from(locate(&origin, err)))?;
     Ok(parsed.storage)
 }
 
 /// The config file's text. Like a secret file, it must be a regular file: SIGHUP re-reads it
 /// while the relay runs, and a FIFO or a device there must not stop the relay.
 fn read_config_file(path: &Path) -> Result<String, ConfigError> {
-    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
+    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| {
+        ConfigError::from(ConfigProblem::Read {
+            path: path.display().to_string(),
+            source,
+        })
     })
 }
 
-fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
+fn locate(origin: &str, err: serde_yaml::Error) -> ConfigProblem {
     match err.location() {
-        Some(location) => ConfigError::Located {
+        Some(location) => ConfigProblem::Located {
             origin: origin.to_owned(),
             line: location.line(),
             column: location.column(),
             message: strip_location_suffix(&err.to_string()),
         },
-        None => ConfigError::Unlocated {
+        None => ConfigProblem::Unlocated {
             origin: origin.to_owned(),
             message: err.to_string(),
         },
     }
 }
 
-/// Parses config text; `origin` names it in errors (usually the file path).
+/// Parses config text; `origin` names it in errors (usually the file path). An invalid text
+/// gives every problem it has, up to `MAX_PROBLEMS`.
 pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
-    let locate = |err: serde_yaml::Error| locate(origin, err);
+    let locate = |err: serde_yaml::Error| ConfigError::from(locate(origin, err));
     refuse_deep_nesting(text, origin)?;
 
     // First pass: only the names of streams and targets, so that routes can be checked against
@@ -825,35 +862,103 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         targets: BTreeMap<String, IgnoredAny>,
     }
     let names: Names = serde_yaml::from_str(text).map_err(locate)?;
-
-    let context = ParseContext {
-        env,
-        stream_names: names.streams.into_keys().collect(),
-        target_names: names.targets.into_keys().collect(),
+    let stream_names: BTreeSet<String> = names.streams.into_keys().collect();
+    let target_names: BTreeSet<String> = names.targets.into_keys().collect();
+    let env: Rc<EnvLookup> = Rc::from(env);
+    let new_context = || ParseContext {
+        env: Rc::clone(&env),
+        stream_names: stream_names.clone(),
+        target_names: target_names.clone(),
         n_literal_secrets: std::cell::Cell::new(0),
         written_as: RefCell::default(),
         urls_from_references: RefCell::default(),
     };
-    CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
-    let parsed = serde_yaml::from_str::<Config>(text);
-    let context = CONTEXT.with(|cell| cell.borrow_mut().take());
-    let mut config = parsed.map_err(locate)?;
-    if let Some(context) = context {
-        config.n_literal_secrets = context.n_literal_secrets.get();
-        config.written_as = context.written_as.into_inner();
-        config.urls_from_references = context.urls_from_references.into_inner();
-    }
 
-    if config.streams.is_empty() {
-        return Err(ConfigError::Unlocated {
-            origin: origin.to_owned(),
-            message: "no streams are configured".to_owned(),
-        });
+    let mut problems = Vec::new();
+    let parsed = deserialize_every_part(text, origin, new_context, BTreeSet::new(), &mut problems);
+    if let Some((config, _)) = &parsed {
+        if problems.is_empty() && config.streams.is_empty() {
+            problems.push(ConfigProblem::Unlocated {
+                origin: origin.to_owned(),
+                message: "no streams are configured".to_owned(),
+            });
+        }
+        // A relation between two values is checked once both are valid: a value that failed
+        // was hidden, and its default stands in for it.
+        let check_relations = problems.is_empty();
+        for unworkable in unworkable_values(config, check_relations) {
+            problems.push(unworkable.locate(text, origin));
+        }
     }
-    if let Some(unworkable) = unworkable_values(&config).into_iter().next() {
-        return Err(unworkable.locate(text, origin));
+    if !problems.is_empty() {
+        return Err(in_file_order(problems));
     }
+    let (mut config, context) = parsed.expect("a text without problems was deserialized");
+    config.n_literal_secrets = context.n_literal_secrets.get();
+    config.written_as = context.written_as.into_inner();
+    config.urls_from_references = context.urls_from_references.into_inner();
     Ok(config)
+}
+
+/// More problems than this are not looked for: each one costs a parse of the whole text.
+const MAX_PROBLEMS: usize = 50;
+
+/// Nor more parsing than this, for a long text with many problems.
+const MAX_PARSED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Deserializes the config, and after each error again, with the entry or list item that failed
+/// hidden, until a run gets through or the error is in no entry (a top-level key is missing, or
+/// the text is no mapping). Each error goes to `problems`, except one that only says a hidden
+/// key is missing. Returns the last run's config and context, if it got through.
+fn deserialize_every_part(
+    text: &str,
+    origin: &str,
+    new_context: impl Fn() -> ParseContext,
+    mut hidden: BTreeSet<yaml::NodePath>,
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<(Config, ParseContext)> {
+    let mut n_parsed_bytes = 0;
+    loop {
+        n_parsed_bytes += text.len();
+        let recovery = yaml::Recovery::new(hidden.clone());
+        CONTEXT.with(|cell| *cell.borrow_mut() = Some(new_context()));
+        let parsed = Config::deserialize(recovery.deserializer(serde_yaml::Deserializer::from_str(text)));
+        let context = CONTEXT
+            .with(|cell| cell.borrow_mut().take())
+            .expect("the context was set above");
+        let err = match parsed {
+            Ok(config) => return Some((config, context)),
+            Err(err) => err,
+        };
+        if !recovery.is_consequence(&err.to_string()) {
+            problems.push(locate(origin, err));
+        }
+        // A failure inside no entry, or in one already hidden, leaves nothing more to hide.
+        if !recovery.failed().is_some_and(|failed| hidden.insert(failed)) {
+            return None;
+        }
+        if problems.len() >= MAX_PROBLEMS || n_parsed_bytes >= MAX_PARSED_BYTES {
+            problems.push(ConfigProblem::Unlocated {
+                origin: origin.to_owned(),
+                message: format!(
+                    "stopped looking after {} problems: fix these, then check again",
+                    problems.len()
+                ),
+            });
+            return None;
+        }
+    }
+}
+
+/// Located problems by their place, then the others; each once.
+fn in_file_order(mut problems: Vec<ConfigProblem>) -> ConfigError {
+    problems.sort_by_key(|problem| match problem {
+        ConfigProblem::Located { line, column, .. } => (0, *line, *column),
+        ConfigProblem::Unlocated { .. } | ConfigProblem::Read { .. } => (1, 0, 0),
+    });
+    let mut seen = BTreeSet::new();
+    problems.retain(|problem| seen.insert(problem.to_string()));
+    ConfigError { problems }
 }
 
 /// Delays and timeouts shorter than this are refused: tokio's timers count milliseconds, so a
@@ -881,23 +986,27 @@ struct Unworkable {
 
 impl Unworkable {
     /// The error at the first of its places that the file has.
-    fn locate(self, text: &str, origin: &str) -> ConfigError {
+    fn locate(self, text: &str, origin: &str) -> ConfigProblem {
         for (place, message) in &self.places {
             if let Some(err) = fail_at(text, place, message) {
                 return locate(origin, err);
             }
         }
         let (place, message) = &self.places[0];
-        ConfigError::Unlocated {
+        ConfigProblem::Unlocated {
             origin: origin.to_owned(),
             message: format!("{}: {message}", place.join(".")),
         }
     }
 }
 
-/// Durations, sizes and their relations that cannot work, in the order of the config reference.
-fn unworkable_values(config: &Config) -> Vec<Unworkable> {
-    let mut found = Found(Vec::new());
+/// Durations, sizes and (with `check_relations`) their relations that cannot work, in the order
+/// of the config reference.
+fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> {
+    let mut found = Found {
+        unworkable: Vec::new(),
+        check_relations,
+    };
     found.duration(&["shutdown", "grace_period"], config.shutdown.grace_period, None);
     let storage = &config.storage;
     if storage.max_bytes.as_u64() < MIN_STORAGE_BYTES {
@@ -995,15 +1104,18 @@ fn unworkable_values(config: &Config) -> Vec<Unworkable> {
             ": no retry could start in time; to never retry, set max_attempts: 1",
         );
     }
-    found.0
+    found.unworkable
 }
 
 /// What `unworkable_values` has found so far.
-struct Found(Vec<Unworkable>);
+struct Found {
+    unworkable: Vec<Unworkable>,
+    check_relations: bool,
+}
 
 impl Found {
     fn push(&mut self, place: &[&str], message: String) {
-        self.0.push(Unworkable {
+        self.unworkable.push(Unworkable {
             places: vec![(owned_keys(place), message)],
         });
     }
@@ -1029,14 +1141,14 @@ impl Found {
         (start, start_value): (&str, Duration),
         consequence: &str,
     ) {
-        if cap_value >= start_value {
+        if cap_value >= start_value || !self.check_relations {
             return;
         }
         let (cap_shown, start_shown) = (
             humantime::format_duration(cap_value),
             humantime::format_duration(start_value),
         );
-        self.0.push(Unworkable {
+        self.unworkable.push(Unworkable {
             places: vec![
                 (
                     owned_keys(&[section, &[cap]].concat()),
@@ -1150,12 +1262,12 @@ const MAX_FLOW_NESTING: usize = 64;
 
 fn refuse_deep_nesting(text: &str, origin: &str) -> Result<(), ConfigError> {
     match find_deep_nesting(text) {
-        Some((line, column)) => Err(ConfigError::Located {
+        Some((line, column)) => Err(ConfigError::from(ConfigProblem::Located {
             origin: origin.to_owned(),
             line,
             column,
             message: format!("collections nested more than {MAX_FLOW_NESTING} levels deep"),
-        }),
+        })),
         None => Ok(()),
     }
 }
@@ -1244,7 +1356,7 @@ fn strip_location_suffix(message: &str) -> String {
 }
 
 struct ParseContext {
-    env: Box<EnvLookup>,
+    env: Rc<EnvLookup>,
     stream_names: BTreeSet<String>,
     target_names: BTreeSet<String>,
     n_literal_secrets: std::cell::Cell<usize>,
@@ -1263,7 +1375,7 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
             Some(context) => action(context),
             // Outside `parse` (a type deserialized on its own), use the process environment.
             None => action(&ParseContext {
-                env: Box::new(|name| std::env::var(name).ok()),
+                env: Rc::new(|name| std::env::var(name).ok()),
                 stream_names: BTreeSet::new(),
                 target_names: BTreeSet::new(),
                 n_literal_secrets: std::cell::Cell::new(0),

@@ -56,7 +56,8 @@ fn config_errors_name_the_place() {
     );
     check(
         &base("routes:\n  - stream: chat\n    target: [n8n]\n"),
-        "test.yaml:9:5: routes[0]: unknown field `target`, expected one of `stream`, `events`, `where`, `targets`",
+        "test.yaml:8:5: routes[0]: missing field `targets`\n\
+         test.yaml:9:5: routes[0]: unknown field `target`, expected one of `stream`, `events`, `where`, `targets`",
     );
     check(
         &base("colour: blue\n"),
@@ -117,6 +118,72 @@ fn config_errors_name_the_place() {
     check(
         &base("").replace("http://127.0.0.1:2/hook", "admin:literal@hooks.example.com/x"),
         "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https",
+    );
+}
+
+/// One run reports every problem of a file, each at its place: a new user learns all the
+/// variables the example needs at once, and an error does not hide the ones after it.
+#[test]
+fn every_problem_of_a_file_is_reported_in_one_run() {
+    let check = |yaml: &str, expected: &[&str]| {
+        let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
+        assert_eq!(err, expected.join("\n"), "for:\n{yaml}");
+    };
+    check(
+        include_str!("../../relay.example.yaml"),
+        &[
+            "test.yaml:22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+            "test.yaml:24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+            "test.yaml:25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+            "test.yaml:34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+            "test.yaml:35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+            "test.yaml:48:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
+            "test.yaml:60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+        ],
+    );
+    // Errors of every kind, several in one stream, before and after each other.
+    check(
+        "streams:\n  chat:\n    url: ${CHAT_URL}\n    idle_timeout: 30\n    colour: blue\n    headers: { Authorization: \"${TOKEN}\" }\n    \
+         reconnect: { initial_delay: 0s, max_delay: soon }\n  bad: http://127.0.0.1:1/\n  \
+         participant:\n    url: http://127.0.0.1:1/p\n    keepalive: KEEP_ALIVE\n    reconnect: { initial_delay: 0s }\n\
+         targets:\n  n8n:\n    timeout: ten\n    body: payload\n  zapier: { url: \"${HOOK}\", max_in_flight: 0 }\n\
+         routes:\n  - stream: chat\n    events: [\"\"]\n    targets: [n8n, slack]\n  - stream: nothing*\n    targets: [zapier]\n\
+         storage: { mode: disk }\n",
+        &[
+            "test.yaml:3:10: streams.chat.url: environment variable CHAT_URL is not set",
+            "test.yaml:4:19: streams.chat.idle_timeout: invalid value: string \"30\", expected a duration",
+            "test.yaml:5:5: streams.chat: unknown field `colour`, expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`",
+            "test.yaml:6:31: streams.chat.headers.Authorization: environment variable TOKEN is not set",
+            "test.yaml:7:48: streams.chat.reconnect.max_delay: invalid value: string \"soon\", expected a duration",
+            "test.yaml:8:8: streams.bad: invalid type: string \"http://127.0.0.1:1/\", expected struct StreamConfig",
+            "test.yaml:11:16: streams.participant.keepalive: invalid type: string \"KEEP_ALIVE\", expected a sequence",
+            "test.yaml:12:33: streams.participant.reconnect.initial_delay: must be at least 1ms, or a failing upstream is reconnected to in a hot loop",
+            "test.yaml:15:5: targets.n8n: missing field `url`",
+            "test.yaml:15:14: targets.n8n.timeout: invalid value: string \"ten\", expected a duration",
+            "test.yaml:16:11: targets.n8n.body: body `payload` is not one of data, envelope or a JSON pointer such as /payload",
+            "test.yaml:17:18: targets.zapier.url: environment variable HOOK is not set",
+            "test.yaml:17:44: targets.zapier.max_in_flight: must be at least 1",
+            "test.yaml:20:14: routes[0].events[0]: an empty pattern matches nothing",
+            "test.yaml:21:20: routes[0].targets[1]: unknown target `slack`; configured targets: n8n, zapier",
+            "test.yaml:22:13: routes[1].stream: stream pattern `nothing*` matches no configured stream",
+            "test.yaml:24:18: storage.mode: unknown variant `disk`, expected `sqlite` or `memory`",
+        ],
+    );
+    // A relation between two values waits until both are valid: the default that stands in for
+    // a value that failed is no reason for an error.
+    check(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    reconnect: { initial_delay: 1m, max_delay: later }\ntargets: {}\n",
+        &["test.yaml:4:48: streams.chat.reconnect.max_delay: invalid value: string \"later\", expected a duration"],
+    );
+    // Past 50 problems, the search stops, and says so.
+    let many = (0..60)
+        .map(|n| format!("  s{n}: {{ url: \"${{UNSET_{n}}}\" }}\n"))
+        .collect::<String>();
+    let err = parse_config(&format!("streams:\n{many}targets: {{}}\n"), &[]).expect_err("none is set");
+    assert_eq!(err.problems.len(), 51, "{err}");
+    assert_eq!(
+        err.problems[50].to_string(),
+        "test.yaml: stopped looking after 50 problems: fix these, then check again"
     );
 }
 

@@ -69,6 +69,33 @@ async fn check_reports_errors_with_their_place() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
+/// `check` prints every problem of the file, one `error:` line each, and fails: a new user sees
+/// all the variables the example needs in one run.
+#[tokio::test]
+async fn check_reports_every_problem_one_per_line() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = write_config(&directory, "relay.yaml", include_str!("../../relay.example.yaml"));
+    let output = check(
+        &path,
+        &[("ZAPIER_HOOK_URL", "https://hooks.zapier.com/hooks/catch/1/a")],
+    )
+    .await;
+    assert!(!output.status.success());
+    let expected: String = [
+        ":22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+        ":24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+        ":25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+        ":34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+        ":35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+        ":60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+    ]
+    .iter()
+    .map(|line| format!("error: {}{line}\n", path.display()))
+    .collect();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
+    assert!(output.stdout.is_empty());
+}
+
 /// A FIFO as a secret file or as the config file is refused at once, naming it: opening one
 /// would wait for a writer forever.
 #[tokio::test]

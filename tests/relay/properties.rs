@@ -11,7 +11,7 @@ use proptest::prelude::{Just, ProptestConfig, Strategy, any, prop, prop_assert, 
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use sse_relay::classify::{Classified, Classifier, SseMessage};
-use sse_relay::config::{Config, ConfigError, StreamConfig};
+use sse_relay::config::{Config, ConfigError, ConfigProblem, StreamConfig};
 use sse_relay::event::{Event, EventId};
 use sse_relay::routing::RoutingTable;
 
@@ -113,10 +113,10 @@ const FRAGMENTS: &[&str] = &[
 ];
 
 /// Checks what the loader promises about any text: a config with at least one stream whose
-/// routes name configured targets, or an error that names the origin and, when it has one, a
+/// routes name configured targets, or errors that name the origin and, when they have one, a
 /// 1-based place inside the text.
 fn check_parse_outcome(text: &str, outcome: Result<Config, ConfigError>) -> Result<(), TestCaseError> {
-    match outcome {
+    let problems = match outcome {
         Ok(config) => {
             prop_assert!(!config.streams.is_empty());
             for route in &config.routes {
@@ -125,26 +125,27 @@ fn check_parse_outcome(text: &str, outcome: Result<Config, ConfigError>) -> Resu
                     prop_assert!(config.targets.contains_key(&target.0), "unknown target {:?}", target.0);
                 }
             }
+            return Ok(());
         }
-        Err(err @ ConfigError::Located { .. }) => {
-            let ConfigError::Located { line, column, .. } = err else {
-                unreachable!()
-            };
-            let message = err.to_string();
-            prop_assert!(line >= 1 && column >= 1, "{}", message);
-            prop_assert!(
-                line <= count_yaml_lines(text) + 1,
-                "{} is past the end of the text",
-                message
-            );
-            let prefix = format!("test.yaml:{line}:{column}: ");
-            prop_assert!(message.starts_with(&prefix), "{}", message);
+        Err(err) => err.problems,
+    };
+    prop_assert!(!problems.is_empty());
+    for problem in problems {
+        let message = problem.to_string();
+        match problem {
+            ConfigProblem::Located { line, column, .. } => {
+                prop_assert!(line >= 1 && column >= 1, "{}", message);
+                prop_assert!(
+                    line <= count_yaml_lines(text) + 1,
+                    "{} is past the end of the text",
+                    message
+                );
+                let prefix = format!("test.yaml:{line}:{column}: ");
+                prop_assert!(message.starts_with(&prefix), "{}", message);
+            }
+            ConfigProblem::Unlocated { .. } => prop_assert!(message.starts_with("test.yaml: "), "{}", message),
+            ConfigProblem::Read { .. } => prop_assert!(false, "parse read a file: {message}"),
         }
-        Err(err @ ConfigError::Unlocated { .. }) => {
-            let message = err.to_string();
-            prop_assert!(message.starts_with("test.yaml: "), "{}", message);
-        }
-        Err(err @ ConfigError::Read { .. }) => prop_assert!(false, "parse read a file: {err}"),
     }
     Ok(())
 }
@@ -458,8 +459,8 @@ proptest! {
 
         let err = parse_config(&text, ENV).expect_err(&text);
         let message = err.to_string();
-        let ConfigError::Located { line, column, .. } = err else {
-            return Err(TestCaseError::fail(format!("no location: {message}")));
+        let [ConfigProblem::Located { line, column, .. }] = err.problems[..] else {
+            return Err(TestCaseError::fail(format!("not one located problem: {message}")));
         };
         prop_assert_eq!((line, column), (expected_line, 4 + invalid.error_offset + 1), "{}\n{}", message, text);
         prop_assert!(message.contains(invalid.message), "{}", message);

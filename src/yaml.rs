@@ -1,0 +1,416 @@
+//! Reading YAML for people: every problem of a file in one run, each at its place. It knows
+//! nothing of the config's types; `config.rs` drives it.
+//!
+//! serde stops at the first error, and serde_yaml tells where a node is only through an error.
+//! So [`Recovery`] lets a deserialization run again after each error with the entry that failed
+//! hidden, as if the file did not have it, until a run gets through; each run finds one error.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// Where a node is: the position of each mapping entry or list item on the way from the top
+/// (`[2, 0]` is the first entry under the third top-level key). A hidden entry keeps its
+/// position, so the paths of the others are the same in every run.
+pub type NodePath = Vec<usize>;
+
+/// One run of a recovering deserialization: the entries it hides, and the one that failed.
+pub struct Recovery {
+    hidden: BTreeSet<NodePath>,
+    /// The innermost entry or list item whose deserialization failed.
+    failed: RefCell<Option<NodePath>>,
+    /// The keys hidden in each mapping, by the mapping's path.
+    hidden_keys: RefCell<BTreeMap<NodePath, Vec<String>>>,
+}
+
+impl Recovery {
+    pub fn new(hidden: BTreeSet<NodePath>) -> Recovery {
+        Recovery {
+            hidden,
+            failed: RefCell::new(None),
+            hidden_keys: RefCell::default(),
+        }
+    }
+
+    /// `inner`, hiding this run's entries from whatever is deserialized through it.
+    pub fn deserializer<'de, D: Deserializer<'de>>(&self, inner: D) -> Recovering<'_, D> {
+        Recovering {
+            inner,
+            recovery: self,
+            path: NodePath::new(),
+        }
+    }
+
+    /// The entry or list item to hide in the next run; none when the error was not inside one.
+    pub fn failed(&self) -> Option<NodePath> {
+        self.failed.borrow().clone()
+    }
+
+    /// Whether the run's error only says that a key this run hid is missing: a consequence of
+    /// hiding it, not a problem of the file.
+    pub fn is_consequence(&self, message: &str) -> bool {
+        let failed = self.failed().unwrap_or_default();
+        self.hidden_keys.borrow().get(&failed).is_some_and(|keys| {
+            keys.iter()
+                .any(|key| message.contains(&format!("missing field `{key}`")))
+        })
+    }
+
+    /// Errors pass up through every entry that holds the failed node; the innermost notes it.
+    fn note_failure(&self, path: &NodePath) {
+        let mut failed = self.failed.borrow_mut();
+        if failed.is_none() {
+            *failed = Some(path.clone());
+        }
+    }
+
+    fn note_hidden_key(&self, mapping: &NodePath, key: Option<String>) {
+        if let Some(key) = key {
+            self.hidden_keys
+                .borrow_mut()
+                .entry(mapping.clone())
+                .or_default()
+                .push(key);
+        }
+    }
+}
+
+fn child(path: &NodePath, index: usize) -> NodePath {
+    let mut child = Vec::with_capacity(path.len() + 1);
+    child.extend_from_slice(path);
+    child.push(index);
+    child
+}
+
+/// A deserializer that hands out mappings and lists through [`RecoveringMap`] and
+/// [`RecoveringSeq`], which skip hidden entries and note which entry an error came from.
+pub struct Recovering<'r, D> {
+    inner: D,
+    recovery: &'r Recovery,
+    path: NodePath,
+}
+
+impl<'r, D> Recovering<'r, D> {
+    fn wrap<V>(self, visitor: V) -> (D, RecoveringVisitor<'r, V>) {
+        let visitor = RecoveringVisitor {
+            inner: visitor,
+            recovery: self.recovery,
+            path: self.path,
+        };
+        (self.inner, visitor)
+    }
+}
+
+macro_rules! forward_deserialize {
+    ($($method:ident($($arg:ident: $type:ty),*);)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, $($arg: $type,)* visitor: V) -> Result<V::Value, D::Error> {
+                let (inner, visitor) = self.wrap(visitor);
+                inner.$method($($arg,)* visitor)
+            }
+        )*
+    };
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Recovering<'_, D> {
+    type Error = D::Error;
+
+    forward_deserialize! {
+        deserialize_any();
+        deserialize_bool();
+        deserialize_i8();
+        deserialize_i16();
+        deserialize_i32();
+        deserialize_i64();
+        deserialize_i128();
+        deserialize_u8();
+        deserialize_u16();
+        deserialize_u32();
+        deserialize_u64();
+        deserialize_u128();
+        deserialize_f32();
+        deserialize_f64();
+        deserialize_char();
+        deserialize_str();
+        deserialize_string();
+        deserialize_bytes();
+        deserialize_byte_buf();
+        deserialize_option();
+        deserialize_unit();
+        deserialize_unit_struct(name: &'static str);
+        deserialize_newtype_struct(name: &'static str);
+        deserialize_seq();
+        deserialize_tuple(len: usize);
+        deserialize_tuple_struct(name: &'static str, len: usize);
+        deserialize_map();
+        deserialize_struct(name: &'static str, fields: &'static [&'static str]);
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]);
+        deserialize_identifier();
+        deserialize_ignored_any();
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.inner.is_human_readable()
+    }
+}
+
+struct RecoveringVisitor<'r, V> {
+    inner: V,
+    recovery: &'r Recovery,
+    path: NodePath,
+}
+
+macro_rules! forward_visit {
+    ($($method:ident($type:ty);)*) => {
+        $(
+            fn $method<E: de::Error>(self, value: $type) -> Result<V::Value, E> {
+                self.inner.$method(value)
+            }
+        )*
+    };
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for RecoveringVisitor<'_, V> {
+    type Value = V::Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.expecting(formatter)
+    }
+
+    forward_visit! {
+        visit_bool(bool);
+        visit_i8(i8);
+        visit_i16(i16);
+        visit_i32(i32);
+        visit_i64(i64);
+        visit_i128(i128);
+        visit_u8(u8);
+        visit_u16(u16);
+        visit_u32(u32);
+        visit_u64(u64);
+        visit_u128(u128);
+        visit_f32(f32);
+        visit_f64(f64);
+        visit_char(char);
+        visit_str(&str);
+        visit_borrowed_str(&'de str);
+        visit_string(String);
+        visit_bytes(&[u8]);
+        visit_borrowed_bytes(&'de [u8]);
+        visit_byte_buf(Vec<u8>);
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<V::Value, E> {
+        self.inner.visit_none()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<V::Value, E> {
+        self.inner.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<V::Value, D::Error> {
+        self.inner.visit_some(Recovering {
+            inner: deserializer,
+            recovery: self.recovery,
+            path: self.path,
+        })
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, deserializer: D) -> Result<V::Value, D::Error> {
+        self.inner.visit_newtype_struct(Recovering {
+            inner: deserializer,
+            recovery: self.recovery,
+            path: self.path,
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<V::Value, A::Error> {
+        self.inner.visit_seq(RecoveringSeq {
+            inner: seq,
+            recovery: self.recovery,
+            path: self.path,
+            next_index: 0,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.inner.visit_map(RecoveringMap {
+            inner: map,
+            recovery: self.recovery,
+            path: self.path,
+            next_index: 0,
+            current: NodePath::new(),
+        })
+    }
+
+    // The config has no enums with content; an error inside one is its entry's.
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<V::Value, A::Error> {
+        self.inner.visit_enum(data)
+    }
+}
+
+struct RecoveringSeed<'r, S> {
+    inner: S,
+    recovery: &'r Recovery,
+    path: NodePath,
+}
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for RecoveringSeed<'_, S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<S::Value, D::Error> {
+        self.inner.deserialize(Recovering {
+            inner: deserializer,
+            recovery: self.recovery,
+            path: self.path,
+        })
+    }
+}
+
+struct RecoveringMap<'r, A> {
+    inner: A,
+    recovery: &'r Recovery,
+    path: NodePath,
+    next_index: usize,
+    /// The entry whose key was read last.
+    current: NodePath,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for RecoveringMap<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        loop {
+            let entry = child(&self.path, self.next_index);
+            self.next_index += 1;
+            if self.recovery.hidden.contains(&entry) {
+                let Some(KeyText(key)) = self.inner.next_key()? else {
+                    return Ok(None);
+                };
+                self.inner.next_value::<IgnoredAny>()?;
+                self.recovery.note_hidden_key(&self.path, key);
+                continue;
+            }
+            let key = self.inner.next_key_seed(RecoveringSeed {
+                inner: seed,
+                recovery: self.recovery,
+                path: entry.clone(),
+            });
+            if key.is_err() {
+                self.recovery.note_failure(&entry);
+            }
+            self.current = entry;
+            return key;
+        }
+    }
+
+    fn next_value_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<S::Value, A::Error> {
+        let value = self.inner.next_value_seed(RecoveringSeed {
+            inner: seed,
+            recovery: self.recovery,
+            path: self.current.clone(),
+        });
+        if value.is_err() {
+            self.recovery.note_failure(&self.current);
+        }
+        value
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.inner.size_hint()
+    }
+}
+
+struct RecoveringSeq<'r, A> {
+    inner: A,
+    recovery: &'r Recovery,
+    path: NodePath,
+    next_index: usize,
+}
+
+impl<'de, A: SeqAccess<'de>> SeqAccess<'de> for RecoveringSeq<'_, A> {
+    type Error = A::Error;
+
+    fn next_element_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<Option<S::Value>, A::Error> {
+        loop {
+            let item = child(&self.path, self.next_index);
+            self.next_index += 1;
+            if self.recovery.hidden.contains(&item) {
+                if self.inner.next_element::<IgnoredAny>()?.is_none() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let element = self.inner.next_element_seed(RecoveringSeed {
+                inner: seed,
+                recovery: self.recovery,
+                path: item.clone(),
+            });
+            if element.is_err() {
+                self.recovery.note_failure(&item);
+            }
+            return element;
+        }
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.inner.size_hint()
+    }
+}
+
+/// A mapping key as text when it is a scalar; anything else is skipped.
+struct KeyText(Option<String>);
+
+impl<'de> de::Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = KeyText;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+                formatter.write_str("a key")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyText, E> {
+                Ok(KeyText(Some(key.to_owned())))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<KeyText, E> {
+                Ok(KeyText(None))
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<KeyText, E> {
+                Ok(KeyText(None))
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<KeyText, E> {
+                Ok(KeyText(None))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<KeyText, E> {
+                Ok(KeyText(None))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<KeyText, E> {
+                Ok(KeyText(None))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<KeyText, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| KeyText(None))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<KeyText, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| KeyText(None))
+            }
+
+            fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<KeyText, A::Error> {
+                IgnoredAny.visit_enum(data).map(|_| KeyText(None))
+            }
+        }
+
+        deserializer.deserialize_any(KeyVisitor)
+    }
+}
