@@ -852,18 +852,19 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
     let locate = |err: serde_yaml::Error| ConfigError::from(locate(origin, err));
     refuse_deep_nesting(text, origin)?;
 
-    // First pass: only the names of streams and targets, so that routes can be checked against
-    // them wherever they stand in the file.
-    #[derive(Deserialize)]
-    struct Names {
-        #[serde(default)]
-        streams: BTreeMap<String, IgnoredAny>,
-        #[serde(default)]
-        targets: BTreeMap<String, IgnoredAny>,
-    }
-    let names: Names = serde_yaml::from_str(text).map_err(locate)?;
-    let stream_names: BTreeSet<String> = names.streams.into_keys().collect();
-    let target_names: BTreeSet<String> = names.targets.into_keys().collect();
+    // First pass: every mapping's keys. Repeated keys are errors, and hidden from the
+    // deserialization; the names of streams and targets let routes be checked against them
+    // wherever they stand in the file.
+    let scan = yaml::scan_keys(text).map_err(locate)?;
+    let mut problems: Vec<ConfigProblem> = scan
+        .repeated
+        .iter()
+        .filter_map(|repeated| yaml::repeated_key_error(text, repeated))
+        .map(|err| self::locate(origin, err))
+        .collect();
+    let hidden = scan.repeated.iter().map(|repeated| repeated.path.clone()).collect();
+    let section = |name: &str| scan.sections.get(name).cloned().unwrap_or_default();
+    let (stream_names, target_names) = (section("streams"), section("targets"));
     let env: Rc<EnvLookup> = Rc::from(env);
     let new_context = || ParseContext {
         env: Rc::clone(&env),
@@ -874,8 +875,7 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         urls_from_references: RefCell::default(),
     };
 
-    let mut problems = Vec::new();
-    let parsed = deserialize_every_part(text, origin, new_context, BTreeSet::new(), &mut problems);
+    let parsed = deserialize_every_part(text, origin, new_context, hidden, &mut problems);
     if let Some((config, _)) = &parsed {
         if problems.is_empty() && config.streams.is_empty() {
             problems.push(ConfigProblem::Unlocated {

@@ -4,12 +4,16 @@
 //! serde stops at the first error, and serde_yaml tells where a node is only through an error.
 //! So [`Recovery`] lets a deserialization run again after each error with the entry that failed
 //! hidden, as if the file did not have it, until a run gets through; each run finds one error.
+//! [`scan_keys`] walks every mapping once for repeated keys, and finds where a key is by failing
+//! at it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, EnumAccess, IgnoredAny, MapAccess, SeqAccess, VariantAccess, Visitor,
+};
 
 /// Where a node is: the position of each mapping entry or list item on the way from the top
 /// (`[2, 0]` is the first entry under the third top-level key). A hidden entry keeps its
@@ -412,5 +416,263 @@ impl<'de> de::Deserialize<'de> for KeyText {
         }
 
         deserializer.deserialize_any(KeyVisitor)
+    }
+}
+
+/// What [`scan_keys`] found.
+pub struct KeyScan {
+    /// Every key written a second (or third...) time in the same mapping.
+    pub repeated: Vec<RepeatedKey>,
+    /// The keys of each top-level entry whose value is a mapping (`streams` → the stream names).
+    pub sections: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// A key written again in a mapping that already has it.
+pub struct RepeatedKey {
+    /// The entry of the repeat, to hide from a recovering deserialization.
+    pub path: NodePath,
+    key: String,
+    /// The key as first written; it differs from `key` only in the case of a header name.
+    first: String,
+    first_ordinal: usize,
+    ordinal: usize,
+}
+
+/// The keys of the mappings under a key of this name are header names, which ignore case.
+const HEADERS_KEY: &str = "headers";
+
+/// Walks the whole document: repeated keys, and the keys of the top-level sections. Also the
+/// first full parse, so a syntax error comes from here.
+pub fn scan_keys(text: &str) -> Result<KeyScan, serde_yaml::Error> {
+    let state = ScanState::new(None);
+    let walker = Scan::root(&state);
+    walker.deserialize(serde_yaml::Deserializer::from_str(text))?;
+    Ok(KeyScan {
+        repeated: state.repeated.into_inner(),
+        sections: state.sections.into_inner(),
+    })
+}
+
+/// The error of a repeated key at its place: `duplicate key `zapier` (first defined at line 5)`.
+/// None if the text no longer has it.
+pub fn repeated_key_error(text: &str, repeated: &RepeatedKey) -> Option<serde_yaml::Error> {
+    let first_line = fail_at_key(text, repeated.first_ordinal, String::new())?
+        .location()?
+        .line();
+    let message = if repeated.first == repeated.key {
+        format!("duplicate key `{}` (first defined at line {first_line})", repeated.key)
+    } else {
+        format!(
+            "duplicate key `{}` (first defined at line {first_line} as `{}`; header names ignore case)",
+            repeated.key, repeated.first
+        )
+    };
+    fail_at_key(text, repeated.ordinal, message)
+}
+
+/// Parses `text` again and fails at the key with this ordinal, so that serde_yaml attaches its
+/// place and path to `message`.
+fn fail_at_key(text: &str, ordinal: usize, message: String) -> Option<serde_yaml::Error> {
+    let state = ScanState::new(Some((ordinal, message)));
+    Scan::root(&state)
+        .deserialize(serde_yaml::Deserializer::from_str(text))
+        .err()
+}
+
+struct ScanState {
+    /// Keys are numbered in the order they are read, the same in every scan of one text.
+    next_key_ordinal: Cell<usize>,
+    fail_at: Option<(usize, String)>,
+    repeated: RefCell<Vec<RepeatedKey>>,
+    sections: RefCell<BTreeMap<String, BTreeSet<String>>>,
+}
+
+impl ScanState {
+    fn new(fail_at: Option<(usize, String)>) -> ScanState {
+        ScanState {
+            next_key_ordinal: Cell::new(0),
+            fail_at,
+            repeated: RefCell::default(),
+            sections: RefCell::default(),
+        }
+    }
+}
+
+/// One node of the document, walked for its keys.
+struct Scan<'s> {
+    state: &'s ScanState,
+    path: NodePath,
+    /// The key this node is the value of.
+    key: Option<String>,
+}
+
+impl<'s> Scan<'s> {
+    fn root(state: &'s ScanState) -> Scan<'s> {
+        Scan {
+            state,
+            path: NodePath::new(),
+            key: None,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("any value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        self.deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        for index in 0.. {
+            let item = Scan {
+                state: self.state,
+                path: child(&self.path, index),
+                key: None,
+            };
+            if seq.next_element_seed(item)?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let ignore_case = self.key.as_deref() == Some(HEADERS_KEY);
+        let section = if self.path.len() == 1 { self.key.clone() } else { None };
+        // Each key as compared, with its first spelling and ordinal.
+        let mut seen: BTreeMap<String, (String, usize)> = BTreeMap::new();
+        for index in 0.. {
+            let ordinal = self.state.next_key_ordinal.get();
+            self.state.next_key_ordinal.set(ordinal + 1);
+            let Some(key) = map.next_key_seed(ScanKey {
+                state: self.state,
+                ordinal,
+            })?
+            else {
+                break;
+            };
+            let path = child(&self.path, index);
+            if let Some(section) = &section {
+                let mut sections = self.state.sections.borrow_mut();
+                sections.entry(section.clone()).or_default().insert(key.clone());
+            }
+            let compared = if ignore_case {
+                key.to_ascii_lowercase()
+            } else {
+                key.clone()
+            };
+            match seen.get(&compared) {
+                Some((first, first_ordinal)) => self.state.repeated.borrow_mut().push(RepeatedKey {
+                    path: path.clone(),
+                    key: key.clone(),
+                    first: first.clone(),
+                    first_ordinal: *first_ordinal,
+                    ordinal,
+                }),
+                None => {
+                    seen.insert(compared, (key.clone(), ordinal));
+                }
+            }
+            map.next_value_seed(Scan {
+                state: self.state,
+                path,
+                key: Some(key),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        let (IgnoredAny, variant) = data.variant()?;
+        variant.newtype_variant_seed(self)
+    }
+}
+
+/// A mapping key: its text if it is a scalar, and the place to fail at when asked.
+struct ScanKey<'s> {
+    state: &'s ScanState,
+    ordinal: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ScanKey<'_> {
+    type Value = String;
+
+    // As serde reads a key into a String or a field name: the scalar as written, so that `1`
+    // and `01` are two keys, and `null` and `~` too, as they are to the config.
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
+        let fail_with = match &self.state.fail_at {
+            Some((ordinal, message)) if *ordinal == self.ordinal => Some(message.as_str()),
+            _ => None,
+        };
+        deserializer.deserialize_str(ScanKeyVisitor { fail_with })
+    }
+}
+
+struct ScanKeyVisitor<'m> {
+    /// serde_yaml places an error from a visitor at the node it visits: the key.
+    fail_with: Option<&'m str>,
+}
+
+impl Visitor<'_> for ScanKeyVisitor<'_> {
+    type Value = String;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<String, E> {
+        match self.fail_with {
+            Some(message) => Err(E::custom(message)),
+            None => Ok(key.to_owned()),
+        }
     }
 }

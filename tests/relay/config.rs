@@ -187,6 +187,75 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
     );
 }
 
+/// A key written twice in one mapping is an error at the second, naming the first: at any level,
+/// in block and flow style; header names ignore case. Nothing is silently dropped.
+#[test]
+fn duplicate_keys_are_errors_at_any_level() {
+    let check = |yaml: &str, expected: &[&str]| {
+        let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
+        assert_eq!(err, expected.join("\n"), "for:\n{yaml}");
+    };
+    let streams = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n";
+    let targets = "targets:\n  zapier:\n    url: http://127.0.0.1:2/z\n";
+    check(
+        &format!(
+            "{streams}{targets}  n8n: {{ url: \"http://127.0.0.1:2/n\" }}\n  zapier:\n    url: http://127.0.0.1:2/other\n"
+        ),
+        &["test.yaml:8:3: targets: duplicate key `zapier` (first defined at line 5)"],
+    );
+    check(
+        &format!(
+            "{streams}  chat: {{ url: \"http://127.0.0.1:1/d\" }}\n  chat: {{ url: \"http://127.0.0.1:1/e\" }}\n{targets}"
+        ),
+        &[
+            "test.yaml:4:3: streams: duplicate key `chat` (first defined at line 2)",
+            "test.yaml:5:3: streams: duplicate key `chat` (first defined at line 2)",
+        ],
+    );
+    check(
+        &format!("{streams}    idle_timeout: 5s\n    url: http://127.0.0.1:1/d\n{targets}"),
+        &["test.yaml:5:5: streams.chat: duplicate key `url` (first defined at line 3)"],
+    );
+    check(
+        &format!("{streams}{targets}targets: {{}}\n"),
+        &["test.yaml:7:1: duplicate key `targets` (first defined at line 4)"],
+    );
+    check(
+        &format!("{streams}    headers:\n      X-Token: a\n      X-Token: b\n{targets}"),
+        &["test.yaml:6:7: streams.chat.headers: duplicate key `X-Token` (first defined at line 5)"],
+    );
+    check(
+        &format!("{streams}{targets}    headers: {{ Authorization: a, authorization: b }}\n"),
+        &[
+            "test.yaml:7:34: targets.zapier.headers: duplicate key `authorization` (first defined at line 7 as `Authorization`; header names ignore case)",
+        ],
+    );
+    check(
+        &format!(
+            "{streams}{targets}routes:\n  - stream: chat\n    targets: [zapier]\n    where: {{ /a: 1, /b: 2, /a: 3 }}\n    stream: \"*\"\n"
+        ),
+        &[
+            "test.yaml:10:28: routes[0].where: duplicate key `/a` (first defined at line 10)",
+            "test.yaml:11:5: routes[0]: duplicate key `stream` (first defined at line 8)",
+        ],
+    );
+    // With the other problems of the file.
+    check(
+        &format!("{streams}    url: ${{UNSET}}\n    idle_timeout: 0s\n{targets}"),
+        &[
+            "test.yaml:4:5: streams.chat: duplicate key `url` (first defined at line 3)",
+            "test.yaml:5:19: streams.chat.idle_timeout: must be at least 1ms, or every connection is dropped before it can receive anything",
+        ],
+    );
+    // Keys are compared as written, as the config reads them: these are all different.
+    let config = parse_config(
+        &format!("streams:\n  \"1\": {{ url: \"http://127.0.0.1:1/a\" }}\n  01: {{ url: \"http://127.0.0.1:1/b\" }}\n  null: {{ url: \"http://127.0.0.1:1/c\" }}\n  \"~\": {{ url: \"http://127.0.0.1:1/d\" }}\n{targets}"),
+        &[],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(config.streams.keys().collect::<Vec<_>>(), ["01", "1", "null", "~"]);
+}
+
 #[test]
 fn env_values_are_expanded_in_strings() {
     let yaml = "streams:\n  chat:\n    url: http://127.0.0.1:1/c/${CHAT}/listen\n    headers: { Authorization: \"Bearer ${TOKEN}\", X-Opt: \"${UNSET:-fallback}\" }\ntargets: {}\n";

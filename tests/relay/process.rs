@@ -50,6 +50,13 @@ async fn check_reports_errors_with_their_place() {
             ":10:15: routes[0].targets[0]: unknown target `zapier`; configured targets: n8n",
         ),
         (
+            valid.replace(
+                "\ntargets:",
+                "\n  chat: { url: \"http://127.0.0.1:1/other\" }\ntargets:",
+            ),
+            ":5:3: streams: duplicate key `chat` (first defined at line 2)",
+        ),
+        (
             valid.replace("10s", "10 parsecs"),
             ":4:19: streams.chat.idle_timeout: invalid value: string \"10 parsecs\"",
         ),

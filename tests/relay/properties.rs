@@ -466,6 +466,37 @@ proptest! {
         prop_assert!(message.contains(invalid.message), "{}", message);
     }
 
+    /// A stream or target defined twice is an error at the second definition that names the
+    /// first, whatever the name; neither is silently dropped.
+    #[test]
+    fn a_name_defined_twice_is_reported_with_both_lines(
+        generated in generated_config(),
+        in_a_stream in any::<bool>(),
+        which_entity in any::<Index>(),
+    ) {
+        let mut generated = generated;
+        let entities = if in_a_stream { &mut generated.streams } else { &mut generated.targets };
+        let repeated = which_entity.get(entities).clone();
+        entities.push(repeated.clone());
+        let lines = generated.lines();
+        let section = if in_a_stream { "streams" } else { "targets" };
+        let definition = format!("  {}:", repeated.0);
+        // The section's lines: streams come first, then targets.
+        let targets_line = lines.iter().position(|line| line == "targets:").unwrap();
+        let (start, end) = if in_a_stream { (0, targets_line) } else { (targets_line, lines.len()) };
+        let definitions: Vec<usize> = (start..end).filter(|&index| lines[index] == definition).collect();
+        let (first_line, repeat_line) = (1 + definitions[0], 1 + definitions[definitions.len() - 1]);
+        let text = lines.join("\n");
+
+        let err = parse_config(&text, ENV).expect_err(&text);
+        prop_assert_eq!(
+            err.to_string(),
+            format!("test.yaml:{repeat_line}:3: {section}: duplicate key `{}` (first defined at line {first_line})", repeated.0),
+            "{}",
+            text
+        );
+    }
+
     /// A `${VAR}` value reaches the config exactly as the environment has it, whatever it
     /// holds: it is not read as YAML, and not expanded again.
     #[test]
