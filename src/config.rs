@@ -520,9 +520,9 @@ impl fmt::Display for Text {
     }
 }
 
-/// A string value that is usually a credential (a header value, a signing secret, a token),
-/// after expansion. Written literally in the file rather than as a `${...}` reference, it is
-/// counted, so that `check` can warn when the file is readable by everyone.
+/// A string value that is usually a credential (a header value, the admin token), after
+/// expansion. Written literally in the file rather than as a `${...}` reference, it is counted,
+/// so that `check` can warn when the file is readable by everyone.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SecretText(pub String);
 
@@ -530,7 +530,21 @@ impl<'de> Deserialize<'de> for SecretText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |raw| {
             note_if_literal_secret(raw);
-            expand(raw).map(SecretText)
+            let value = expand(raw)?;
+            // Each travels in an HTTP header: one that a header cannot carry is refused here, at
+            // its place, rather than when its stream or target starts. The error names the
+            // reference the value came from, never the value.
+            if !value.is_empty() && http::HeaderValue::from_str(&value).is_err() {
+                let named = if raw.contains("${") {
+                    format!("`{raw}` expands to a value")
+                } else {
+                    "the value".to_owned()
+                };
+                return Err(format!(
+                    "{named} with a line break or another control character, which an HTTP header cannot carry"
+                ));
+            }
+            Ok(SecretText(value))
         })
     }
 }
@@ -553,6 +567,14 @@ impl<'de> Deserialize<'de> for HttpUrl {
             let url = Url::parse(&text).map_err(|err| format!("invalid url: {err}"))?;
             match url.scheme() {
                 "http" | "https" if url.host().is_some() => {
+                    // What an HTTP request cannot carry would fail every connection or request.
+                    if let Err(err) = http::Uri::try_from(url.as_str()) {
+                        return Err(if url.as_str().len() > MAX_URL_BYTES {
+                            format!("invalid url: longer than {MAX_URL_BYTES} bytes")
+                        } else {
+                            format!("invalid url: an HTTP request cannot carry it ({err})")
+                        });
+                    }
                     if raw
                         .split('?')
                         .next()
@@ -581,6 +603,9 @@ impl<'de> Deserialize<'de> for HttpUrl {
         })
     }
 }
+
+/// The longest URL the `http` crate takes (`http::Uri`), which both HTTP clients use.
+const MAX_URL_BYTES: usize = u16::MAX as usize - 1;
 
 /// A valid HTTP header name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

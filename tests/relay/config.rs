@@ -256,6 +256,65 @@ fn duplicate_keys_are_errors_at_any_level() {
     assert_eq!(config.streams.keys().collect::<Vec<_>>(), ["01", "1", "null", "~"]);
 }
 
+/// What would fail when a stream or target starts is refused by the config, at its place: a
+/// header value (or the admin token) that an HTTP header cannot carry, a URL that an HTTP
+/// request cannot. So `check` refuses what `run` would, and `run` never starts half a relay.
+#[test]
+fn what_a_relay_cannot_start_with_is_refused_at_its_place() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = |name: &str, contents: &str| {
+        std::fs::write(directory.path().join(name), contents).unwrap();
+        format!("${{file:{}}}", directory.path().join(name).display())
+    };
+    let two_lines = file("two-lines", "sekret-1\nsekret-2\n");
+    let long = "x".repeat(70_000);
+    let env = [
+        ("TOKEN", "sekret\nX-Injected: 1"),
+        ("ADMIN", "sekret\u{7f}"),
+        ("LONG", long.as_str()),
+    ];
+    let check = |yaml: &str, expected: &str| {
+        let err = parse_config(yaml, &env).expect_err(yaml).to_string();
+        assert_eq!(err, expected, "for:\n{yaml}");
+    };
+    let streams = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n";
+    check(
+        &format!("{streams}    headers: {{ Authorization: \"Bearer ${{TOKEN}}\" }}\ntargets: {{}}\n"),
+        "test.yaml:4:31: streams.chat.headers.Authorization: `Bearer ${TOKEN}` expands to a value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("{streams}targets:\n  n8n:\n    url: http://127.0.0.1:2/n\n    headers: {{ X-Key: \"a\\x01b\" }}\n"),
+        "test.yaml:7:23: targets.n8n.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("admin: {{ token: \"${{ADMIN}}\" }}\n{streams}targets: {{}}\n"),
+        "test.yaml:1:17: admin.token: `${ADMIN}` expands to a value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("{streams}    headers: {{ X-Token: \"{two_lines}\" }}\ntargets: {{}}\n"),
+        &format!(
+            "test.yaml:4:25: streams.chat.headers.X-Token: `{two_lines}` expands to a value with a line break or another control character, which an HTTP header cannot carry"
+        ),
+    );
+    check(
+        &format!("{streams}targets:\n  n8n: {{ url: \"http://127.0.0.1:2/${{LONG}}\" }}\n"),
+        "test.yaml:5:15: targets.n8n.url: invalid url: longer than 65534 bytes",
+    );
+    check(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/${LONG}\ntargets: {}\n",
+        "test.yaml:3:10: streams.chat.url: invalid url: longer than 65534 bytes",
+    );
+
+    // A secret file's last line break is not part of the secret, as `echo > file` and systemd
+    // credentials write them.
+    for contents in ["sekret\n", "sekret\r\n", "sekret"] {
+        let reference = file("one-line", contents);
+        let yaml = format!("{streams}    headers: {{ X-Token: \"{reference}\" }}\ntargets: {{}}\n");
+        let config = parse_config(&yaml, &[]).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.streams["chat"].headers.values().next().unwrap().0, "sekret");
+    }
+}
+
 #[test]
 fn env_values_are_expanded_in_strings() {
     let yaml = "streams:\n  chat:\n    url: http://127.0.0.1:1/c/${CHAT}/listen\n    headers: { Authorization: \"Bearer ${TOKEN}\", X-Opt: \"${UNSET:-fallback}\" }\ntargets: {}\n";

@@ -57,6 +57,13 @@ async fn check_reports_errors_with_their_place() {
             ":5:3: streams: duplicate key `chat` (first defined at line 2)",
         ),
         (
+            valid.replace(
+                "idle_timeout: 10s",
+                "idle_timeout: 10s\n    headers: { X-Key: \"a\\x01b\" }",
+            ),
+            ":5:23: streams.chat.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+        ),
+        (
             valid.replace("10s", "10 parsecs"),
             ":4:19: streams.chat.idle_timeout: invalid value: string \"10 parsecs\"",
         ),

@@ -12,8 +12,10 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use sse_relay::classify::{Classified, Classifier, SseMessage};
 use sse_relay::config::{Config, ConfigError, ConfigProblem, StreamConfig};
-use sse_relay::event::{Event, EventId};
+use sse_relay::delivery::TargetRuntime;
+use sse_relay::event::{Event, EventId, TargetId};
 use sse_relay::routing::RoutingTable;
+use sse_relay::source::StreamRuntime;
 
 use crate::support::parse_config;
 
@@ -502,15 +504,35 @@ proptest! {
     #[test]
     fn env_values_reach_the_config_unchanged(value in any::<String>()) {
         let text = "streams:\n  chat:\n    url: http://127.0.0.1:1/chat\n    \
-            headers: { X-Value: \"${VALUE}\" }\n    default_event_type: ${VALUE}\n    \
-            keepalive: [\"<${VALUE}>\"]\ntargets: {}\n";
+            default_event_type: ${VALUE}\n    keepalive: [\"<${VALUE}>\"]\ntargets: {}\n";
         let config = parse_config(text, &[("VALUE", &value)]).map_err(|err| TestCaseError::fail(err.to_string()))?;
         let chat = &config.streams["chat"];
-        prop_assert_eq!(&chat.headers.values().next().unwrap().0, &value);
         prop_assert_eq!(&chat.default_event_type.0, &value);
         prop_assert_eq!(&chat.keepalive[0].0, &format!("<{value}>"));
     }
 
+    /// What the config accepts, a stream and a target can start with: any header value and URL
+    /// path from the environment either builds both, unchanged, or is refused at its place,
+    /// naming its reference and not its value.
+    #[test]
+    fn what_the_config_accepts_a_relay_can_start_with(value in env_value(), path in env_value()) {
+        let text = "streams:\n  chat:\n    url: http://127.0.0.1:1/${PATH}\n    headers: { X-Value: \"${VALUE}\" }\n\
+            targets:\n  n8n:\n    url: http://127.0.0.1:2/${PATH}\n    headers: { X-Value: \"${VALUE}\" }\n";
+        let err = match parse_config(text, &[("VALUE", &value), ("PATH", &path)]) {
+            Ok(config) => return can_start(&config, &value),
+            Err(err) => err,
+        };
+        for problem in err.problems {
+            let message = problem.to_string();
+            let ConfigProblem::Located { line, .. } = problem else {
+                return Err(TestCaseError::fail(format!("not located: {message}")));
+            };
+            let reference = if [3, 7].contains(&line) { "${PATH}" } else { "${VALUE}" };
+            prop_assert!([3, 4, 7, 8].contains(&line), "{}", message);
+            prop_assert!(message.contains(reference) || message.contains("invalid url"), "{}", message);
+            prop_assert!(value.chars().count() < 4 || !message.contains(&value), "{}", message);
+        }
+    }
     /// A default is used as written when the variable is unset; `$$` is a literal `$`.
     #[test]
     fn defaults_and_escaped_dollars_are_taken_literally(default in "[^}]*", literal in any::<String>()) {
@@ -525,6 +547,36 @@ proptest! {
         prop_assert_eq!(&chat.default_event_type.0, &default);
         prop_assert_eq!(&chat.keepalive[0].0, &literal);
     }
+}
+
+/// Any text, often ASCII with control characters, which HTTP headers and URLs cannot carry.
+fn env_value() -> impl Strategy<Value = String> {
+    prop_oneof![any::<String>(), "[\\x00-\\x7f]{0,16}"]
+}
+
+/// Builds the stream's and the target's runtimes, and their HTTP requests, as `run` does.
+fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
+    let metrics = sse_relay::telemetry::Metrics::new();
+    let (chat, n8n) = (&config.streams["chat"], &config.targets["n8n"]);
+    let table = RoutingTable::new(config);
+    let client = reqwest::Client::new();
+    let stream = StreamRuntime::new(chat, &table, Arc::new(metrics.stream("chat")), &client);
+    prop_assert!(stream.is_ok(), "{:?}", stream.err());
+    let mut events = eventsource_client::ClientBuilder::for_url(chat.url.0.as_str())
+        .map_err(|err| TestCaseError::fail(err.to_string()))?;
+    for (name, header) in &chat.headers {
+        prop_assert_eq!(&header.0, value);
+        if !header.0.is_empty() {
+            events = events
+                .header(&name.0, &header.0)
+                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+        }
+    }
+    let target = TargetRuntime::new(TargetId(0), n8n, metrics.target("n8n"));
+    let target = target.map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let request = client.post(target.url.clone()).headers(target.headers.clone()).build();
+    prop_assert!(request.is_ok(), "{:?}", request.err());
+    Ok(())
 }
 
 // One SSE message in, a keepalive or its targets out.
