@@ -564,7 +564,13 @@ impl<'de> Deserialize<'de> for HttpUrl {
         from_text(deserializer, |raw| {
             // The URL may hold a credential, so errors describe the problem without repeating it.
             let text = expand(raw)?;
-            let url = Url::parse(&text).map_err(|err| format!("invalid url: {err}"))?;
+            let url = Url::parse(&text).map_err(|err| match err {
+                _ if text.trim().is_empty() => "invalid url: it is empty".to_owned(),
+                url::ParseError::RelativeUrlWithoutBase => {
+                    "invalid url: it needs a scheme and a host, as in https://api.example.com/stream".to_owned()
+                }
+                _ => format!("invalid url: {err}"),
+            })?;
             match url.scheme() {
                 "http" | "https" if url.host().is_some() => {
                     // What an HTTP request cannot carry would fail every connection or request.
@@ -841,7 +847,8 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
         storage: StorageConfig,
     }
     refuse_deep_nesting(&text, &origin)?;
-    let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| ConfigError::from(locate(&origin, err)))?;
+    let parsed: StorageOnly =
+        serde_yaml::from_str(&text).map_err(|err| ConfigError::from(locate(&origin, &text, &err)))?;
     Ok(parsed.storage)
 }
 
@@ -856,17 +863,19 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-fn locate(origin: &str, err: serde_yaml::Error) -> ConfigProblem {
-    match err.location() {
-        Some(location) => ConfigProblem::Located {
+/// `err`, explained, at its place in `text`.
+fn locate(origin: &str, text: &str, err: &serde_yaml::Error) -> ConfigProblem {
+    let explained = yaml::explain(err, text);
+    match explained.location {
+        Some((line, column)) => ConfigProblem::Located {
             origin: origin.to_owned(),
-            line: location.line(),
-            column: location.column(),
-            message: strip_location_suffix(&err.to_string()),
+            line,
+            column,
+            message: explained.message,
         },
         None => ConfigProblem::Unlocated {
             origin: origin.to_owned(),
-            message: err.to_string(),
+            message: explained.message,
         },
     }
 }
@@ -874,7 +883,7 @@ fn locate(origin: &str, err: serde_yaml::Error) -> ConfigProblem {
 /// Parses config text; `origin` names it in errors (usually the file path). An invalid text
 /// gives every problem it has, up to `MAX_PROBLEMS`.
 pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
-    let locate = |err: serde_yaml::Error| ConfigError::from(locate(origin, err));
+    let locate = |err: serde_yaml::Error| ConfigError::from(locate(origin, text, &err));
     refuse_deep_nesting(text, origin)?;
 
     // First pass: every mapping's keys. Repeated keys are errors, and hidden from the
@@ -885,7 +894,7 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         .repeated
         .iter()
         .filter_map(|repeated| yaml::repeated_key_error(text, repeated))
-        .map(|err| self::locate(origin, err))
+        .map(|err| self::locate(origin, text, &err))
         .collect();
     let hidden = scan.repeated.iter().map(|repeated| repeated.path.clone()).collect();
     let section = |name: &str| scan.sections.get(name).cloned().unwrap_or_default();
@@ -956,7 +965,7 @@ fn deserialize_every_part(
             Err(err) => err,
         };
         if !recovery.is_consequence(&err.to_string()) {
-            problems.push(locate(origin, err));
+            problems.push(locate(origin, text, &err));
         }
         // A failure inside no entry, or in one already hidden, leaves nothing more to hide.
         if !recovery.failed().is_some_and(|failed| hidden.insert(failed)) {
@@ -1014,7 +1023,7 @@ impl Unworkable {
     fn locate(self, text: &str, origin: &str) -> ConfigProblem {
         for (place, message) in &self.places {
             if let Some(err) = fail_at(text, place, message) {
-                return locate(origin, err);
+                return locate(origin, text, &err);
             }
         }
         let (place, message) = &self.places[0];
@@ -1370,14 +1379,6 @@ fn find_deep_nesting(text: &str) -> Option<(usize, usize)> {
         previous = Some(if is_break { '\n' } else { c });
     }
     None
-}
-
-/// serde_yaml appends " at line L column C" to messages; the location is reported up front.
-fn strip_location_suffix(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(index) => message[..index].to_owned(),
-        None => message.to_owned(),
-    }
 }
 
 struct ParseContext {

@@ -1,11 +1,11 @@
-//! Reading YAML for people: every problem of a file in one run, each at its place. It knows
-//! nothing of the config's types; `config.rs` drives it.
+//! Reading YAML for people: every problem of a file in one run, each at its place, in words a
+//! newcomer can act on. It knows nothing of the config's types; `config.rs` drives it.
 //!
 //! serde stops at the first error, and serde_yaml tells where a node is only through an error.
 //! So [`Recovery`] lets a deserialization run again after each error with the entry that failed
 //! hidden, as if the file did not have it, until a run gets through; each run finds one error.
 //! [`scan_keys`] walks every mapping once for repeated keys, and finds where a key is by failing
-//! at it.
+//! at it. [`explain`] turns the parser's messages into sentences that say what to write.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -674,5 +674,366 @@ impl Visitor<'_> for ScanKeyVisitor<'_> {
             Some(message) => Err(E::custom(message)),
             None => Ok(key.to_owned()),
         }
+    }
+}
+
+/// A parser error as a reader should see it.
+pub struct Explained {
+    /// Line and column, 1-based. For some mistakes the parser gives up a line or more after
+    /// them; these point at the mistake instead (a key without its colon, an unclosed quote).
+    pub location: Option<(usize, usize)>,
+    /// serde_yaml's path and message, without the location.
+    pub message: String,
+}
+
+/// `err` in words that say what to write, at the place of the mistake. Syntax errors keep the
+/// parser's own words in a suffix, for searching.
+pub fn explain(err: &serde_yaml::Error, text: &str) -> Explained {
+    let location = err.location().map(|at| (at.line(), at.column()));
+    let full = err.to_string();
+    if let Some(explained) = explain_syntax(&full, location, &Lines::new(text)) {
+        return explained;
+    }
+    let message = match location {
+        Some((line, column)) => full
+            .strip_suffix(&format!(" at line {line} column {column}"))
+            .unwrap_or(&full),
+        None => &full,
+    };
+    Explained {
+        location,
+        message: explain_value(message),
+    }
+}
+
+/// The messages of libyaml (and serde_yaml's own syntax errors) that `explain_syntax` knows.
+const SYNTAX_PROBLEMS: &[&str] = &[
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "mapping values are not allowed in this context",
+    "could not find expected ':'",
+    "found unexpected end of stream",
+    "did not find expected ',' or '}'",
+    "did not find expected ',' or ']'",
+    "found a tab character that violates indentation",
+    "found character that cannot start any token",
+    "block sequence entries are not allowed in this context",
+    "did not find expected node content",
+    "did not find expected alphabetic or numeric character",
+    "found unknown escape character",
+    "unknown anchor",
+    "deserializing from YAML containing more than one document is not supported",
+];
+
+/// libyaml writes `{problem}[ at line L column C][, {context}[ at line L column C]]`, where the
+/// context's place, when given, is where the construct it failed in started.
+fn explain_syntax(full: &str, location: Option<(usize, usize)>, lines: &Lines) -> Option<Explained> {
+    let problem = *SYNTAX_PROBLEMS.iter().find(|problem| full.starts_with(*problem))?;
+    let (context, context_location) = match full[problem.len()..].split_once(", ") {
+        Some((_, context)) => split_location(context),
+        None => ("", None),
+    };
+    // The context's place is left out when it is the problem's.
+    let started_at = context_location.or(location);
+    let at = |location: Option<(usize, usize)>, message: &str| {
+        Some(Explained {
+            location,
+            message: format!("{message} (YAML: {problem})"),
+        })
+    };
+    let character = location.and_then(|(line, column)| lines.char_at(line, column));
+    match problem {
+        "did not find expected key" => {
+            let (line, column) = location?;
+            if character == Some('-') {
+                at(
+                    location,
+                    "a list item (`- `) where a key was expected: put the list under a key of its own, or line it up with the list it belongs to",
+                )
+            } else if column > lines.first_column(line) {
+                at(
+                    location,
+                    "unexpected text after a value: a value in quotes ends at its closing quote, so put all of it inside the quotes",
+                )
+            } else {
+                at(
+                    location,
+                    "this line is not lined up with the keys above it: the keys of one mapping start in the same column",
+                )
+            }
+        }
+        "did not find expected '-' indicator" => at(
+            location,
+            "this line is not lined up with the list above it: the items of a list start with `- ` in the same column, and the keys of an item line up with its first key",
+        ),
+        "mapping values are not allowed in this context" => {
+            let (place, message) = explain_unexpected_colon(location?, lines);
+            at(Some(place), message)
+        }
+        "could not find expected ':'" => at(
+            started_at,
+            "this key has no `:` after it: write `key: value`, with a space after the colon",
+        ),
+        "found unexpected end of stream" if context.contains("quoted scalar") => {
+            at(started_at, "this quoted value has no closing quote")
+        }
+        "found unexpected end of stream" => at(location, "the file ends in the middle of a value"),
+        "did not find expected ',' or '}'" => at(
+            started_at,
+            "this `{` is not closed: write `{ key: value, key: value }`, with a `,` between entries and a `}` at the end",
+        ),
+        "did not find expected ',' or ']'" => at(
+            started_at,
+            "this `[` is not closed: write `[a, b]`, with a `,` between items and a `]` at the end",
+        ),
+        "found a tab character that violates indentation" => at(location, "a tab: indent with spaces only"),
+        "found character that cannot start any token" => match character {
+            Some('\t') => at(location, "a tab: indent with spaces only"),
+            Some(c) => at(
+                location,
+                &format!("a value cannot start with `{c}`: put it in quotes, as in \"{c}…\""),
+            ),
+            None => at(location, "a value cannot start with this character: put it in quotes"),
+        },
+        "block sequence entries are not allowed in this context" => at(
+            location,
+            "a list cannot start on the line of its key: put each `- item` on a line of its own below the key, or write `[a, b]`",
+        ),
+        "did not find expected node content" if context.contains("flow") => at(
+            location,
+            "a value is missing here, or a `[` or `{` before it is not closed",
+        ),
+        "did not find expected node content" => at(location, "a value is missing here"),
+        "did not find expected alphabetic or numeric character" => at(
+            started_at,
+            "`*` and `&` start aliases and anchors in YAML: put a value that starts with one in quotes, as in \"*\"",
+        ),
+        "found unknown escape character" => at(
+            location,
+            "unknown escape in a double-quoted value: write `\\\\` for a backslash, or use single quotes",
+        ),
+        "unknown anchor" => at(
+            location,
+            "a value that starts with `*` is a YAML alias, and no anchor (`&name`) above it has this name: put text that starts with `*` in quotes, as in \"*\"",
+        ),
+        _ => at(
+            location,
+            "the file holds more than one YAML document (a `---` or `...` line), and a config is one document",
+        ),
+    }
+}
+
+/// `text at line L column C` → (`text`, (L, C)).
+fn split_location(text: &str) -> (&str, Option<(usize, usize)>) {
+    let Some((before, place)) = text.rsplit_once(" at line ") else {
+        return (text, None);
+    };
+    let parsed = place
+        .split_once(" column ")
+        .and_then(|(line, column)| Some((line.parse().ok()?, column.parse().ok()?)));
+    match parsed {
+        Some(location) => (before, Some(location)),
+        None => (text, None),
+    }
+}
+
+/// libyaml found `key: value` where no key can start, at the colon. Usually the mistake is the
+/// line before it (a key without a colon, which runs on into this line) or this line's indent.
+fn explain_unexpected_colon((line, column): (usize, usize), lines: &Lines) -> ((usize, usize), &'static str) {
+    let this = lines.line(line).unwrap_or("");
+    let indent = lines.first_column(line);
+    let before_colon: String = this.chars().take(column.saturating_sub(1)).collect();
+    if has_key_colon(before_colon.trim_start()) {
+        return (
+            (line, column),
+            "a value cannot hold `: ` unless it is in quotes, as in `key: \"a: b\"`",
+        );
+    }
+    let previous = (1..line).rev().find(|&number| {
+        let text = lines.line(number).unwrap_or("").trim();
+        !text.is_empty() && !text.starts_with('#')
+    });
+    if let Some(previous) = previous {
+        let previous_text = lines.line(previous).unwrap_or("").trim();
+        if !has_key_colon(previous_text) && !previous_text.starts_with('-') {
+            return (
+                (previous, lines.first_column(previous)),
+                "this line has no `:` after its key: write `key: value`, with a space after the colon",
+            );
+        }
+        if indent > lines.first_column(previous) {
+            return (
+                (line, indent),
+                "this line is indented deeper than the line above it, so it reads as part of that line's value: line it up with the keys above it",
+            );
+        }
+    }
+    (
+        (line, column),
+        "a `:` where no key can start: line this key up with the keys above it, or put a value that holds `: ` in quotes",
+    )
+}
+
+/// Whether `text` has a `:` that ends a key: one followed by a space, a tab or the line's end.
+fn has_key_colon(text: &str) -> bool {
+    let text = text.split(" #").next().unwrap_or(text);
+    text.match_indices(':')
+        .any(|(index, _)| matches!(text[index + 1..].chars().next(), None | Some(' ' | '\t')))
+}
+
+/// The text's lines as YAML counts them (`\r\n`, `\r`, `\n`, NEL, LS and PS each end one).
+struct Lines<'t>(Vec<&'t str>);
+
+impl<'t> Lines<'t> {
+    fn new(text: &'t str) -> Lines<'t> {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        let mut chars = text.char_indices().peekable();
+        while let Some((index, c)) = chars.next() {
+            let end = match c {
+                '\r' => chars
+                    .next_if(|(_, next)| *next == '\n')
+                    .map_or(index + 1, |(at, _)| at + 1),
+                '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => index + c.len_utf8(),
+                _ => continue,
+            };
+            lines.push(&text[start..index]);
+            start = end;
+        }
+        lines.push(&text[start..]);
+        Lines(lines)
+    }
+
+    /// Line `number`, 1-based, without its line break.
+    fn line(&self, number: usize) -> Option<&'t str> {
+        self.0.get(number.checked_sub(1)?).copied()
+    }
+
+    fn char_at(&self, line: usize, column: usize) -> Option<char> {
+        self.line(line)?.chars().nth(column.checked_sub(1)?)
+    }
+
+    /// The column of the line's first character that is not a space.
+    fn first_column(&self, line: usize) -> usize {
+        1 + self
+            .line(line)
+            .map_or(0, |text| text.chars().take_while(|c| *c == ' ').count())
+    }
+}
+
+/// serde's messages about values, as sentences that say what to write. `message` may start
+/// with serde_yaml's path (`streams.chat: `), which stays.
+fn explain_value(message: &str) -> String {
+    let Some(start) = [
+        "invalid type: ",
+        "invalid value: ",
+        "missing field `",
+        "unknown field `",
+        "unknown variant `",
+        "invalid socket address syntax",
+    ]
+    .iter()
+    .filter_map(|pattern| message.find(pattern))
+    .min() else {
+        return message.to_owned();
+    };
+    let (path, body) = message.split_at(start);
+    let explained = if body == "invalid socket address syntax" {
+        "expected an IP address and a port, such as `127.0.0.1:9464`".to_owned()
+    } else if let Some(field) = body
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        format!("the required key `{field}` is missing")
+    } else if let Some(rest) = body.strip_prefix("unknown field `") {
+        // "unknown field `colour`, expected one of `url`, ..." or "..., there are no fields".
+        format!("unknown key `{}", rest.replacen("`, expected", "`; expected", 1))
+    } else if let Some(rest) = body.strip_prefix("unknown variant `") {
+        format!("unknown value `{rest}")
+    } else if let Some((found, expected)) = body
+        .strip_prefix("invalid type: ")
+        .or_else(|| body.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "))
+    {
+        explain_mismatch(found, expected)
+    } else {
+        body.to_owned()
+    };
+    format!("{path}{explained}")
+}
+
+/// `found` and `expected` as serde writes them: `string "30"`, `integer `5``, `sequence`;
+/// `a duration`, `struct StreamConfig`, `a map`.
+fn explain_mismatch(found: &str, expected: &str) -> String {
+    let text = found.strip_prefix("string \"").and_then(|rest| rest.strip_suffix('"'));
+    let number = found
+        .strip_prefix("integer `")
+        .or_else(|| found.strip_prefix("floating point `"))
+        .and_then(|rest| rest.strip_suffix('`'));
+    if expected == "a duration" {
+        return match text.or(number) {
+            Some(value) if value.trim().parse::<f64>().is_ok() => {
+                "a duration needs a unit, like `30s`, `500ms` or `2m`".to_owned()
+            }
+            Some(value) => format!("`{value}` is not a duration: write one like `30s`, `500ms` or `2m`"),
+            None => format!("expected a duration such as `30s`, found {}", found_for_people(found)),
+        };
+    }
+    if expected == "parsable string" {
+        return "expected a size such as `64KiB`, `512MiB` or `1GiB`".to_owned();
+    }
+    let (expected_for_people, shows_value) = match expected {
+        "a map" => ("`name: value` lines indented below it".to_owned(), false),
+        _ if expected.starts_with("struct ") => ("settings as `key: value` lines indented below it".to_owned(), false),
+        "a sequence" => ("a list such as `[a, b]`".to_owned(), false),
+        "a boolean" => ("true or false".to_owned(), true),
+        "a string" => ("text".to_owned(), false),
+        _ => (
+            expected.to_owned(),
+            expected.contains("number") || expected.contains("integer"),
+        ),
+    };
+    // Only where a number or a boolean belongs is the text repeated: elsewhere it may be a
+    // credential written in the wrong place.
+    let found_shown = match text {
+        Some(value) if shows_value => format!("`{value}`"),
+        _ => found_for_people(found),
+    };
+    let is_mapping = expected == "a map" || expected.starts_with("struct ");
+    let hint = match text {
+        Some(value) if is_mapping && looks_like_key_without_space(value) => {
+            "; a key needs a space after its colon, as in `url: https://…`"
+        }
+        Some(_) if expected == "a sequence" => "; a list of one is written `[item]`",
+        _ => "",
+    };
+    format!("expected {expected_for_people}, found {found_shown}{hint}")
+}
+
+/// `url:https://…`: a key, a colon and a value with no space between (a URL's `://` aside).
+fn looks_like_key_without_space(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(key, value)| {
+        !key.is_empty()
+            && key.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+            && value.chars().next().is_some_and(|c| c != '/' && !c.is_whitespace())
+    })
+}
+
+fn found_for_people(found: &str) -> String {
+    if found.starts_with("string ") {
+        return "text".to_owned();
+    }
+    if let Some(number) = found
+        .strip_prefix("integer `")
+        .or_else(|| found.strip_prefix("floating point `"))
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return format!("the number {number}");
+    }
+    match found {
+        "sequence" => "a list".to_owned(),
+        "map" => "`key: value` lines".to_owned(),
+        "unit value" => "nothing".to_owned(),
+        other => other.replace("boolean ", ""),
     }
 }

@@ -43,7 +43,7 @@ async fn check_reports_errors_with_their_place() {
     let cases = [
         (
             valid.replace("    idle_timeout", "    colour: blue\n    idle_timeout"),
-            ":4:5: streams.chat: unknown field `colour`",
+            ":4:5: streams.chat: unknown key `colour`",
         ),
         (
             valid.replace("[n8n]", "[zapier]"),
@@ -65,7 +65,7 @@ async fn check_reports_errors_with_their_place() {
         ),
         (
             valid.replace("10s", "10 parsecs"),
-            ":4:19: streams.chat.idle_timeout: invalid value: string \"10 parsecs\"",
+            ":4:19: streams.chat.idle_timeout: `10 parsecs` is not a duration: write one like `30s`, `500ms` or `2m`",
         ),
     ];
     for (yaml, expected) in cases {

@@ -221,7 +221,7 @@ const INVALID_STREAM_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "idle_timeout: soon",
         error_offset: 14,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "default_event_type: ${MISSING}",
@@ -236,12 +236,12 @@ const INVALID_STREAM_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "reconnect: { max_delay: 5 parsecs }",
         error_offset: 24,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "colour: blue",
         error_offset: 0,
-        message: "unknown field `colour`",
+        message: "unknown key `colour`",
     },
     InvalidField {
         line: "idle_timeout: 0s",
@@ -264,7 +264,7 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "timeout: ten seconds",
         error_offset: 9,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "body: payload",
@@ -289,7 +289,7 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "ordered: maybe",
         error_offset: 9,
-        message: "expected a boolean",
+        message: "expected true or false, found `maybe`",
     },
     InvalidField {
         line: "timeout: 0s",
