@@ -38,7 +38,7 @@ pub fn describe(config: &Config) -> String {
         crate::config::StorageMode::Memory => {
             let _ = writeln!(
                 out,
-                "\nstorage\n  memory (a crash or restart loses queued deliveries; dead letters are not kept)\n  max_pending {}",
+                "\nstorage\n  memory (a crash or restart loses queued deliveries and each stream's Last-Event-ID; dead letters are not kept)\n  max_pending {}",
                 storage.max_pending.0
             );
         }
@@ -162,6 +162,21 @@ fn stream_display_url(url: &Url) -> String {
         let _ = shown.set_username(MASK);
     }
     shown.to_string()
+}
+
+/// Warnings about settings that work but can surprise: memory storage forgets where each stream
+/// was, so an upstream that replays its buffer delivers the same events again after a restart.
+pub fn config_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.storage.mode == crate::config::StorageMode::Memory {
+        warnings.push(
+            "storage.mode is memory: a restart loses the queued deliveries and each stream's Last-Event-ID, \
+             so an upstream that replays its buffer to a new connection (Nchan does by default) has those \
+             events delivered again, under new Idempotency-Keys; storage.mode: sqlite keeps both"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Warnings about the config file itself: literal credentials in a file every user can read.

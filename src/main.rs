@@ -89,7 +89,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match config::load(&config) {
             Ok(loaded) => {
-                for warning in check::file_warnings(&config, &loaded) {
+                let warnings = check::config_warnings(&loaded).into_iter();
+                for warning in warnings.chain(check::file_warnings(&config, &loaded)) {
                     eprintln!("warning: {warning}");
                 }
                 println!("{}: ok\n\n{}", config.display(), check::describe(&loaded));

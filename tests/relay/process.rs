@@ -253,6 +253,26 @@ routes:
     }
 }
 
+/// With `storage.mode: memory`, `check` warns that a restart loses each stream's Last-Event-ID,
+/// so an upstream that replays its buffer gets those events delivered again; not with SQLite.
+#[tokio::test]
+async fn check_warns_that_memory_storage_forgets_the_last_event_id() {
+    let directory = tempfile::tempdir().unwrap();
+    let yaml = "storage: { mode: memory }\nstreams:\n  chat: { url: \"http://127.0.0.1:1/c\" }\ntargets: {}\n";
+    let output = check(&write_config(&directory, "memory.yaml", yaml), &[]).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "warning: storage.mode is memory: a restart loses the queued deliveries and each stream's Last-Event-ID, \
+         so an upstream that replays its buffer to a new connection (Nchan does by default) has those \
+         events delivered again, under new Idempotency-Keys; storage.mode: sqlite keeps both\n"
+    );
+    let sqlite = write_config(&directory, "sqlite.yaml", &yaml.replace("memory", "sqlite"));
+    let output = check(&sqlite, &[]).await;
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "");
+}
+
 /// Receives one sd_notify datagram, or panics at the deadline.
 async fn notification(socket: &UnixDatagram) -> String {
     let mut buffer = [0u8; 512];
