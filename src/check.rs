@@ -57,9 +57,11 @@ pub fn describe(config: &Config) -> String {
         }
         let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
         let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
+        let reconnect = &stream.reconnect;
         let _ = writeln!(
             out,
-            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}",
+            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}\n    \
+             reconnect initial_delay {} doubling to max_delay {}, auth_failure_delay {}\n    rotate_after {}",
             if pointers.is_empty() {
                 "the SSE event field".to_owned()
             } else {
@@ -73,6 +75,10 @@ pub fn describe(config: &Config) -> String {
             },
             duration(stream.idle_timeout),
             stream.max_event_bytes,
+            duration(reconnect.initial_delay),
+            duration(reconnect.max_delay),
+            duration(reconnect.auth_failure_delay),
+            stream.rotate_after.map_or("off".to_owned(), duration),
         );
     }
 

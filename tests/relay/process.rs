@@ -253,6 +253,26 @@ routes:
     }
 }
 
+/// `check` shows each stream's timers: idle_timeout, the reconnect delays and rotate_after.
+#[tokio::test]
+async fn check_shows_each_stream_s_idle_reconnect_and_rotation_settings() {
+    let directory = tempfile::tempdir().unwrap();
+    let yaml = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    idle_timeout: 10s\n    rotate_after: 29m\n    \
+        reconnect: { initial_delay: 1s, max_delay: 1m, auth_failure_delay: 5m }\n  participant:\n    url: http://127.0.0.1:1/p\n\
+        targets: {}\n";
+    let output = check(&write_config(&directory, "relay.yaml", yaml), &[]).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "    idle_timeout 10s, max_event_bytes 1048576\n    \
+         reconnect initial_delay 1s doubling to max_delay 1m, auth_failure_delay 5m\n    rotate_after 29m\n",
+        "    idle_timeout 45s, max_event_bytes 1048576\n    \
+         reconnect initial_delay 500ms doubling to max_delay 30s, auth_failure_delay 1m\n    rotate_after off\n",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
 /// With `storage.mode: memory`, `check` warns that a restart loses each stream's Last-Event-ID,
 /// so an upstream that replays its buffer gets those events delivered again; not with SQLite.
 #[tokio::test]
