@@ -890,12 +890,16 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
     // deserialization; the names of streams and targets let routes be checked against them
     // wherever they stand in the file.
     let scan = yaml::scan_keys(text).map_err(locate)?;
-    let mut problems: Vec<ConfigProblem> = scan
-        .repeated
-        .iter()
-        .filter_map(|repeated| yaml::repeated_key_error(text, repeated))
-        .map(|err| self::locate(origin, text, &err))
-        .collect();
+    let mut search = Search::new(text, origin);
+    for repeated in &scan.repeated {
+        // Placing a repeat and its first definition takes two parses.
+        if !search.may_parse(2) {
+            break;
+        }
+        if let Some(err) = yaml::repeated_key_error(text, repeated) {
+            search.found(&err);
+        }
+    }
     let hidden = scan.repeated.iter().map(|repeated| repeated.path.clone()).collect();
     let section = |name: &str| scan.sections.get(name).cloned().unwrap_or_default();
     let (stream_names, target_names) = (section("streams"), section("targets"));
@@ -909,54 +913,118 @@ pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, Co
         urls_from_references: RefCell::default(),
     };
 
-    let parsed = deserialize_every_part(text, origin, new_context, hidden, &mut problems);
+    let parsed = deserialize_every_part(&mut search, new_context, hidden);
     if let Some((config, _)) = &parsed {
-        if problems.is_empty() && config.streams.is_empty() {
-            problems.push(ConfigProblem::Unlocated {
+        if search.problems.is_empty() && config.streams.is_empty() {
+            search.problems.push(ConfigProblem::Unlocated {
                 origin: origin.to_owned(),
                 message: "no streams are configured".to_owned(),
             });
         }
         // A relation between two values is checked once both are valid: a value that failed
         // was hidden, and its default stands in for it.
-        let check_relations = problems.is_empty();
+        let check_relations = search.problems.is_empty();
         for unworkable in unworkable_values(config, check_relations) {
-            problems.push(unworkable.locate(text, origin));
+            // Each of its places may take a parse.
+            if !search.may_parse(unworkable.places.len()) {
+                break;
+            }
+            search.problems.push(unworkable.locate(text, origin));
         }
     }
-    if !problems.is_empty() {
-        return Err(in_file_order(problems));
+    match (parsed, search.into_error()) {
+        (_, Some(err)) => Err(err),
+        (Some((mut config, context)), None) => {
+            config.n_literal_secrets = context.n_literal_secrets.get();
+            config.written_as = context.written_as.into_inner();
+            config.urls_from_references = context.urls_from_references.into_inner();
+            Ok(config)
+        }
+        // A run fails only with a problem, or with one hidden key missing, and keys are hidden
+        // only with a problem; this is for safety's sake.
+        (None, None) => Err(ConfigError::from(ConfigProblem::Unlocated {
+            origin: origin.to_owned(),
+            message: "the config cannot be read".to_owned(),
+        })),
     }
-    let (mut config, context) = parsed.expect("a text without problems was deserialized");
-    config.n_literal_secrets = context.n_literal_secrets.get();
-    config.written_as = context.written_as.into_inner();
-    config.urls_from_references = context.urls_from_references.into_inner();
-    Ok(config)
 }
 
-/// More problems than this are not looked for: each one costs a parse of the whole text.
+/// More problems than this are not looked for.
 const MAX_PROBLEMS: usize = 50;
 
-/// Nor more parsing than this, for a long text with many problems.
-const MAX_PARSED_BYTES: usize = 64 * 1024 * 1024;
+/// Nor is more text parsed than this (32 parses of a 1 MiB file, and at least 4 parses of any
+/// text) to find and place them: each problem takes a parse of the whole text, and a long text
+/// with thousands of errors must not take minutes.
+const MAX_PARSED_BYTES: usize = 32 * 1024 * 1024;
+
+/// The problems of a text found so far, and what may still be spent on finding more.
+struct Search<'t> {
+    text: &'t str,
+    origin: &'t str,
+    problems: Vec<ConfigProblem>,
+    n_bytes_left: usize,
+    /// Whether something was left unlooked-for.
+    stopped: bool,
+}
+
+impl<'t> Search<'t> {
+    fn new(text: &'t str, origin: &'t str) -> Search<'t> {
+        Search {
+            text,
+            origin,
+            problems: Vec::new(),
+            n_bytes_left: MAX_PARSED_BYTES.max(text.len().saturating_mul(4)),
+            stopped: false,
+        }
+    }
+
+    /// Whether `n_parses` more parses of the text are allowed; once one is not, none is.
+    fn may_parse(&mut self, n_parses: usize) -> bool {
+        let cost = self.text.len().saturating_mul(n_parses);
+        if self.stopped || self.problems.len() >= MAX_PROBLEMS || cost > self.n_bytes_left {
+            self.stopped = true;
+            return false;
+        }
+        self.n_bytes_left -= cost;
+        true
+    }
+
+    fn found(&mut self, err: &serde_yaml::Error) {
+        self.problems.push(locate(self.origin, self.text, err));
+    }
+
+    /// Every problem found, with a last line when the search stopped early; none without one.
+    fn into_error(mut self) -> Option<ConfigError> {
+        if self.problems.is_empty() {
+            return None;
+        }
+        if self.stopped {
+            self.problems.push(ConfigProblem::Unlocated {
+                origin: self.origin.to_owned(),
+                message: format!(
+                    "stopped looking after {} problems: fix these, then check again",
+                    self.problems.len()
+                ),
+            });
+        }
+        Some(in_file_order(self.problems))
+    }
+}
 
 /// Deserializes the config, and after each error again, with the entry or list item that failed
 /// hidden, until a run gets through or the error is in no entry (a top-level key is missing, or
-/// the text is no mapping). Each error goes to `problems`, except one that only says a hidden
-/// key is missing. Returns the last run's config and context, if it got through.
+/// the text is no mapping). Each error is a problem, except one that only says a hidden key is
+/// missing. Returns the last run's config and context, if it got through.
 fn deserialize_every_part(
-    text: &str,
-    origin: &str,
+    search: &mut Search,
     new_context: impl Fn() -> ParseContext,
     mut hidden: BTreeSet<yaml::NodePath>,
-    problems: &mut Vec<ConfigProblem>,
 ) -> Option<(Config, ParseContext)> {
-    let mut n_parsed_bytes = 0;
-    loop {
-        n_parsed_bytes += text.len();
+    while search.may_parse(1) {
         let recovery = yaml::Recovery::new(hidden.clone());
         CONTEXT.with(|cell| *cell.borrow_mut() = Some(new_context()));
-        let parsed = Config::deserialize(recovery.deserializer(serde_yaml::Deserializer::from_str(text)));
+        let deserializer = recovery.deserializer(serde_yaml::Deserializer::from_str(search.text));
+        let parsed = Config::deserialize(deserializer);
         let context = CONTEXT
             .with(|cell| cell.borrow_mut().take())
             .expect("the context was set above");
@@ -965,23 +1033,14 @@ fn deserialize_every_part(
             Err(err) => err,
         };
         if !recovery.is_consequence(&err.to_string()) {
-            problems.push(locate(origin, text, &err));
+            search.found(&err);
         }
         // A failure inside no entry, or in one already hidden, leaves nothing more to hide.
         if !recovery.failed().is_some_and(|failed| hidden.insert(failed)) {
             return None;
         }
-        if problems.len() >= MAX_PROBLEMS || n_parsed_bytes >= MAX_PARSED_BYTES {
-            problems.push(ConfigProblem::Unlocated {
-                origin: origin.to_owned(),
-                message: format!(
-                    "stopped looking after {} problems: fix these, then check again",
-                    problems.len()
-                ),
-            });
-            return None;
-        }
     }
+    None
 }
 
 /// Located problems by their place, then the others; each once.

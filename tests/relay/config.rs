@@ -177,16 +177,21 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
             "test.yaml:4:48: streams.chat.reconnect.max_delay: `later` is not a duration: write one like `30s`, `500ms` or `2m`",
         ],
     );
-    // Past 50 problems, the search stops, and says so.
-    let many = (0..60)
-        .map(|n| format!("  s{n}: {{ url: \"${{UNSET_{n}}}\" }}\n"))
-        .collect::<String>();
-    let err = parse_config(&format!("streams:\n{many}targets: {{}}\n"), &[]).expect_err("none is set");
-    assert_eq!(err.problems.len(), 51, "{err}");
-    assert_eq!(
-        err.problems[50].to_string(),
-        "test.yaml: stopped looking after 50 problems: fix these, then check again"
-    );
+    // Past 50 problems of any kind, the search stops, and says so.
+    let streams: [fn(usize) -> String; 3] = [
+        |n| format!("  s{n}: {{ url: \"${{UNSET_{n}}}\" }}\n"),
+        |_| "  s: { url: \"http://127.0.0.1:1/s\" }\n".to_owned(),
+        |n| format!("  s{n}: {{ url: \"http://127.0.0.1:1/s\", idle_timeout: 0s }}\n"),
+    ];
+    for stream in streams {
+        let yaml = format!("streams:\n{}targets: {{}}\n", (0..60).map(stream).collect::<String>());
+        let err = parse_config(&yaml, &[]).expect_err(&yaml);
+        assert_eq!(err.problems.len(), 51, "{err}");
+        assert_eq!(
+            err.problems[50].to_string(),
+            "test.yaml: stopped looking after 50 problems: fix these, then check again"
+        );
+    }
 }
 
 /// A key written twice in one mapping is an error at the second, naming the first: at any level,
