@@ -110,6 +110,43 @@ async fn check_reports_every_problem_one_per_line() {
     assert!(output.stdout.is_empty());
 }
 
+/// `run` refuses an invalid config as `check` does, every problem on a line of its own, before it
+/// starts anything: no log line, no storage directory.
+#[tokio::test]
+async fn run_reports_every_problem_before_starting_anything() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let yaml = format!(
+        "storage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: http://127.0.0.1:1/c\n    headers: {{ X-Key: \"a\\x01b\" }}\n\
+         targets:\n  n8n: {{ url: \"${{N8N_URL}}\" }}\n",
+        storage.display()
+    );
+    let path = write_config(&directory, "relay.yaml", &yaml);
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env_clear()
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run exits before the deadline")
+    .unwrap();
+    assert!(!output.status.success());
+    let expected: String = [
+        ":5:23: streams.chat.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+        ":7:15: targets.n8n.url: environment variable N8N_URL is not set",
+    ]
+    .iter()
+    .map(|line| format!("error: {}{line}\n", path.display()))
+    .collect();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
+    assert!(output.stdout.is_empty(), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(!storage.exists(), "run made its storage directory");
+}
+
 /// A FIFO as a secret file or as the config file is refused at once, naming it: opening one
 /// would wait for a writer forever.
 #[tokio::test]
