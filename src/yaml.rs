@@ -438,7 +438,8 @@ pub struct RepeatedKey {
     ordinal: usize,
 }
 
-/// The keys of the mappings under a key of this name are header names, which ignore case.
+/// The keys of a mapping under a key of this name, two levels down (`streams.<name>.headers`,
+/// `targets.<name>.headers`), are header names, which ignore case.
 const HEADERS_KEY: &str = "headers";
 
 /// Walks the whole document: repeated keys, and the keys of the top-level sections. Also the
@@ -586,7 +587,7 @@ impl<'de> Visitor<'de> for Scan<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let ignore_case = self.key.as_deref() == Some(HEADERS_KEY);
+        let ignore_case = self.path.len() == 3 && self.key.as_deref() == Some(HEADERS_KEY);
         let section = if self.path.len() == 1 { self.key.clone() } else { None };
         // Each key as compared, with its first spelling and ordinal.
         let mut seen: BTreeMap<String, (String, usize)> = BTreeMap::new();
