@@ -85,6 +85,8 @@ pub async fn run_with_reloads(
     config_path: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Before the admin server answers: a SIGHUP sent once it does must not kill the process.
+    let mut hangups = hangup_signals();
     let mut relay = start(config).await?;
     let storage = match relay.config.storage.mode {
         config::StorageMode::Sqlite => relay.config.storage.path.0.clone(),
@@ -107,7 +109,6 @@ pub async fn run_with_reloads(
             }
         })
     });
-    let mut hangups = hangup_signals();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -38,7 +38,7 @@ pub fn describe(config: &Config) -> String {
         crate::config::StorageMode::Memory => {
             let _ = writeln!(
                 out,
-                "\nstorage\n  memory (a crash or restart loses queued deliveries; dead letters are not kept)\n  max_pending {}",
+                "\nstorage\n  memory (a crash or restart loses queued deliveries and each stream's Last-Event-ID; dead letters are not kept)\n  max_pending {}",
                 storage.max_pending.0
             );
         }
@@ -57,9 +57,11 @@ pub fn describe(config: &Config) -> String {
         }
         let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
         let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
+        let reconnect = &stream.reconnect;
         let _ = writeln!(
             out,
-            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}",
+            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}\n    \
+             reconnect initial_delay {} doubling to max_delay {}, auth_failure_delay {}\n    rotate_after {}",
             if pointers.is_empty() {
                 "the SSE event field".to_owned()
             } else {
@@ -73,6 +75,10 @@ pub fn describe(config: &Config) -> String {
             },
             duration(stream.idle_timeout),
             stream.max_event_bytes,
+            duration(reconnect.initial_delay),
+            duration(reconnect.max_delay),
+            duration(reconnect.auth_failure_delay),
+            stream.rotate_after.map_or("off".to_owned(), duration),
         );
         describe_tls(&mut out, stream.tls.as_ref());
     }
@@ -187,6 +193,21 @@ fn stream_display_url(url: &Url) -> String {
         let _ = shown.set_username(MASK);
     }
     shown.to_string()
+}
+
+/// Warnings about settings that work but can surprise: memory storage forgets where each stream
+/// was, so an upstream that replays its buffer delivers the same events again after a restart.
+pub fn config_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.storage.mode == crate::config::StorageMode::Memory {
+        warnings.push(
+            "storage.mode is memory: a restart loses the queued deliveries and each stream's Last-Event-ID, \
+             so an upstream that replays its buffer to a new connection (Nchan does by default) has those \
+             events delivered again, under new Idempotency-Keys; storage.mode: sqlite keeps both"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Warnings about the config file itself: literal credentials in a file every user can read.

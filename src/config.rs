@@ -1,16 +1,19 @@
 //! The configuration file: the only serde types in the crate.
 //!
-//! `parse` turns YAML text into a validated [`Config`]. Every check that can point at a place in
-//! the file runs during deserialization, so serde_yaml attaches the line and column of the
-//! offending node to the error. Checks that need to know the names of all streams and targets
-//! (a route naming an unknown target, say) read them from a per-thread [`ParseContext`] that
-//! `parse` fills in a first, lenient pass over the same text.
+//! `parse` turns YAML text into a validated [`Config`], or into every problem of the text. Every
+//! check that can point at a place in the file runs during deserialization, so serde_yaml
+//! attaches the line and column of the offending node to the error; after an error, the text is
+//! deserialized again with the failed entry hidden (`yaml::Recovery`), so one run finds them
+//! all. Checks that need to know the names of all streams and targets (a route naming an
+//! unknown target, say) read them from a per-thread [`ParseContext`] that `parse` fills in a
+//! first, lenient pass over the same text.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,11 +21,42 @@ use serde::de::{self, Deserializer, IgnoredAny};
 use url::Url;
 use wildmatch::WildMatch;
 
+use crate::yaml;
+
 /// Looks up an environment variable by name; tests pass their own.
 pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
+/// Everything wrong with a config: each problem on a line of its own, in the order of the file.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Never empty.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                formatter.write_str("\n")?;
+            }
+            write!(formatter, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigProblem> for ConfigError {
+    fn from(problem: ConfigProblem) -> ConfigError {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum ConfigProblem {
     #[error("{path}: cannot read the file: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("{origin}:{line}:{column}: {message}")]
@@ -741,6 +775,19 @@ impl<'de> Deserialize<'de> for SecretText {
         from_text(deserializer, |raw| {
             note_if_literal_secret(raw);
             let (value, recipe) = with_context(|context| expand_with_recipe(raw, &*context.env))?;
+            // Each travels in an HTTP header: one that a header cannot carry is refused here, at
+            // its place, rather than when its stream or target starts. The error names the
+            // reference the value came from, never the value.
+            if !value.is_empty() && http::HeaderValue::from_str(&value).is_err() {
+                let named = if raw.contains("${") {
+                    format!("`{raw}` expands to a value")
+                } else {
+                    "the value".to_owned()
+                };
+                return Err(format!(
+                    "{named} with a line break or another control character, which an HTTP header cannot carry"
+                ));
+            }
             Ok(SecretText(value, recipe))
         })
     }
@@ -808,9 +855,23 @@ impl<'de> Deserialize<'de> for HttpUrl {
         from_text(deserializer, |raw| {
             // The URL may hold a credential, so errors describe the problem without repeating it.
             let text = expand(raw)?;
-            let url = Url::parse(&text).map_err(|err| format!("invalid url: {err}"))?;
+            let url = Url::parse(&text).map_err(|err| match err {
+                _ if text.trim().is_empty() => "invalid url: it is empty".to_owned(),
+                url::ParseError::RelativeUrlWithoutBase => {
+                    "invalid url: it needs a scheme and a host, as in https://api.example.com/stream".to_owned()
+                }
+                _ => format!("invalid url: {err}"),
+            })?;
             match url.scheme() {
                 "http" | "https" if url.host().is_some() => {
+                    // What an HTTP request cannot carry would fail every connection or request.
+                    if let Err(err) = http::Uri::try_from(url.as_str()) {
+                        return Err(if url.as_str().len() > MAX_URL_BYTES {
+                            format!("invalid url: longer than {MAX_URL_BYTES} bytes")
+                        } else {
+                            format!("invalid url: an HTTP request cannot carry it ({err})")
+                        });
+                    }
                     if raw
                         .split('?')
                         .next()
@@ -839,6 +900,9 @@ impl<'de> Deserialize<'de> for HttpUrl {
         })
     }
 }
+
+/// The longest URL the `http` crate takes (`http::Uri`), which both HTTP clients use.
+const MAX_URL_BYTES: usize = u16::MAX as usize - 1;
 
 /// A valid HTTP header name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -1074,78 +1138,211 @@ pub fn load_storage(path: &Path) -> Result<StorageConfig, ConfigError> {
         storage: StorageConfig,
     }
     refuse_deep_nesting(&text, &origin)?;
-    let parsed: StorageOnly = serde_yaml::from_str(&text).map_err(|err| locate(&origin, err))?;
+    let parsed: StorageOnly =
+        serde_yaml::from_str(&text).map_err(|err| ConfigError::from(locate(&origin, &text, &err)))?;
     Ok(parsed.storage)
 }
 
 /// The config file's text. Like a secret file, it must be a regular file: SIGHUP re-reads it
 /// while the relay runs, and a FIFO or a device there must not stop the relay.
 fn read_config_file(path: &Path) -> Result<String, ConfigError> {
-    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
+    read_regular_file(path, MAX_CONFIG_FILE_BYTES).map_err(|source| {
+        ConfigError::from(ConfigProblem::Read {
+            path: path.display().to_string(),
+            source,
+        })
     })
 }
 
-fn locate(origin: &str, err: serde_yaml::Error) -> ConfigError {
-    match err.location() {
-        Some(location) => ConfigError::Located {
+/// `err`, explained, at its place in `text`.
+fn locate(origin: &str, text: &str, err: &serde_yaml::Error) -> ConfigProblem {
+    let explained = yaml::explain(err, text);
+    match explained.location {
+        Some((line, column)) => ConfigProblem::Located {
             origin: origin.to_owned(),
-            line: location.line(),
-            column: location.column(),
-            message: strip_location_suffix(&err.to_string()),
+            line,
+            column,
+            message: explained.message,
         },
-        None => ConfigError::Unlocated {
+        None => ConfigProblem::Unlocated {
             origin: origin.to_owned(),
-            message: err.to_string(),
+            message: explained.message,
         },
     }
 }
 
-/// Parses config text; `origin` names it in errors (usually the file path).
+/// Parses config text; `origin` names it in errors (usually the file path). An invalid text
+/// gives every problem it has, up to `MAX_PROBLEMS`.
 pub fn parse(text: &str, origin: &str, env: Box<EnvLookup>) -> Result<Config, ConfigError> {
-    let locate = |err: serde_yaml::Error| locate(origin, err);
+    let locate = |err: serde_yaml::Error| ConfigError::from(locate(origin, text, &err));
     refuse_deep_nesting(text, origin)?;
 
-    // First pass: only the names of streams and targets, so that routes can be checked against
-    // them wherever they stand in the file.
-    #[derive(Deserialize)]
-    struct Names {
-        #[serde(default)]
-        streams: BTreeMap<String, IgnoredAny>,
-        #[serde(default)]
-        targets: BTreeMap<String, IgnoredAny>,
+    // First pass: every mapping's keys. Repeated keys are errors, and hidden from the
+    // deserialization; the names of streams and targets let routes be checked against them
+    // wherever they stand in the file.
+    let scan = yaml::scan_keys(text).map_err(locate)?;
+    let mut search = Search::new(text, origin);
+    for repeated in &scan.repeated {
+        // Placing a repeat and its first definition takes two parses.
+        if !search.may_parse(2) {
+            break;
+        }
+        if let Some(err) = yaml::repeated_key_error(text, repeated) {
+            search.found(&err);
+        }
     }
-    let names: Names = serde_yaml::from_str(text).map_err(locate)?;
-
-    let context = ParseContext {
-        env,
-        stream_names: names.streams.into_keys().collect(),
-        target_names: names.targets.into_keys().collect(),
+    let hidden = scan.repeated.iter().map(|repeated| repeated.path.clone()).collect();
+    let section = |name: &str| scan.sections.get(name).cloned().unwrap_or_default();
+    let (stream_names, target_names) = (section("streams"), section("targets"));
+    let env: Rc<EnvLookup> = Rc::from(env);
+    let new_context = || ParseContext {
+        env: Rc::clone(&env),
+        stream_names: stream_names.clone(),
+        target_names: target_names.clone(),
         n_literal_secrets: std::cell::Cell::new(0),
         written_as: RefCell::default(),
         urls_from_references: RefCell::default(),
     };
-    CONTEXT.with(|cell| *cell.borrow_mut() = Some(context));
-    let parsed = serde_yaml::from_str::<Config>(text);
-    let context = CONTEXT.with(|cell| cell.borrow_mut().take());
-    let mut config = parsed.map_err(locate)?;
-    if let Some(context) = context {
-        config.n_literal_secrets = context.n_literal_secrets.get();
-        config.written_as = context.written_as.into_inner();
-        config.urls_from_references = context.urls_from_references.into_inner();
+
+    let parsed = deserialize_every_part(&mut search, new_context, hidden);
+    if let Some((config, _)) = &parsed {
+        if search.problems.is_empty() && config.streams.is_empty() {
+            search.problems.push(ConfigProblem::Unlocated {
+                origin: origin.to_owned(),
+                message: "no streams are configured".to_owned(),
+            });
+        }
+        // A relation between two values is checked once both are valid: a value that failed
+        // was hidden, and its default stands in for it.
+        let check_relations = search.problems.is_empty();
+        for unworkable in unworkable_values(config, check_relations) {
+            // Each of its places may take a parse.
+            if !search.may_parse(unworkable.places.len()) {
+                break;
+            }
+            search.problems.push(unworkable.locate(text, origin));
+        }
+    }
+    match (parsed, search.into_error()) {
+        (_, Some(err)) => Err(err),
+        (Some((mut config, context)), None) => {
+            config.n_literal_secrets = context.n_literal_secrets.get();
+            config.written_as = context.written_as.into_inner();
+            config.urls_from_references = context.urls_from_references.into_inner();
+            Ok(config)
+        }
+        // A run fails only with a problem, or with one hidden key missing, and keys are hidden
+        // only with a problem; this is for safety's sake.
+        (None, None) => Err(ConfigError::from(ConfigProblem::Unlocated {
+            origin: origin.to_owned(),
+            message: "the config cannot be read".to_owned(),
+        })),
+    }
+}
+
+/// More problems than this are not looked for.
+const MAX_PROBLEMS: usize = 50;
+
+/// Nor is more text parsed than this (32 parses of a 1 MiB file, and at least 4 parses of any
+/// text) to find and place them: each problem takes a parse of the whole text, and a long text
+/// with thousands of errors must not take minutes.
+const MAX_PARSED_BYTES: usize = 32 * 1024 * 1024;
+
+/// The problems of a text found so far, and what may still be spent on finding more.
+struct Search<'t> {
+    text: &'t str,
+    origin: &'t str,
+    problems: Vec<ConfigProblem>,
+    n_bytes_left: usize,
+    /// Whether something was left unlooked-for.
+    stopped: bool,
+}
+
+impl<'t> Search<'t> {
+    fn new(text: &'t str, origin: &'t str) -> Search<'t> {
+        Search {
+            text,
+            origin,
+            problems: Vec::new(),
+            n_bytes_left: MAX_PARSED_BYTES.max(text.len().saturating_mul(4)),
+            stopped: false,
+        }
     }
 
-    if config.streams.is_empty() {
-        return Err(ConfigError::Unlocated {
-            origin: origin.to_owned(),
-            message: "no streams are configured".to_owned(),
-        });
+    /// Whether `n_parses` more parses of the text are allowed; once one is not, none is.
+    fn may_parse(&mut self, n_parses: usize) -> bool {
+        let cost = self.text.len().saturating_mul(n_parses);
+        if self.stopped || self.problems.len() >= MAX_PROBLEMS || cost > self.n_bytes_left {
+            self.stopped = true;
+            return false;
+        }
+        self.n_bytes_left -= cost;
+        true
     }
-    if let Some(unworkable) = unworkable_values(&config).into_iter().next() {
-        return Err(unworkable.locate(text, origin));
+
+    fn found(&mut self, err: &serde_yaml::Error) {
+        self.problems.push(locate(self.origin, self.text, err));
     }
-    Ok(config)
+
+    /// Every problem found, with a last line when the search stopped early; none without one.
+    fn into_error(mut self) -> Option<ConfigError> {
+        if self.problems.is_empty() {
+            return None;
+        }
+        if self.stopped {
+            self.problems.push(ConfigProblem::Unlocated {
+                origin: self.origin.to_owned(),
+                message: format!(
+                    "stopped looking after {} problems: fix these, then check again",
+                    self.problems.len()
+                ),
+            });
+        }
+        Some(in_file_order(self.problems))
+    }
+}
+
+/// Deserializes the config, and after each error again, with the entry or list item that failed
+/// hidden, until a run gets through or the error is in no entry (a top-level key is missing, or
+/// the text is no mapping). Each error is a problem, except one that only says a hidden key is
+/// missing. Returns the last run's config and context, if it got through.
+fn deserialize_every_part(
+    search: &mut Search,
+    new_context: impl Fn() -> ParseContext,
+    mut hidden: BTreeSet<yaml::NodePath>,
+) -> Option<(Config, ParseContext)> {
+    while search.may_parse(1) {
+        let recovery = yaml::Recovery::new(hidden.clone());
+        CONTEXT.with(|cell| *cell.borrow_mut() = Some(new_context()));
+        let deserializer = recovery.deserializer(serde_yaml::Deserializer::from_str(search.text));
+        let parsed = Config::deserialize(deserializer);
+        let context = CONTEXT
+            .with(|cell| cell.borrow_mut().take())
+            .expect("the context was set above");
+        let err = match parsed {
+            Ok(config) => return Some((config, context)),
+            Err(err) => err,
+        };
+        if !recovery.is_consequence(&err.to_string()) {
+            search.found(&err);
+        }
+        // A failure inside no entry, or in one already hidden, leaves nothing more to hide.
+        if !recovery.failed().is_some_and(|failed| hidden.insert(failed)) {
+            return None;
+        }
+    }
+    None
+}
+
+/// Located problems by their place, then the others; each once.
+fn in_file_order(mut problems: Vec<ConfigProblem>) -> ConfigError {
+    problems.sort_by_key(|problem| match problem {
+        ConfigProblem::Located { line, column, .. } => (0, *line, *column),
+        ConfigProblem::Unlocated { .. } | ConfigProblem::Read { .. } => (1, 0, 0),
+    });
+    let mut seen = BTreeSet::new();
+    problems.retain(|problem| seen.insert(problem.to_string()));
+    ConfigError { problems }
 }
 
 /// Delays and timeouts shorter than this are refused: tokio's timers count milliseconds, so a
@@ -1173,23 +1370,27 @@ struct Unworkable {
 
 impl Unworkable {
     /// The error at the first of its places that the file has.
-    fn locate(self, text: &str, origin: &str) -> ConfigError {
+    fn locate(self, text: &str, origin: &str) -> ConfigProblem {
         for (place, message) in &self.places {
             if let Some(err) = fail_at(text, place, message) {
-                return locate(origin, err);
+                return locate(origin, text, &err);
             }
         }
         let (place, message) = &self.places[0];
-        ConfigError::Unlocated {
+        ConfigProblem::Unlocated {
             origin: origin.to_owned(),
             message: format!("{}: {message}", place.join(".")),
         }
     }
 }
 
-/// Durations, sizes and their relations that cannot work, in the order of the config reference.
-fn unworkable_values(config: &Config) -> Vec<Unworkable> {
-    let mut found = Found(Vec::new());
+/// Durations, sizes and (with `check_relations`) their relations that cannot work, in the order
+/// of the config reference.
+fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> {
+    let mut found = Found {
+        unworkable: Vec::new(),
+        check_relations,
+    };
     found.duration(&["shutdown", "grace_period"], config.shutdown.grace_period, None);
     let storage = &config.storage;
     if storage.max_bytes.as_u64() < MIN_STORAGE_BYTES {
@@ -1287,15 +1488,18 @@ fn unworkable_values(config: &Config) -> Vec<Unworkable> {
             ": no retry could start in time; to never retry, set max_attempts: 1",
         );
     }
-    found.0
+    found.unworkable
 }
 
 /// What `unworkable_values` has found so far.
-struct Found(Vec<Unworkable>);
+struct Found {
+    unworkable: Vec<Unworkable>,
+    check_relations: bool,
+}
 
 impl Found {
     fn push(&mut self, place: &[&str], message: String) {
-        self.0.push(Unworkable {
+        self.unworkable.push(Unworkable {
             places: vec![(owned_keys(place), message)],
         });
     }
@@ -1321,14 +1525,14 @@ impl Found {
         (start, start_value): (&str, Duration),
         consequence: &str,
     ) {
-        if cap_value >= start_value {
+        if cap_value >= start_value || !self.check_relations {
             return;
         }
         let (cap_shown, start_shown) = (
             humantime::format_duration(cap_value),
             humantime::format_duration(start_value),
         );
-        self.0.push(Unworkable {
+        self.unworkable.push(Unworkable {
             places: vec![
                 (
                     owned_keys(&[section, &[cap]].concat()),
@@ -1442,12 +1646,12 @@ const MAX_FLOW_NESTING: usize = 64;
 
 fn refuse_deep_nesting(text: &str, origin: &str) -> Result<(), ConfigError> {
     match find_deep_nesting(text) {
-        Some((line, column)) => Err(ConfigError::Located {
+        Some((line, column)) => Err(ConfigError::from(ConfigProblem::Located {
             origin: origin.to_owned(),
             line,
             column,
             message: format!("collections nested more than {MAX_FLOW_NESTING} levels deep"),
-        }),
+        })),
         None => Ok(()),
     }
 }
@@ -1527,16 +1731,8 @@ fn find_deep_nesting(text: &str) -> Option<(usize, usize)> {
     None
 }
 
-/// serde_yaml appends " at line L column C" to messages; the location is reported up front.
-fn strip_location_suffix(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(index) => message[..index].to_owned(),
-        None => message.to_owned(),
-    }
-}
-
 struct ParseContext {
-    env: Box<EnvLookup>,
+    env: Rc<EnvLookup>,
     stream_names: BTreeSet<String>,
     target_names: BTreeSet<String>,
     n_literal_secrets: std::cell::Cell<usize>,
@@ -1555,7 +1751,7 @@ fn with_context<T>(action: impl FnOnce(&ParseContext) -> T) -> T {
             Some(context) => action(context),
             // Outside `parse` (a type deserialized on its own), use the process environment.
             None => action(&ParseContext {
-                env: Box::new(|name| std::env::var(name).ok()),
+                env: Rc::new(|name| std::env::var(name).ok()),
                 stream_names: BTreeSet::new(),
                 target_names: BTreeSet::new(),
                 n_literal_secrets: std::cell::Cell::new(0),

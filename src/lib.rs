@@ -22,3 +22,4 @@ pub mod source;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+mod yaml;

@@ -89,18 +89,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match config::load(&config) {
             Ok(loaded) => {
-                for warning in check::file_warnings(&config, &loaded) {
+                let warnings = check::config_warnings(&loaded).into_iter();
+                for warning in warnings.chain(check::file_warnings(&config, &loaded)) {
                     eprintln!("warning: {warning}");
                 }
                 println!("{}: ok\n\n{}", config.display(), check::describe(&loaded));
                 ExitCode::SUCCESS
             }
-            Err(err) => fail(&err),
+            Err(err) => fail_config(&err),
         },
         Command::Run { config } => {
             let loaded = match config::load(&config) {
                 Ok(loaded) => loaded,
-                Err(err) => return fail(&err),
+                Err(err) => return fail_config(&err),
             };
             telemetry::init_logging(cli.log_format);
             raise_open_file_limit();
@@ -191,6 +192,14 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn fail(err: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {err}");
+    ExitCode::FAILURE
+}
+
+/// Every problem of the config, one `error:` line each.
+fn fail_config(err: &config::ConfigError) -> ExitCode {
+    for problem in &err.problems {
+        eprintln!("error: {problem}");
+    }
     ExitCode::FAILURE
 }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use sse_relay::classify::Classifier;
-use sse_relay::config::{self, Config, ConfigError, EnvLookup};
+use sse_relay::config::{self, Config, ConfigError, ConfigProblem, EnvLookup};
 use sse_relay::routing::{OTHER_EVENT_TYPE, RoutingTable};
 
 /// Where `${file:...}` and `${cred:...}` references can find something; the seeds name it.
@@ -63,21 +63,24 @@ fn check_config(config: &Config) {
 }
 
 fn check_error(text: &str, err: &ConfigError) {
-    let message = err.to_string();
-    match err {
-        ConfigError::Located { line, column, .. } => {
-            assert!(*line >= 1 && *column >= 1, "location is not 1-based: {message}");
-            // The location must point into the text (or just past its end).
-            let n_lines = count_yaml_lines(text);
-            assert!(*line <= n_lines + 1, "line {line} of a {n_lines}-line text: {message}");
+    assert!(!err.problems.is_empty(), "an error without problems");
+    for problem in &err.problems {
+        let message = problem.to_string();
+        match problem {
+            ConfigProblem::Located { line, column, .. } => {
+                assert!(*line >= 1 && *column >= 1, "location is not 1-based: {message}");
+                // The location must point into the text (or just past its end).
+                let n_lines = count_yaml_lines(text);
+                assert!(*line <= n_lines + 1, "line {line} of a {n_lines}-line text: {message}");
+            }
+            ConfigProblem::Unlocated { .. } => {}
+            ConfigProblem::Read { .. } => panic!("parse read a file of its own: {message}"),
         }
-        ConfigError::Unlocated { .. } => {}
-        ConfigError::Read { .. } => panic!("parse read a file of its own: {message}"),
+        assert!(
+            message.starts_with("fuzz.yaml:"),
+            "the error does not name its origin: {message}"
+        );
     }
-    assert!(
-        message.starts_with("fuzz.yaml:"),
-        "the error does not name its origin: {message}"
-    );
 }
 
 /// Lines as YAML counts them: `\r\n`, `\r`, `\n`, NEL, LS and PS each end one.

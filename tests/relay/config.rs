@@ -56,18 +56,19 @@ fn config_errors_name_the_place() {
     );
     check(
         &base("routes:\n  - stream: chat\n    target: [n8n]\n"),
-        "test.yaml:9:5: routes[0]: unknown field `target`, expected one of `stream`, `events`, `where`, `targets`",
+        "test.yaml:8:5: routes[0]: the required key `targets` is missing\n\
+         test.yaml:9:5: routes[0]: unknown key `target`; expected one of `stream`, `events`, `where`, `targets`",
     );
     check(
         &base("colour: blue\n"),
-        "test.yaml:7:1: unknown field `colour`, expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`, `logging`",
+        "test.yaml:7:1: unknown key `colour`; expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`, `logging`",
     );
     check(
         &base("").replace(
             "url: http://127.0.0.1:2/hook",
             "url: http://127.0.0.1:2/hook\n    timeout: ten seconds",
         ),
-        "test.yaml:7:14: targets.n8n.timeout: invalid value: string \"ten seconds\", expected a duration",
+        "test.yaml:7:14: targets.n8n.timeout: `ten seconds` is not a duration: write one like `30s`, `500ms` or `2m`",
     );
     check(
         &base("").replace("http://127.0.0.1:2/hook", "ftp://127.0.0.1:2/hook"),
@@ -118,6 +119,378 @@ fn config_errors_name_the_place() {
         &base("").replace("http://127.0.0.1:2/hook", "admin:literal@hooks.example.com/x"),
         "test.yaml:6:10: targets.n8n.url: invalid url: the scheme must be http or https",
     );
+}
+
+/// One run reports every problem of a file, each at its place: a new user learns all the
+/// variables the example needs at once, and an error does not hide the ones after it.
+#[test]
+fn every_problem_of_a_file_is_reported_in_one_run() {
+    let check = |yaml: &str, expected: &[&str]| {
+        let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
+        assert_eq!(err, expected.join("\n"), "for:\n{yaml}");
+    };
+    check(
+        include_str!("../../relay.example.yaml"),
+        &[
+            "test.yaml:22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+            "test.yaml:24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+            "test.yaml:25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+            "test.yaml:34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+            "test.yaml:35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+            "test.yaml:48:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
+            "test.yaml:60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+        ],
+    );
+    // Errors of every kind, several in one stream, before and after each other.
+    check(
+        "streams:\n  chat:\n    url: ${CHAT_URL}\n    idle_timeout: 30\n    colour: blue\n    headers: { Authorization: \"${TOKEN}\" }\n    \
+         reconnect: { initial_delay: 0s, max_delay: soon }\n  bad: http://127.0.0.1:1/\n  \
+         participant:\n    url: http://127.0.0.1:1/p\n    keepalive: KEEP_ALIVE\n    reconnect: { initial_delay: 0s }\n\
+         targets:\n  n8n:\n    timeout: ten\n    body: payload\n  zapier: { url: \"${HOOK}\", max_in_flight: 0 }\n\
+         routes:\n  - stream: chat\n    events: [\"\"]\n    targets: [n8n, slack]\n  - stream: nothing*\n    targets: [zapier]\n\
+         storage: { mode: disk }\n",
+        &[
+            "test.yaml:3:10: streams.chat.url: environment variable CHAT_URL is not set",
+            "test.yaml:4:19: streams.chat.idle_timeout: a duration needs a unit, like `30s`, `500ms` or `2m`",
+            "test.yaml:5:5: streams.chat: unknown key `colour`; expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`",
+            "test.yaml:6:31: streams.chat.headers.Authorization: environment variable TOKEN is not set",
+            "test.yaml:7:48: streams.chat.reconnect.max_delay: `soon` is not a duration: write one like `30s`, `500ms` or `2m`",
+            "test.yaml:8:8: streams.bad: expected settings as `key: value` lines indented below it, found text",
+            "test.yaml:11:16: streams.participant.keepalive: expected a list such as `[a, b]`, found text; a list of one is written `[item]`",
+            "test.yaml:12:33: streams.participant.reconnect.initial_delay: must be at least 1ms, or a failing upstream is reconnected to in a hot loop",
+            "test.yaml:15:5: targets.n8n: the required key `url` is missing",
+            "test.yaml:15:14: targets.n8n.timeout: `ten` is not a duration: write one like `30s`, `500ms` or `2m`",
+            "test.yaml:16:11: targets.n8n.body: body `payload` is not one of data, envelope or a JSON pointer such as /payload",
+            "test.yaml:17:18: targets.zapier.url: environment variable HOOK is not set",
+            "test.yaml:17:44: targets.zapier.max_in_flight: must be at least 1",
+            "test.yaml:20:14: routes[0].events[0]: an empty pattern matches nothing",
+            "test.yaml:21:20: routes[0].targets[1]: unknown target `slack`; configured targets: n8n, zapier",
+            "test.yaml:22:13: routes[1].stream: stream pattern `nothing*` matches no configured stream",
+            "test.yaml:24:18: storage.mode: unknown value `disk`, expected `sqlite` or `memory`",
+        ],
+    );
+    // A relation between two values waits until both are valid: the default that stands in for
+    // a value that failed is no reason for an error.
+    check(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    reconnect: { initial_delay: 1m, max_delay: later }\ntargets: {}\n",
+        &[
+            "test.yaml:4:48: streams.chat.reconnect.max_delay: `later` is not a duration: write one like `30s`, `500ms` or `2m`",
+        ],
+    );
+    // Past 50 problems of any kind, the search stops, and says so.
+    let streams: [fn(usize) -> String; 3] = [
+        |n| format!("  s{n}: {{ url: \"${{UNSET_{n}}}\" }}\n"),
+        |_| "  s: { url: \"http://127.0.0.1:1/s\" }\n".to_owned(),
+        |n| format!("  s{n}: {{ url: \"http://127.0.0.1:1/s\", idle_timeout: 0s }}\n"),
+    ];
+    for stream in streams {
+        let yaml = format!("streams:\n{}targets: {{}}\n", (0..60).map(stream).collect::<String>());
+        let err = parse_config(&yaml, &[]).expect_err(&yaml);
+        assert_eq!(err.problems.len(), 51, "{err}");
+        assert_eq!(
+            err.problems[50].to_string(),
+            "test.yaml: stopped looking after 50 problems: fix these, then check again"
+        );
+    }
+}
+
+/// A key written twice in one mapping is an error at the second, naming the first: at any level,
+/// in block and flow style; header names ignore case. Nothing is silently dropped.
+#[test]
+fn duplicate_keys_are_errors_at_any_level() {
+    let check = |yaml: &str, expected: &[&str]| {
+        let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
+        assert_eq!(err, expected.join("\n"), "for:\n{yaml}");
+    };
+    let streams = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n";
+    let targets = "targets:\n  zapier:\n    url: http://127.0.0.1:2/z\n";
+    check(
+        &format!(
+            "{streams}{targets}  n8n: {{ url: \"http://127.0.0.1:2/n\" }}\n  zapier:\n    url: http://127.0.0.1:2/other\n"
+        ),
+        &["test.yaml:8:3: targets: duplicate key `zapier` (first defined at line 5)"],
+    );
+    check(
+        &format!(
+            "{streams}  chat: {{ url: \"http://127.0.0.1:1/d\" }}\n  chat: {{ url: \"http://127.0.0.1:1/e\" }}\n{targets}"
+        ),
+        &[
+            "test.yaml:4:3: streams: duplicate key `chat` (first defined at line 2)",
+            "test.yaml:5:3: streams: duplicate key `chat` (first defined at line 2)",
+        ],
+    );
+    check(
+        &format!("{streams}    idle_timeout: 5s\n    url: http://127.0.0.1:1/d\n{targets}"),
+        &["test.yaml:5:5: streams.chat: duplicate key `url` (first defined at line 3)"],
+    );
+    check(
+        &format!("{streams}{targets}targets: {{}}\n"),
+        &["test.yaml:7:1: duplicate key `targets` (first defined at line 4)"],
+    );
+    check(
+        &format!("{streams}    headers:\n      X-Token: a\n      X-Token: b\n{targets}"),
+        &["test.yaml:6:7: streams.chat.headers: duplicate key `X-Token` (first defined at line 5)"],
+    );
+    check(
+        &format!("{streams}{targets}    headers: {{ Authorization: a, authorization: b }}\n"),
+        &[
+            "test.yaml:7:34: targets.zapier.headers: duplicate key `authorization` (first defined at line 7 as `Authorization`; header names ignore case)",
+        ],
+    );
+    check(
+        &format!(
+            "{streams}{targets}routes:\n  - stream: chat\n    targets: [zapier]\n    where: {{ /a: 1, /b: 2, /a: 3 }}\n    stream: \"*\"\n"
+        ),
+        &[
+            "test.yaml:10:28: routes[0].where: duplicate key `/a` (first defined at line 10)",
+            "test.yaml:11:5: routes[0]: duplicate key `stream` (first defined at line 8)",
+        ],
+    );
+    // With the other problems of the file.
+    check(
+        &format!("{streams}    url: ${{UNSET}}\n    idle_timeout: 0s\n{targets}"),
+        &[
+            "test.yaml:4:5: streams.chat: duplicate key `url` (first defined at line 3)",
+            "test.yaml:5:19: streams.chat.idle_timeout: must be at least 1ms, or every connection is dropped before it can receive anything",
+        ],
+    );
+    // Keys are compared as written, as the config reads them: these are all different.
+    let config = parse_config(
+        &format!("streams:\n  \"1\": {{ url: \"http://127.0.0.1:1/a\" }}\n  01: {{ url: \"http://127.0.0.1:1/b\" }}\n  null: {{ url: \"http://127.0.0.1:1/c\" }}\n  \"~\": {{ url: \"http://127.0.0.1:1/d\" }}\n{targets}"),
+        &[],
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(config.streams.keys().collect::<Vec<_>>(), ["01", "1", "null", "~"]);
+}
+
+/// What would fail when a stream or target starts is refused by the config, at its place: a
+/// header value (or the admin token) that an HTTP header cannot carry, a URL that an HTTP
+/// request cannot. So `check` refuses what `run` would, and `run` never starts half a relay.
+#[test]
+fn what_a_relay_cannot_start_with_is_refused_at_its_place() {
+    let directory = tempfile::tempdir().unwrap();
+    let file = |name: &str, contents: &str| {
+        std::fs::write(directory.path().join(name), contents).unwrap();
+        format!("${{file:{}}}", directory.path().join(name).display())
+    };
+    let two_lines = file("two-lines", "sekret-1\nsekret-2\n");
+    let long = "x".repeat(70_000);
+    let env = [
+        ("TOKEN", "sekret\nX-Injected: 1"),
+        ("ADMIN", "sekret\u{7f}"),
+        ("LONG", long.as_str()),
+    ];
+    let check = |yaml: &str, expected: &str| {
+        let err = parse_config(yaml, &env).expect_err(yaml).to_string();
+        assert_eq!(err, expected, "for:\n{yaml}");
+    };
+    let streams = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n";
+    check(
+        &format!("{streams}    headers: {{ Authorization: \"Bearer ${{TOKEN}}\" }}\ntargets: {{}}\n"),
+        "test.yaml:4:31: streams.chat.headers.Authorization: `Bearer ${TOKEN}` expands to a value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("{streams}targets:\n  n8n:\n    url: http://127.0.0.1:2/n\n    headers: {{ X-Key: \"a\\x01b\" }}\n"),
+        "test.yaml:7:23: targets.n8n.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("admin: {{ token: \"${{ADMIN}}\" }}\n{streams}targets: {{}}\n"),
+        "test.yaml:1:17: admin.token: `${ADMIN}` expands to a value with a line break or another control character, which an HTTP header cannot carry",
+    );
+    check(
+        &format!("{streams}    headers: {{ X-Token: \"{two_lines}\" }}\ntargets: {{}}\n"),
+        &format!(
+            "test.yaml:4:25: streams.chat.headers.X-Token: `{two_lines}` expands to a value with a line break or another control character, which an HTTP header cannot carry"
+        ),
+    );
+    check(
+        &format!("{streams}targets:\n  n8n: {{ url: \"http://127.0.0.1:2/${{LONG}}\" }}\n"),
+        "test.yaml:5:15: targets.n8n.url: invalid url: longer than 65534 bytes",
+    );
+    check(
+        "streams:\n  chat:\n    url: http://127.0.0.1:1/${LONG}\ntargets: {}\n",
+        "test.yaml:3:10: streams.chat.url: invalid url: longer than 65534 bytes",
+    );
+
+    // A secret file's last line break is not part of the secret, as `echo > file` and systemd
+    // credentials write them.
+    for contents in ["sekret\n", "sekret\r\n", "sekret"] {
+        let reference = file("one-line", contents);
+        let yaml = format!("{streams}    headers: {{ X-Token: \"{reference}\" }}\ntargets: {{}}\n");
+        let config = parse_config(&yaml, &[]).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.streams["chat"].headers.values().next().unwrap().0, "sekret");
+    }
+}
+
+/// The mistakes a new user makes first read as sentences that say what to write, at the place of
+/// the mistake (a key without its colon is reported on its own line, not the next one), with
+/// the parser's own words kept after syntax errors.
+#[test]
+fn yaml_mistakes_are_explained() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "streams:\n  chat:\n    url: http://a/\n   idle_timeout: 10s\n",
+            "test.yaml:4:4: this line is not lined up with the keys above it: the keys of one mapping start in the same column (YAML: did not find expected key)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n      idle_timeout: 10s\n",
+            "test.yaml:4:7: this line is indented deeper than the line above it, so it reads as part of that line's value: line it up with the keys above it (YAML: mapping values are not allowed in this context)",
+        ),
+        (
+            "streams:\n  chat:\n    url http://a/\n    idle_timeout: 10s\n",
+            "test.yaml:3:5: this line has no `:` after its key: write `key: value`, with a space after the colon (YAML: mapping values are not allowed in this context)",
+        ),
+        (
+            "streams:\n  chat\n    url: http://a/\n",
+            "test.yaml:2:3: this line has no `:` after its key: write `key: value`, with a space after the colon (YAML: mapping values are not allowed in this context)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    default_event_type: a: b\n",
+            "test.yaml:4:26: a value cannot hold `: ` unless it is in quotes, as in `key: \"a: b\"` (YAML: mapping values are not allowed in this context)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    default_event_type: \"a\" b\n",
+            "test.yaml:4:29: unexpected text after a value: a value in quotes ends at its closing quote, so put all of it inside the quotes (YAML: did not find expected key)",
+        ),
+        (
+            "streams:\n  chat:\n    url:http://a/\ntargets: {}\n",
+            "test.yaml:3:5: streams.chat: expected settings as `key: value` lines indented below it, found text; a key needs a space after its colon, as in `url: https://…`",
+        ),
+        (
+            "streams:\n\tchat:\n    url: http://a/\n",
+            "test.yaml:2:1: a tab: indent with spaces only (YAML: found character that cannot start any token)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n\tidle_timeout: 10s\n",
+            "test.yaml:4:1: a tab: indent with spaces only (YAML: found a tab character that violates indentation)",
+        ),
+        (
+            "streams:\n  chat:\n    url: \"http://a/\n    idle_timeout: 10s\ntargets: {}\n",
+            "test.yaml:3:10: this quoted value has no closing quote (YAML: found unexpected end of stream)",
+        ),
+        (
+            "streams:\n  chat: { url: http://a/\ntargets: {}\n",
+            "test.yaml:2:9: this `{` is not closed: write `{ key: value, key: value }`, with a `,` between entries and a `}` at the end (YAML: did not find expected ',' or '}')",
+        ),
+        (
+            "streams:\n  chat:\n    keepalive: [a, b\n    url: http://a/\n",
+            "test.yaml:3:16: this `[` is not closed: write `[a, b]`, with a `,` between items and a `]` at the end (YAML: did not find expected ',' or ']')",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\nroutes:\n  - stream: chat\n   targets: []\n",
+            "test.yaml:6:4: this line is not lined up with the list above it: the items of a list start with `- ` in the same column, and the keys of an item line up with its first key (YAML: did not find expected '-' indicator)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n  - other\n",
+            "test.yaml:4:3: a list item (`- `) where a key was expected: put the list under a key of its own, or line it up with the list it belongs to (YAML: did not find expected key)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    keepalive: - a\n",
+            "test.yaml:4:16: a list cannot start on the line of its key: put each `- item` on a line of its own below the key, or write `[a, b]` (YAML: block sequence entries are not allowed in this context)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\nroutes:\n  - stream: *\n",
+            "test.yaml:5:13: `*` and `&` start aliases and anchors in YAML: put a value that starts with one in quotes, as in \"*\" (YAML: did not find expected alphabetic or numeric character)",
+        ),
+        (
+            "streams:\n  chat:\n    url: @chat\n",
+            "test.yaml:3:10: a value cannot start with `@`: put it in quotes, as in \"@…\" (YAML: found character that cannot start any token)",
+        ),
+        (
+            "streams:\n  chat:\n    url: \"http://a/\\q\"\n",
+            "test.yaml:3:20: unknown escape in a double-quoted value: write `\\\\` for a backslash, or use single quotes (YAML: found unknown escape character)",
+        ),
+        (
+            "streams:\n  chat:\n    url: *a\n",
+            "test.yaml:3:10: a value that starts with `*` is a YAML alias, and no anchor (`&name`) above it has this name: put text that starts with `*` in quotes, as in \"*\" (YAML: unknown anchor)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\ntargets: {}\n---\nstreams: {}\n",
+            "test.yaml: the file holds more than one YAML document (a `---` or `...` line), and a config is one document (YAML: deserializing from YAML containing more than one document is not supported)",
+        ),
+        (
+            "streams: [\n",
+            "test.yaml:2:1: a value is missing here, or a `[` or `{` before it is not closed (YAML: did not find expected node content)",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    idle_timeout: 30\ntargets: {}\n",
+            "test.yaml:4:19: streams.chat.idle_timeout: a duration needs a unit, like `30s`, `500ms` or `2m`",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    idle_timeout: 1.5\ntargets: {}\n",
+            "test.yaml:4:19: streams.chat.idle_timeout: a duration needs a unit, like `30s`, `500ms` or `2m`",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\ntargets:\n  n8n:\n    url: http://b/\n    ordered: yes\n",
+            "test.yaml:7:14: targets.n8n.ordered: expected true or false, found `yes`",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\ntargets:\n  n8n:\n    url: http://b/\n    max_in_flight: ten\n",
+            "test.yaml:7:20: targets.n8n.max_in_flight: expected a whole number of at least 1, found `ten`",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\ntargets:\n  n8n:\n    url: http://b/\n    max_in_flight: -1\n",
+            "test.yaml:7:20: targets.n8n.max_in_flight: expected a whole number of at least 1, found the number -1",
+        ),
+        (
+            "streams: chat\ntargets: {}\n",
+            "test.yaml:1:10: streams: expected `name: value` lines indented below it, found text",
+        ),
+        (
+            "streams:\n  - chat\ntargets: {}\n",
+            "test.yaml:2:3: streams: expected `name: value` lines indented below it, found a list",
+        ),
+        (
+            "streams:\n  chat: http://a/\ntargets: {}\n",
+            "test.yaml:2:9: streams.chat: expected settings as `key: value` lines indented below it, found text",
+        ),
+        (
+            "streams:\n  chat:\n    url: http://a/\n    keepalive: KEEP_ALIVE\ntargets: {}\n",
+            "test.yaml:4:16: streams.chat.keepalive: expected a list such as `[a, b]`, found text; a list of one is written `[item]`",
+        ),
+        (
+            "streams:\n  chat:\n    url:\ntargets: {}\n",
+            "test.yaml:3:9: streams.chat.url: invalid url: it is empty",
+        ),
+        (
+            "streams:\n  chat:\n    url: [http://a/]\ntargets: {}\n",
+            "test.yaml:3:10: streams.chat.url: expected text, found a list",
+        ),
+        (
+            "admin: { listen: localhost:9464 }\nstreams:\n  chat:\n    url: http://a/\ntargets: {}\n",
+            "test.yaml:1:18: admin.listen: expected an IP address and a port, such as `127.0.0.1:9464`",
+        ),
+        (
+            "storage: { max_bytes: lots }\nstreams:\n  chat:\n    url: http://a/\ntargets: {}\n",
+            "test.yaml:1:23: storage.max_bytes: expected a size such as `64KiB`, `512MiB` or `1GiB`",
+        ),
+        (
+            "storage: { mode: disk }\nstreams:\n  chat:\n    url: http://a/\ntargets: {}\n",
+            "test.yaml:1:18: storage.mode: unknown value `disk`, expected `sqlite` or `memory`",
+        ),
+        (
+            "streams:\n  chat:\n    idle_timeout: 10s\ntargets: {}\n",
+            "test.yaml:3:5: streams.chat: the required key `url` is missing",
+        ),
+        ("targets: {}\n", "test.yaml:1:1: the required key `streams` is missing"),
+        // Text where settings belong may be a credential in the wrong place: it is not repeated.
+        (
+            "streams:\n  chat:\n    url: http://a/\n    headers: Bearer:sekret\ntargets: {}\n",
+            "test.yaml:4:14: streams.chat.headers: expected `name: value` lines indented below it, found text; a key needs a space after its colon, as in `url: https://…`",
+        ),
+        (
+            "admin: { token: [sekret] }\nstreams:\n  chat:\n    url: http://a/\ntargets: {}\n",
+            "test.yaml:1:17: admin.token: expected text, found a list",
+        ),
+    ];
+    let mut mismatches = String::new();
+    for (yaml, expected) in cases {
+        let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
+        if err != *expected {
+            mismatches.push_str(&format!("{yaml:?}\n  got:      {err:?}\n  expected: {expected:?}\n"));
+        }
+    }
+    assert!(mismatches.is_empty(), "{mismatches}");
 }
 
 #[test]

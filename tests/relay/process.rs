@@ -43,15 +43,29 @@ async fn check_reports_errors_with_their_place() {
     let cases = [
         (
             valid.replace("    idle_timeout", "    colour: blue\n    idle_timeout"),
-            ":4:5: streams.chat: unknown field `colour`",
+            ":4:5: streams.chat: unknown key `colour`",
         ),
         (
             valid.replace("[n8n]", "[zapier]"),
             ":10:15: routes[0].targets[0]: unknown target `zapier`; configured targets: n8n",
         ),
         (
+            valid.replace(
+                "\ntargets:",
+                "\n  chat: { url: \"http://127.0.0.1:1/other\" }\ntargets:",
+            ),
+            ":5:3: streams: duplicate key `chat` (first defined at line 2)",
+        ),
+        (
+            valid.replace(
+                "idle_timeout: 10s",
+                "idle_timeout: 10s\n    headers: { X-Key: \"a\\x01b\" }",
+            ),
+            ":5:23: streams.chat.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+        ),
+        (
             valid.replace("10s", "10 parsecs"),
-            ":4:19: streams.chat.idle_timeout: invalid value: string \"10 parsecs\"",
+            ":4:19: streams.chat.idle_timeout: `10 parsecs` is not a duration: write one like `30s`, `500ms` or `2m`",
         ),
     ];
     for (yaml, expected) in cases {
@@ -67,6 +81,70 @@ async fn check_reports_errors_with_their_place() {
     let path = write_config(&directory, "good.yaml", valid);
     let output = check(&path, &[]).await;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// `check` prints every problem of the file, one `error:` line each, and fails: a new user sees
+/// all the variables the example needs in one run.
+#[tokio::test]
+async fn check_reports_every_problem_one_per_line() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = write_config(&directory, "relay.yaml", include_str!("../../relay.example.yaml"));
+    let output = check(
+        &path,
+        &[("ZAPIER_HOOK_URL", "https://hooks.zapier.com/hooks/catch/1/a")],
+    )
+    .await;
+    assert!(!output.status.success());
+    let expected: String = [
+        ":22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+        ":24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+        ":25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+        ":34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+        ":35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+        ":60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+    ]
+    .iter()
+    .map(|line| format!("error: {}{line}\n", path.display()))
+    .collect();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
+    assert!(output.stdout.is_empty());
+}
+
+/// `run` refuses an invalid config as `check` does, every problem on a line of its own, before it
+/// starts anything: no log line, no storage directory.
+#[tokio::test]
+async fn run_reports_every_problem_before_starting_anything() {
+    let directory = tempfile::tempdir().unwrap();
+    let storage = directory.path().join("data");
+    let yaml = format!(
+        "storage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: http://127.0.0.1:1/c\n    headers: {{ X-Key: \"a\\x01b\" }}\n\
+         targets:\n  n8n: {{ url: \"${{N8N_URL}}\" }}\n",
+        storage.display()
+    );
+    let path = write_config(&directory, "relay.yaml", &yaml);
+    let output = tokio::time::timeout(
+        DEADLINE,
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env_clear()
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run exits before the deadline")
+    .unwrap();
+    assert!(!output.status.success());
+    let expected: String = [
+        ":5:23: streams.chat.headers.X-Key: the value with a line break or another control character, which an HTTP header cannot carry",
+        ":7:15: targets.n8n.url: environment variable N8N_URL is not set",
+    ]
+    .iter()
+    .map(|line| format!("error: {}{line}\n", path.display()))
+    .collect();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), expected);
+    assert!(output.stdout.is_empty(), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(!storage.exists(), "run made its storage directory");
 }
 
 /// A FIFO as a secret file or as the config file is refused at once, naming it: opening one
@@ -210,6 +288,46 @@ routes:
     ] {
         assert!(stdout.contains(&expected), "no {expected:?} in:\n{stdout}");
     }
+}
+
+/// `check` shows each stream's timers: idle_timeout, the reconnect delays and rotate_after.
+#[tokio::test]
+async fn check_shows_each_stream_s_idle_reconnect_and_rotation_settings() {
+    let directory = tempfile::tempdir().unwrap();
+    let yaml = "streams:\n  chat:\n    url: http://127.0.0.1:1/c\n    idle_timeout: 10s\n    rotate_after: 29m\n    \
+        reconnect: { initial_delay: 1s, max_delay: 1m, auth_failure_delay: 5m }\n  participant:\n    url: http://127.0.0.1:1/p\n\
+        targets: {}\n";
+    let output = check(&write_config(&directory, "relay.yaml", yaml), &[]).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "    idle_timeout 10s, max_event_bytes 1048576\n    \
+         reconnect initial_delay 1s doubling to max_delay 1m, auth_failure_delay 5m\n    rotate_after 29m\n",
+        "    idle_timeout 45s, max_event_bytes 1048576\n    \
+         reconnect initial_delay 500ms doubling to max_delay 30s, auth_failure_delay 1m\n    rotate_after off\n",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}
+
+/// With `storage.mode: memory`, `check` warns that a restart loses each stream's Last-Event-ID,
+/// so an upstream that replays its buffer gets those events delivered again; not with SQLite.
+#[tokio::test]
+async fn check_warns_that_memory_storage_forgets_the_last_event_id() {
+    let directory = tempfile::tempdir().unwrap();
+    let yaml = "storage: { mode: memory }\nstreams:\n  chat: { url: \"http://127.0.0.1:1/c\" }\ntargets: {}\n";
+    let output = check(&write_config(&directory, "memory.yaml", yaml), &[]).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "warning: storage.mode is memory: a restart loses the queued deliveries and each stream's Last-Event-ID, \
+         so an upstream that replays its buffer to a new connection (Nchan does by default) has those \
+         events delivered again, under new Idempotency-Keys; storage.mode: sqlite keeps both\n"
+    );
+    let sqlite = write_config(&directory, "sqlite.yaml", &yaml.replace("memory", "sqlite"));
+    let output = check(&sqlite, &[]).await;
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "");
 }
 
 /// Receives one sd_notify datagram, or panics at the deadline.

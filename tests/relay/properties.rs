@@ -11,9 +11,11 @@ use proptest::prelude::{Just, ProptestConfig, Strategy, any, prop, prop_assert, 
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use sse_relay::classify::{Classified, Classifier, SseMessage};
-use sse_relay::config::{Config, ConfigError, StreamConfig};
-use sse_relay::event::{Event, EventId};
+use sse_relay::config::{Config, ConfigError, ConfigProblem, StreamConfig};
+use sse_relay::delivery::TargetRuntime;
+use sse_relay::event::{Event, EventId, TargetId};
 use sse_relay::routing::RoutingTable;
+use sse_relay::source::StreamRuntime;
 
 use crate::support::parse_config;
 
@@ -113,10 +115,10 @@ const FRAGMENTS: &[&str] = &[
 ];
 
 /// Checks what the loader promises about any text: a config with at least one stream whose
-/// routes name configured targets, or an error that names the origin and, when it has one, a
+/// routes name configured targets, or errors that name the origin and, when they have one, a
 /// 1-based place inside the text.
 fn check_parse_outcome(text: &str, outcome: Result<Config, ConfigError>) -> Result<(), TestCaseError> {
-    match outcome {
+    let problems = match outcome {
         Ok(config) => {
             prop_assert!(!config.streams.is_empty());
             for route in &config.routes {
@@ -125,26 +127,27 @@ fn check_parse_outcome(text: &str, outcome: Result<Config, ConfigError>) -> Resu
                     prop_assert!(config.targets.contains_key(&target.0), "unknown target {:?}", target.0);
                 }
             }
+            return Ok(());
         }
-        Err(err @ ConfigError::Located { .. }) => {
-            let ConfigError::Located { line, column, .. } = err else {
-                unreachable!()
-            };
-            let message = err.to_string();
-            prop_assert!(line >= 1 && column >= 1, "{}", message);
-            prop_assert!(
-                line <= count_yaml_lines(text) + 1,
-                "{} is past the end of the text",
-                message
-            );
-            let prefix = format!("test.yaml:{line}:{column}: ");
-            prop_assert!(message.starts_with(&prefix), "{}", message);
+        Err(err) => err.problems,
+    };
+    prop_assert!(!problems.is_empty());
+    for problem in problems {
+        let message = problem.to_string();
+        match problem {
+            ConfigProblem::Located { line, column, .. } => {
+                prop_assert!(line >= 1 && column >= 1, "{}", message);
+                prop_assert!(
+                    line <= count_yaml_lines(text) + 1,
+                    "{} is past the end of the text",
+                    message
+                );
+                let prefix = format!("test.yaml:{line}:{column}: ");
+                prop_assert!(message.starts_with(&prefix), "{}", message);
+            }
+            ConfigProblem::Unlocated { .. } => prop_assert!(message.starts_with("test.yaml: "), "{}", message),
+            ConfigProblem::Read { .. } => prop_assert!(false, "parse read a file: {message}"),
         }
-        Err(err @ ConfigError::Unlocated { .. }) => {
-            let message = err.to_string();
-            prop_assert!(message.starts_with("test.yaml: "), "{}", message);
-        }
-        Err(err @ ConfigError::Read { .. }) => prop_assert!(false, "parse read a file: {err}"),
     }
     Ok(())
 }
@@ -218,7 +221,7 @@ const INVALID_STREAM_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "idle_timeout: soon",
         error_offset: 14,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "default_event_type: ${MISSING}",
@@ -233,12 +236,12 @@ const INVALID_STREAM_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "reconnect: { max_delay: 5 parsecs }",
         error_offset: 24,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "colour: blue",
         error_offset: 0,
-        message: "unknown field `colour`",
+        message: "unknown key `colour`",
     },
     InvalidField {
         line: "idle_timeout: 0s",
@@ -261,7 +264,7 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "timeout: ten seconds",
         error_offset: 9,
-        message: "expected a duration",
+        message: "is not a duration: write one like `30s`, `500ms` or `2m`",
     },
     InvalidField {
         line: "body: payload",
@@ -286,7 +289,7 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "ordered: maybe",
         error_offset: 9,
-        message: "expected a boolean",
+        message: "expected true or false, found `maybe`",
     },
     InvalidField {
         line: "timeout: 0s",
@@ -458,11 +461,42 @@ proptest! {
 
         let err = parse_config(&text, ENV).expect_err(&text);
         let message = err.to_string();
-        let ConfigError::Located { line, column, .. } = err else {
-            return Err(TestCaseError::fail(format!("no location: {message}")));
+        let [ConfigProblem::Located { line, column, .. }] = err.problems[..] else {
+            return Err(TestCaseError::fail(format!("not one located problem: {message}")));
         };
         prop_assert_eq!((line, column), (expected_line, 4 + invalid.error_offset + 1), "{}\n{}", message, text);
         prop_assert!(message.contains(invalid.message), "{}", message);
+    }
+
+    /// A stream or target defined twice is an error at the second definition that names the
+    /// first, whatever the name; neither is silently dropped.
+    #[test]
+    fn a_name_defined_twice_is_reported_with_both_lines(
+        generated in generated_config(),
+        in_a_stream in any::<bool>(),
+        which_entity in any::<Index>(),
+    ) {
+        let mut generated = generated;
+        let entities = if in_a_stream { &mut generated.streams } else { &mut generated.targets };
+        let repeated = which_entity.get(entities).clone();
+        entities.push(repeated.clone());
+        let lines = generated.lines();
+        let section = if in_a_stream { "streams" } else { "targets" };
+        let definition = format!("  {}:", repeated.0);
+        // The section's lines: streams come first, then targets.
+        let targets_line = lines.iter().position(|line| line == "targets:").unwrap();
+        let (start, end) = if in_a_stream { (0, targets_line) } else { (targets_line, lines.len()) };
+        let definitions: Vec<usize> = (start..end).filter(|&index| lines[index] == definition).collect();
+        let (first_line, repeat_line) = (1 + definitions[0], 1 + definitions[definitions.len() - 1]);
+        let text = lines.join("\n");
+
+        let err = parse_config(&text, ENV).expect_err(&text);
+        prop_assert_eq!(
+            err.to_string(),
+            format!("test.yaml:{repeat_line}:3: {section}: duplicate key `{}` (first defined at line {first_line})", repeated.0),
+            "{}",
+            text
+        );
     }
 
     /// A `${VAR}` value reaches the config exactly as the environment has it, whatever it
@@ -470,15 +504,35 @@ proptest! {
     #[test]
     fn env_values_reach_the_config_unchanged(value in any::<String>()) {
         let text = "streams:\n  chat:\n    url: http://127.0.0.1:1/chat\n    \
-            headers: { X-Value: \"${VALUE}\" }\n    default_event_type: ${VALUE}\n    \
-            keepalive: [\"<${VALUE}>\"]\ntargets: {}\n";
+            default_event_type: ${VALUE}\n    keepalive: [\"<${VALUE}>\"]\ntargets: {}\n";
         let config = parse_config(text, &[("VALUE", &value)]).map_err(|err| TestCaseError::fail(err.to_string()))?;
         let chat = &config.streams["chat"];
-        prop_assert_eq!(&chat.headers.values().next().unwrap().0, &value);
         prop_assert_eq!(&chat.default_event_type.0, &value);
         prop_assert_eq!(&chat.keepalive[0].0, &format!("<{value}>"));
     }
 
+    /// What the config accepts, a stream and a target can start with: any header value and URL
+    /// path from the environment either builds both, unchanged, or is refused at its place,
+    /// naming its reference and not its value.
+    #[test]
+    fn what_the_config_accepts_a_relay_can_start_with(value in env_value(), path in env_value()) {
+        let text = "streams:\n  chat:\n    url: http://127.0.0.1:1/${PATH}\n    headers: { X-Value: \"${VALUE}\" }\n\
+            targets:\n  n8n:\n    url: http://127.0.0.1:2/${PATH}\n    headers: { X-Value: \"${VALUE}\" }\n";
+        let err = match parse_config(text, &[("VALUE", &value), ("PATH", &path)]) {
+            Ok(config) => return can_start(&config, &value),
+            Err(err) => err,
+        };
+        for problem in err.problems {
+            let message = problem.to_string();
+            let ConfigProblem::Located { line, .. } = problem else {
+                return Err(TestCaseError::fail(format!("not located: {message}")));
+            };
+            let reference = if [3, 7].contains(&line) { "${PATH}" } else { "${VALUE}" };
+            prop_assert!([3, 4, 7, 8].contains(&line), "{}", message);
+            prop_assert!(message.contains(reference) || message.contains("invalid url"), "{}", message);
+            prop_assert!(value.chars().count() < 4 || !message.contains(&value), "{}", message);
+        }
+    }
     /// A default is used as written when the variable is unset; `$$` is a literal `$`.
     #[test]
     fn defaults_and_escaped_dollars_are_taken_literally(default in "[^}]*", literal in any::<String>()) {
@@ -493,6 +547,36 @@ proptest! {
         prop_assert_eq!(&chat.default_event_type.0, &default);
         prop_assert_eq!(&chat.keepalive[0].0, &literal);
     }
+}
+
+/// Any text, often ASCII with control characters, which HTTP headers and URLs cannot carry.
+fn env_value() -> impl Strategy<Value = String> {
+    prop_oneof![any::<String>(), "[\\x00-\\x7f]{0,16}"]
+}
+
+/// Builds the stream's and the target's runtimes, and their HTTP requests, as `run` does.
+fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
+    let metrics = sse_relay::telemetry::Metrics::new();
+    let (chat, n8n) = (&config.streams["chat"], &config.targets["n8n"]);
+    let table = RoutingTable::new(config);
+    let client = reqwest::Client::new();
+    let stream = StreamRuntime::new(chat, &table, Arc::new(metrics.stream("chat")), &client);
+    prop_assert!(stream.is_ok(), "{:?}", stream.err());
+    let mut events = eventsource_client::ClientBuilder::for_url(chat.url.0.as_str())
+        .map_err(|err| TestCaseError::fail(err.to_string()))?;
+    for (name, header) in &chat.headers {
+        prop_assert_eq!(&header.0, value);
+        if !header.0.is_empty() {
+            events = events
+                .header(&name.0, &header.0)
+                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+        }
+    }
+    let target = TargetRuntime::new(TargetId(0), n8n, metrics.target("n8n"));
+    let target = target.map_err(|err| TestCaseError::fail(err.to_string()))?;
+    let request = client.post(target.url.clone()).headers(target.headers.current().map.clone()).build();
+    prop_assert!(request.is_ok(), "{:?}", request.err());
+    Ok(())
 }
 
 // One SSE message in, a keepalive or its targets out.
