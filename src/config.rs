@@ -684,11 +684,13 @@ impl<'de> Deserialize<'de> for TlsConfig {
                     (None, None) => None,
                     (Some(_), None) => {
                         return Err(de::Error::custom(
-                            "client_cert needs client_key, the certificate's private key",
+                            "client_cert needs `client_key`, the certificate's private key",
                         ));
                     }
                     (None, Some(_)) => {
-                        return Err(de::Error::custom("client_key needs client_cert, the key's certificate"));
+                        return Err(de::Error::custom(
+                            "client_key needs `client_cert`, the key's certificate",
+                        ));
                     }
                     (Some(certificates), Some(key)) => {
                         check_key_belongs_to_certificate(&certificates, &key).map_err(de::Error::custom)?;

@@ -52,13 +52,14 @@ impl Recovery {
         self.failed.borrow().clone()
     }
 
-    /// Whether the run's error only says that a key this run hid is missing: a consequence of
-    /// hiding it, not a problem of the file.
+    /// Whether the run's error only says that a key this run hid is missing ("missing field
+    /// `key`", or a check's "needs `key`"): a consequence of hiding it, not a problem of the file.
     pub fn is_consequence(&self, message: &str) -> bool {
         let failed = self.failed().unwrap_or_default();
         self.hidden_keys.borrow().get(&failed).is_some_and(|keys| {
-            keys.iter()
-                .any(|key| message.contains(&format!("missing field `{key}`")))
+            keys.iter().any(|key| {
+                message.contains(&format!("missing field `{key}`")) || message.contains(&format!("needs `{key}`"))
+            })
         })
     }
 

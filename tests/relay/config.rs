@@ -132,13 +132,13 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
     check(
         include_str!("../../relay.example.yaml"),
         &[
-            "test.yaml:22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
-            "test.yaml:24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
-            "test.yaml:25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
-            "test.yaml:34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
-            "test.yaml:35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
-            "test.yaml:48:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
-            "test.yaml:60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+            "test.yaml:25:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+            "test.yaml:27:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+            "test.yaml:28:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+            "test.yaml:37:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+            "test.yaml:38:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+            "test.yaml:51:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
+            "test.yaml:63:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
         ],
     );
     // Errors of every kind, several in one stream, before and after each other.
@@ -152,7 +152,7 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
         &[
             "test.yaml:3:10: streams.chat.url: environment variable CHAT_URL is not set",
             "test.yaml:4:19: streams.chat.idle_timeout: a duration needs a unit, like `30s`, `500ms` or `2m`",
-            "test.yaml:5:5: streams.chat: unknown key `colour`; expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`",
+            "test.yaml:5:5: streams.chat: unknown key `colour`; expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`, `tls`",
             "test.yaml:6:31: streams.chat.headers.Authorization: environment variable TOKEN is not set",
             "test.yaml:7:48: streams.chat.reconnect.max_delay: `soon` is not a duration: write one like `30s`, `500ms` or `2m`",
             "test.yaml:8:8: streams.bad: expected settings as `key: value` lines indented below it, found text",

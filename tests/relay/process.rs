@@ -96,12 +96,12 @@ async fn check_reports_every_problem_one_per_line() {
     .await;
     assert!(!output.status.success());
     let expected: String = [
-        ":22:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
-        ":24:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
-        ":25:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
-        ":34:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
-        ":35:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
-        ":60:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+        ":25:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+        ":27:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+        ":28:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+        ":37:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+        ":38:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+        ":63:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
     ]
     .iter()
     .map(|line| format!("error: {}{line}\n", path.display()))

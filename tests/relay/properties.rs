@@ -574,7 +574,10 @@ fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
     }
     let target = TargetRuntime::new(TargetId(0), n8n, metrics.target("n8n"));
     let target = target.map_err(|err| TestCaseError::fail(err.to_string()))?;
-    let request = client.post(target.url.clone()).headers(target.headers.current().map.clone()).build();
+    let request = client
+        .post(target.url.clone())
+        .headers(target.headers.current().map.clone())
+        .build();
     prop_assert!(request.is_ok(), "{:?}", request.err());
     Ok(())
 }

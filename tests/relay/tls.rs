@@ -355,7 +355,7 @@ fn tls_config_errors_name_the_place_and_never_show_key_material() {
     );
     check(
         &format!("{{ client_cert: {cert} }}"),
-        "test.yaml:7:10: targets.hook.tls: client_cert needs client_key, the certificate's private key",
+        "test.yaml:7:10: targets.hook.tls: client_cert needs `client_key`, the certificate's private key",
     );
     check(
         &format!("{{ client_cert: {cert}, client_key: {other} }}"),
@@ -365,7 +365,7 @@ fn tls_config_errors_name_the_place_and_never_show_key_material() {
     );
     check(
         "{ ca: x }",
-        "test.yaml:7:12: targets.hook.tls: unknown field `ca`, expected one of `ca_file`, `client_cert`, `client_key`",
+        "test.yaml:7:12: targets.hook.tls: unknown key `ca`; expected one of `ca_file`, `client_cert`, `client_key`",
     );
     // The same section on a stream.
     let yaml = format!(
@@ -373,7 +373,7 @@ fn tls_config_errors_name_the_place_and_never_show_key_material() {
     );
     assert_eq!(
         parse_config(&yaml, &[]).unwrap_err().to_string(),
-        "test.yaml:4:10: streams.chat.tls: client_key needs client_cert, the key's certificate"
+        "test.yaml:4:10: streams.chat.tls: client_key needs `client_cert`, the key's certificate"
     );
     let valid = format!("{{ ca_file: {ca}, client_cert: {cert}, client_key: {key} }}");
     let yaml = format!(
