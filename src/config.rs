@@ -312,6 +312,20 @@ fn default_max_open_delay() -> Duration {
     Duration::from_secs(300)
 }
 
+/// An HTTP status that a retry policy names: 300 to 599, since a 2xx answer is always delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpStatus(pub u16);
+
+impl<'de> Deserialize<'de> for HttpStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |text| match text.trim().parse::<u16>() {
+            Ok(status @ 200..=299) => Err(format!("{status} is a success, and a 2xx answer is always delivered")),
+            Ok(status @ 300..=599) => Ok(HttpStatus(status)),
+            _ => Err(format!("`{text}` is not an HTTP error status (300 to 599)")),
+        })
+    }
+}
+
 /// `N/s`, `N/m` or `N/h`: at most N requests per second, minute or hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
@@ -398,6 +412,12 @@ pub struct RetryConfig {
     pub max_delay: Duration,
     #[serde(default = "default_max_elapsed", with = "humantime_serde")]
     pub max_elapsed: Duration,
+    /// Statuses retried although they are permanent failures by default.
+    #[serde(default)]
+    pub retry_statuses: Vec<HttpStatus>,
+    /// Statuses that are permanent failures although they are retried by default.
+    #[serde(default)]
+    pub permanent_statuses: Vec<HttpStatus>,
 }
 
 impl Default for RetryConfig {
@@ -407,6 +427,8 @@ impl Default for RetryConfig {
             initial_delay: default_retry_initial(),
             max_delay: default_retry_max(),
             max_elapsed: default_max_elapsed(),
+            retry_statuses: Vec::new(),
+            permanent_statuses: Vec::new(),
         }
     }
 }
@@ -994,6 +1016,19 @@ fn unworkable_values(config: &Config) -> Vec<Unworkable> {
             ("initial_delay", retry.initial_delay),
             ": no retry could start in time; to never retry, set max_attempts: 1",
         );
+        if let Some(status) = retry
+            .permanent_statuses
+            .iter()
+            .find(|status| retry.retry_statuses.contains(status))
+        {
+            found.push(
+                &at(&["retry", "permanent_statuses"]),
+                format!(
+                    "{} is also in retry_statuses; a status is either retried or not",
+                    status.0
+                ),
+            );
+        }
     }
     found.0
 }

@@ -110,7 +110,7 @@ pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &E
         .get(RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| parse_retry_after(value, SystemTime::now()));
-    let verdict = verdict_for_status(status, retry_after);
+    let verdict = verdict_for_status(&target.retry, status, retry_after);
 
     if verdict == Verdict::Delivered {
         let mut n_read = 0;
