@@ -112,8 +112,10 @@ pub fn describe(config: &Config) -> String {
         let breaker = &target.circuit_breaker;
         let _ = writeln!(
             out,
-            "    circuit breaker after {} failures, probe after {} doubling to {}",
-            breaker.failure_threshold.0,
+            "    paused when {}% of at least {} attempts within {} failed, probe after {} doubling to {}",
+            breaker.failure_rate.0,
+            breaker.min_attempts.0,
+            duration(breaker.window),
             duration(breaker.open_delay),
             duration(breaker.max_open_delay),
         );

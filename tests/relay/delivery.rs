@@ -357,7 +357,7 @@ async fn a_failing_target_is_paused_probed_and_resumed() {
         "",
         &everything_to(
             &sink,
-            "circuit_breaker: { failure_threshold: 3, open_delay: 300ms, max_open_delay: 300ms }",
+            "circuit_breaker: { min_attempts: 3, open_delay: 300ms, max_open_delay: 300ms }",
         )
         .replace("initial_delay: 20ms", "initial_delay: 10ms, max_attempts: 1000"),
     ))
@@ -370,7 +370,7 @@ async fn a_failing_target_is_paused_probed_and_resumed() {
         .wait_metric("sse_relay_target_state", &[("target", "hook")], 1.0)
         .await;
     let when_opened = sink.requests("/hook").len();
-    assert_eq!(when_opened, 3, "the breaker opens after 3 consecutive failures");
+    assert_eq!(when_opened, 3, "the breaker opens once 3 attempts, all of them, failed");
     // While open, only one probe per open_delay reaches the target.
     let probe = sink.wait_for_requests("/hook", when_opened + 1, DEADLINE).await;
     assert_eq!(probe.len(), when_opened + 1);
@@ -456,9 +456,10 @@ async fn a_target_can_retry_or_give_up_on_any_error_status() {
     relay.stop().await;
 }
 
-/// The statuses a target lists.
+/// The statuses a target lists, its circuit breaker's failure rate and window, and the old
+/// name of `min_attempts`.
 #[test]
-fn retry_statuses_are_checked_at_their_place() {
+fn retry_statuses_and_the_breaker_are_checked_at_their_place() {
     let config = |target_line: &str| {
         format!(
             "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\n    {target_line}\n"
@@ -485,13 +486,50 @@ fn retry_statuses_are_checked_at_their_place() {
         "retry: { retry_statuses: [409, 404], permanent_statuses: [400, 404] }",
         "test.yaml:7:62: targets.n8n.retry.permanent_statuses: 404 is also in retry_statuses; a status is either retried or not",
     );
+    check(
+        "circuit_breaker: { failure_rate: 0% }",
+        "test.yaml:7:38: targets.n8n.circuit_breaker.failure_rate: `0%` is not a percentage from 1% to 100%",
+    );
+    check(
+        "circuit_breaker: { failure_rate: 101 }",
+        "test.yaml:7:38: targets.n8n.circuit_breaker.failure_rate: `101` is not a percentage from 1% to 100%",
+    );
+    check(
+        "circuit_breaker: { window: 0s }",
+        "test.yaml:7:32: targets.n8n.circuit_breaker.window: must be at least 1ms, or no attempt is ever recent enough to pause the target",
+    );
+    check(
+        "circuit_breaker: { failure_threshold: 3, min_attempts: 3 }",
+        "test.yaml:7:22: targets.n8n.circuit_breaker: duplicate field `min_attempts`",
+    );
+
     let parsed = |target_line: &str| {
         let yaml = config(target_line);
         let config = parse_config(&yaml, &[]).unwrap_or_else(|err| panic!("{err}"));
         config.targets["n8n"].clone()
     };
-    let target = parsed("retry: { retry_statuses: [409, \"425\"], permanent_statuses: [404] }");
+    let target = parsed(
+        "retry: { retry_statuses: [409, \"425\"], permanent_statuses: [404] }\n    circuit_breaker: { failure_rate: 80%, window: 10s }",
+    );
     let statuses = |list: &[sse_relay::config::HttpStatus]| list.iter().map(|status| status.0).collect::<Vec<_>>();
     assert_eq!(statuses(&target.retry.retry_statuses), [409, 425]);
     assert_eq!(statuses(&target.retry.permanent_statuses), [404]);
+    assert_eq!(target.circuit_breaker.failure_rate.0, 80);
+    assert_eq!(target.circuit_breaker.window, Duration::from_secs(10));
+    assert_eq!(
+        parsed("circuit_breaker: { failure_rate: 95 }")
+            .circuit_breaker
+            .failure_rate
+            .0,
+        95
+    );
+    // `failure_threshold` counted consecutive failures; a target failing that many in a row
+    // with nothing else recent is still paused, so old configs keep working.
+    assert_eq!(
+        parsed("circuit_breaker: { failure_threshold: 3 }")
+            .circuit_breaker
+            .min_attempts
+            .0,
+        3
+    );
 }
