@@ -535,9 +535,11 @@ async fn flaky(options: &Options) -> Vec<Figure> {
         .await;
         assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
         let started = Instant::now();
+        let mut emitted = Vec::with_capacity(n_events);
         let mut ticks = tokio::time::interval(Duration::from_millis(1));
         for n in 0..n_events {
             ticks.tick().await;
+            emitted.push(Instant::now());
             upstream.publish_event(Api::Chat, &format!(r#"{{"type":"workflow_update","n":{n}}}"#));
         }
         let delivered = sink.wait_for_delivered("/hook", n_events, deadline).await;
@@ -545,6 +547,15 @@ async fn flaky(options: &Options) -> Vec<Figure> {
             Some(last) if delivered.len() >= n_events => last.duration_since(started).as_secs_f64(),
             _ => f64::INFINITY,
         };
+        let mut latencies_ms: Vec<f64> = delivered
+            .iter()
+            .filter_map(|request| {
+                let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+                let n = value["n"].as_u64()? as usize;
+                Some(request.received_at.duration_since(*emitted.get(n)?).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        latencies_ms.sort_by(f64::total_cmp);
         if fraction == 0.0 {
             failure_free_seconds = seconds;
         }
@@ -559,6 +570,8 @@ async fn flaky(options: &Options) -> Vec<Figure> {
             figure("seconds, all delivered", seconds, "s"),
             figure("× failure-free", seconds / failure_free_seconds, "×"),
             figure("delivered in time", delivered.len() as f64, "events"),
+            figure("latency p50", percentile(&latencies_ms, 0.50), "ms"),
+            figure("latency p99", percentile(&latencies_ms, 0.99), "ms"),
             figure(
                 "attempts per event",
                 sink.requests("/hook").len() as f64 / n_events as f64,
@@ -570,14 +583,14 @@ async fn flaky(options: &Options) -> Vec<Figure> {
     figures
 }
 
-/// A target that is down (every request answered 503): what reaches it once it is paused,
-/// against one probe per `open_delay` (500 ms here, not doubled), over 5 s (2 s quick).
+/// A busy target that goes down (every request answered 503 after 500 delivered events): the
+/// requests it gets until it is paused, then what reaches it against one probe per
+/// `open_delay` (500 ms here, not doubled), over 5 s (2 s quick).
 async fn down(options: &Options) -> Vec<Figure> {
     let open_delay = Duration::from_millis(500);
     let window = Duration::from_secs(if options.quick { 2 } else { 5 });
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
-    sink.answer_by_default("/hook", 503);
     let storage_directory = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(&format!(
         "storage: {{ path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", circuit_breaker: {{ open_delay: 500ms, max_open_delay: 500ms }} }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
@@ -587,8 +600,20 @@ async fn down(options: &Options) -> Vec<Figure> {
     ))
     .await;
     assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
-    for n in 0..200 {
-        upstream.publish_event(Api::Chat, &format!(r#"{{"type":"workflow_update","n":{n}}}"#));
+    let event = |n: usize| format!(r#"{{"type":"workflow_update","n":{n}}}"#);
+    let n_healthy = 500;
+    for n in 0..n_healthy {
+        upstream.publish_event(Api::Chat, &event(n));
+    }
+    let delivered = sink
+        .wait_for_delivered("/hook", n_healthy, Duration::from_secs(60))
+        .await;
+    assert_eq!(delivered.len(), n_healthy, "the healthy events were not delivered");
+
+    sink.answer_by_default("/hook", 503);
+    let before_down = sink.requests("/hook").len();
+    for n in n_healthy..n_healthy + 200 {
+        upstream.publish_event(Api::Chat, &event(n));
     }
     let started = Instant::now();
     // The gauge is 1 while open and 2 while half-open: either means paused.
@@ -604,14 +629,14 @@ async fn down(options: &Options) -> Vec<Figure> {
     tokio::time::sleep(window).await;
     let probes = sink.requests("/hook").len() - before_pause;
     let figure = |name, value, unit| Figure {
-        scenario: "down target (all 503)",
+        scenario: "busy target goes down (503)",
         name,
         value,
         unit,
     };
     vec![
         figure("paused after", paused_after.as_secs_f64() * 1000.0, "ms"),
-        figure("requests until paused", before_pause as f64, "requests"),
+        figure("requests until paused", (before_pause - before_down) as f64, "requests"),
         figure(
             "probes per open_delay",
             probes as f64 / (window.as_secs_f64() / open_delay.as_secs_f64()),
