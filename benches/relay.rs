@@ -82,6 +82,12 @@ async fn main() {
     if options.runs("smee") {
         figures.extend(smee(&options).await);
     }
+    if options.runs("flaky") {
+        figures.extend(flaky(&options).await);
+    }
+    if options.runs("down") {
+        figures.extend(down(&options).await);
+    }
     // An hour by default: only when asked for by name (`scripts/soak`).
     if options.only.as_deref().is_some_and(|only| only.contains("soak")) {
         figures.extend(soak().await);
@@ -491,6 +497,151 @@ async fn latency(options: &Options, storage: &'static str) -> Vec<Figure> {
         figure("p50", percentile(&latencies_ms, 0.50)),
         figure("p99", percentile(&latencies_ms, 0.99)),
         figure("max", latencies_ms.last().copied().unwrap_or(f64::NAN)),
+    ]
+}
+
+/// A flaky target: 2,000 events at 1,000/s into a target that answers 503 to a fraction of
+/// requests at random, with the default retry and circuit breaker settings. The clock runs from
+/// the first publish to the last delivery; 0% is the failure-free time the others are held
+/// against (issue #11: at 30%, at most twice it plus 2 s). The quick run has 0% and 30% only.
+async fn flaky(options: &Options) -> Vec<Figure> {
+    let n_events = 2_000;
+    let fractions: &[f64] = if options.quick {
+        &[0.0, 0.3]
+    } else {
+        &[0.0, 0.1, 0.3, 0.5]
+    };
+    let deadline = Duration::from_secs(if options.quick { 30 } else { 120 });
+    let mut figures = Vec::new();
+    let mut failure_free_seconds = f64::NAN;
+    for &fraction in fractions {
+        let scenario = match (fraction * 100.0).round() as u32 {
+            0 => "flaky target, 0% 503",
+            10 => "flaky target, 10% 503",
+            30 => "flaky target, 30% 503",
+            50 => "flaky target, 50% 503",
+            _ => "flaky target, other %",
+        };
+        let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+        let sink = Sink::start().await.unwrap();
+        sink.fail_at_random("/hook", fraction, 503);
+        let storage_directory = tempfile::tempdir().unwrap();
+        let relay = RelayProcess::start(&format!(
+            "storage: {{ path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\" }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
+            path = storage_directory.path().display(),
+            url = upstream.chat_url("bench"),
+            hook = sink.url("/hook"),
+        ))
+        .await;
+        assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
+        let started = Instant::now();
+        let mut emitted = Vec::with_capacity(n_events);
+        let mut ticks = tokio::time::interval(Duration::from_millis(1));
+        for n in 0..n_events {
+            ticks.tick().await;
+            emitted.push(Instant::now());
+            upstream.publish_event(Api::Chat, &format!(r#"{{"type":"workflow_update","n":{n}}}"#));
+        }
+        let delivered = sink.wait_for_delivered("/hook", n_events, deadline).await;
+        let seconds = match delivered.iter().map(|request| request.received_at).max() {
+            Some(last) if delivered.len() >= n_events => last.duration_since(started).as_secs_f64(),
+            _ => f64::INFINITY,
+        };
+        let mut latencies_ms: Vec<f64> = delivered
+            .iter()
+            .filter_map(|request| {
+                let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+                let n = value["n"].as_u64()? as usize;
+                Some(request.received_at.duration_since(*emitted.get(n)?).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        latencies_ms.sort_by(f64::total_cmp);
+        if fraction == 0.0 {
+            failure_free_seconds = seconds;
+        }
+        let dead_letters = relay_metric(&relay, "sse_relay_dead_letters_total", &[]).await;
+        let figure = |name, value, unit| Figure {
+            scenario,
+            name,
+            value,
+            unit,
+        };
+        figures.extend([
+            figure("seconds, all delivered", seconds, "s"),
+            figure("× failure-free", seconds / failure_free_seconds, "×"),
+            figure("delivered in time", delivered.len() as f64, "events"),
+            figure("latency p50", percentile(&latencies_ms, 0.50), "ms"),
+            figure("latency p99", percentile(&latencies_ms, 0.99), "ms"),
+            figure(
+                "attempts per event",
+                sink.requests("/hook").len() as f64 / n_events as f64,
+                "attempts",
+            ),
+            figure("dead letters", dead_letters, "events"),
+        ]);
+    }
+    figures
+}
+
+/// A busy target that goes down (every request answered 503 after 500 delivered events): the
+/// requests it gets until it is paused, then what reaches it against one probe per
+/// `open_delay` (500 ms here, not doubled), over 5 s (2 s quick).
+async fn down(options: &Options) -> Vec<Figure> {
+    let open_delay = Duration::from_millis(500);
+    let window = Duration::from_secs(if options.quick { 2 } else { 5 });
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage_directory = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&format!(
+        "storage: {{ path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", circuit_breaker: {{ open_delay: 500ms, max_open_delay: 500ms }} }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
+        path = storage_directory.path().display(),
+        url = upstream.chat_url("bench"),
+        hook = sink.url("/hook"),
+    ))
+    .await;
+    assert!(upstream.wait_for_clients(Api::Chat, 1, Duration::from_secs(10)).await);
+    let event = |n: usize| format!(r#"{{"type":"workflow_update","n":{n}}}"#);
+    let n_healthy = 500;
+    for n in 0..n_healthy {
+        upstream.publish_event(Api::Chat, &event(n));
+    }
+    let delivered = sink
+        .wait_for_delivered("/hook", n_healthy, Duration::from_secs(60))
+        .await;
+    assert_eq!(delivered.len(), n_healthy, "the healthy events were not delivered");
+
+    sink.answer_by_default("/hook", 503);
+    let before_down = sink.requests("/hook").len();
+    for n in n_healthy..n_healthy + 200 {
+        upstream.publish_event(Api::Chat, &event(n));
+    }
+    let started = Instant::now();
+    // The gauge is 1 while open and 2 while half-open: either means paused.
+    while relay_metric(&relay, "sse_relay_target_state", &[("target", "sink")]).await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the target was never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let paused_after = started.elapsed();
+    let before_pause = sink.requests("/hook").len();
+    tokio::time::sleep(window).await;
+    let probes = sink.requests("/hook").len() - before_pause;
+    let figure = |name, value, unit| Figure {
+        scenario: "busy target goes down (503)",
+        name,
+        value,
+        unit,
+    };
+    vec![
+        figure("paused after", paused_after.as_secs_f64() * 1000.0, "ms"),
+        figure("requests until paused", (before_pause - before_down) as f64, "requests"),
+        figure(
+            "probes per open_delay",
+            probes as f64 / (window.as_secs_f64() / open_delay.as_secs_f64()),
+            "probes",
+        ),
     ]
 }
 

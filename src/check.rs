@@ -106,11 +106,23 @@ pub fn describe(config: &Config) -> String {
             duration(retry.max_delay),
             duration(retry.max_elapsed),
         );
+        let statuses = |statuses: &[crate::config::HttpStatus]| {
+            let statuses: Vec<String> = statuses.iter().map(|status| status.0.to_string()).collect();
+            statuses.join(", ")
+        };
+        if !retry.retry_statuses.is_empty() {
+            let _ = writeln!(out, "    also retried: {}", statuses(&retry.retry_statuses));
+        }
+        if !retry.permanent_statuses.is_empty() {
+            let _ = writeln!(out, "    not retried: {}", statuses(&retry.permanent_statuses));
+        }
         let breaker = &target.circuit_breaker;
         let _ = writeln!(
             out,
-            "    circuit breaker after {} failures, probe after {} doubling to {}",
-            breaker.failure_threshold.0,
+            "    paused when {}% of at least {} attempts within {} failed, probe after {} doubling to {}",
+            breaker.failure_rate.0,
+            breaker.min_attempts.0,
+            duration(breaker.window),
             duration(breaker.open_delay),
             duration(breaker.max_open_delay),
         );

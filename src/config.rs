@@ -340,12 +340,22 @@ pub struct TargetConfig {
     pub tls: Option<TlsConfig>,
 }
 
+/// When a target is paused: once at least `failure_rate` of its recent attempts failed, and it
+/// made at least `min_attempts` of them. Recent means the last 50 attempts within `window`. A
+/// flaky target (a share of its requests failing at random) keeps its traffic; a target that is
+/// down is paused, and probed once per `open_delay`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
-    /// Consecutive failed attempts that pause the target.
-    #[serde(default = "default_failure_threshold")]
-    pub failure_threshold: PositiveCount,
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: Percentage,
+    /// `failure_threshold`, the consecutive failures that paused a target before the failure
+    /// rate did, is read as this: a target that fails that many attempts in a row, with nothing
+    /// else within the window, is still paused.
+    #[serde(default = "default_min_attempts", alias = "failure_threshold")]
+    pub min_attempts: PositiveCount,
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    pub window: Duration,
     /// First pause before a probe; it doubles after each failed probe, up to `max_open_delay`.
     #[serde(default = "default_open_delay", with = "humantime_serde")]
     pub open_delay: Duration,
@@ -356,15 +366,27 @@ pub struct CircuitBreakerConfig {
 impl Default for CircuitBreakerConfig {
     fn default() -> Self {
         CircuitBreakerConfig {
-            failure_threshold: default_failure_threshold(),
+            failure_rate: default_failure_rate(),
+            min_attempts: default_min_attempts(),
+            window: default_breaker_window(),
             open_delay: default_open_delay(),
             max_open_delay: default_max_open_delay(),
         }
     }
 }
 
-fn default_failure_threshold() -> PositiveCount {
+fn default_failure_rate() -> Percentage {
+    Percentage(90)
+}
+
+fn default_min_attempts() -> PositiveCount {
     PositiveCount(5)
+}
+
+/// Longer than `min_attempts` attempts that each time out after the default 10 s, so that a
+/// target that hangs is paused even with one request in flight.
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_open_delay() -> Duration {
@@ -373,6 +395,36 @@ fn default_open_delay() -> Duration {
 
 fn default_max_open_delay() -> Duration {
     Duration::from_secs(300)
+}
+
+/// A share from 1% to 100%, written `90%` or `90`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percentage(pub u8);
+
+impl<'de> Deserialize<'de> for Percentage {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |text| {
+            let number = text.trim().strip_suffix('%').unwrap_or(text).trim();
+            match number.parse::<u8>() {
+                Ok(percent @ 1..=100) => Ok(Percentage(percent)),
+                _ => Err(format!("`{text}` is not a percentage from 1% to 100%")),
+            }
+        })
+    }
+}
+
+/// An HTTP status that a retry policy names: 300 to 599, since a 2xx answer is always delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpStatus(pub u16);
+
+impl<'de> Deserialize<'de> for HttpStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        from_text(deserializer, |text| match text.trim().parse::<u16>() {
+            Ok(status @ 200..=299) => Err(format!("{status} is a success, and a 2xx answer is always delivered")),
+            Ok(status @ 300..=599) => Ok(HttpStatus(status)),
+            _ => Err(format!("`{text}` is not an HTTP error status (300 to 599)")),
+        })
+    }
 }
 
 /// `N/s`, `N/m` or `N/h`: at most N requests per second, minute or hour.
@@ -461,6 +513,12 @@ pub struct RetryConfig {
     pub max_delay: Duration,
     #[serde(default = "default_max_elapsed", with = "humantime_serde")]
     pub max_elapsed: Duration,
+    /// Statuses retried although they are permanent failures by default.
+    #[serde(default)]
+    pub retry_statuses: Vec<HttpStatus>,
+    /// Statuses that are permanent failures although they are retried by default.
+    #[serde(default)]
+    pub permanent_statuses: Vec<HttpStatus>,
 }
 
 impl Default for RetryConfig {
@@ -470,16 +528,22 @@ impl Default for RetryConfig {
             initial_delay: default_retry_initial(),
             max_delay: default_retry_max(),
             max_elapsed: default_max_elapsed(),
+            retry_statuses: Vec::new(),
+            permanent_statuses: Vec::new(),
         }
     }
 }
 
+/// With the first retries this quick, 20 attempts make the default schedule span about half
+/// an hour (5 min apart from the 16th), where 10 attempts from 1 s spanned 9 to 17 minutes.
 fn default_max_attempts() -> PositiveCount {
-    PositiveCount(10)
+    PositiveCount(20)
 }
 
+/// A target that fails a share of its requests at random is best retried at once; one that
+/// fails them all is paused by its circuit breaker, not by this delay (BENCHMARKS.md, flaky).
 fn default_retry_initial() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_millis(10)
 }
 
 fn default_retry_max() -> Duration {
@@ -1469,6 +1533,11 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
             ("open_delay", breaker.open_delay),
             "",
         );
+        found.duration(
+            &at(&["circuit_breaker", "window"]),
+            breaker.window,
+            Some((MIN_DELAY, "no attempt is ever recent enough to pause the target")),
+        );
         let retry = &target.retry;
         found.duration(
             &at(&["retry", "initial_delay"]),
@@ -1489,6 +1558,19 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
             ("initial_delay", retry.initial_delay),
             ": no retry could start in time; to never retry, set max_attempts: 1",
         );
+        if let Some(status) = retry
+            .permanent_statuses
+            .iter()
+            .find(|status| retry.retry_statuses.contains(status))
+        {
+            found.push(
+                &at(&["retry", "permanent_statuses"]),
+                format!(
+                    "{} is also in retry_statuses; a status is either retried or not",
+                    status.0
+                ),
+            );
+        }
     }
     found.unworkable
 }

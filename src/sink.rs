@@ -7,7 +7,9 @@
 //!
 //! Besides answering, a scripted response can misbehave the way real webhooks do: answer after
 //! the client has given up (the work was done, the answer goes nowhere), or reset the
-//! connection (TCP RST) instead of answering.
+//! connection (TCP RST) instead of answering. Once its script is used up, a path can also fail
+//! a fraction of its requests at random (a flaky webhook) or answer 404 for a while after its
+//! first request (n8n starting up), before it falls back to its default answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -111,6 +113,14 @@ impl SinkResponse {
         self.delay = delay;
         self
     }
+
+    /// What n8n answers to a webhook it has not registered yet, as it does for a moment after it
+    /// starts listening.
+    pub fn n8n_not_registered() -> SinkResponse {
+        SinkResponse::status(404).with_body(
+            r#"{"code":404,"message":"The requested webhook \"POST sse-relay\" is not registered.","hint":"The workflow must be active for a production URL to run successfully."}"#,
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +178,14 @@ struct SinkState {
     /// Per path: requests received and requests answered 2xx, so that waiting for a count
     /// does not copy every request each time one arrives.
     counts: HashMap<String, (usize, usize)>,
+    /// Per path: how long after its first request it answers as n8n does while starting, and
+    /// when that first request came.
+    starting: HashMap<String, (Duration, Option<Instant>)>,
+    /// Per path: the fraction of requests failed at random, and with which status.
+    random_failures: HashMap<String, (f64, u16)>,
+    /// The state of a SplitMix64 generator for `random_failures`: fixed, so that a run's
+    /// sequence of draws is the same every time (which request draws which still varies).
+    random_state: u64,
 }
 
 impl Sink {
@@ -249,6 +267,34 @@ impl Sink {
             .insert(path.to_string(), (name.to_owned(), value.to_owned()));
     }
 
+    /// Answers `status` to `fraction` (0 to 1) of the requests to `path` at random, once its
+    /// script is used up, as a webhook behind a load balancer with a bad backend does; the others
+    /// get the default answer. A fraction of 0 turns it off.
+    ///
+    /// # Panics
+    /// If the fraction is not between 0 and 1 or the status is not valid HTTP.
+    pub fn fail_at_random(&self, path: &str, fraction: f64, status: u16) {
+        assert!(
+            (0.0..=1.0).contains(&fraction),
+            "fraction {fraction} is not between 0 and 1"
+        );
+        assert!(
+            StatusCode::from_u16(status).is_ok(),
+            "status {status} is not valid HTTP"
+        );
+        self.shared
+            .lock()
+            .random_failures
+            .insert(path.to_string(), (fraction, status));
+    }
+
+    /// Answers [`SinkResponse::n8n_not_registered`] (404) to the requests to `path` that arrive
+    /// within `duration` of its first request, once its script is used up: n8n listens for a
+    /// moment before it has registered its webhooks again after a restart.
+    pub fn start_like_n8n(&self, path: &str, duration: Duration) {
+        self.shared.lock().starting.insert(path.to_string(), (duration, None));
+    }
+
     pub fn requests(&self, path: &str) -> Vec<ReceivedRequest> {
         self.shared
             .lock()
@@ -313,6 +359,36 @@ impl Sink {
     }
 }
 
+impl SinkState {
+    /// The answer once the path's script is used up: n8n starting, a random failure, or the
+    /// default, in that order.
+    fn unscripted_response(&mut self, path: &str, received_at: Instant) -> SinkResponse {
+        if let Some((duration, first_at)) = self.starting.get_mut(path) {
+            let first_at = *first_at.get_or_insert(received_at);
+            if received_at.duration_since(first_at) < *duration {
+                return SinkResponse::n8n_not_registered();
+            }
+        }
+        if let Some(&(fraction, status)) = self.random_failures.get(path)
+            && self.next_random_fraction() < fraction
+        {
+            return SinkResponse::status(status);
+        }
+        SinkResponse::status(self.defaults.get(path).copied().unwrap_or(200))
+    }
+
+    /// A number in [0, 1) from SplitMix64.
+    fn next_random_fraction(&mut self) -> f64 {
+        self.random_state = self.random_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut mixed = self.random_state;
+        mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        mixed ^= mixed >> 31;
+        // The top 53 bits, as many as an f64 holds exactly.
+        (mixed >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 impl SinkShared {
     fn lock(&self) -> MutexGuard<'_, SinkState> {
         // A test that panicked while holding the lock has already failed; carry on for the rest.
@@ -338,13 +414,15 @@ async fn record_and_answer(
         let refused = state.required_headers.get(&path).is_some_and(|(name, value)| {
             parts.headers.get(name.as_str()).and_then(|given| given.to_str().ok()) != Some(value.as_str())
         });
-        let response = match refused {
-            true => SinkResponse::status(401),
-            false => state
-                .scripts
-                .get_mut(&path)
-                .and_then(VecDeque::pop_front)
-                .unwrap_or_else(|| SinkResponse::status(state.defaults.get(&path).copied().unwrap_or(200))),
+        let scripted = if refused {
+            None
+        } else {
+            state.scripts.get_mut(&path).and_then(VecDeque::pop_front)
+        };
+        let response = match (refused, scripted) {
+            (true, _) => SinkResponse::status(401),
+            (false, Some(scripted)) => scripted,
+            (false, None) => state.unscripted_response(&path, received_at),
         };
         let request = ReceivedRequest {
             method: parts.method,
@@ -647,6 +725,52 @@ mod tests {
         let delivered = sink.wait_for_delivered("/late", 1, TEST_DEADLINE).await;
         assert_eq!(delivered.len(), 1);
         assert_eq!(delivered[0].status_sent, 200);
+    }
+
+    #[tokio::test]
+    async fn fails_the_given_fraction_at_random_after_the_script() {
+        let sink = Sink::start().await.unwrap();
+        sink.script("/flaky", vec![SinkResponse::status(201)]);
+        sink.fail_at_random("/flaky", 0.3, 503);
+        let client = test_client();
+        for _ in 0..1_001 {
+            client.post(sink.url("/flaky")).send().await.unwrap();
+        }
+        let statuses: Vec<u16> = sink.requests("/flaky").iter().map(|r| r.status_sent).collect();
+        assert_eq!(statuses[0], 201, "the script goes first");
+        let n_failed = statuses.iter().filter(|&&status| status == 503).count();
+        let n_delivered = statuses.iter().filter(|&&status| status == 200).count();
+        assert_eq!(n_failed + n_delivered, 1_000);
+        // The draws are the same every run: this is not a matter of luck.
+        assert!((250..=350).contains(&n_failed), "{n_failed} of 1000 failed");
+
+        sink.fail_at_random("/flaky", 0.0, 503);
+        assert_eq!(client.post(sink.url("/flaky")).send().await.unwrap().status(), 200);
+    }
+
+    #[tokio::test]
+    async fn answers_404_like_n8n_for_a_while_after_the_first_request() {
+        let sink = Sink::start().await.unwrap();
+        let starting_for = Duration::from_millis(300);
+        sink.start_like_n8n("/n8n", starting_for);
+        let client = test_client();
+        let first = client.post(sink.url("/n8n")).send().await.unwrap();
+        assert_eq!(first.status(), 404);
+        assert!(first.text().await.unwrap().contains("is not registered"));
+        let give_up_at = std::time::Instant::now() + TEST_DEADLINE;
+        while client.post(sink.url("/n8n")).send().await.unwrap().status() == 404 {
+            assert!(std::time::Instant::now() < give_up_at, "still starting");
+        }
+        let requests = sink.requests("/n8n");
+        let (last, not_registered) = requests.split_last().unwrap();
+        let first_at = requests[0].received_at;
+        assert_eq!(last.status_sent, 200);
+        assert!(last.received_at - first_at >= starting_for);
+        assert!(
+            not_registered
+                .iter()
+                .all(|r| r.status_sent == 404 && r.received_at - first_at < starting_for)
+        );
     }
 
     #[tokio::test]

@@ -1,12 +1,23 @@
 //! A target's health as the dispatcher sees it: a circuit breaker that stops attempts to a target
-//! that keeps failing, and a pause for a target that answered 410 Gone. Pure: no IO, and no clock
-//! is read here; every method that depends on time takes the caller's `now`.
+//! that is down, and a pause for a target that answered 410 Gone. Pure: no IO, and no clock is
+//! read here; every method that depends on time takes the caller's `now`.
 //!
-//! The breaker is closed while the target answers. After `failure_threshold` consecutive failed
-//! attempts it opens: no attempt starts, so the target's deliveries wait in its queue instead of
-//! spending their retries on a target that is down. Once the open delay has passed the breaker is
-//! half-open and lets exactly one attempt, the probe, start. The probe's success closes the
-//! breaker; its failure opens it again for twice the delay, up to `max_open_delay`.
+//! The breaker is closed while the target answers, and it tells a target that is down from one
+//! that is flaky by the failure rate of its recent attempts (resilience4j's failure-rate window):
+//! it opens once at least `failure_percent` of them failed and there were at least
+//! `min_attempts` of them. Recent means the last `WINDOW_ATTEMPTS` whose result came within
+//! `window`: the count keeps a busy target's rate current, the time keeps a quiet target's old
+//! successes from hiding that it is down now. A target that fails 30% or 50% of its requests at
+//! random keeps its traffic, and its deliveries are retried. Five consecutive failures, which
+//! opened the breaker before, come every few hundred requests to such a target, and each failed
+//! probe doubled the pause: 2,000 events at 1,000/s with 30% failing took 87 s instead of 2 s
+//! (issue #11; BENCHMARKS.md, flaky).
+//!
+//! While open, no attempt starts, so the target's deliveries wait in its queue instead of
+//! spending their retries on a target that is down. Once the open delay has passed the breaker
+//! is half-open and lets exactly one attempt, the probe, start. The probe's success closes the
+//! breaker and forgets the failures before it; its failure opens it again for twice the delay,
+//! up to `max_open_delay`.
 //!
 //! A 410 Gone says the webhook was removed on purpose, so the target is paused for good, whatever
 //! the breaker's state: only a config reload, which builds a new `Breaker`, resumes it.
@@ -16,6 +27,7 @@
 //! probe's result apart from the late results of attempts that were already in flight when it
 //! opened, which `max_in_flight > 1` makes common.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// A target's state, as `sse_relay_target_state{target}` shows it.
@@ -49,11 +61,21 @@ impl TargetState {
     }
 }
 
+/// The most recent attempts the failure rate is computed over. Enough that a target failing
+/// half its requests at random never shows 90% failed (the chance is below one in 10^8 per
+/// attempt), few enough that a busy target that goes down is paused within 45 failures.
+pub const WINDOW_ATTEMPTS: usize = 50;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Consecutive failed attempts that open the breaker. Zero is treated as one, since a breaker
-    /// that opens without any failure would never let an attempt start.
-    pub failure_threshold: u32,
+    /// The share of recent attempts, in percent, that must have failed for the breaker to open;
+    /// taken as 1 to 100.
+    pub failure_percent: u8,
+    /// Recent attempts needed before their failure rate counts. Zero is treated as one, since a
+    /// breaker that opens without any failure would never let an attempt start.
+    pub min_attempts: u32,
+    /// How long an attempt's result stays recent.
+    pub window: Duration,
     /// How long the breaker stays open the first time, before its first probe.
     pub open_delay: Duration,
     /// The cap on the open delay, which doubles after each failed probe.
@@ -65,7 +87,9 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> BreakerConfig {
         BreakerConfig {
-            failure_threshold: 5,
+            failure_percent: 90,
+            min_attempts: 5,
+            window: Duration::from_secs(60),
             open_delay: Duration::from_secs(5),
             max_open_delay: Duration::from_secs(5 * 60),
             gone_log_interval: Duration::from_secs(10 * 60),
@@ -74,8 +98,8 @@ impl Default for BreakerConfig {
 }
 
 /// What an attempt's result was, from the breaker's point of view. The dispatcher maps the
-/// retry policy's verdict: `Delivered` is `Success`; `Retry` (transport errors, timeouts, 408,
-/// 429, 5xx other than 501) is `Failure`; `Permanent` is `Rejected`, except that 410 is `Gone`.
+/// retry policy's verdict: `Delivered` is `Success`, `Retry` is `Failure`, `Permanent` is
+/// `Rejected` and `Gone` is `Gone`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptResult {
     Success,
@@ -107,6 +131,8 @@ pub struct AttemptPermit {
 pub struct Breaker {
     config: BreakerConfig,
     circuit: Circuit,
+    /// While closed, the results that decide whether it opens; empty otherwise.
+    recent: RecentResults,
     /// How long the breaker stays open this time (it is only read while open). Opening from closed
     /// sets it to `config.open_delay`, which is how a close resets it; a failed probe doubles it.
     open_delay: Duration,
@@ -122,9 +148,7 @@ pub struct Breaker {
 
 #[derive(Debug, Clone, Copy)]
 enum Circuit {
-    Closed {
-        n_consecutive_failures: u32,
-    },
+    Closed,
     /// Half-open, too, once `open_delay` has passed since `opened_at`: the state depends on the
     /// caller's clock, so it is computed, not stored.
     Open {
@@ -133,13 +157,47 @@ enum Circuit {
     },
 }
 
+/// The results of the last attempts (at most `WINDOW_ATTEMPTS`, none older than the window),
+/// oldest first, with how many of them failed.
+#[derive(Debug, Default)]
+struct RecentResults {
+    results: VecDeque<(Instant, bool)>,
+    n_failed: usize,
+}
+
+impl RecentResults {
+    fn push(&mut self, at: Instant, failed: bool, window: Duration) {
+        self.results.push_back((at, failed));
+        self.n_failed += usize::from(failed);
+        while let Some(&(oldest_at, oldest_failed)) = self.results.front() {
+            if self.results.len() <= WINDOW_ATTEMPTS && at.saturating_duration_since(oldest_at) <= window {
+                break;
+            }
+            self.results.pop_front();
+            self.n_failed -= usize::from(oldest_failed);
+        }
+    }
+
+    /// Whether at least `min_attempts` results are recent and at least `failure_percent` of
+    /// them failures.
+    fn is_failing(&self, config: &BreakerConfig) -> bool {
+        let n_recent = self.results.len();
+        let failure_percent = usize::from(config.failure_percent.clamp(1, 100));
+        n_recent >= config.min_attempts.max(1) as usize && self.n_failed * 100 >= failure_percent * n_recent
+    }
+
+    fn clear(&mut self) {
+        self.results.clear();
+        self.n_failed = 0;
+    }
+}
+
 impl Breaker {
     pub fn new(config: BreakerConfig) -> Breaker {
         Breaker {
             config,
-            circuit: Circuit::Closed {
-                n_consecutive_failures: 0,
-            },
+            circuit: Circuit::Closed,
+            recent: RecentResults::default(),
             open_delay: config.open_delay.min(config.max_open_delay),
             period: 0,
             gone: false,
@@ -154,7 +212,7 @@ impl Breaker {
             return TargetState::Gone;
         }
         match self.circuit {
-            Circuit::Closed { .. } => TargetState::Closed,
+            Circuit::Closed => TargetState::Closed,
             Circuit::Open { opened_at, .. } => {
                 if now.saturating_duration_since(opened_at) >= self.open_delay {
                     TargetState::HalfOpen
@@ -171,7 +229,7 @@ impl Breaker {
         let state = self.state(now);
         match (&mut self.circuit, state) {
             (_, TargetState::Gone) => None,
-            (Circuit::Closed { .. }, _) => Some(AttemptPermit { period: self.period }),
+            (Circuit::Closed, _) => Some(AttemptPermit { period: self.period }),
             (Circuit::Open { probe_in_flight, .. }, TargetState::HalfOpen) if !*probe_in_flight => {
                 *probe_in_flight = true;
                 Some(AttemptPermit { period: self.period })
@@ -204,18 +262,19 @@ impl Breaker {
         if permit.period != self.period {
             return None;
         }
-        let to = match (&mut self.circuit, result) {
-            (Circuit::Closed { n_consecutive_failures }, AttemptResult::Failure) => {
-                *n_consecutive_failures += 1;
-                if *n_consecutive_failures < self.config.failure_threshold.max(1) {
+        let to = match (self.circuit, result) {
+            (Circuit::Closed, AttemptResult::Failure) => {
+                self.recent.push(now, true, self.config.window);
+                if !self.recent.is_failing(&self.config) {
                     return None;
                 }
                 self.open_delay = self.config.open_delay.min(self.config.max_open_delay);
                 self.open(now);
                 TargetState::Open
             }
-            (Circuit::Closed { n_consecutive_failures }, _) => {
-                *n_consecutive_failures = 0;
+            // A rejected payload still shows the target answering.
+            (Circuit::Closed, _) => {
+                self.recent.push(now, false, self.config.window);
                 return None;
             }
             // The permit is from this open period, so it is the probe's.
@@ -226,9 +285,7 @@ impl Breaker {
             }
             // A rejected payload still shows the target answering, so it closes the breaker too.
             (Circuit::Open { .. }, _) => {
-                self.circuit = Circuit::Closed {
-                    n_consecutive_failures: 0,
-                };
+                self.circuit = Circuit::Closed;
                 self.period += 1;
                 TargetState::Closed
             }
@@ -276,11 +333,14 @@ impl Breaker {
         due
     }
 
+    /// Opens (again); the failures that opened it are forgotten, so that after the probe's
+    /// success the target starts afresh.
     fn open(&mut self, now: Instant) {
         self.circuit = Circuit::Open {
             opened_at: now,
             probe_in_flight: false,
         };
+        self.recent.clear();
         self.period += 1;
     }
 }
@@ -307,9 +367,12 @@ mod tests {
         Wait,
     }
 
+    /// The window is long enough that the scripts below, which span seconds, stay within it.
     fn test_config() -> BreakerConfig {
         BreakerConfig {
-            failure_threshold: 3,
+            failure_percent: 90,
+            min_attempts: 3,
+            window: Duration::from_millis(60_000),
             open_delay: Duration::from_millis(1_000),
             max_open_delay: Duration::from_millis(4_000),
             gone_log_interval: Duration::from_millis(10_000),
@@ -377,6 +440,63 @@ mod tests {
         OPEN_AT_ZERO.iter().chain(rest).copied().collect()
     }
 
+    /// A script of attempts made one at a time, numbered from `first`, the i-th at `at_ms(i)`:
+    /// the state is closed after each result but the last, and `last` after it.
+    fn one_by_one(
+        first: usize,
+        at_ms: impl Fn(usize) -> u64,
+        results: &[AttemptResult],
+        last: TargetState,
+    ) -> Vec<(u64, Step, TargetState)> {
+        let mut script = Vec::new();
+        for (index, &result) in results.iter().enumerate() {
+            let after = if index + 1 == results.len() { last } else { Closed };
+            script.push((at_ms(index), Start, Closed));
+            script.push((at_ms(index), Finish(first + index, result), after));
+        }
+        script
+    }
+
+    /// The index of the result that opened a new breaker, the i-th attempt made and finished at
+    /// i ms, one at a time.
+    fn first_opening(config: BreakerConfig, results: &[AttemptResult]) -> Option<usize> {
+        let start = Instant::now();
+        let mut breaker = Breaker::new(config);
+        results.iter().enumerate().position(|(index, &result)| {
+            let at = start + Duration::from_millis(index as u64);
+            let permit = breaker.try_start(at).expect("closed");
+            breaker.record(permit, result, at).is_some()
+        })
+    }
+
+    /// `n` results from a repeating pattern, `F` for a failure and `S` for a success.
+    fn repeat(pattern: &str, n: usize) -> Vec<AttemptResult> {
+        pattern
+            .chars()
+            .cycle()
+            .take(n)
+            .map(|c| if c == 'F' { Failure } else { Success })
+            .collect()
+    }
+
+    /// `n` results, each a failure with probability `fraction`, from a fixed seed: the same
+    /// every run, as random as a flaky target.
+    fn random_failures(fraction: f64, n: usize) -> Vec<AttemptResult> {
+        let mut state: u64 = 0x5EED;
+        (0..n)
+            .map(|_| {
+                // SplitMix64.
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut mixed = state;
+                mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                mixed ^= mixed >> 31;
+                let draw = (mixed >> 11) as f64 / (1u64 << 53) as f64;
+                if draw < fraction { Failure } else { Success }
+            })
+            .collect()
+    }
+
     #[test]
     fn states_have_metric_values_and_labels() {
         let expected = [
@@ -393,14 +513,16 @@ mod tests {
     #[test]
     fn default_config_is_documented() {
         let config = BreakerConfig::default();
-        assert_eq!(config.failure_threshold, 5);
+        assert_eq!(config.failure_percent, 90);
+        assert_eq!(config.min_attempts, 5);
+        assert_eq!(config.window, Duration::from_secs(60));
         assert_eq!(config.open_delay, Duration::from_secs(5));
         assert_eq!(config.max_open_delay, Duration::from_secs(300));
         assert_eq!(config.gone_log_interval, Duration::from_secs(600));
     }
 
     #[test]
-    fn opens_after_exactly_the_threshold_of_consecutive_failures() {
+    fn opens_once_min_attempts_all_failed() {
         check(&OPEN_AT_ZERO, &[(0, Closed, Open)]);
         // With attempts in flight together, it is the third failure that opens, not the third
         // start, and later starts are refused.
@@ -420,47 +542,68 @@ mod tests {
     }
 
     #[test]
-    fn a_success_between_failures_resets_the_count() {
-        check(
-            &[
-                (0, Start, Closed),
-                (0, Finish(0, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(1, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(2, Success), Closed),
-                (0, Start, Closed),
-                (0, Finish(3, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(4, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(5, Failure), Open),
-            ],
-            &[(0, Closed, Open)],
-        );
+    fn a_success_counts_against_the_failure_rate() {
+        // After a success, 9 failures make 90% of 10 attempts.
+        let mut results = vec![Failure, Failure, Success];
+        results.extend([Failure; 6]);
+        check(&one_by_one(0, |_| 0, &results, Closed), &[]);
+        results.push(Failure);
+        check(&one_by_one(0, |_| 0, &results, Open), &[(0, Closed, Open)]);
     }
 
     #[test]
-    fn a_rejected_payload_resets_the_count_and_never_opens() {
-        check(
-            &[
-                (0, Start, Closed),
-                (0, Finish(0, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(1, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(2, Rejected), Closed),
-                (0, Start, Closed),
-                (0, Finish(3, Failure), Closed),
-                (0, Start, Closed),
-                (0, Finish(4, Failure), Closed),
-            ],
-            &[],
-        );
-        let only_rejections: Vec<_> = (0..10)
-            .flat_map(|attempt| [(0, Start, Closed), (0, Finish(attempt, Rejected), Closed)])
-            .collect();
-        check(&only_rejections, &[]);
+    fn a_rejected_payload_counts_as_an_answer_and_never_opens() {
+        let results = [Failure, Failure, Rejected, Failure, Failure];
+        check(&one_by_one(0, |_| 0, &results, Closed), &[]);
+        check(&one_by_one(0, |_| 0, &[Rejected; 10], Closed), &[]);
+    }
+
+    #[test]
+    fn a_flaky_target_is_never_paused() {
+        let config = BreakerConfig {
+            min_attempts: 5,
+            ..test_config()
+        };
+        // A healthy target turns flaky; attempts finish a millisecond apart, as under load.
+        for (name, flaky) in [
+            ("30% at random", random_failures(0.3, 20_000)),
+            ("50% at random", random_failures(0.5, 20_000)),
+            ("80%, every fifth succeeds", repeat("FFFFS", 20_000)),
+        ] {
+            let mut results = vec![Success; 100];
+            results.extend(flaky);
+            assert_eq!(first_opening(config, &results), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_busy_target_that_goes_down_is_paused_at_the_failure_rate() {
+        // The window holds the last 50 attempts: after 50 successes, the 45th failure makes 90%.
+        let mut results = vec![Success; 50];
+        results.extend([Failure; 44]);
+        check(&one_by_one(0, |_| 0, &results, Closed), &[]);
+        results.push(Failure);
+        check(&one_by_one(0, |_| 0, &results, Open), &[(0, Closed, Open)]);
+        // One success in 20 still opens it, within the window's 50 attempts.
+        let mut results = vec![Success; 50];
+        results.extend(repeat("FFFFFFFFFFFFFFFFFFFS", 200));
+        let opened_at = first_opening(test_config(), &results);
+        assert!(opened_at.is_some_and(|index| index < 100), "{opened_at:?}");
+    }
+
+    #[test]
+    fn results_older_than_the_window_are_forgotten() {
+        let config = test_config();
+        let window_ms = config.window.as_millis() as u64;
+        // Successes a window ago no longer hide that the target is down now.
+        let mut script = one_by_one(0, |_| 0, &[Success; 50], Closed);
+        script.extend(one_by_one(50, |_| window_ms + 1, &[Failure; 3], Open));
+        check(&script, &[(window_ms + 1, Closed, Open)]);
+        // Nor do failures a window ago count towards min_attempts.
+        let mut script = one_by_one(0, |_| 0, &[Failure; 2], Closed);
+        script.extend(one_by_one(2, |_| window_ms + 1, &[Failure; 2], Closed));
+        script.extend(one_by_one(4, |_| window_ms + 2, &[Failure], Open));
+        check(&script, &[(window_ms + 2, Closed, Open)]);
     }
 
     #[test]
@@ -744,9 +887,9 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_threshold_opens_on_the_first_failure() {
+    fn zero_min_attempts_opens_on_the_first_failure() {
         let config = BreakerConfig {
-            failure_threshold: 0,
+            min_attempts: 0,
             ..test_config()
         };
         let (_, _, transitions) = run(config, &[(0, Start, Closed), (0, Finish(0, Failure), Open)]);

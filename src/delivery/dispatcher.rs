@@ -365,7 +365,7 @@ impl Dispatcher {
             }
             Err(failure) => failure,
         };
-        if failure.status == Some(410) {
+        if failure.verdict == Verdict::Gone {
             // The target says it is gone for good: pause it and keep the delivery for when
             // the config changes.
             if self.breaker.record(permit, AttemptResult::Gone, now).is_some() {
@@ -382,7 +382,7 @@ impl Dispatcher {
         }
         let retry_after = match failure.verdict {
             Verdict::Retry { retry_after } => retry_after,
-            Verdict::Delivered | Verdict::Permanent => {
+            Verdict::Delivered | Verdict::Permanent | Verdict::Gone => {
                 self.breaker.record(permit, AttemptResult::Rejected, now);
                 let problem = failure.problem.to_string();
                 self.dead_letter(pending, failure.status, problem).await;

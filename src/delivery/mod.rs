@@ -72,7 +72,9 @@ impl TargetRuntime {
             ordered: config.ordered,
             signing_key: config.signing_secret.as_ref().map(|secret| Arc::clone(&secret.0)),
             breaker: BreakerConfig {
-                failure_threshold: u32::try_from(config.circuit_breaker.failure_threshold.0).unwrap_or(u32::MAX),
+                failure_percent: config.circuit_breaker.failure_rate.0,
+                min_attempts: u32::try_from(config.circuit_breaker.min_attempts.0).unwrap_or(u32::MAX),
+                window: config.circuit_breaker.window,
                 open_delay: config.circuit_breaker.open_delay,
                 max_open_delay: config.circuit_breaker.max_open_delay,
                 ..BreakerConfig::default()

@@ -167,7 +167,7 @@ async fn send(
         .get(RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| parse_retry_after(value, SystemTime::now()));
-    let verdict = verdict_for_status(status, retry_after);
+    let verdict = verdict_for_status(&target.retry, status, retry_after);
 
     if verdict == Verdict::Delivered {
         let mut n_read = 0;

@@ -761,7 +761,7 @@ fn values_that_cannot_work_are_refused_at_their_place() {
     );
     target(
         "retry: { max_elapsed: 0s }",
-        "test.yaml:8:27: targets.n8n.retry.max_elapsed: must not be shorter than initial_delay (1s): no retry could start in time; to never retry, set max_attempts: 1",
+        "test.yaml:8:27: targets.n8n.retry.max_elapsed: must not be shorter than initial_delay (10ms): no retry could start in time; to never retry, set max_attempts: 1",
     );
     target(
         "circuit_breaker: { open_delay: 0s }",

@@ -8,7 +8,10 @@ use tokio::net::TcpListener;
 use sse_relay::emulator::{Api, Upstream};
 use sse_relay::sink::{Sink, SinkResponse};
 
-use crate::support::{DEADLINE, TestRelay, both_connected, both_streams, everything_to, metric_value, quiet_upstream};
+use crate::support::{
+    DEADLINE, TestRelay, bodies, both_connected, both_streams, everything_to, metric_value, parse_config,
+    quiet_upstream,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_are_retried_with_one_idempotency_key() {
@@ -354,7 +357,7 @@ async fn a_failing_target_is_paused_probed_and_resumed() {
         "",
         &everything_to(
             &sink,
-            "circuit_breaker: { failure_threshold: 3, open_delay: 300ms, max_open_delay: 300ms }",
+            "circuit_breaker: { min_attempts: 3, open_delay: 300ms, max_open_delay: 300ms }",
         )
         .replace("initial_delay: 20ms", "initial_delay: 10ms, max_attempts: 1000"),
     ))
@@ -367,7 +370,7 @@ async fn a_failing_target_is_paused_probed_and_resumed() {
         .wait_metric("sse_relay_target_state", &[("target", "hook")], 1.0)
         .await;
     let when_opened = sink.requests("/hook").len();
-    assert_eq!(when_opened, 3, "the breaker opens after 3 consecutive failures");
+    assert_eq!(when_opened, 3, "the breaker opens once 3 attempts, all of them, failed");
     // While open, only one probe per open_delay reaches the target.
     let probe = sink.wait_for_requests("/hook", when_opened + 1, DEADLINE).await;
     assert_eq!(probe.len(), when_opened + 1);
@@ -381,4 +384,152 @@ async fn a_failing_target_is_paused_probed_and_resumed() {
         .await;
     assert_eq!(relay.metric("sse_relay_target_state", &[("target", "hook")]).await, 0.0);
     relay.stop().await;
+}
+
+/// n8n answers 404 for a moment after it starts listening, before it has registered its
+/// webhooks again (issue #11: one restart dead-lettered 93 of 600 events, and their replay
+/// came after newer events). A backlog sent then is retried, stays in order, and nothing
+/// becomes a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answering_404_while_it_starts_loses_nothing_and_keeps_the_order() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.start_like_n8n("/hook", Duration::from_millis(500));
+    let targets = everything_to(
+        &sink,
+        "ordered: true\n    circuit_breaker: { open_delay: 50ms, max_open_delay: 100ms }",
+    )
+    .replace("max_in_flight: 1", "max_in_flight: 8");
+    let relay = TestRelay::start(&both_streams(&upstream, "", &targets)).await;
+    both_connected(&upstream).await;
+    let participant: Vec<String> = (0..40).map(|n| format!(r#"{{"eventType":"E","n":{n}}}"#)).collect();
+    let chat: Vec<String> = (0..40).map(|n| format!(r#"{{"type":"update","n":{n}}}"#)).collect();
+    for (participant, chat) in participant.iter().zip(&chat) {
+        upstream.publish_event(Api::Participant, participant);
+        upstream.publish_event(Api::Chat, chat);
+    }
+
+    let delivered = bodies(&sink.wait_for_delivered("/hook", 80, DEADLINE).await);
+    assert_eq!(sink.requests("/hook")[0].status_sent, 404, "n8n was starting");
+    let of_stream =
+        |events: &[String]| -> Vec<String> { delivered.iter().filter(|body| events.contains(body)).cloned().collect() };
+    assert_eq!(of_stream(&participant), participant);
+    assert_eq!(of_stream(&chat), chat);
+    assert_eq!(
+        relay
+            .metric("sse_relay_dead_letters_total", &[("target", "hook")])
+            .await,
+        0.0
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_can_retry_or_give_up_on_any_error_status() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.script("/hook", [409, 200, 404, 503].map(SinkResponse::status).to_vec());
+    let targets = everything_to(&sink, "").replace(
+        "max_delay: 100ms }",
+        "max_delay: 100ms, retry_statuses: [409], permanent_statuses: [404, 503] }",
+    );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &targets)).await;
+    both_connected(&upstream).await;
+    let dead_letters = [("target", "hook")];
+
+    upstream.publish_event(Api::Chat, r#"{"type":"conflict_then_ok"}"#);
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    upstream.publish_event(Api::Chat, r#"{"type":"not_found"}"#);
+    relay
+        .wait_metric("sse_relay_dead_letters_total", &dead_letters, 1.0)
+        .await;
+    upstream.publish_event(Api::Chat, r#"{"type":"unavailable"}"#);
+    relay
+        .wait_metric("sse_relay_dead_letters_total", &dead_letters, 2.0)
+        .await;
+    upstream.publish_event(Api::Chat, r#"{"type":"fine"}"#);
+    sink.wait_for_delivered("/hook", 2, DEADLINE).await;
+
+    let statuses: Vec<u16> = sink.requests("/hook").iter().map(|r| r.status_sent).collect();
+    assert_eq!(statuses, [409, 200, 404, 503, 200]);
+    assert_eq!(relay.metric("sse_relay_dead_letters_total", &dead_letters).await, 2.0);
+    relay.stop().await;
+}
+
+/// The statuses a target lists, its circuit breaker's failure rate and window, and the old
+/// name of `min_attempts`.
+#[test]
+fn retry_statuses_and_the_breaker_are_checked_at_their_place() {
+    let config = |target_line: &str| {
+        format!(
+            "streams:\n  chat:\n    url: http://127.0.0.1:1/listen\ntargets:\n  n8n:\n    url: http://127.0.0.1:2/hook\n    {target_line}\n"
+        )
+    };
+    let check = |target_line: &str, expected: &str| {
+        let yaml = config(target_line);
+        let err = parse_config(&yaml, &[]).expect_err(&yaml).to_string();
+        assert_eq!(err, expected, "for: {target_line}");
+    };
+    check(
+        "retry: { retry_statuses: [409, 204] }",
+        "test.yaml:7:36: targets.n8n.retry.retry_statuses[1]: 204 is a success, and a 2xx answer is always delivered",
+    );
+    check(
+        "retry: { permanent_statuses: [404, 600] }",
+        "test.yaml:7:40: targets.n8n.retry.permanent_statuses[1]: `600` is not an HTTP error status (300 to 599)",
+    );
+    check(
+        "retry: { retry_statuses: [four] }",
+        "test.yaml:7:31: targets.n8n.retry.retry_statuses[0]: `four` is not an HTTP error status (300 to 599)",
+    );
+    check(
+        "retry: { retry_statuses: [409, 404], permanent_statuses: [400, 404] }",
+        "test.yaml:7:62: targets.n8n.retry.permanent_statuses: 404 is also in retry_statuses; a status is either retried or not",
+    );
+    check(
+        "circuit_breaker: { failure_rate: 0% }",
+        "test.yaml:7:38: targets.n8n.circuit_breaker.failure_rate: `0%` is not a percentage from 1% to 100%",
+    );
+    check(
+        "circuit_breaker: { failure_rate: 101 }",
+        "test.yaml:7:38: targets.n8n.circuit_breaker.failure_rate: `101` is not a percentage from 1% to 100%",
+    );
+    check(
+        "circuit_breaker: { window: 0s }",
+        "test.yaml:7:32: targets.n8n.circuit_breaker.window: must be at least 1ms, or no attempt is ever recent enough to pause the target",
+    );
+    check(
+        "circuit_breaker: { failure_threshold: 3, min_attempts: 3 }",
+        "test.yaml:7:22: targets.n8n.circuit_breaker: duplicate field `min_attempts`",
+    );
+
+    let parsed = |target_line: &str| {
+        let yaml = config(target_line);
+        let config = parse_config(&yaml, &[]).unwrap_or_else(|err| panic!("{err}"));
+        config.targets["n8n"].clone()
+    };
+    let target = parsed(
+        "retry: { retry_statuses: [409, \"425\"], permanent_statuses: [404] }\n    circuit_breaker: { failure_rate: 80%, window: 10s }",
+    );
+    let statuses = |list: &[sse_relay::config::HttpStatus]| list.iter().map(|status| status.0).collect::<Vec<_>>();
+    assert_eq!(statuses(&target.retry.retry_statuses), [409, 425]);
+    assert_eq!(statuses(&target.retry.permanent_statuses), [404]);
+    assert_eq!(target.circuit_breaker.failure_rate.0, 80);
+    assert_eq!(target.circuit_breaker.window, Duration::from_secs(10));
+    assert_eq!(
+        parsed("circuit_breaker: { failure_rate: 95 }")
+            .circuit_breaker
+            .failure_rate
+            .0,
+        95
+    );
+    // `failure_threshold` counted consecutive failures; a target failing that many in a row
+    // with nothing else recent is still paused, so old configs keep working.
+    assert_eq!(
+        parsed("circuit_breaker: { failure_threshold: 3 }")
+            .circuit_breaker
+            .min_attempts
+            .0,
+        3
+    );
 }

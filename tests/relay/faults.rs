@@ -495,6 +495,45 @@ async fn a_flapping_target_gets_every_event_once() {
     relay.stop().await;
 }
 
+/// A target that fails half its requests at random keeps its traffic (issue #11: five failures
+/// in a row paused it, for longer after each unlucky probe). Were it paused here, its hour-long
+/// open_delay would hold the deliveries past the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_failing_half_its_requests_at_random_is_never_paused() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let targets = everything_to(&sink, "circuit_breaker: { open_delay: 1h, max_open_delay: 1h }")
+        .replace("max_in_flight: 1", "max_in_flight: 8")
+        .replace(
+            "retry: { initial_delay: 20ms, max_delay: 100ms }",
+            "retry: { initial_delay: 1ms, max_delay: 20ms, max_attempts: 1000 }",
+        );
+    let relay = TestRelay::start(&both_streams(&upstream, "", &targets)).await;
+    both_connected(&upstream).await;
+    let event = |n: usize| format!(r#"{{"type":"update","n":{n}}}"#);
+    // A healthy target first, as targets usually are before they turn flaky.
+    let n_healthy = 60;
+    for n in 0..n_healthy {
+        upstream.publish_event(Api::Chat, &event(n));
+    }
+    assert_eq!(
+        sink.wait_for_delivered("/hook", n_healthy, DEADLINE).await.len(),
+        n_healthy
+    );
+
+    sink.fail_at_random("/hook", 0.5, 503);
+    let n_flaky = 300;
+    for n in n_healthy..n_healthy + n_flaky {
+        upstream.publish_event(Api::Chat, &event(n));
+    }
+    let delivered = sink.wait_for_delivered("/hook", n_healthy + n_flaky, DEADLINE).await;
+    assert_eq!(delivered.len(), n_healthy + n_flaky, "the target was paused");
+    let n_failed = sink.requests("/hook").iter().filter(|r| r.status_sent == 503).count();
+    assert!(n_failed >= n_flaky / 2, "only {n_failed} requests failed");
+    assert_eq!(relay.metric("sse_relay_target_state", &[("target", "hook")]).await, 0.0);
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_slower_than_its_timeout_is_retried_without_waiting_for_it() {
     let slow = || SinkResponse::status(200).with_delay(Duration::from_secs(3));
