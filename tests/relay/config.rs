@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use sse_relay::config::{Config, ConfigError};
 
-use crate::support::{DEADLINE, make_fifo, parse_config};
+use crate::support::{DEADLINE, example_line_of, make_fifo, parse_config};
 
 /// `parse_config` on a thread of its own, so that a parse that hangs fails the test at the
 /// deadline instead of hanging it.
@@ -129,17 +129,39 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
         let err = parse_config(yaml, &[]).expect_err(yaml).to_string();
         assert_eq!(err, expected.join("\n"), "for:\n{yaml}");
     };
+    let example_errors = [
+        format!(
+            "test.yaml:{}:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+            example_line_of("PARTICIPANT_STREAM_URL")
+        ),
+        format!(
+            "test.yaml:{}:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+            example_line_of("PARTICIPANT_TOKEN")
+        ),
+        format!(
+            "test.yaml:{}:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+            example_line_of("PARTICIPANT_API_KEY")
+        ),
+        format!(
+            "test.yaml:{}:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+            example_line_of("SPLOX_CHAT_ID")
+        ),
+        format!(
+            "test.yaml:{}:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+            example_line_of("SPLOX_TOKEN")
+        ),
+        format!(
+            "test.yaml:{}:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
+            example_line_of("ZAPIER_HOOK_URL")
+        ),
+        format!(
+            "test.yaml:{}:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+            example_line_of("N8N_SIGNING_SECRET")
+        ),
+    ];
     check(
         include_str!("../../relay.example.yaml"),
-        &[
-            "test.yaml:25:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
-            "test.yaml:27:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
-            "test.yaml:28:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
-            "test.yaml:37:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
-            "test.yaml:38:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
-            "test.yaml:51:10: targets.zapier.url: environment variable ZAPIER_HOOK_URL is not set",
-            "test.yaml:63:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
-        ],
+        &example_errors.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     // Errors of every kind, several in one stream, before and after each other.
     check(

@@ -8,7 +8,7 @@ use tokio::process::Command;
 use sse_relay::emulator::{Api, Upstream};
 use sse_relay::sink::Sink;
 
-use crate::support::{DEADLINE, eventually, make_fifo, metric_value, quiet_upstream};
+use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, metric_value, quiet_upstream};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
 
@@ -96,12 +96,30 @@ async fn check_reports_every_problem_one_per_line() {
     .await;
     assert!(!output.status.success());
     let expected: String = [
-        ":25:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
-        ":27:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
-        ":28:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
-        ":37:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
-        ":38:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
-        ":63:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+        format!(
+            ":{}:10: streams.participant.url: environment variable PARTICIPANT_STREAM_URL is not set",
+            example_line_of("PARTICIPANT_STREAM_URL")
+        ),
+        format!(
+            ":{}:22: streams.participant.headers.Authorization: environment variable PARTICIPANT_TOKEN is not set",
+            example_line_of("PARTICIPANT_TOKEN")
+        ),
+        format!(
+            ":{}:18: streams.participant.headers.X-API-Key: environment variable PARTICIPANT_API_KEY is not set",
+            example_line_of("PARTICIPANT_API_KEY")
+        ),
+        format!(
+            ":{}:10: streams.chat.url: environment variable SPLOX_CHAT_ID is not set",
+            example_line_of("SPLOX_CHAT_ID")
+        ),
+        format!(
+            ":{}:31: streams.chat.headers.Authorization: environment variable SPLOX_TOKEN is not set",
+            example_line_of("SPLOX_TOKEN")
+        ),
+        format!(
+            ":{}:21: targets.n8n.signing_secret: environment variable N8N_SIGNING_SECRET is not set",
+            example_line_of("N8N_SIGNING_SECRET")
+        ),
     ]
     .iter()
     .map(|line| format!("error: {}{line}\n", path.display()))

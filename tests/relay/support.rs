@@ -244,6 +244,17 @@ pub fn bodies(requests: &[ReceivedRequest]) -> Vec<String> {
         .collect()
 }
 
+/// The line of `relay.example.yaml` (from 1) that first names `${variable`: where an error
+/// about that variable is placed, however the example's comments above it change.
+pub fn example_line_of(variable: &str) -> usize {
+    let needle = format!("${{{variable}");
+    include_str!("../../relay.example.yaml")
+        .lines()
+        .position(|line| line.contains(&needle))
+        .map(|index| index + 1)
+        .unwrap_or_else(|| panic!("relay.example.yaml names no {needle}"))
+}
+
 /// Makes a FIFO at `path`: opening it for reading waits for a writer, and reading it waits for
 /// data, so whatever reads one by mistake hangs.
 pub fn make_fifo(path: &std::path::Path) {
