@@ -768,6 +768,11 @@ impl TargetTelemetry {
         }
     }
 
+    /// A paused target answered its probe: deliveries flow again.
+    pub fn recovered(&self, from: &str) {
+        info!(webhook = %self.name, from, "target recovered; its deliveries flow again");
+    }
+
     pub fn state(&self, state: crate::delivery::breaker::TargetState) {
         self.target_state.set(state.metric_value());
     }

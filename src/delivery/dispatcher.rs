@@ -357,7 +357,8 @@ impl Dispatcher {
 
         let failure = match outcome {
             Ok(()) => {
-                self.breaker.record(permit, AttemptResult::Success, now);
+                self.record_answer(permit, AttemptResult::Success, now);
+                let telemetry = &self.target.telemetry;
                 telemetry.delivered(&pending.event.id, pending.n_attempts, duration);
                 self.store.complete(pending.id).await;
                 self.forget(&pending);
@@ -383,7 +384,7 @@ impl Dispatcher {
         let retry_after = match failure.verdict {
             Verdict::Retry { retry_after } => retry_after,
             Verdict::Delivered | Verdict::Permanent | Verdict::Gone => {
-                self.breaker.record(permit, AttemptResult::Rejected, now);
+                self.record_answer(permit, AttemptResult::Rejected, now);
                 let problem = failure.problem.to_string();
                 self.dead_letter(pending, failure.status, problem).await;
                 return;
@@ -414,6 +415,15 @@ impl Dispatcher {
                 let problem = format!("{}; gave up after reaching {}", failure.problem, exhausted.limit());
                 self.dead_letter(pending, failure.status, problem).await;
             }
+        }
+    }
+
+    /// Records an answer from the target in the breaker; one that ends a pause is logged.
+    fn record_answer(&mut self, permit: AttemptPermit, result: AttemptResult, now: Instant) {
+        if let Some(transition) = self.breaker.record(permit, result, now)
+            && transition.to == TargetState::Closed
+        {
+            self.target.telemetry.recovered(transition.from.label());
         }
     }
 

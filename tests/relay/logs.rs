@@ -70,6 +70,8 @@ async fn the_log_says_what_runs_sums_it_up_and_names_unreachable_hosts() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     sink.script("/flaky", vec![sse_relay::sink::SinkResponse::status(503)]);
+    // Enough failures in a row to pause it; it answers the probe.
+    sink.script("/paused", vec![sse_relay::sink::SinkResponse::status(503); 5]);
     // Nothing listens on port 1.
     let yaml = format!(
         r#"
@@ -80,11 +82,17 @@ streams:
 targets:
   flaky: {{ url: "{flaky}", retry: {{ initial_delay: 30ms, max_delay: 60ms }} }}
   unreachable: {{ url: "http://127.0.0.1:1/hook/secret-path?token=secret-query", retry: {{ initial_delay: 1s }} }}
+  paused:
+    url: "{paused}"
+    max_in_flight: 1
+    retry: {{ initial_delay: 10ms, max_delay: 10ms }}
+    circuit_breaker: {{ open_delay: 100ms }}
 routes:
-  - {{ stream: chat, targets: [flaky, unreachable] }}
+  - {{ stream: chat, targets: [flaky, unreachable, paused] }}
 "#,
         chat = upstream.chat_url("3f1c"),
         flaky = sink.url("/flaky"),
+        paused = sink.url("/paused"),
     );
     let relay = LoggedRelay::start(&yaml, &[]).await;
     let started = relay.wait_for_log("sse-relay started").await;
@@ -131,6 +139,8 @@ routes:
         })
         .await;
     }
+    let recovered = relay.wait_for_log("target recovered").await;
+    assert!(recovered.contains("\"webhook\":\"paused\""), "{recovered}");
     let summary = relay.wait_for_log("flaky: 1 delivered").await;
     assert!(summary.contains("chat: 1 received"), "{summary}");
     for line in relay.log_lines() {
