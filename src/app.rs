@@ -27,9 +27,10 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config, StreamConfig, TargetConfig, TlsConfig};
-use crate::delivery::{self, DispatcherInput, TargetRuntime};
+use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
+use crate::queue::outbox::{self, OutboxInput};
 use crate::routing::RoutingTable;
 use crate::source::{self, Dispatch, StreamRuntime};
 use crate::telemetry::{Metrics, StreamTelemetry, SummaryTotals};
@@ -66,7 +67,7 @@ struct RunningStream {
 
 struct RunningTarget {
     config: TargetConfig,
-    input: DispatcherInput,
+    input: OutboxInput,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -174,7 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let mut inputs = HashMap::new();
     let mut outputs = Vec::new();
     for name in config.targets.keys() {
-        let (input, output) = delivery::dispatcher_input(metrics.target(name).queue_depth.clone());
+        let (input, output) = outbox::channel(metrics.target(name).queue_depth.clone());
         inputs.insert(Arc::from(name.as_str()), input);
         outputs.push(output);
     }
@@ -301,8 +302,8 @@ impl Relay {
         target: Arc<TargetRuntime>,
         config: &TargetConfig,
         client: &reqwest::Client,
-        input: DispatcherInput,
-        output: delivery::DispatcherOutput,
+        input: OutboxInput,
+        output: outbox::Outbox,
     ) -> RunningTarget {
         let stop = CancellationToken::new();
         let task = delivery::spawn_dispatcher(&target, output, &self.store, client, &stop);
@@ -413,7 +414,7 @@ impl Relay {
                 continue;
             }
             let telemetry = self.metrics.target(name);
-            let (input, output) = delivery::dispatcher_input(telemetry.queue_depth.clone());
+            let (input, output) = outbox::channel(telemetry.queue_depth.clone());
             let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
             let client = self.target_client(name, target_config)?;
             new_targets.push((name.clone(), target_config.clone(), runtime, client, input, output));
@@ -438,7 +439,7 @@ impl Relay {
         // the old dispatchers stop; a new input buffers (or, with SQLite, leaves on disk) what
         // arrives until its dispatcher starts, after the old one has stopped, so that the two
         // never attempt the same delivery.
-        let mut inputs: HashMap<Arc<str>, DispatcherInput> = HashMap::new();
+        let mut inputs: HashMap<Arc<str>, OutboxInput> = HashMap::new();
         for (name, running) in &self.targets {
             if config.targets.get(name) == Some(&running.config) {
                 inputs.insert(Arc::from(name.as_str()), running.input.clone());

@@ -457,7 +457,7 @@ impl<'de> Deserialize<'de> for RateLimit {
 /// A parsed Standard Webhooks signing secret; never printed. Two are equal when their secret
 /// text is (a reload with a new secret restarts the target).
 #[derive(Clone)]
-pub struct SigningSecret(pub std::sync::Arc<crate::delivery::signing::SigningKey>, String);
+pub struct SigningSecret(pub std::sync::Arc<crate::signing::SigningKey>, String);
 
 impl PartialEq for SigningSecret {
     fn eq(&self, other: &Self) -> bool {
@@ -483,7 +483,7 @@ impl<'de> Deserialize<'de> for SigningSecret {
         from_text(deserializer, |raw| {
             note_if_literal_secret(raw);
             let secret = expand(raw)?;
-            crate::delivery::signing::SigningKey::parse(&secret)
+            crate::signing::SigningKey::parse(&secret)
                 .map(|key| SigningSecret(std::sync::Arc::new(key), secret.clone()))
                 .map_err(|err| err.to_string())
         })

@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::classify::{Classified, Classifier, SseMessage};
 use crate::config::{ReconnectConfig, StreamConfig};
 use crate::dedup::OverlapDeduplicator;
-use crate::delivery::retry::parse_retry_after;
 use crate::event::TargetId;
 use crate::queue::Store;
+use crate::retry_after;
 use crate::routing::RoutingTable;
 use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
 use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
@@ -649,7 +649,7 @@ fn retry_after(err: &es::Error) -> Option<Duration> {
         return None;
     }
     let value = response.get_header_value("retry-after").ok().flatten()?;
-    parse_retry_after(value, SystemTime::now()).map(|delay| delay.min(MAX_RETRY_AFTER))
+    retry_after::parse(value, SystemTime::now()).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
 fn describe_error(err: &es::Error, connected: bool) -> (DisconnectReason, String) {

@@ -773,8 +773,10 @@ impl TargetTelemetry {
         info!(webhook = %self.name, from, "target recovered; its deliveries flow again");
     }
 
-    pub fn state(&self, state: crate::delivery::breaker::TargetState) {
-        self.target_state.set(state.metric_value());
+    /// The circuit breaker's state, as `sse_relay_target_state` shows it (0 closed, 1 open,
+    /// 2 half-open, 3 gone).
+    pub fn state(&self, metric_value: i64) {
+        self.target_state.set(metric_value);
     }
 
     /// With the memory store, the target already holds `queue_capacity` deliveries: this one is

@@ -22,10 +22,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::delivery::TargetRuntime;
 use crate::delivery::breaker::{AttemptPermit, AttemptResult, Breaker, TargetState};
 use crate::delivery::request::{self, Failure};
 use crate::delivery::retry::{self, Verdict};
-use crate::delivery::{DispatcherOutput, TargetRuntime};
+use crate::queue::outbox::Outbox;
 use crate::queue::{DeadLetter, DeliveryId, Pending, Store};
 
 /// Deliveries held in memory per target when the store can hold the rest on disk.
@@ -110,7 +111,7 @@ impl Dispatcher {
     /// Runs until `stop` is cancelled, or until the input is closed and the work is done: with
     /// the memory store, everything it holds; with SQLite, the attempts in flight (the rest
     /// stays on disk for the next run).
-    pub async fn run(mut self, mut input: DispatcherOutput, stop: CancellationToken) {
+    pub async fn run(mut self, mut input: Outbox, stop: CancellationToken) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -159,7 +160,7 @@ impl Dispatcher {
     }
 
     /// Accepts every delivery already waiting in the channel, without waiting for more.
-    fn drain_input(&mut self, input: &mut DispatcherOutput) {
+    fn drain_input(&mut self, input: &mut Outbox) {
         while !self.input_closed {
             match input.receiver.try_recv() {
                 Ok(pending) => {
@@ -181,7 +182,7 @@ impl Dispatcher {
     }
 
     /// Deliveries the store could not hand over stay on disk: load from before the first.
-    fn note_overflow(&mut self, input: &DispatcherOutput) {
+    fn note_overflow(&mut self, input: &Outbox) {
         if let Some(overflow) = input.take_overflow() {
             let after = overflow - 1;
             self.on_disk_after = Some(self.on_disk_after.map_or(after, |known| known.min(after)));
@@ -297,7 +298,7 @@ impl Dispatcher {
                 // Half-open with its probe already out: the probe's result wakes the loop.
                 break;
             };
-            self.target.telemetry.state(self.breaker.state(now));
+            self.target.telemetry.state(self.breaker.state(now).metric_value());
             let pending = self.ready.remove(position).expect("the position is in range");
             if self.target.ordered {
                 self.busy_streams.insert(Arc::clone(&pending.event.stream_name));
@@ -378,7 +379,7 @@ impl Dispatcher {
             pending.n_attempts -= 1;
             self.busy_streams.remove(&pending.event.stream_name);
             self.ready.push_front(pending);
-            telemetry.state(self.breaker.state(now));
+            telemetry.state(self.breaker.state(now).metric_value());
             return;
         }
         let retry_after = match failure.verdict {
@@ -396,7 +397,7 @@ impl Dispatcher {
                 "target keeps failing; its deliveries stay queued while it is paused and probed"
             );
         }
-        telemetry.state(self.breaker.state(now));
+        telemetry.state(self.breaker.state(now).metric_value());
         let elapsed = pending
             .first_attempt_at
             .and_then(|first| SystemTime::now().duration_since(first).ok())
@@ -470,7 +471,7 @@ impl Dispatcher {
             .unwrap_or(Duration::ZERO);
         self.target.telemetry.oldest_pending.set(age.as_secs_f64());
         let state = self.breaker.state(now);
-        self.target.telemetry.state(state);
+        self.target.telemetry.state(state.metric_value());
         if state == TargetState::Gone && self.breaker.should_log_gone(now) {
             error!(
                 webhook = %self.target.telemetry.name, n_pending = self.in_memory.len(),

@@ -6,31 +6,26 @@ pub mod breaker;
 pub mod dispatcher;
 pub mod request;
 pub mod retry;
-pub mod signing;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64_STANDARD;
 
 use percent_encoding::percent_decode_str;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BodyConfig, RateLimit, RetryConfig, TargetConfig};
 use crate::delivery::breaker::BreakerConfig;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::delivery::request::Secrets;
-use crate::delivery::signing::SigningKey;
 use crate::event::TargetId;
-use crate::queue::{Pending, Store};
+use crate::queue::Store;
+use crate::queue::outbox::Outbox;
 use crate::secret_headers::{Owner, SecretHeaders};
+use crate::signing::SigningKey;
 use crate::telemetry::TargetTelemetry;
-
-/// Appended deliveries on their way from the streams to a target's dispatcher.
-const INPUT_CAPACITY: usize = 1024;
 
 /// A target as the hot path uses it, built from its config.
 pub struct TargetRuntime {
@@ -144,82 +139,10 @@ pub fn display_url(url: &reqwest::Url, safe: bool) -> String {
     }
 }
 
-/// How the store hands a target's dispatcher its deliveries.
-#[derive(Clone)]
-pub struct DispatcherInput {
-    sender: mpsc::Sender<Pending>,
-    /// The smallest id offered but not taken (`i64::MAX` when none): it is on disk, and the
-    /// dispatcher loads it from there.
-    overflow: Arc<AtomicI64>,
-    /// Counts every stored delivery of the target; the dispatcher counts them out.
-    queue_depth: prometheus::IntGauge,
-}
-
-/// The dispatcher's end of its input.
-pub struct DispatcherOutput {
-    pub receiver: mpsc::Receiver<Pending>,
-    overflow: Arc<AtomicI64>,
-}
-
-pub fn dispatcher_input(queue_depth: prometheus::IntGauge) -> (DispatcherInput, DispatcherOutput) {
-    let (sender, receiver) = mpsc::channel(INPUT_CAPACITY);
-    let overflow = Arc::new(AtomicI64::new(i64::MAX));
-    (
-        DispatcherInput {
-            sender,
-            overflow: Arc::clone(&overflow),
-            queue_depth,
-        },
-        DispatcherOutput { receiver, overflow },
-    )
-}
-
-impl DispatcherInput {
-    /// For the SQLite writer, which must never wait on a dispatcher (the dispatcher may be
-    /// waiting on it): a stored delivery that does not fit is left on disk and noted.
-    pub fn offer(&self, pending: Pending) {
-        self.queue_depth.inc();
-        if let Err(mpsc::error::TrySendError::Full(pending)) = self.sender.try_send(pending) {
-            // Ordered after the sends before it: a dispatcher that sees the overflow also sees
-            // every delivery offered before it in the channel.
-            self.overflow.fetch_min(pending.id, Ordering::SeqCst);
-        }
-    }
-
-    /// For the memory store: waits for room, which pauses the stream. Returns whether it
-    /// waited, or the delivery back once the dispatcher has stopped.
-    pub async fn send(&self, pending: Pending) -> Result<bool, Pending> {
-        let sent = match self.sender.try_send(pending) {
-            Ok(()) => Ok(false),
-            Err(mpsc::error::TrySendError::Full(pending)) => self
-                .sender
-                .send(pending)
-                .await
-                .map(|()| true)
-                .map_err(|mpsc::error::SendError(pending)| pending),
-            Err(mpsc::error::TrySendError::Closed(pending)) => Err(pending),
-        };
-        if sent.is_ok() {
-            self.queue_depth.inc();
-        }
-        sent
-    }
-}
-
-impl DispatcherOutput {
-    /// The smallest id left on disk since the last call, if any.
-    pub fn take_overflow(&self) -> Option<i64> {
-        match self.overflow.swap(i64::MAX, Ordering::SeqCst) {
-            i64::MAX => None,
-            id => Some(id),
-        }
-    }
-}
-
 /// Starts the target's dispatcher on the receiving end of its input.
 pub fn spawn_dispatcher(
     target: &Arc<TargetRuntime>,
-    input: DispatcherOutput,
+    input: Outbox,
     store: &Store,
     client: &reqwest::Client,
     stop: &CancellationToken,

@@ -9,10 +9,12 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::BodyConfig;
-use crate::delivery::retry::{Verdict, parse_retry_after, verdict_for_status, verdict_for_transport_error};
-use crate::delivery::{TargetRuntime, signing};
+use crate::delivery::TargetRuntime;
+use crate::delivery::retry::{Verdict, verdict_for_status, verdict_for_transport_error};
 use crate::event::Event;
+use crate::retry_after;
 use crate::secret_headers::HeaderSet;
+use crate::signing;
 
 /// How much of an error response's body is kept for the log line.
 const EXCERPT_BYTES: usize = 200;
@@ -166,7 +168,7 @@ async fn send(
         .headers()
         .get(RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| parse_retry_after(value, SystemTime::now()));
+        .and_then(|value| retry_after::parse(value, SystemTime::now()));
     let verdict = verdict_for_status(&target.retry, status, retry_after);
 
     if verdict == Verdict::Delivered {

@@ -1,6 +1,6 @@
 //! The retry policy: which responses are worth another attempt, and when. Pure: no IO.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
@@ -56,16 +56,6 @@ pub fn verdict_for_status(policy: &RetryConfig, status: u16, retry_after: Option
 /// Transport errors (refused, reset, timed out) are always worth another attempt.
 pub fn verdict_for_transport_error() -> Verdict {
     Verdict::Retry { retry_after: None }
-}
-
-/// Parses a `Retry-After` value: delay-seconds or an HTTP date.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Why a delivery's retries ended.
@@ -198,18 +188,6 @@ mod tests {
         );
         // 410 as a permanent failure is dead-lettered instead of pausing the target.
         check_statuses(&[], &[410], &[(Verdict::Permanent, &[410]), (RETRY, &[404])]);
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_or_a_date() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
-        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     fn config(max_attempts: usize, max_elapsed_secs: u64) -> RetryConfig {

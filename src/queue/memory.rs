@@ -5,9 +5,8 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::delivery::DispatcherInput;
 use crate::event::Event;
-use crate::queue::sqlite::Dispatchers;
+use crate::queue::outbox::{OutboxInput, Outboxes};
 use crate::queue::{Pending, PendingLimit, StoreError, StreamPositions};
 
 #[derive(Clone)]
@@ -16,11 +15,11 @@ pub struct MemoryStore {
     pub(super) limit: Arc<PendingLimit>,
     pub(super) positions: Arc<StreamPositions>,
     /// By target name; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Arc<Mutex<Dispatchers>>,
+    dispatchers: Arc<Mutex<Outboxes>>,
 }
 
 impl MemoryStore {
-    pub fn new(max_pending: u64, dispatchers: Dispatchers) -> MemoryStore {
+    pub fn new(max_pending: u64, dispatchers: Outboxes) -> MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
@@ -56,7 +55,7 @@ impl MemoryStore {
         Ok(waited)
     }
 
-    fn dispatcher(&self, target: &str) -> Option<DispatcherInput> {
+    fn dispatcher(&self, target: &str) -> Option<OutboxInput> {
         self.dispatchers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -64,7 +63,7 @@ impl MemoryStore {
             .cloned()
     }
 
-    pub fn set_dispatchers(&self, dispatchers: Dispatchers) {
+    pub fn set_dispatchers(&self, dispatchers: Outboxes) {
         *self.dispatchers.lock().unwrap_or_else(PoisonError::into_inner) = dispatchers;
     }
 

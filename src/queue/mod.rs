@@ -8,6 +8,7 @@
 
 pub mod directory;
 pub mod memory;
+pub mod outbox;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, StorageMode};
 use crate::event::Event;
+use crate::queue::outbox::Outboxes;
 use crate::telemetry::StorageTelemetry;
 
 /// Identifies a delivery in its store; increases in the order deliveries were appended.
@@ -72,7 +74,7 @@ impl Store {
     pub fn open(
         config: &StorageConfig,
         storage: Arc<StorageTelemetry>,
-        dispatchers: sqlite::Dispatchers,
+        dispatchers: Outboxes,
     ) -> anyhow::Result<Store> {
         Ok(match config.mode {
             StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64, dispatchers)),
@@ -207,7 +209,7 @@ impl Store {
     }
 
     /// A reload changed the targets: from now on, deliveries go to these dispatchers.
-    pub async fn set_dispatchers(&self, dispatchers: sqlite::Dispatchers) {
+    pub async fn set_dispatchers(&self, dispatchers: Outboxes) {
         match self {
             Store::Memory(store) => store.set_dispatchers(dispatchers),
             Store::Sqlite(store) => store.set_dispatchers(dispatchers).await,

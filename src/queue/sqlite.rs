@@ -25,9 +25,9 @@ use tokio::time::sleep_until as tokio_sleep_until;
 use tracing::warn;
 
 use crate::config::StorageConfig;
-use crate::delivery::DispatcherInput;
 use crate::event::{Event, EventId};
 use crate::queue::directory::{Reserve, StorageLock};
+use crate::queue::outbox::Outboxes;
 use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError, StreamPositions};
 use crate::telemetry::StorageTelemetry;
 
@@ -141,8 +141,8 @@ enum Command {
         reply: oneshot::Sender<()>,
     },
     /// A reload changed the targets: hand deliveries to these dispatchers from now on.
-    SetDispatchers {
-        dispatchers: Dispatchers,
+    SetOutboxes {
+        dispatchers: Outboxes,
         reply: oneshot::Sender<()>,
     },
     /// A reload removed a target: its pending deliveries become dead letters.
@@ -171,9 +171,6 @@ enum Read {
         reply: Reply<Option<SystemTime>>,
     },
 }
-
-/// Each target's dispatcher input, by target name.
-pub type Dispatchers = HashMap<Arc<str>, DispatcherInput>;
 
 /// Bytes of event data that may wait for the writer, in KiB: a failing or full store holds
 /// this much in memory at most, however large the events, before the streams pause.
@@ -296,7 +293,7 @@ impl SqliteStore {
     pub fn open(
         config: &StorageConfig,
         storage: Arc<StorageTelemetry>,
-        dispatchers: Dispatchers,
+        dispatchers: Outboxes,
     ) -> anyhow::Result<SqliteStore> {
         let directory = Path::new(&config.path.0);
         let mut lock = StorageLock::acquire(directory)?;
@@ -478,8 +475,8 @@ impl SqliteStore {
         }
     }
 
-    pub async fn set_dispatchers(&self, dispatchers: Dispatchers) {
-        self.acknowledged(|reply| Command::SetDispatchers { dispatchers, reply })
+    pub async fn set_dispatchers(&self, dispatchers: Outboxes) {
+        self.acknowledged(|reply| Command::SetOutboxes { dispatchers, reply })
             .await;
     }
 
@@ -507,7 +504,7 @@ struct Writer {
     /// reserve.
     max_group_bytes: usize,
     /// By target name; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Dispatchers,
+    dispatchers: Outboxes,
     /// Results that could not be written yet (a full disk), by delivery id; written with the
     /// next results. A delivery that left the queue here is not loaded again meanwhile.
     unrecorded: BTreeMap<DeliveryId, Outcome>,
@@ -581,7 +578,7 @@ impl Writer {
                         finished_appends = Some(reply);
                     }
                     Command::Close { reply } => close = Some(reply),
-                    Command::SetDispatchers { dispatchers, reply } => {
+                    Command::SetOutboxes { dispatchers, reply } => {
                         // Appends taken so far were routed with the old targets: hand them on first.
                         if !unwritten.is_empty()
                             && self.reserve.is_present()
@@ -755,7 +752,7 @@ impl Writer {
     }
 
     /// Gives each committed delivery to its target's dispatcher; `ids` follow the appends'
-    /// targets in order. Never waits: see `DispatcherInput::offer`.
+    /// targets in order. Never waits: see `OutboxInput::offer`.
     fn hand_on(&self, appends: &[Append], ids: Vec<DeliveryId>) {
         let mut ids = ids.into_iter();
         for append in appends {

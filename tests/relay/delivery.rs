@@ -243,7 +243,7 @@ async fn signed_webhooks_follow_standard_webhooks() {
     upstream.publish_event(Api::Chat, r#"{"type":"workflow_status","is_active":false}"#);
     sink.wait_for_delivered("/hook", 1, DEADLINE).await;
 
-    let key = sse_relay::delivery::signing::SigningKey::parse(secret).unwrap();
+    let key = sse_relay::signing::SigningKey::parse(secret).unwrap();
     let attempts = sink.requests("/hook");
     assert_eq!(attempts.len(), 2);
     for attempt in &attempts {
