@@ -31,12 +31,12 @@ use crate::transport::{ClosedMidEvent, ReqwestTransport};
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// How long the old connection is still read after its replacement carried data, unless it
-/// catches up sooner: events published before the replacement subscribed may be in flight on it.
-/// (`rotate_after` is at least `config::MIN_ROTATE_AFTER`, so overlaps stay a small part.)
 /// The longest `Retry-After` an upstream is obeyed for.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// How long the old connection is still read after its replacement carried data, unless it
+/// catches up sooner: events published before the replacement subscribed may be in flight on it.
+/// (`rotate_after` is at least `config::MIN_ROTATE_AFTER`, so overlaps stay a small part.)
 const ROTATION_DRAIN: Duration = Duration::from_secs(2);
 
 /// The longest SSE id kept for `Last-Event-ID`. Servers commonly refuse request heads over
@@ -217,8 +217,6 @@ struct Connection {
     started: Instant,
     /// The server answered 200.
     connected: bool,
-    /// The connection carried its first message after the response head.
-    live: bool,
     n_events: u64,
     /// Opened by a rotation, beside the connection it replaces.
     is_replacement: bool,
@@ -258,7 +256,6 @@ impl Connection {
             events,
             started: Instant::now(),
             connected: false,
-            live: false,
             n_events: 0,
             is_replacement: false,
             follows_productive: false,
@@ -317,6 +314,212 @@ enum Step {
     DrainOver,
 }
 
+/// The make-before-break rotation of a stream's connection: whether a replacement is open
+/// beside the current connection, and every transition of the overlap, with the duplicate
+/// suppression and the rotation telemetry that go with it. The current connection itself stays
+/// with the caller, which hands it in where a transition replaces it.
+enum Rotation {
+    /// One connection carries the stream. A rotation is tried once per connection (`tried`):
+    /// after a failure the connection carries on until it ends.
+    Single { tried: bool },
+    /// A replacement is open beside the current connection, and both are read. `drain_until`
+    /// is set once the replacement carried its first message (it is live): events published
+    /// before it subscribed may still be on their way on the current connection, which is read
+    /// until then, or until it catches up.
+    Overlapping {
+        replacement: Connection,
+        drain_until: Option<Instant>,
+    },
+}
+
+impl Rotation {
+    /// When the current connection is to be rotated: at its `rotate_after` age, unless a
+    /// rotation was tried for it already.
+    fn due_at(&self, current: &Connection, rotate_after: Option<Duration>) -> Option<Instant> {
+        match (self, rotate_after) {
+            (Rotation::Single { tried: false }, Some(rotate_after)) => Some(current.started + rotate_after),
+            _ => None,
+        }
+    }
+
+    fn drain_until(&self) -> Option<Instant> {
+        match self {
+            Rotation::Single { .. } => None,
+            Rotation::Overlapping { drain_until, .. } => *drain_until,
+        }
+    }
+
+    fn replacement_mut(&mut self) -> Option<&mut Connection> {
+        match self {
+            Rotation::Single { .. } => None,
+            Rotation::Overlapping { replacement, .. } => Some(replacement),
+        }
+    }
+
+    /// The rotation is due: opens the replacement beside `current`.
+    fn start(
+        &mut self,
+        current: &Connection,
+        state: &mut StreamState,
+        telemetry: &StreamTelemetry,
+        open: impl FnOnce(&mut StreamState) -> Result<Connection, es::Error>,
+    ) {
+        *self = Rotation::Single { tried: true };
+        telemetry.rotation_started();
+        match open(state) {
+            Ok(mut replacement) => {
+                replacement.is_replacement = true;
+                state.duplicates.begin(current.serial, replacement.serial);
+                *self = Rotation::Overlapping {
+                    replacement,
+                    drain_until: None,
+                };
+            }
+            Err(err) => Rotation::record_end(state, telemetry, RotationResult::Failed, &err),
+        }
+    }
+
+    /// Something arrived on `which`: the replacement's first message, an event or a comment,
+    /// makes it live, and starts the drain of the current connection.
+    fn item_arrived(&mut self, which: Which, item: &Option<es::Result<es::SSE>>) {
+        let is_message = matches!(item, Some(Ok(es::SSE::Event(_) | es::SSE::Comment(_))));
+        if which == Which::Replacement
+            && is_message
+            && let Rotation::Overlapping { drain_until, .. } = self
+            && drain_until.is_none()
+        {
+            *drain_until = Some(Instant::now() + ROTATION_DRAIN);
+        }
+    }
+
+    /// An event on `which` was accepted, or found to be a copy.
+    fn event_accepted(&mut self, which: Which, accepted: &Accepted) {
+        // The old connection caught up with what the live replacement already showed: everything
+        // after this on it is a copy, so stop reading it.
+        if which == Which::Current
+            && matches!(accepted, Accepted::Duplicate)
+            && let Rotation::Overlapping { drain_until, .. } = self
+            && drain_until.is_some()
+        {
+            *drain_until = Some(Instant::now());
+        }
+    }
+
+    /// The drain is over: the replacement takes over, and the old connection is dropped, which
+    /// closes its socket.
+    fn drain_over(&mut self, current: &mut Connection, state: &mut StreamState, telemetry: &StreamTelemetry) {
+        let Some((replacement, _)) = self.end_overlap(false) else {
+            return;
+        };
+        state.duplicates.closed(current.serial, Instant::now());
+        *current = replacement;
+        Rotation::record_end(state, telemetry, RotationResult::Completed, &"");
+    }
+
+    /// A connection ended: during an overlap the other one carries on; otherwise the stream's
+    /// connection ended, and that is returned.
+    fn connection_ended(
+        &mut self,
+        current: &mut Connection,
+        ended: Ended,
+        state: &mut StreamState,
+        telemetry: &StreamTelemetry,
+    ) -> Option<ConnectionEnd> {
+        match ended.which {
+            Which::Current => self.current_ended(current, ended, state, telemetry),
+            Which::Replacement => {
+                self.replacement_ended(ended, state, telemetry);
+                None
+            }
+        }
+    }
+
+    fn current_ended(
+        &mut self,
+        current: &mut Connection,
+        ended: Ended,
+        state: &mut StreamState,
+        telemetry: &StreamTelemetry,
+    ) -> Option<ConnectionEnd> {
+        if ended.refused && current.is_replacement {
+            // A replacement that took over before its answer came: the server allows one
+            // connection at a time after all.
+            Rotation::record_end(state, telemetry, RotationResult::Refused, &ended.detail);
+        }
+        let end = current.end(ended.reason, ended.detail, ended.retry_after);
+        let Some((mut replacement, live)) = self.end_overlap(false) else {
+            return Some(end);
+        };
+        // The replacement carries on, without a gap.
+        if live {
+            state.duplicates.closed(current.serial, Instant::now());
+        } else {
+            // It has shown nothing yet, so nothing of the old connection's is known to be coming
+            // again; keeping its keys could only hide new events.
+            state.duplicates.forget(current.serial);
+        }
+        replacement.follows_productive = end.productive;
+        *current = replacement;
+        telemetry.handed_over(end.reason, &end.detail);
+        if current.connected {
+            Rotation::record_end(state, telemetry, RotationResult::Completed, &"");
+            telemetry.connected(state.last_event_id.as_deref());
+        }
+        None
+    }
+
+    /// The replacement ended: the current connection carries on, and is not rotated again.
+    fn replacement_ended(&mut self, ended: Ended, state: &mut StreamState, telemetry: &StreamTelemetry) {
+        let result = if ended.refused {
+            RotationResult::Refused
+        } else {
+            RotationResult::Failed
+        };
+        if let Some((dropped, live)) = self.end_overlap(true) {
+            // Events it carried were delivered already; what the current connection shows next
+            // must still be compared with them for a while.
+            if live {
+                state.duplicates.closed(dropped.serial, Instant::now());
+            } else {
+                state.duplicates.forget(dropped.serial);
+            }
+        }
+        Rotation::record_end(state, telemetry, result, &ended.detail);
+    }
+
+    /// Ends an overlap, if there is one, for a single connection that has `tried` a rotation or
+    /// not: the replacement, and whether it was live.
+    fn end_overlap(&mut self, tried: bool) -> Option<(Connection, bool)> {
+        match std::mem::replace(self, Rotation::Single { tried }) {
+            Rotation::Overlapping {
+                replacement,
+                drain_until,
+            } => Some((replacement, drain_until.is_some())),
+            single => {
+                *self = single;
+                None
+            }
+        }
+    }
+
+    /// Counts a rotation's end, and logs a refusal only when the server starts refusing, and
+    /// once it accepts a second connection again.
+    fn record_end(
+        state: &mut StreamState,
+        telemetry: &StreamTelemetry,
+        result: RotationResult,
+        detail: &dyn std::fmt::Display,
+    ) {
+        let was_refused = state.rotation_refused;
+        state.rotation_refused = match result {
+            RotationResult::Refused => true,
+            RotationResult::Completed => false,
+            RotationResult::Failed => was_refused,
+        };
+        telemetry.rotation_ended(result, detail, was_refused != state.rotation_refused);
+    }
+}
+
 /// Reads a connection to its end, rotating it for a replacement when `rotate_after` says so;
 /// `None` when `stop` ended it.
 async fn read_connections(
@@ -336,239 +539,166 @@ async fn read_connections(
             });
         }
     };
-    let mut replacement: Option<Connection> = None;
-    // A rotation is tried once per connection: after a failure the connection carries on.
-    let mut rotation_tried = false;
-    // Once the replacement carries data, the current connection is still read for a moment:
-    // events published before the replacement subscribed may still be on their way on it.
-    let mut drain_until: Option<Instant> = None;
+    let mut rotation = Rotation::Single { tried: false };
+    let telemetry = &stream.telemetry;
 
     loop {
-        let rotate_at = match stream.rotate_after {
-            Some(rotate_after) if !rotation_tried => Some(current.started + rotate_after),
-            _ => None,
-        };
+        let drain_until = rotation.drain_until();
+        let rotate_at = rotation.due_at(&current, stream.rotate_after);
         let step = tokio::select! {
             biased;
             () = stop.cancelled() => return None,
             () = current.idle.as_mut() => Step::Idle(Which::Current),
             item = current.events.next() => Step::Item(Which::Current, item),
-            step = replacement_step(replacement.as_mut()) => step,
+            step = replacement_step(rotation.replacement_mut()) => step,
             () = sleep_until(drain_until) => Step::DrainOver,
             () = sleep_until(rotate_at) => Step::Rotate,
         };
         let ended = match step {
             Step::Rotate => {
-                rotation_tried = true;
-                stream.telemetry.rotation_started();
-                match Connection::open(stream, state) {
-                    Ok(mut connection) => {
-                        connection.is_replacement = true;
-                        state.duplicates.begin(current.serial, connection.serial);
-                        replacement = Some(connection);
-                    }
-                    Err(err) => rotation_ended(stream, state, RotationResult::Failed, &err),
-                }
+                rotation.start(&current, state, telemetry, |state| Connection::open(stream, state));
                 None
             }
             Step::DrainOver => {
-                drain_until = None;
-                if let Some(next) = replacement.take() {
-                    state.duplicates.closed(current.serial, Instant::now());
-                    // Dropping the old connection's stream closes its socket.
-                    current = next;
-                    rotation_tried = false;
-                    rotation_ended(stream, state, RotationResult::Completed, &"");
-                }
+                rotation.drain_over(&mut current, state, telemetry);
                 None
             }
-            Step::Idle(which) => {
-                if let Some(connection) = connection_mut(&mut current, &mut replacement, which)
-                    && connection.received_bytes()
-                {
-                    connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
-                    continue;
-                }
-                let idle_for = crate::telemetry::to_millis(stream.idle_timeout);
-                let detail = format!("nothing received for {idle_for}");
-                Some(Ended::new(which, DisconnectReason::IdleTimeout, detail))
-            }
+            Step::Idle(which) => idle(stream, connection_mut(&mut current, &mut rotation, which), which),
             Step::Item(which, item) => {
-                let Some(connection) = connection_mut(&mut current, &mut replacement, which) else {
+                rotation.item_arrived(which, &item);
+                let Some(connection) = connection_mut(&mut current, &mut rotation, which) else {
                     continue;
                 };
-                connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
-                connection.received_bytes();
-                match item {
-                    Some(Ok(es::SSE::Event(message))) => {
-                        if which == Which::Replacement && !connection.live {
-                            connection.live = true;
-                            drain_until = Some(Instant::now() + ROTATION_DRAIN);
-                        }
-                        let fresh_id = message.id.as_deref().is_some_and(|id| {
-                            let id_hash = state.duplicates.id_hash(id);
-                            connection.last_id_hash.replace(id_hash) != Some(id_hash)
-                        });
-                        let origin = Origin {
-                            connection: connection.serial,
-                            fresh_id,
-                        };
-                        let current_dispatch = Arc::clone(&dispatch.borrow());
-                        let accepted = accept(stream, &current_dispatch, message, origin, state, stop).await;
-                        // Time spent waiting for room in the queue (backpressure) is not
-                        // silence on the connections: what they sent meanwhile is waiting in
-                        // their sockets, to be read now.
-                        let read_on_until = Instant::now() + stream.idle_timeout;
-                        current.idle.as_mut().reset(read_on_until);
-                        if let Some(next) = replacement.as_mut() {
-                            next.idle.as_mut().reset(read_on_until);
-                        }
-                        match accepted {
-                            Accepted::Event => {
-                                if let Some(connection) = connection_mut(&mut current, &mut replacement, which) {
-                                    connection.n_events += 1;
-                                }
-                            }
-                            // The old connection caught up with what the replacement already
-                            // showed: everything after this on it is a copy, so stop reading it.
-                            Accepted::Duplicate
-                                if which == Which::Current && replacement.as_ref().is_some_and(|next| next.live) =>
-                            {
-                                drain_until = Some(Instant::now());
-                            }
-                            Accepted::Noise | Accepted::Duplicate => {}
-                            Accepted::Stopped => return None,
-                        }
+                match read_item(stream, dispatch, state, stop, connection, which, item).await {
+                    Read::Nothing => None,
+                    Read::Ended(ended) => Some(ended),
+                    Read::Stopped => return None,
+                    Read::Accepted(accepted) => {
+                        read_on(stream, &mut current, &mut rotation);
+                        rotation.event_accepted(which, &accepted);
                         None
                     }
-                    Some(Ok(es::SSE::Connected(_))) => {
-                        connection.connected = true;
-                        if which == Which::Current {
-                            stream.telemetry.connected(state.last_event_id.as_deref());
-                        }
-                        None
-                    }
-                    Some(Ok(es::SSE::Comment(_))) => {
-                        stream.telemetry.keepalive();
-                        if which == Which::Replacement && !connection.live {
-                            connection.live = true;
-                            drain_until = Some(Instant::now() + ROTATION_DRAIN);
-                        }
-                        None
-                    }
-                    Some(Err(err)) => {
-                        let (reason, detail) = describe_error(&err, connection.connected);
-                        if reason == DisconnectReason::AuthFailed {
-                            state.auth_failed_with = Some(Arc::clone(&connection.headers));
-                        }
-                        let refused =
-                            matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
-                        Some(Ended {
-                            which,
-                            reason,
-                            detail,
-                            refused,
-                            retry_after: retry_after(&err),
-                        })
-                    }
-                    None => Some(Ended::new(
-                        which,
-                        DisconnectReason::Closed,
-                        "the stream ended".to_owned(),
-                    )),
                 }
             }
         };
-        match ended {
-            Some(Ended {
-                which: Which::Current,
-                reason,
-                detail,
-                refused,
-                retry_after,
-            }) => {
-                if refused && current.is_replacement {
-                    // A replacement that took over before its answer came: the server allows one
-                    // connection at a time after all.
-                    rotation_ended(stream, state, RotationResult::Refused, &detail);
-                }
-                let end = current.end(reason, detail, retry_after);
-                let Some(mut next) = replacement.take() else {
-                    return Some(end);
-                };
-                // The replacement carries on, without a gap.
-                if next.live {
-                    state.duplicates.closed(current.serial, Instant::now());
-                } else {
-                    // It has shown nothing yet, so nothing of the old connection's is known to
-                    // be coming again; keeping its keys could only hide new events.
-                    state.duplicates.forget(current.serial);
-                }
-                next.follows_productive = end.productive;
-                current = next;
-                drain_until = None;
-                rotation_tried = false;
-                stream.telemetry.handed_over(end.reason, &end.detail);
-                if current.connected {
-                    rotation_ended(stream, state, RotationResult::Completed, &"");
-                    stream.telemetry.connected(state.last_event_id.as_deref());
-                }
-            }
-            Some(Ended {
-                which: Which::Replacement,
-                detail,
-                refused,
-                ..
-            }) => {
-                let result = if refused {
-                    RotationResult::Refused
-                } else {
-                    RotationResult::Failed
-                };
-                if let Some(dropped) = replacement.take() {
-                    // Events it carried were delivered already; what the current connection
-                    // shows next must still be compared with them for a while.
-                    if dropped.live {
-                        state.duplicates.closed(dropped.serial, Instant::now());
-                    } else {
-                        state.duplicates.forget(dropped.serial);
-                    }
-                }
-                drain_until = None;
-                rotation_ended(stream, state, result, &detail);
-            }
-            None => {}
+        if let Some(ended) = ended
+            && let Some(end) = rotation.connection_ended(&mut current, ended, state, telemetry)
+        {
+            return Some(end);
         }
     }
 }
 
-/// Counts a rotation's end, and logs a refusal only when the server starts refusing, and once
-/// it accepts a second connection again.
-fn rotation_ended(
+/// The idle timer of a connection went off: it ended, unless bytes still arrive.
+fn idle(stream: &StreamRuntime, connection: Option<&mut Connection>, which: Which) -> Option<Ended> {
+    if let Some(connection) = connection
+        && connection.received_bytes()
+    {
+        connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
+        return None;
+    }
+    let idle_for = crate::telemetry::to_millis(stream.idle_timeout);
+    let detail = format!("nothing received for {idle_for}");
+    Some(Ended::new(which, DisconnectReason::IdleTimeout, detail))
+}
+
+/// Restarts the idle timers after an event was accepted. Time spent waiting for room in the
+/// queue (backpressure) is not silence on the connections: what they sent meanwhile is waiting
+/// in their sockets, to be read now.
+fn read_on(stream: &StreamRuntime, current: &mut Connection, rotation: &mut Rotation) {
+    let read_on_until = Instant::now() + stream.idle_timeout;
+    current.idle.as_mut().reset(read_on_until);
+    if let Some(replacement) = rotation.replacement_mut() {
+        replacement.idle.as_mut().reset(read_on_until);
+    }
+}
+
+/// What an item read from a connection came to.
+enum Read {
+    /// The response head or a comment.
+    Nothing,
+    /// An event, and what `accept` made of it.
+    Accepted(Accepted),
+    Ended(Ended),
+    /// The relay stopped before the event could be queued.
+    Stopped,
+}
+
+/// Takes one item from `connection`: an event goes to `accept`, the response head and comments
+/// are noted, an error or the end of the response ends the connection.
+async fn read_item(
     stream: &StreamRuntime,
+    dispatch: &watch::Receiver<Arc<Dispatch>>,
     state: &mut StreamState,
-    result: RotationResult,
-    detail: &dyn std::fmt::Display,
-) {
-    let was_refused = state.rotation_refused;
-    state.rotation_refused = match result {
-        RotationResult::Refused => true,
-        RotationResult::Completed => false,
-        RotationResult::Failed => was_refused,
-    };
-    stream
-        .telemetry
-        .rotation_ended(result, detail, was_refused != state.rotation_refused);
+    stop: &CancellationToken,
+    connection: &mut Connection,
+    which: Which,
+    item: Option<es::Result<es::SSE>>,
+) -> Read {
+    connection.idle.as_mut().reset(Instant::now() + stream.idle_timeout);
+    connection.received_bytes();
+    match item {
+        Some(Ok(es::SSE::Event(message))) => {
+            let fresh_id = message.id.as_deref().is_some_and(|id| {
+                let id_hash = state.duplicates.id_hash(id);
+                connection.last_id_hash.replace(id_hash) != Some(id_hash)
+            });
+            let origin = Origin {
+                connection: connection.serial,
+                fresh_id,
+            };
+            let current_dispatch = Arc::clone(&dispatch.borrow());
+            match accept(stream, &current_dispatch, message, origin, state, stop).await {
+                Accepted::Stopped => Read::Stopped,
+                accepted => {
+                    if let Accepted::Event = accepted {
+                        connection.n_events += 1;
+                    }
+                    Read::Accepted(accepted)
+                }
+            }
+        }
+        Some(Ok(es::SSE::Connected(_))) => {
+            connection.connected = true;
+            if which == Which::Current {
+                stream.telemetry.connected(state.last_event_id.as_deref());
+            }
+            Read::Nothing
+        }
+        Some(Ok(es::SSE::Comment(_))) => {
+            stream.telemetry.keepalive();
+            Read::Nothing
+        }
+        Some(Err(err)) => {
+            let (reason, detail) = describe_error(&err, connection.connected);
+            if reason == DisconnectReason::AuthFailed {
+                state.auth_failed_with = Some(Arc::clone(&connection.headers));
+            }
+            let refused = matches!(&err, es::Error::UnexpectedResponse(response, _) if response.status() == 409);
+            Read::Ended(Ended {
+                which,
+                reason,
+                detail,
+                refused,
+                retry_after: retry_after(&err),
+            })
+        }
+        None => Read::Ended(Ended::new(
+            which,
+            DisconnectReason::Closed,
+            "the stream ended".to_owned(),
+        )),
+    }
 }
 
 fn connection_mut<'a>(
     current: &'a mut Connection,
-    replacement: &'a mut Option<Connection>,
+    rotation: &'a mut Rotation,
     which: Which,
 ) -> Option<&'a mut Connection> {
     match which {
         Which::Current => Some(current),
-        Which::Replacement => replacement.as_mut(),
+        Which::Replacement => rotation.replacement_mut(),
     }
 }
 
@@ -857,5 +987,397 @@ mod tests {
         // A productive connection resets the backoff.
         assert_eq!(delay(DisconnectReason::IdleTimeout, true), Duration::ZERO);
         assert_eq!(delay(DisconnectReason::ConnectError, false), Duration::from_millis(100));
+    }
+
+    /// A stream's rotation as `read_connections` drives it, on connections that read nothing,
+    /// with the telemetry it reports to.
+    struct Rotating {
+        metrics: Arc<Metrics>,
+        telemetry: StreamTelemetry,
+        state: StreamState,
+        current: Connection,
+        rotation: Rotation,
+    }
+
+    impl Rotating {
+        fn new() -> Rotating {
+            let metrics = Metrics::new();
+            let telemetry = metrics.stream("chat");
+            let mut state = StreamState {
+                last_event_id: None,
+                rejected_event_id: None,
+                targets: Vec::new(),
+                rotation_refused: false,
+                auth_failed_with: None,
+                n_connections: 0,
+                duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
+            };
+            let current = Rotating::connection(&mut state);
+            Rotating {
+                metrics,
+                telemetry,
+                state,
+                current,
+                rotation: Rotation::Single { tried: false },
+            }
+        }
+
+        /// A connection as `Connection::open` makes it, answered 200, without IO.
+        fn connection(state: &mut StreamState) -> Connection {
+            state.n_connections += 1;
+            Connection {
+                serial: state.n_connections,
+                headers: Arc::new(HeaderSet {
+                    version: 0,
+                    pairs: Vec::new(),
+                    map: http::HeaderMap::new(),
+                }),
+                events: Box::pin(futures_util::stream::pending()),
+                started: Instant::now(),
+                connected: true,
+                n_events: 0,
+                is_replacement: false,
+                follows_productive: false,
+                last_id_hash: None,
+                activity: Arc::new(AtomicU64::new(0)),
+                activity_seen: 0,
+                idle: Box::pin(tokio::time::sleep(Duration::from_secs(60))),
+            }
+        }
+
+        /// Starts a rotation whose replacement opens; its serial.
+        fn overlap(&mut self) -> u64 {
+            self.rotation
+                .start(&self.current, &mut self.state, &self.telemetry, |state| {
+                    Ok(Rotating::connection(state))
+                });
+            self.rotation.replacement_mut().expect("the replacement opened").serial
+        }
+
+        /// The replacement shows its first message.
+        fn replacement_live(&mut self) {
+            self.rotation.item_arrived(Which::Replacement, &comment());
+        }
+
+        fn end(&mut self, which: Which, reason: DisconnectReason, refused: bool) -> Option<ConnectionEnd> {
+            let ended = Ended {
+                which,
+                reason,
+                detail: "the server answered".to_owned(),
+                refused,
+                retry_after: None,
+            };
+            self.rotation
+                .connection_ended(&mut self.current, ended, &mut self.state, &self.telemetry)
+        }
+
+        fn counter(&self, name: &str, label: (&str, &str)) -> u64 {
+            let families = self.metrics.registry.gather();
+            let family = families.iter().find(|family| family.name() == name);
+            family.map_or(0, |family| {
+                family
+                    .get_metric()
+                    .iter()
+                    .filter(|metric| {
+                        metric
+                            .get_label()
+                            .iter()
+                            .any(|pair| pair.name() == label.0 && pair.value() == label.1)
+                    })
+                    .map(|metric| metric.get_counter().get_value() as u64)
+                    .sum()
+            })
+        }
+
+        fn rotations(&self, result: &str) -> u64 {
+            self.counter("sse_relay_stream_rotations_total", ("result", result))
+        }
+
+        fn reconnects(&self, reason: &str) -> u64 {
+            self.counter("sse_relay_stream_reconnects_total", ("reason", reason))
+        }
+
+        fn is_deduplicating(&mut self) -> bool {
+            self.state.duplicates.is_active(Instant::now())
+        }
+    }
+
+    fn comment() -> Option<es::Result<es::SSE>> {
+        Some(Ok(es::SSE::Comment(String::new())))
+    }
+
+    fn event() -> Option<es::Result<es::SSE>> {
+        Some(Ok(es::SSE::Event(es::Event {
+            event_type: "message".to_owned(),
+            data: "{}".to_owned(),
+            id: None,
+            retry: None,
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_rotation_is_tried_once_per_connection_at_its_rotate_after_age() {
+        let mut rotating = Rotating::new();
+        let rotate_after = Some(Duration::from_secs(60));
+        assert_eq!(
+            rotating.rotation.due_at(&rotating.current, None),
+            None,
+            "rotation is off"
+        );
+        assert_eq!(
+            rotating.rotation.due_at(&rotating.current, rotate_after),
+            Some(rotating.current.started + Duration::from_secs(60))
+        );
+
+        rotating
+            .rotation
+            .start(&rotating.current, &mut rotating.state, &rotating.telemetry, |_| {
+                Err(es::Error::TimedOut)
+            });
+        assert!(matches!(rotating.rotation, Rotation::Single { tried: true }));
+        assert_eq!(rotating.rotation.due_at(&rotating.current, rotate_after), None);
+        assert_eq!(rotating.rotations("failed"), 1);
+        assert!(!rotating.state.rotation_refused);
+        assert!(!rotating.is_deduplicating());
+    }
+
+    #[tokio::test]
+    async fn a_replacement_that_opens_is_read_beside_the_current_connection() {
+        let mut rotating = Rotating::new();
+        let current = rotating.current.serial;
+        let replacement = rotating.overlap();
+        assert_ne!(replacement, current);
+        assert!(rotating.rotation.replacement_mut().unwrap().is_replacement);
+        assert_eq!(rotating.rotation.due_at(&rotating.current, Some(Duration::ZERO)), None);
+        assert_eq!(
+            rotating.rotation.drain_until(),
+            None,
+            "nothing is drained before the replacement shows a message"
+        );
+        assert!(rotating.is_deduplicating(), "the two connections' events are compared");
+        assert_eq!(rotating.rotations("completed") + rotating.rotations("failed"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_replacements_first_message_starts_the_drain() {
+        let check = |which: Which, item: Option<es::Result<es::SSE>>, drains: bool| {
+            let mut rotating = Rotating::new();
+            rotating.overlap();
+            let before = Instant::now();
+            rotating.rotation.item_arrived(which, &item);
+            match rotating.rotation.drain_until() {
+                Some(drain_until) => {
+                    assert!(drains, "{which:?} {item:?} started the drain");
+                    assert!(drain_until >= before + ROTATION_DRAIN && drain_until <= Instant::now() + ROTATION_DRAIN);
+                }
+                None => assert!(!drains, "{which:?} {item:?} did not start the drain"),
+            }
+        };
+        check(Which::Replacement, comment(), true);
+        check(Which::Replacement, event(), true);
+        check(Which::Replacement, Some(Err(es::Error::TimedOut)), false);
+        check(Which::Replacement, None, false);
+        check(Which::Current, comment(), false);
+        check(Which::Current, event(), false);
+
+        // Later messages do not put the end of the drain off.
+        let mut rotating = Rotating::new();
+        rotating.overlap();
+        rotating.replacement_live();
+        let drain_until = rotating.rotation.drain_until();
+        rotating.rotation.item_arrived(Which::Replacement, &event());
+        assert_eq!(rotating.rotation.drain_until(), drain_until);
+    }
+
+    #[tokio::test]
+    async fn the_current_connection_catching_up_ends_the_drain_at_once() {
+        let mut rotating = Rotating::new();
+        rotating.overlap();
+        rotating.rotation.event_accepted(Which::Current, &Accepted::Duplicate);
+        assert_eq!(
+            rotating.rotation.drain_until(),
+            None,
+            "a copy before the replacement is live starts nothing"
+        );
+
+        rotating.replacement_live();
+        let drain_until = rotating.rotation.drain_until();
+        for (which, accepted) in [
+            (Which::Current, Accepted::Event),
+            (Which::Current, Accepted::Noise),
+            (Which::Replacement, Accepted::Duplicate),
+            (Which::Replacement, Accepted::Event),
+        ] {
+            rotating.rotation.event_accepted(which, &accepted);
+            assert_eq!(rotating.rotation.drain_until(), drain_until);
+        }
+        rotating.rotation.event_accepted(Which::Current, &Accepted::Duplicate);
+        assert!(rotating.rotation.drain_until().unwrap() <= Instant::now());
+    }
+
+    #[tokio::test]
+    async fn after_the_drain_the_replacement_carries_on_alone() {
+        let mut rotating = Rotating::new();
+        rotating.state.rotation_refused = true;
+        let replacement = rotating.overlap();
+        rotating.replacement_live();
+        rotating
+            .rotation
+            .drain_over(&mut rotating.current, &mut rotating.state, &rotating.telemetry);
+        assert_eq!(rotating.current.serial, replacement);
+        assert!(
+            matches!(rotating.rotation, Rotation::Single { tried: false }),
+            "the new connection rotates in its turn"
+        );
+        assert_eq!(rotating.rotations("completed"), 1);
+        assert!(!rotating.state.rotation_refused, "a completed rotation ends a refusal");
+        assert!(
+            rotating.is_deduplicating(),
+            "the old connection's events are remembered, for late copies"
+        );
+        assert_eq!(rotating.reconnects("closed"), 0, "the relay closed the old one");
+
+        // A drain deadline without an overlap, should one fire, changes nothing.
+        rotating
+            .rotation
+            .drain_over(&mut rotating.current, &mut rotating.state, &rotating.telemetry);
+        assert_eq!(rotating.current.serial, replacement);
+        assert_eq!(rotating.rotations("completed"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_current_connection_that_ends_during_an_overlap_hands_over_without_a_gap() {
+        // (the replacement showed a message, it was answered 200, the old one was productive)
+        for (live, answered, productive) in [
+            (false, false, false),
+            (false, true, true),
+            (true, false, true),
+            (true, true, false),
+        ] {
+            let case = format!("live {live}, answered {answered}, productive {productive}");
+            let mut rotating = Rotating::new();
+            rotating.current.n_events = u64::from(productive);
+            let replacement = rotating.overlap();
+            rotating.rotation.replacement_mut().unwrap().connected = answered;
+            if live {
+                rotating.replacement_live();
+            }
+            let end = rotating.end(Which::Current, DisconnectReason::Closed, false);
+            assert!(end.is_none(), "{case}: the replacement carries on");
+            assert_eq!(rotating.current.serial, replacement, "{case}");
+            assert_eq!(rotating.current.follows_productive, productive, "{case}");
+            assert!(matches!(rotating.rotation, Rotation::Single { tried: false }), "{case}");
+            assert_eq!(rotating.reconnects("closed"), 1, "{case}: the close is counted");
+            assert_eq!(
+                rotating.rotations("completed"),
+                u64::from(answered),
+                "{case}: completed once the replacement was answered"
+            );
+            assert_eq!(
+                rotating.is_deduplicating(),
+                live,
+                "{case}: the old connection's events are remembered only if the replacement showed any"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_current_connection_that_ends_alone_ends_the_streams_connection() {
+        let mut rotating = Rotating::new();
+        rotating.current.is_replacement = true;
+        let current = rotating.current.serial;
+        let end = rotating
+            .end(Which::Current, DisconnectReason::IdleTimeout, false)
+            .expect("nothing carries on");
+        assert_eq!(end.reason, DisconnectReason::IdleTimeout);
+        assert!(!end.productive);
+        assert_eq!(rotating.current.serial, current);
+        assert_eq!(
+            rotating.reconnects("idle_timeout"),
+            0,
+            "run_stream counts it, with the delay it chose"
+        );
+        let n_rotations: u64 = ["completed", "refused", "failed"]
+            .map(|result| rotating.rotations(result))
+            .iter()
+            .sum();
+        assert_eq!(n_rotations, 0);
+    }
+
+    #[tokio::test]
+    async fn a_replacement_that_ends_is_dropped_and_the_current_connection_carries_on() {
+        // (the replacement showed a message, it was refused, the result counted)
+        for (live, refused, result) in [
+            (false, false, "failed"),
+            (true, false, "failed"),
+            (false, true, "refused"),
+        ] {
+            let case = format!("live {live}, refused {refused}");
+            let mut rotating = Rotating::new();
+            let current = rotating.current.serial;
+            rotating.overlap();
+            if live {
+                rotating.replacement_live();
+            }
+            let end = rotating.end(Which::Replacement, DisconnectReason::HttpError, refused);
+            assert!(end.is_none(), "{case}: the current connection carries on");
+            assert_eq!(rotating.current.serial, current, "{case}");
+            assert!(
+                matches!(rotating.rotation, Rotation::Single { tried: true }),
+                "{case}: not rotated again"
+            );
+            assert_eq!(rotating.rotation.drain_until(), None, "{case}");
+            assert_eq!(rotating.rotations(result), 1, "{case}");
+            assert_eq!(rotating.state.rotation_refused, refused, "{case}");
+            assert_eq!(rotating.reconnects("http_error"), 0, "{case}: no reconnect");
+            assert_eq!(
+                rotating.is_deduplicating(),
+                live,
+                "{case}: the replacement's events are remembered only if it showed any"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_remembered_until_a_rotation_completes() {
+        let mut rotating = Rotating::new();
+        rotating.overlap();
+        rotating.end(Which::Replacement, DisconnectReason::HttpError, true);
+        assert!(rotating.state.rotation_refused);
+
+        // The next connections try again: a failure leaves the refusal, a completion ends it.
+        rotating.rotation = Rotation::Single { tried: false };
+        rotating.overlap();
+        rotating.end(Which::Replacement, DisconnectReason::ConnectError, false);
+        assert!(rotating.state.rotation_refused);
+        rotating.rotation = Rotation::Single { tried: false };
+        rotating.overlap();
+        rotating.replacement_live();
+        rotating
+            .rotation
+            .drain_over(&mut rotating.current, &mut rotating.state, &rotating.telemetry);
+        assert!(!rotating.state.rotation_refused);
+        let counts = ["refused", "failed", "completed"].map(|result| rotating.rotations(result));
+        assert_eq!(counts, [1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_replacement_refused_after_it_took_over_counts_as_a_refusal() {
+        let mut rotating = Rotating::new();
+        rotating.overlap();
+        rotating.rotation.replacement_mut().unwrap().connected = false;
+        // The old connection closes before the replacement's answer comes.
+        assert!(rotating.end(Which::Current, DisconnectReason::Closed, false).is_none());
+        let end = rotating.end(Which::Current, DisconnectReason::HttpError, true);
+        assert_eq!(end.map(|end| end.reason), Some(DisconnectReason::HttpError));
+        assert_eq!(rotating.rotations("refused"), 1);
+        assert_eq!(rotating.rotations("completed"), 0);
+        assert!(rotating.state.rotation_refused);
+
+        // A 409 to a connection that no rotation opened is no rotation's.
+        let mut rotating = Rotating::new();
+        rotating.end(Which::Current, DisconnectReason::HttpError, true);
+        assert_eq!(rotating.rotations("refused"), 0);
+        assert!(!rotating.state.rotation_refused);
     }
 }
