@@ -505,7 +505,7 @@ impl DisconnectReason {
 pub enum RotationResult {
     /// The new connection carried data and the old one was closed.
     Completed,
-    /// The server refused a second connection (409); the stream no longer rotates.
+    /// The server refused a second connection (409); the stream tries again with its next connection.
     Refused,
     /// The new connection failed or stayed silent; the old one carries on until it closes.
     Failed,
