@@ -846,7 +846,7 @@ impl Drop for SmallFilesystem {
 }
 
 /// The disk under the queue fills up, first with the queue itself while the target is down,
-/// then with another file: each time every event is delivered exactly once when there is room
+/// then with another file while it is down again: each time every event is delivered exactly once when there is room
 /// again, the queue-depth gauge never goes below zero, and each outage logs one error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_recovers_and_delivers_every_event_once() {
@@ -955,10 +955,13 @@ routes:
     .await;
     eventually("ready again", DEADLINE, || async { ready().await }).await;
 
-    // Another file fills the disk; the stream waits until it is deleted.
+    // Another file fills the disk while the target is down again, with more events than the
+    // whole filesystem holds (the database may still have room inside it for some); the
+    // stream waits until the file is deleted and the target is back.
+    sink.answer_by_default("/hook", 503);
     let filler = filesystem.fill();
     let errors_before = metric_value(&metrics().await, "sse_relay_storage_errors_total", &[]);
-    let second: Vec<String> = (0..1000)
+    let second: Vec<String> = (0..4000)
         .map(|n| format!(r#"{{"type":"later","n":{n},"p":"{padding}"}}"#))
         .collect();
     for data in &second {
@@ -969,6 +972,7 @@ routes:
     })
     .await;
     std::fs::remove_file(filler).unwrap();
+    sink.answer_by_default("/hook", 200);
     sink.wait_for_delivered("/hook", first.len() + second.len(), long).await;
     eventually("the queue to drain again", long, || async {
         metric_value(&metrics().await, "sse_relay_queue_depth", &[("target", "hook")]) == 0.0
