@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::sink::Sink;
 
 const RELAY: &str = env!("CARGO_BIN_EXE_sse-relay");
 

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::{Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::{Sink, SinkResponse};
 
 use crate::support::{
     DEADLINE, TestRelay, bodies, both_connected, both_streams, everything_to, metric_value, parse_config,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::{ReceivedRequest, Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink, SinkResponse};
 
 use crate::support::{DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, quiet_upstream};
 

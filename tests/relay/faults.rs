@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::{ReceivedRequest, Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink, SinkResponse};
 
 use crate::support::{
     DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, everything_to, metric_value, quiet_upstream,

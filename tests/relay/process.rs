@@ -5,8 +5,8 @@ use std::process::{Output, Stdio};
 use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, metric_value, quiet_upstream};
 
@@ -459,37 +459,6 @@ async fn check_warns_about_literal_secrets_in_a_world_readable_file() {
     );
     std::fs::set_permissions(&referenced, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert_eq!(stderr_of(check(&referenced, &[("TOKEN", "t")]).await), "");
-}
-
-/// `sse-relay demo` runs the example config against the emulators: webhooks reach both of its
-/// targets.
-#[tokio::test]
-async fn the_demo_delivers_to_both_example_targets() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
-    let mut demo = Command::new(BINARY)
-        .arg("demo")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (mut zapier, mut n8n) = (false, false);
-    let seen = tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            zapier |= line.starts_with("webhook /zapier 200 <- participant MESSAGE_SENT");
-            n8n |= line.starts_with("webhook /n8n 200 <- chat workflow_update");
-            if zapier && n8n {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(
-        seen.is_ok(),
-        "the demo printed no webhook for zapier ({zapier}) or n8n ({n8n})"
-    );
 }
 
 /// A reload that names a FIFO fails at once and is counted; the relay still stops on SIGTERM.

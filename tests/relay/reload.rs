@@ -3,8 +3,8 @@
 
 use tokio::process::Command;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{DEADLINE, TestRelay, both_connected, both_streams, eventually, metric_value, quiet_upstream};
 

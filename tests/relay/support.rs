@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use sse_relay::app::{self, Relay};
 use sse_relay::config::{self, Config};
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::{ReceivedRequest, Sink};
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink};
 
 /// Long enough for a loaded 2-core CI machine; a passing test never waits for it.
 pub const DEADLINE: Duration = Duration::from_secs(15);
