@@ -6,9 +6,11 @@ use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
 use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::metrics::read_metric;
+use sse_relay_fixtures::process::free_port;
 use sse_relay_fixtures::sink::Sink;
 
-use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, metric_value, quiet_upstream};
+use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, quiet_upstream, relay_binary};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
 
@@ -363,7 +365,7 @@ async fn runs_under_a_service_manager_and_exits_0_on_sigterm() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let yaml = format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
@@ -467,23 +469,18 @@ async fn a_reload_that_names_a_fifo_fails_without_stopping_the_relay() {
     let directory = tempfile::tempdir().unwrap();
     let fifo = directory.path().join("token");
     make_fifo(&fifo);
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let yaml = format!(
         "admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\nstorage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    headers: {{ Authorization: \"TOKEN\" }}\ntargets: {{}}\n",
         directory.path().join("data").display()
     );
     let config = write_config(&directory, "relay.yaml", &yaml);
-    let mut relay = crate::support::spawn_relay(&config, &[]);
-    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let mut relay = relay_binary().spawn_run(&config, &[]);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     let failed_reloads = || async {
-        match reqwest::get(&metrics_url).await {
-            Ok(response) => metric_value(
-                &response.text().await.unwrap_or_default(),
-                "sse_relay_config_reloads_total",
-                &[("result", "failed")],
-            ),
-            Err(_) => -1.0,
-        }
+        read_metric(admin, "sse_relay_config_reloads_total", &[("result", "failed")])
+            .await
+            .unwrap_or(-1.0)
     };
     eventually("the relay serves metrics", DEADLINE, || async {
         failed_reloads().await == 0.0
