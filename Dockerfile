@@ -17,11 +17,14 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 
 # Build the dependencies alone first, against an empty crate with the same manifest, so that
-# this layer is reused until Cargo.toml or Cargo.lock changes.
+# this layer is reused until Cargo.toml or Cargo.lock changes. The workspace's other member, the
+# test fixtures, is never built here, but cargo needs its manifest and a library root to load
+# the workspace.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY fixtures/Cargo.toml ./fixtures/
+RUN mkdir -p src fixtures/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs fixtures/src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 

@@ -8,13 +8,28 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::process::{RelayBinary, RelayProcess};
+use sse_relay_fixtures::sink::Sink;
 
-const RELAY: &str = env!("CARGO_BIN_EXE_sse-relay");
+/// The relay's release build: `BENCH_RELAY_LOGS=1` shows its logs, and `BENCH_RELAY_WRAPPER`,
+/// e.g. `heaptrack -o /tmp/relay`, runs it under a profiler.
+fn relay_binary() -> RelayBinary {
+    RelayBinary::new(env!("CARGO_BIN_EXE_sse-relay"), "BENCH_RELAY_LOGS")
+        .wrapped_in(&std::env::var("BENCH_RELAY_WRAPPER").unwrap_or_default())
+}
+
+/// The relay on `yaml_after_admin`, running and healthy.
+async fn start_relay(yaml_after_admin: &str) -> RelayProcess {
+    relay_binary().start(yaml_after_admin).await
+}
+
+/// One metric of the relay, NaN when it does not answer.
+async fn relay_metric(relay: &RelayProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    relay.metric(name, labels).await.unwrap_or(f64::NAN)
+}
 
 struct Options {
     quick: bool,
@@ -126,75 +141,6 @@ async fn main() {
     }
 }
 
-/// A relay child process with its admin port, stopped with SIGTERM when dropped.
-struct RelayProcess {
-    child: Child,
-    admin_port: u16,
-    _directory: tempfile::TempDir,
-}
-
-impl RelayProcess {
-    async fn start(yaml_after_admin: &str) -> RelayProcess {
-        let directory = tempfile::tempdir().unwrap();
-        let admin_port = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = directory.path().join("relay.yaml");
-        let yaml = format!("admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{yaml_after_admin}");
-        std::fs::write(&config, yaml).unwrap();
-        let child = spawn_relay(&config);
-        let health = format!("http://127.0.0.1:{admin_port}/healthz");
-        let started = Instant::now();
-        while sse_relay::admin::probe(&health).await.is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "the relay did not start");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        RelayProcess {
-            child,
-            admin_port,
-            _directory: directory,
-        }
-    }
-}
-
-/// `BENCH_RELAY_WRAPPER`, e.g. `heaptrack -o /tmp/relay`, runs the relay under a profiler.
-fn spawn_relay(config: &Path) -> Child {
-    let wrapper = std::env::var("BENCH_RELAY_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(RELAY);
-            command
-        }
-        None => Command::new(RELAY),
-    };
-    command
-        .args(["run", "--config"])
-        .arg(config)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        )
-        .stdout(if std::env::var_os("BENCH_RELAY_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the relay binary starts")
-}
-
-impl RelayProcess {
-    fn pid(&self) -> u32 {
-        self.child.id().expect("the relay is running")
-    }
-}
-
 /// Peak resident memory of a process, in MiB (`VmHWM`).
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -225,15 +171,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / ticks_per_second
 }
 
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: signals the child this harness started and still owns.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-    }
-}
-
 fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -255,7 +192,7 @@ async fn reconnect_gap(options: &Options) -> Vec<Figure> {
     .await
     .unwrap();
     let sink = Sink::start().await.unwrap();
-    let _relay = RelayProcess::start(&format!(
+    let _relay = start_relay(&format!(
         "streams:\n  chat:\n    url: {}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{}\" }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
         upstream.chat_url("bench"),
         sink.url("/hook")
@@ -315,7 +252,7 @@ async fn throughput(options: &Options, storage: &'static str) -> Vec<Figure> {
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let storage_directory = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(&format!(
+    let relay = start_relay(&format!(
         "storage: {{ mode: {storage}, path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 32, queue_capacity: 100000 }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
         path = storage_directory.path().display(),
         url = upstream.chat_url("bench"),
@@ -420,7 +357,7 @@ async fn fan_out(options: &Options) -> Vec<Figure> {
         ));
     }
     yaml.push_str("routes:\n  - stream: \"*\"\n    targets: [t0, t1, t2, t3]\n");
-    let relay = RelayProcess::start(&yaml).await;
+    let relay = start_relay(&yaml).await;
     assert!(
         upstream
             .wait_for_clients(Api::Chat, n_streams, Duration::from_secs(30))
@@ -470,7 +407,7 @@ async fn latency(options: &Options, storage: &'static str) -> Vec<Figure> {
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let storage_directory = tempfile::tempdir().unwrap();
-    let _relay = RelayProcess::start(&format!(
+    let _relay = start_relay(&format!(
         "storage: {{ mode: {storage}, path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 32 }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
         path = storage_directory.path().display(),
         url = upstream.chat_url("bench"),
@@ -526,7 +463,7 @@ async fn flaky(options: &Options) -> Vec<Figure> {
         let sink = Sink::start().await.unwrap();
         sink.fail_at_random("/hook", fraction, 503);
         let storage_directory = tempfile::tempdir().unwrap();
-        let relay = RelayProcess::start(&format!(
+        let relay = start_relay(&format!(
             "storage: {{ path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\" }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
             path = storage_directory.path().display(),
             url = upstream.chat_url("bench"),
@@ -592,7 +529,7 @@ async fn down(options: &Options) -> Vec<Figure> {
     let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let storage_directory = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(&format!(
+    let relay = start_relay(&format!(
         "storage: {{ path: \"{path}\" }}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\ntargets:\n  sink: {{ url: \"{hook}\", circuit_breaker: {{ open_delay: 500ms, max_open_delay: 500ms }} }}\nroutes:\n  - stream: chat\n    targets: [sink]\n",
         path = storage_directory.path().display(),
         url = upstream.chat_url("bench"),
@@ -664,7 +601,7 @@ async fn idle_rss(n_streams: usize) -> Vec<Figure> {
         "targets:\n  sink: {{ url: \"{}\" }}\nroutes:\n  - stream: \"*\"\n    targets: [sink]\n",
         sink.url("/hook")
     ));
-    let relay = RelayProcess::start(&yaml).await;
+    let relay = start_relay(&yaml).await;
     let connected = upstream
         .wait_for_clients(Api::Chat, n_streams, Duration::from_secs(120))
         .await;
@@ -865,23 +802,6 @@ fn open_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| entries.count())
 }
 
-async fn relay_metric(relay: &RelayProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let url = format!("http://127.0.0.1:{}/metrics", relay.admin_port);
-    let Ok(response) = reqwest::get(&url).await else {
-        return f64::NAN;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The relay against both emulated APIs for `SOAK_DURATION` (default 1h): the servers close
 /// every connection at `SOAK_ROTATE` + 2 s and keep no history, the streams rotate at
 /// `SOAK_ROTATE` (default 3s), events flow at `SOAK_RATE` per stream per second (default 20)
@@ -933,7 +853,7 @@ async fn soak() -> Vec<Figure> {
     });
     let storage_directory = tempfile::tempdir().unwrap();
     let rotate = humantime::format_duration(rotate_after);
-    let relay = RelayProcess::start(&format!(
+    let relay = start_relay(&format!(
         "storage: {{ mode: sqlite, path: \"{path}\" }}
 streams:
   participant: {{ url: \"{participant}\", event_type: [/eventType], keepalive: [KEEP_ALIVE], idle_timeout: 10s, rotate_after: {rotate} }}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use sse_relay::telemetry::{self, LogFormat};
-use sse_relay::{admin, app, check, config, demo, dlq};
+use sse_relay::{admin, app, check, config, dlq};
 
 #[derive(Parser)]
 #[command(
@@ -34,9 +34,6 @@ enum Command {
         #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
         config: PathBuf,
     },
-    /// Run the relay against built-in emulators of both upstream APIs and a local webhook sink,
-    /// printing every webhook the sink receives. Needs no credentials and no config.
-    Demo,
     /// Dead letters: deliveries that failed permanently or ran out of retries.
     Dlq {
         #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml", global = true)]
@@ -121,13 +118,6 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),
         },
-        Command::Demo => {
-            telemetry::init_logging(Some(cli.log_format.unwrap_or(LogFormat::Text)));
-            match runtime().block_on(demo::run(shutdown_signal())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => fail(&format!("{err:#}")),
-            }
-        }
     }
 }
 

@@ -4,8 +4,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use sse_relay::admin::{MAX_CONNECTIONS, REQUEST_HEAD_TIMEOUT};
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{DEADLINE, LoggedRelay, TestRelay, both_streams, eventually, everything_to, quiet_upstream};
 

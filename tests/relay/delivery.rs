@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::{Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::metrics::metric_value;
+use sse_relay_fixtures::sink::{Sink, SinkResponse};
 
 use crate::support::{
-    DEADLINE, TestRelay, bodies, both_connected, both_streams, everything_to, metric_value, parse_config,
-    quiet_upstream,
+    DEADLINE, TestRelay, bodies, both_connected, both_streams, everything_to, parse_config, quiet_upstream,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::{ReceivedRequest, Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::metrics::read_metric;
+use sse_relay_fixtures::process::free_port;
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink, SinkResponse};
 
-use crate::support::{DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, quiet_upstream};
+use crate::support::{
+    DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, quiet_upstream, relay_binary,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -26,7 +30,7 @@ struct ChildRelay {
 impl ChildRelay {
     async fn new(upstream: &Upstream, sink: &Sink, target_extra: &str) -> ChildRelay {
         let directory = tempfile::tempdir().unwrap();
-        let admin_port = crate::support::free_port().await;
+        let admin_port = free_port().await;
         let yaml = format!(
             r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
@@ -63,7 +67,7 @@ routes:
     }
 
     fn spawn(&self) -> Child {
-        crate::support::spawn_relay(&self.config_path(), &[])
+        relay_binary().spawn_run(&self.config_path(), &[])
     }
 
     async fn dlq(&self, args: &[&str]) -> String {
@@ -84,11 +88,8 @@ routes:
     }
 
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
-        match reqwest::get(&url).await {
-            Ok(response) => crate::support::metric_value(&response.text().await.unwrap_or_default(), name, labels),
-            Err(_) => 0.0,
-        }
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin_port));
+        read_metric(admin, name, labels).await.unwrap_or(0.0)
     }
 }
 
@@ -453,7 +454,7 @@ async fn a_second_relay_on_the_same_storage_exits_at_once_naming_the_first() {
     let second_config = relay.directory.path().join("second.yaml");
     let yaml = std::fs::read_to_string(relay.config_path()).unwrap().replace(
         &format!("127.0.0.1:{}", relay.admin_port),
-        &format!("127.0.0.1:{}", crate::support::free_port().await),
+        &format!("127.0.0.1:{}", free_port().await),
     );
     std::fs::write(&second_config, yaml).unwrap();
     let second = run_to_end(&["run"], &second_config).await;

@@ -1,8 +1,8 @@
 //! Text and bytes the relay cannot pass on as they are: event types that an HTTP header cannot
 //! carry, and upstream bodies in an encoding the relay does not decode.
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{
     DEADLINE, LoggedRelay, TestRelay, both_connected, both_streams, eventually, everything_to, quiet_upstream,

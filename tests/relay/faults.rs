@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::{ReceivedRequest, Sink, SinkResponse};
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::metrics::metric_value;
+use sse_relay_fixtures::process::free_port;
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink, SinkResponse};
 
 use crate::support::{
-    DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, everything_to, metric_value, quiet_upstream,
+    DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, everything_to, quiet_upstream,
 };
 
 /// Stream settings that make reconnects quick, so that a test sees many of them.
@@ -857,7 +859,7 @@ async fn a_full_disk_recovers_and_delivers_every_event_once() {
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/hook", 503);
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let config = directory.path().join("relay.yaml");
     std::fs::write(
         &config,

@@ -1,8 +1,8 @@
 //! What the relay writes to its log, read from a child process: lines that every event could
 //! cause are rate-limited, and log lines are valid JSON with one `target` key.
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
 
@@ -69,9 +69,9 @@ routes:
 async fn the_log_says_what_runs_sums_it_up_and_names_unreachable_hosts() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
-    sink.script("/flaky", vec![sse_relay::sink::SinkResponse::status(503)]);
+    sink.script("/flaky", vec![sse_relay_fixtures::sink::SinkResponse::status(503)]);
     // Enough failures in a row to pause it; it answers the probe.
-    sink.script("/paused", vec![sse_relay::sink::SinkResponse::status(503); 5]);
+    sink.script("/paused", vec![sse_relay_fixtures::sink::SinkResponse::status(503); 5]);
     // Nothing listens on port 1.
     let yaml = format!(
         r#"

@@ -5,10 +5,12 @@ use std::process::{Output, Stdio};
 use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::metrics::read_metric;
+use sse_relay_fixtures::process::free_port;
+use sse_relay_fixtures::sink::Sink;
 
-use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, metric_value, quiet_upstream};
+use crate::support::{DEADLINE, eventually, example_line_of, make_fifo, quiet_upstream, relay_binary};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sse-relay");
 
@@ -363,7 +365,7 @@ async fn runs_under_a_service_manager_and_exits_0_on_sigterm() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let yaml = format!(
         r#"
 admin: {{ listen: "127.0.0.1:{admin_port}" }}
@@ -461,60 +463,24 @@ async fn check_warns_about_literal_secrets_in_a_world_readable_file() {
     assert_eq!(stderr_of(check(&referenced, &[("TOKEN", "t")]).await), "");
 }
 
-/// `sse-relay demo` runs the example config against the emulators: webhooks reach both of its
-/// targets.
-#[tokio::test]
-async fn the_demo_delivers_to_both_example_targets() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
-    let mut demo = Command::new(BINARY)
-        .arg("demo")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let (mut zapier, mut n8n) = (false, false);
-    let seen = tokio::time::timeout(DEADLINE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            zapier |= line.starts_with("webhook /zapier 200 <- participant MESSAGE_SENT");
-            n8n |= line.starts_with("webhook /n8n 200 <- chat workflow_update");
-            if zapier && n8n {
-                return;
-            }
-        }
-    })
-    .await;
-    assert!(
-        seen.is_ok(),
-        "the demo printed no webhook for zapier ({zapier}) or n8n ({n8n})"
-    );
-}
-
 /// A reload that names a FIFO fails at once and is counted; the relay still stops on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_names_a_fifo_fails_without_stopping_the_relay() {
     let directory = tempfile::tempdir().unwrap();
     let fifo = directory.path().join("token");
     make_fifo(&fifo);
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let yaml = format!(
         "admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\nstorage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: http://127.0.0.1:1/listen\n    headers: {{ Authorization: \"TOKEN\" }}\ntargets: {{}}\n",
         directory.path().join("data").display()
     );
     let config = write_config(&directory, "relay.yaml", &yaml);
-    let mut relay = crate::support::spawn_relay(&config, &[]);
-    let metrics_url = format!("http://127.0.0.1:{admin_port}/metrics");
+    let mut relay = relay_binary().spawn_run(&config, &[]);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     let failed_reloads = || async {
-        match reqwest::get(&metrics_url).await {
-            Ok(response) => metric_value(
-                &response.text().await.unwrap_or_default(),
-                "sse_relay_config_reloads_total",
-                &[("result", "failed")],
-            ),
-            Err(_) => -1.0,
-        }
+        read_metric(admin, "sse_relay_config_reloads_total", &[("result", "failed")])
+            .await
+            .unwrap_or(-1.0)
     };
     eventually("the relay serves metrics", DEADLINE, || async {
         failed_reloads().await == 0.0

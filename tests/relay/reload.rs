@@ -3,10 +3,12 @@
 
 use tokio::process::Command;
 
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::metrics::read_metric;
+use sse_relay_fixtures::process::free_port;
+use sse_relay_fixtures::sink::Sink;
 
-use crate::support::{DEADLINE, TestRelay, both_connected, both_streams, eventually, metric_value, quiet_upstream};
+use crate::support::{DEADLINE, TestRelay, both_connected, both_streams, eventually, quiet_upstream, relay_binary};
 
 fn routes_to(sink: &Sink, targets: &[&str]) -> String {
     let mut yaml = String::from("targets:\n");
@@ -75,7 +77,7 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/doomed", 503);
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = crate::support::free_port().await;
+    let admin_port = free_port().await;
     let config = |targets: &[&str]| {
         format!(
             "admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\nstorage: {{ path: \"{}\" }}\nstreams:\n  chat:\n    url: {}\n    event_type: [/type]\n{}",
@@ -86,18 +88,15 @@ async fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
     };
     let path = directory.path().join("relay.yaml");
     std::fs::write(&path, config(&["kept", "doomed"])).unwrap();
-    let relay = crate::support::spawn_relay(&path, &[]);
+    let relay = relay_binary().spawn_run(&path, &[]);
     let pid = i32::try_from(relay.id().unwrap()).unwrap();
     let hang_up = || {
         // SAFETY: signals the child this test started and still owns.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     };
     let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
-        let url = format!("http://127.0.0.1:{admin_port}/metrics");
-        match reqwest::get(&url).await {
-            Ok(response) => metric_value(&response.text().await.unwrap_or_default(), name, labels),
-            Err(_) => 0.0,
-        }
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+        read_metric(admin, name, labels).await.unwrap_or(0.0)
     };
     assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
     upstream.publish_event(Api::Chat, r#"{"type":"one"}"#);

@@ -2,8 +2,8 @@
 //! stream's next connection and a target's attempt use what the file holds now, without a
 //! reload.
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::sink::Sink;
 
 use crate::support::{DEADLINE, LoggedRelay, TestRelay, eventually, quiet_upstream};
 

@@ -3,11 +3,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::{ReceivedRequest, Sink};
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::metrics::metric_value;
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink};
 
 use crate::support::{
-    DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, everything_to, metric_value, quiet_upstream,
+    DEADLINE, TestRelay, bodies, both_connected, both_streams, eventually, everything_to, quiet_upstream,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

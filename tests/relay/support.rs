@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests: a relay started in-process, metric reads from its
-//! admin server, and waiting on conditions with deadlines.
+//! admin server, the relay binary as a child process with its JSON log read, and waiting on
+//! conditions with deadlines.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use sse_relay::app::{self, Relay};
 use sse_relay::config::{self, Config};
-use sse_relay::emulator::{Api, Upstream, UpstreamOptions};
-use sse_relay::sink::{ReceivedRequest, Sink};
+use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::metrics::metric_value;
+use sse_relay_fixtures::process::{self, RelayBinary};
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink};
 
 /// Long enough for a loaded 2-core CI machine; a passing test never waits for it.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -23,44 +26,10 @@ pub fn parse_config(yaml: &str, env: &[(&str, &str)]) -> Result<Config, config::
     )
 }
 
-/// A loopback port that was free a moment ago, for a child relay's admin server. It is taken
-/// below Linux's ephemeral range (32768 and up): a port from that range could be handed to some
-/// other connection as its source port between this check and the relay's bind, or between a
-/// relay's kill and its restart.
-pub async fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|since| since.subsec_nanos())
-        .unwrap_or(0)
-        ^ std::process::id();
-    loop {
-        let candidate =
-            20_000 + (seed.wrapping_add(NEXT.fetch_add(7919, std::sync::atomic::Ordering::Relaxed)) % 12_000);
-        if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", candidate as u16)).await {
-            return listener.local_addr().unwrap().port();
-        }
-    }
-}
-
-/// The relay binary running `run --config config`, with `env` added and its logs discarded.
-pub fn spawn_relay(config: &std::path::Path, env: &[(&str, &str)]) -> tokio::process::Child {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"));
-    command.args(["run", "--config"]).arg(config).env("RUST_LOG", "warn");
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    // TEST_RELAY_LOGS=1 shows the child's logs, for a failing test.
-    let logs = if std::env::var_os("TEST_RELAY_LOGS").is_some() {
-        std::process::Stdio::inherit()
-    } else {
-        std::process::Stdio::null()
-    };
-    command
-        .stdout(logs)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the relay binary starts")
+/// The relay binary, as the tests start it: `TEST_RELAY_LOGS=1` shows a child's logs, for a
+/// failing test.
+pub fn relay_binary() -> RelayBinary {
+    RelayBinary::new(env!("CARGO_BIN_EXE_sse-relay"), "TEST_RELAY_LOGS")
 }
 
 /// Waits until `check` holds, polling every 10 ms; panics naming `what` at the deadline.
@@ -155,22 +124,6 @@ impl TestRelay {
             relay.shutdown().await.expect("the relay stops cleanly");
         }
     }
-}
-
-pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Keepalives slow enough to stay out of the way unless a test wants them.
@@ -298,23 +251,19 @@ impl LoggedRelay {
         use tokio::io::AsyncBufReadExt;
 
         let directory = tempfile::tempdir().unwrap();
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port().await));
+        let admin = SocketAddr::from(([127, 0, 0, 1], process::free_port().await));
         let config = format!(
             "admin: {{ listen: \"{admin}\" }}\nstorage: {{ path: \"{storage}\" }}\nshutdown: {{ grace_period: 1s }}\n{yaml}",
             storage = directory.path().join("data").display(),
         );
         let config_path = directory.path().join("relay.yaml");
         std::fs::write(&config_path, config).unwrap();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"));
+        let mut command = relay_binary().run_command(&config_path);
         command
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config_path)
+            .args(["--log-format", "json"])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        for (name, value) in env {
-            command.env(name, value);
-        }
+            .envs(env.iter().copied());
         adjust(&mut command);
         let mut child = command.spawn().expect("the relay binary starts");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -11,8 +11,8 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
-use sse_relay::emulator::{Api, Upstream};
-use sse_relay::sink::Sink;
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::sink::Sink;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{DEADLINE, LoggedRelay, TestRelay, eventually, parse_config, quiet_upstream};
