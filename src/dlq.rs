@@ -76,7 +76,7 @@ fn open(config: &StorageConfig) -> anyhow::Result<rusqlite::Connection> {
 }
 
 pub fn list(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
-    list_unnamed(config, selection).with_context(|| {
+    list_rows(config, selection).with_context(|| {
         format!(
             "cannot read the dead letters in {}",
             sqlite::database_path(config).display()
@@ -84,7 +84,7 @@ pub fn list(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec
     })
 }
 
-fn list_unnamed(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
+fn list_rows(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
     let connection = open(config)?;
     let (filter, parameters) = selection.filter();
     let mut statement = connection.prepare(&format!(
@@ -114,7 +114,7 @@ fn list_unnamed(config: &StorageConfig, selection: &Selection) -> anyhow::Result
 /// Moves the selected dead letters back to the queue, with their attempts reset and their
 /// event ids (and so their idempotency keys) unchanged. Returns how many.
 pub fn replay(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
-    replay_unnamed(config, selection, all).with_context(|| {
+    replay_rows(config, selection, all).with_context(|| {
         format!(
             "cannot replay dead letters in {}",
             sqlite::database_path(config).display()
@@ -122,7 +122,7 @@ pub fn replay(config: &StorageConfig, selection: &Selection, all: bool) -> anyho
     })
 }
 
-fn replay_unnamed(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
+fn replay_rows(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
     anyhow::ensure!(
         all || !selection.is_empty(),
         "say which dead letters to replay: --id ID, --target NAME, or --all"
@@ -148,7 +148,7 @@ fn replay_unnamed(config: &StorageConfig, selection: &Selection, all: bool) -> a
 
 /// Deletes the selected dead letters for good. Returns how many.
 pub fn purge(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
-    purge_unnamed(config, selection, all).with_context(|| {
+    purge_rows(config, selection, all).with_context(|| {
         format!(
             "cannot purge dead letters in {}",
             sqlite::database_path(config).display()
@@ -156,7 +156,7 @@ pub fn purge(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow
     })
 }
 
-fn purge_unnamed(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
+fn purge_rows(config: &StorageConfig, selection: &Selection, all: bool) -> anyhow::Result<usize> {
     anyhow::ensure!(
         all || !selection.is_empty(),
         "say which dead letters to purge: --target NAME, --older-than DURATION, --id ID, or --all"
