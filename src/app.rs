@@ -30,9 +30,9 @@ use crate::config::{self, Config, StreamConfig, TargetConfig, TlsConfig};
 use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
-use crate::queue::outbox::{self, OutboxInput};
+use crate::queue::outbox::{Outbox, OutboxInput, Outboxes};
 use crate::routing::RoutingTable;
-use crate::source::{self, Dispatch, StreamRuntime};
+use crate::source::{self, Router, StreamRuntime};
 use crate::telemetry::{Metrics, StreamTelemetry, SummaryTotals};
 use crate::tls::TrustedRoots;
 
@@ -47,7 +47,7 @@ pub struct Relay {
     /// Shared by the streams and targets without a `tls` section of their own.
     stream_client: reqwest::Client,
     delivery_client: reqwest::Client,
-    dispatch: watch::Sender<Arc<Dispatch>>,
+    router: watch::Sender<Arc<Router>>,
     streams: BTreeMap<String, RunningStream>,
     targets: BTreeMap<String, RunningTarget>,
     /// The streams `/readyz` checks; replaced on reload.
@@ -70,6 +70,24 @@ struct RunningTarget {
     input: OutboxInput,
     stop: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// A target built from its config, with its outbox, not yet started.
+struct PreparedTarget {
+    name: String,
+    config: TargetConfig,
+    runtime: Arc<TargetRuntime>,
+    client: reqwest::Client,
+    input: OutboxInput,
+    outbox: Outbox,
+}
+
+/// A stream built from its config, not yet started.
+struct PreparedStream {
+    name: String,
+    config: StreamConfig,
+    runtime: StreamRuntime,
+    telemetry: Arc<StreamTelemetry>,
 }
 
 /// Runs the relay until `shutdown` completes, then stops it in order. Under systemd
@@ -171,17 +189,10 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let delivery_client = delivery_client(&trusted_roots, None).context("cannot build the HTTP client")?;
     let stream_client = stream_client(&trusted_roots, None).context("cannot build the HTTP client")?;
 
-    // The dispatchers' inputs come first: the store hands them what it has stored.
-    let mut inputs = HashMap::new();
-    let mut outputs = Vec::new();
-    for name in config.targets.keys() {
-        let (input, output) = outbox::channel(metrics.target(name).queue_depth.clone());
-        inputs.insert(Arc::from(name.as_str()), input);
-        outputs.push(output);
-    }
-    let store = Store::open(&config.storage, Arc::clone(&metrics.storage), inputs.clone())?;
+    let store = Store::open(&config.storage, Arc::clone(&metrics.storage))?;
     for orphan in store
         .pending_targets()
+        .iter()
         .filter(|name| !config.targets.contains_key(*name))
     {
         retire_target(&store, orphan).await;
@@ -198,7 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
 
     let table = RoutingTable::new(&config);
-    let (dispatch, _) = watch::channel(Arc::new(Dispatch::new(table, store.clone(), &metrics)));
+    let (router, _) = watch::channel(Arc::new(Router::new(table, store.clone(), &metrics)));
     let mut relay = Relay {
         config: config.clone(),
         admin_addr,
@@ -207,7 +218,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         trusted_roots,
         stream_client,
         delivery_client,
-        dispatch,
+        router,
         streams: BTreeMap::new(),
         targets: BTreeMap::new(),
         admin_streams,
@@ -216,17 +227,23 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         summary: None,
     };
     relay.start_summary();
-    for ((index, (name, target_config)), output) in config.targets.iter().enumerate().zip(outputs) {
-        let telemetry = relay.metrics.target(name);
-        telemetry.queue_depth.set(relay.store.initial_pending(name) as i64);
-        let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-        let client = relay.target_client(name, target_config)?;
-        let target = relay.start_target(runtime, target_config, &client, inputs[name.as_str()].clone(), output);
-        relay.targets.insert(name.clone(), target);
+    let mut targets = Vec::new();
+    for (index, (name, target_config)) in config.targets.iter().enumerate() {
+        targets.push(relay.prepare_target(index, name, target_config)?);
     }
+    // The outboxes come first: the store hands them what it has stored.
+    let outboxes = targets
+        .iter()
+        .map(|target| (Arc::from(target.name.as_str()), target.input.clone()))
+        .collect();
+    relay.store.set_outboxes(outboxes).await;
+    for target in targets {
+        relay.start_target(target);
+    }
+    let router = Arc::clone(&relay.router.borrow());
     for (name, stream_config) in &config.streams {
-        let stream = relay.start_stream(name, stream_config)?;
-        relay.streams.insert(name.clone(), stream);
+        let stream = relay.prepare_stream(name, stream_config, &router.table)?;
+        relay.start_stream(stream);
     }
     relay.publish_streams_to_admin();
     Ok(relay)
@@ -297,57 +314,84 @@ impl Relay {
         }
     }
 
-    fn start_target(
-        &self,
-        target: Arc<TargetRuntime>,
-        config: &TargetConfig,
-        client: &reqwest::Client,
-        input: OutboxInput,
-        output: outbox::Outbox,
-    ) -> RunningTarget {
+    /// Builds a target and its outbox; nothing runs yet.
+    fn prepare_target(&self, index: usize, name: &str, config: &TargetConfig) -> anyhow::Result<PreparedTarget> {
+        let telemetry = Arc::new(self.metrics.target(name));
+        let runtime = Arc::new(TargetRuntime::new(TargetId(index), config, Arc::clone(&telemetry))?);
+        let client = self.target_client(name, config)?;
+        let (input, outbox) = self.store.outbox(name, telemetry, runtime.queue_capacity);
+        Ok(PreparedTarget {
+            name: name.to_owned(),
+            config: config.clone(),
+            runtime,
+            client,
+            input,
+            outbox,
+        })
+    }
+
+    fn start_target(&mut self, target: PreparedTarget) {
+        let PreparedTarget {
+            name,
+            config,
+            runtime,
+            client,
+            input,
+            outbox,
+        } = target;
         let stop = CancellationToken::new();
-        let task = delivery::spawn_dispatcher(&target, output, &self.store, client, &stop);
+        let task = delivery::spawn_dispatcher(&runtime, outbox, &client, &stop);
         info!(
-            webhook = %target.telemetry.name, url = %target.display_url, max_in_flight = target.max_in_flight,
+            webhook = %runtime.telemetry.name, url = %runtime.display_url, max_in_flight = runtime.max_in_flight,
             "target ready"
         );
-        RunningTarget {
-            config: config.clone(),
+        let running = RunningTarget {
+            config,
             input,
             stop,
             task,
-        }
+        };
+        self.targets.insert(name, running);
     }
 
-    fn start_stream(&self, name: &str, config: &StreamConfig) -> anyhow::Result<RunningStream> {
-        let telemetry = Arc::new(self.metrics.stream(name));
-        let runtime = StreamRuntime::new(
-            config,
-            &self.dispatch.borrow().table,
-            Arc::clone(&telemetry),
-            &self.stream_client(name, config)?,
-        )?;
-        Ok(self.spawn_stream(config.clone(), runtime, telemetry))
-    }
-
-    fn spawn_stream(
+    /// Builds a stream; nothing runs yet.
+    fn prepare_stream(
         &self,
-        config: StreamConfig,
-        runtime: StreamRuntime,
-        telemetry: Arc<StreamTelemetry>,
-    ) -> RunningStream {
+        name: &str,
+        config: &StreamConfig,
+        table: &RoutingTable,
+    ) -> anyhow::Result<PreparedStream> {
+        let telemetry = Arc::new(self.metrics.stream(name));
+        let client = self.stream_client(name, config)?;
+        let runtime = StreamRuntime::new(config, table, Arc::clone(&telemetry), &client)?;
+        Ok(PreparedStream {
+            name: name.to_owned(),
+            config: config.clone(),
+            runtime,
+            telemetry,
+        })
+    }
+
+    fn start_stream(&mut self, stream: PreparedStream) {
+        let PreparedStream {
+            name,
+            config,
+            runtime,
+            telemetry,
+        } = stream;
         let stop = CancellationToken::new();
         let task = tokio::spawn(source::run_stream(
             Arc::new(runtime),
-            self.dispatch.subscribe(),
+            self.router.subscribe(),
             stop.clone(),
         ));
-        RunningStream {
+        let running = RunningStream {
             config,
             telemetry,
             stop,
             task,
-        }
+        };
+        self.streams.insert(name, running);
     }
 
     /// Starts logging a summary every `logging.summary_interval`, replacing a running one.
@@ -409,15 +453,10 @@ impl Relay {
             if self
                 .targets
                 .get(name)
-                .is_some_and(|running| running.config == *target_config)
+                .is_none_or(|running| running.config != *target_config)
             {
-                continue;
+                new_targets.push(self.prepare_target(index, name, target_config)?);
             }
-            let telemetry = self.metrics.target(name);
-            let (input, output) = outbox::channel(telemetry.queue_depth.clone());
-            let runtime = Arc::new(TargetRuntime::new(TargetId(index), target_config, telemetry)?);
-            let client = self.target_client(name, target_config)?;
-            new_targets.push((name.clone(), target_config.clone(), runtime, client, input, output));
         }
         let table = RoutingTable::new(&config);
         let mut new_streams = Vec::new();
@@ -425,32 +464,28 @@ impl Relay {
             if self
                 .streams
                 .get(name)
-                .is_some_and(|running| running.config == *stream_config)
+                .is_none_or(|running| running.config != *stream_config)
             {
-                continue;
+                new_streams.push(self.prepare_stream(name, stream_config, &table)?);
             }
-            let telemetry = Arc::new(self.metrics.stream(name));
-            let client = self.stream_client(name, stream_config)?;
-            let runtime = StreamRuntime::new(stream_config, &table, Arc::clone(&telemetry), &client)?;
-            new_streams.push((name.clone(), stream_config.clone(), runtime, telemetry));
         }
 
-        // The store switches to the new inputs before the routing table names them, and before
-        // the old dispatchers stop; a new input buffers (or, with SQLite, leaves on disk) what
-        // arrives until its dispatcher starts, after the old one has stopped, so that the two
-        // never attempt the same delivery.
-        let mut inputs: HashMap<Arc<str>, OutboxInput> = HashMap::new();
+        // The store switches to the new outboxes before the routing table names them, and
+        // before the old dispatchers stop; a new outbox buffers (or, with SQLite, leaves on
+        // disk) what arrives until its dispatcher starts, after the old one has stopped, so
+        // that the two never attempt the same delivery.
+        let mut outboxes: Outboxes = HashMap::new();
         for (name, running) in &self.targets {
             if config.targets.get(name) == Some(&running.config) {
-                inputs.insert(Arc::from(name.as_str()), running.input.clone());
+                outboxes.insert(Arc::from(name.as_str()), running.input.clone());
             }
         }
-        for (name, _, _, _, input, _) in &new_targets {
-            inputs.insert(Arc::from(name.as_str()), input.clone());
+        for target in &new_targets {
+            outboxes.insert(Arc::from(target.name.as_str()), target.input.clone());
         }
-        self.store.set_dispatchers(inputs).await;
-        self.dispatch
-            .send_replace(Arc::new(Dispatch::new(table, self.store.clone(), &self.metrics)));
+        self.store.set_outboxes(outboxes).await;
+        self.router
+            .send_replace(Arc::new(Router::new(table, self.store.clone(), &self.metrics)));
         let mut replaced = Vec::new();
         for name in self.targets.keys().cloned().collect::<Vec<_>>() {
             if config.targets.get(&name) == Some(&self.targets[&name].config) {
@@ -465,9 +500,8 @@ impl Relay {
                 retire_target(&self.store, &name).await;
             }
         }
-        for (name, target_config, runtime, client, input, output) in new_targets {
-            let target = self.start_target(runtime, &target_config, &client, input, output);
-            self.targets.insert(name, target);
+        for target in new_targets {
+            self.start_target(target);
         }
 
         // Streams: unchanged ones keep their connection.
@@ -481,9 +515,8 @@ impl Relay {
                 restarted.push(name);
             }
         }
-        for (name, stream_config, runtime, telemetry) in new_streams {
-            let stream = self.spawn_stream(stream_config, runtime, telemetry);
-            self.streams.insert(name, stream);
+        for stream in new_streams {
+            self.start_stream(stream);
         }
         self.publish_streams_to_admin();
         info!(

@@ -5,7 +5,7 @@
 //! reports what the result says.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -84,7 +84,8 @@ impl Classifier {
                 sse_id: id.map(String::into_boxed_str),
                 event_type,
                 data: Bytes::from(data),
-                json,
+                is_json: json.is_some(),
+                json: OnceLock::from(json),
                 received_at,
             },
             malformed_json,

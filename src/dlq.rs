@@ -9,7 +9,10 @@ use anyhow::Context as _;
 use rusqlite::types::Value;
 
 use crate::config::{StorageConfig, StorageMode};
-use crate::queue::sqlite::{self, from_millis, millis};
+use crate::queue::schema::{self, millis};
+use crate::queue::sqlite;
+
+pub use crate::queue::schema::DeadLetterRow;
 
 /// Which dead letters a command applies to.
 #[derive(Debug, Default, Clone)]
@@ -47,20 +50,6 @@ impl Selection {
     }
 }
 
-#[derive(Debug, serde::Serialize)]
-pub struct DeadLetterRow {
-    pub id: i64,
-    pub target: String,
-    pub stream: String,
-    pub event_type: String,
-    pub event_id: String,
-    pub n_attempts: u32,
-    pub last_status: Option<u16>,
-    pub last_error: String,
-    pub dead_at: String,
-    pub data_bytes: usize,
-}
-
 fn open(config: &StorageConfig) -> anyhow::Result<rusqlite::Connection> {
     anyhow::ensure!(
         config.mode == StorageMode::Sqlite,
@@ -87,26 +76,9 @@ pub fn list(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec
 fn list_rows(config: &StorageConfig, selection: &Selection) -> anyhow::Result<Vec<DeadLetterRow>> {
     let connection = open(config)?;
     let (filter, parameters) = selection.filter();
-    let mut statement = connection.prepare(&format!(
-        "SELECT id, target, stream, event_type, event_id, n_attempts, last_status, last_error, dead_at_ms, length(data)
-         FROM dead_letters WHERE {filter} ORDER BY id"
-    ))?;
+    let mut statement = connection.prepare(&format!("{}{filter} ORDER BY id", schema::LIST_DEAD_LETTERS))?;
     let rows = statement
-        .query_map(rusqlite::params_from_iter(parameters), |row| {
-            let event_id: Vec<u8> = row.get(4)?;
-            Ok(DeadLetterRow {
-                id: row.get(0)?,
-                target: row.get(1)?,
-                stream: row.get(2)?,
-                event_type: row.get(3)?,
-                event_id: uuid::Uuid::from_slice(&event_id).unwrap_or_default().to_string(),
-                n_attempts: row.get(5)?,
-                last_status: row.get(6)?,
-                last_error: row.get(7)?,
-                dead_at: humantime::format_rfc3339_seconds(from_millis(row.get(8)?)).to_string(),
-                data_bytes: row.get::<_, i64>(9)? as usize,
-            })
-        })?
+        .query_map(rusqlite::params_from_iter(parameters), schema::dead_letter_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
@@ -131,11 +103,7 @@ fn replay_rows(config: &StorageConfig, selection: &Selection, all: bool) -> anyh
     let (filter, parameters) = selection.filter();
     let transaction = connection.transaction()?;
     let n_replayed = transaction.execute(
-        &format!(
-            "INSERT INTO deliveries (target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
-             SELECT target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms
-             FROM dead_letters WHERE {filter} ORDER BY id"
-        ),
+        &format!("{}{filter} ORDER BY id", schema::REPLAY_DEAD_LETTERS),
         rusqlite::params_from_iter(parameters.clone()),
     )?;
     transaction.execute(

@@ -3,7 +3,7 @@
 //! An event is built once per upstream message and shared behind an `Arc` by all the deliveries
 //! made from it; its data is a `Bytes` so that every target sends the same bytes without a copy.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -55,14 +55,28 @@ pub struct Event {
     pub event_type: Arc<str>,
     /// The upstream's data bytes, unchanged.
     pub data: Bytes,
-    /// The data parsed as JSON, when it is JSON.
-    pub json: Option<serde_json::Value>,
+    /// Whether the data is JSON.
+    pub is_json: bool,
+    /// The data parsed as JSON, through [`Event::json`]. `classify` parses every event once and
+    /// sets it; an event loaded back from the store is parsed on first use only (a `pointer`
+    /// body needs it), and once whichever targets use it.
+    pub json: OnceLock<Option<serde_json::Value>>,
     pub received_at: SystemTime,
 }
 
 impl Event {
+    /// The data parsed as JSON, when it is JSON.
+    pub fn json(&self) -> Option<&serde_json::Value> {
+        if !self.is_json {
+            return None;
+        }
+        self.json
+            .get_or_init(|| serde_json::from_slice(&self.data).ok())
+            .as_ref()
+    }
+
     pub fn content_type(&self) -> &'static str {
-        if self.json.is_some() {
+        if self.is_json {
             "application/json"
         } else {
             "text/plain; charset=utf-8"

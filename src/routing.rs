@@ -55,7 +55,7 @@ impl Route {
             && self
                 .where_equal
                 .iter()
-                .all(|(pointer, expected)| event.json.as_ref().and_then(|json| json.pointer(pointer)) == Some(expected))
+                .all(|(pointer, expected)| event.json().and_then(|json| json.pointer(pointer)) == Some(expected))
     }
 }
 
@@ -232,7 +232,8 @@ routes:
             sse_id: None,
             event_type: Arc::from(event_type),
             data: Bytes::copy_from_slice(data.as_bytes()),
-            json: serde_json::from_str(data).ok(),
+            is_json: serde_json::from_str::<serde_json::Value>(data).is_ok(),
+            json: std::sync::OnceLock::new(),
             received_at: SystemTime::now(),
         }
     }

@@ -49,20 +49,20 @@ const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
 
 /// What streams hand events to: the routing table and the store. A reload replaces it whole,
 /// and each stream picks up the new one with its next event.
-pub struct Dispatch {
+pub struct Router {
     pub table: RoutingTable,
     pub store: Store,
     /// `sse_relay_events_received_total` handles, by `StreamId` and event type label index.
     received: Vec<Vec<prometheus::IntCounter>>,
 }
 
-impl Dispatch {
-    pub fn new(table: RoutingTable, store: Store, metrics: &Metrics) -> Dispatch {
+impl Router {
+    pub fn new(table: RoutingTable, store: Store, metrics: &Metrics) -> Router {
         let received = table
             .streams()
             .map(|(name, id)| metrics.events_received(name, table.event_type_labels(id)))
             .collect();
-        Dispatch { table, store, received }
+        Router { table, store, received }
     }
 }
 
@@ -158,13 +158,13 @@ pub fn reconnect_delay(
     }
 }
 
-/// Runs the stream until `stop` is cancelled; `dispatch` is the current routing table and store.
-pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Arc<Dispatch>>, stop: CancellationToken) {
+/// Runs the stream until `stop` is cancelled; `router` holds the current routing table and store.
+pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<Router>>, stop: CancellationToken) {
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
     // The store knows the last id this stream accepted, whether in this run (a reload that
     // restarted the stream) or the last one.
     let mut state = StreamState {
-        last_event_id: dispatch
+        last_event_id: router
             .borrow()
             .store
             .last_event_id(&stream.telemetry.name)
@@ -177,7 +177,7 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, dispatch: watch::Receiver<Ar
         duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
     };
     let mut backoff = stream.error_backoff();
-    while let Some(end) = read_connections(&stream, &dispatch, &mut state, &stop).await {
+    while let Some(end) = read_connections(&stream, &router, &mut state, &stop).await {
         let delay = reconnect_delay(&end, &stream.reconnect, &mut backoff, || stream.error_backoff());
         stream.telemetry.disconnected(end.reason, &end.detail, delay);
         if !delay.is_zero() {
@@ -524,7 +524,7 @@ impl Rotation {
 /// `None` when `stop` ended it.
 async fn read_connections(
     stream: &StreamRuntime,
-    dispatch: &watch::Receiver<Arc<Dispatch>>,
+    router: &watch::Receiver<Arc<Router>>,
     state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Option<ConnectionEnd> {
@@ -569,7 +569,7 @@ async fn read_connections(
                 let Some(connection) = connection_mut(&mut current, &mut rotation, which) else {
                     continue;
                 };
-                match read_item(stream, dispatch, state, stop, connection, which, item).await {
+                match read_item(stream, router, state, stop, connection, which, item).await {
                     Read::Nothing => None,
                     Read::Ended(ended) => Some(ended),
                     Read::Stopped => return None,
@@ -628,7 +628,7 @@ enum Read {
 /// are noted, an error or the end of the response ends the connection.
 async fn read_item(
     stream: &StreamRuntime,
-    dispatch: &watch::Receiver<Arc<Dispatch>>,
+    router: &watch::Receiver<Arc<Router>>,
     state: &mut StreamState,
     stop: &CancellationToken,
     connection: &mut Connection,
@@ -647,8 +647,8 @@ async fn read_item(
                 connection: connection.serial,
                 fresh_id,
             };
-            let current_dispatch = Arc::clone(&dispatch.borrow());
-            match accept(stream, &current_dispatch, message, origin, state, stop).await {
+            let current_router = Arc::clone(&router.borrow());
+            match accept(stream, &current_router, message, origin, state, stop).await {
                 Accepted::Stopped => Read::Stopped,
                 accepted => {
                     if let Accepted::Event = accepted {
@@ -837,11 +837,11 @@ enum Accepted {
 }
 
 /// Classifies one message, routes it, and submits a delivery per target to the store. When the
-/// store cannot take more (full, failing, or a dispatcher with no room), this waits, which
+/// store cannot take more (full, failing, or a target's outbox with no room), this waits, which
 /// pauses the stream on purpose, rather than drop anything.
 async fn accept(
     stream: &StreamRuntime,
-    dispatch: &Dispatch,
+    router: &Router,
     message: es::Event,
     origin: Origin,
     state: &mut StreamState,
@@ -876,46 +876,49 @@ async fn accept(
         );
     }
     // A reload removed this stream; its task is about to stop.
-    let Some(stream_id) = dispatch.table.stream_id(&telemetry.name) else {
+    let Some(stream_id) = router.table.stream_id(&telemetry.name) else {
         return Accepted::Noise;
     };
-    dispatch.received[stream_id.0][dispatch.table.event_type_label_index(stream_id, &event.event_type)].inc();
+    router.received[stream_id.0][router.table.event_type_label_index(stream_id, &event.event_type)].inc();
     let targets = &mut state.targets;
-    dispatch.table.route(stream_id, &event, targets);
+    router.table.route(stream_id, &event, targets);
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);
         // Only an event that is not a copy moves Last-Event-ID (a lagging old connection's
         // copies would move it back), and only once it is accepted: an event dropped at
         // shutdown is sent again after a resume.
         if let Some(id) = &event.sse_id {
-            remember_event_id(stream, &dispatch.store, state, id);
+            remember_event_id(stream, &router.store, state, id);
         }
         return Accepted::Event;
     }
 
     let event = Arc::new(event);
     // Only an id that can be sent back as Last-Event-ID is worth storing for the next run.
-    let position = event.sse_id.as_deref().filter(|id| can_resume_from(id));
+    let last_event_id = event.sse_id.as_deref().filter(|id| can_resume_from(id));
     let target_names: Vec<Arc<str>> = targets
         .iter()
-        .map(|target| Arc::clone(dispatch.table.target_name(*target)))
+        .map(|target| Arc::clone(router.table.target_name(*target)))
         .collect();
     tokio::select! {
         () = stop.cancelled() => {
             telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
             Accepted::Stopped
         }
-        submitted = dispatch.store.submit(Arc::clone(&event), target_names, position) => match submitted {
+        submitted = router.store.submit(Arc::clone(&event), target_names, last_event_id) => match submitted {
             Ok(waited) => {
                 if waited {
                     telemetry.backpressure();
                 }
                 if let Some(id) = &event.sse_id {
-                    remember_event_id(stream, &dispatch.store, state, id);
+                    remember_event_id(stream, &router.store, state, id);
                 }
                 Accepted::Event
             }
-            Err(_) => Accepted::Stopped,
+            Err(err) => {
+                telemetry.dropped(DropReason::Shutdown, &format_args!("the store did not take the event: {err}"));
+                Accepted::Stopped
+            }
         },
     }
 }

@@ -103,6 +103,8 @@ pub struct StorageTelemetry {
     pub errors: IntCounter,
     failing: std::sync::atomic::AtomicBool,
     last_error_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// `sse_relay_deliveries_total`, for deliveries that never reached their target's outbox.
+    deliveries: IntCounterVec,
 }
 
 /// A storage failure within this long of the last one logged as an error is part of the same
@@ -134,6 +136,18 @@ impl StorageTelemetry {
             *last_error_at = Some(std::time::Instant::now());
             error!(error = %problem, "storage is failing; streams pause until it recovers (logged once per outage)");
         }
+    }
+
+    /// Deliveries the store took but could not hand to their target (the relay stopped, or a
+    /// reload removed the target first): counted as abandoned, and logged.
+    pub fn not_delivered(&self, target: &str, n_deliveries: u64, why: &dyn Display) {
+        if n_deliveries == 0 {
+            return;
+        }
+        self.deliveries
+            .with_label_values(&[target, "abandoned"])
+            .inc_by(n_deliveries);
+        error!(webhook = %target, n_deliveries, "deliveries were not delivered: {why}");
     }
 
     /// Everything is written again.
@@ -206,6 +220,12 @@ impl Metrics {
         };
         let build_info = gauge("sse_relay_build_info", "Version of the running relay.", &["version"]);
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let deliveries = counter(
+            "sse_relay_deliveries_total",
+            "Deliveries by outcome: delivered, retried, failed, abandoned (at shutdown, memory store), \
+             dropped (the target's queue_capacity was full, memory store).",
+            &["target", "outcome"],
+        );
         Arc::new(Metrics {
             stream_connected: gauge(
                 "sse_relay_stream_connected",
@@ -258,12 +278,7 @@ impl Metrics {
                 "Events a stream had to wait to queue (the store or a target's queue was full).",
                 &["stream"],
             ),
-            deliveries: counter(
-                "sse_relay_deliveries_total",
-                "Deliveries by outcome: delivered, retried, failed, abandoned (at shutdown, memory store), \
-                 dropped (the target's queue_capacity was full, memory store).",
-                &["target", "outcome"],
-            ),
+            deliveries: deliveries.clone(),
             delivery_duration: register(
                 &registry,
                 HistogramVec::new(
@@ -322,6 +337,7 @@ impl Metrics {
                 ),
                 failing: std::sync::atomic::AtomicBool::new(false),
                 last_error_at: std::sync::Mutex::new(None),
+                deliveries,
             }),
             admin: AdminTelemetry {
                 connections_refused: register(

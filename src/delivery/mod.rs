@@ -21,7 +21,6 @@ use crate::delivery::breaker::BreakerConfig;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::delivery::request::Secrets;
 use crate::event::TargetId;
-use crate::queue::Store;
 use crate::queue::outbox::Outbox;
 use crate::secret_headers::{Owner, SecretHeaders};
 use crate::signing::SigningKey;
@@ -45,13 +44,13 @@ pub struct TargetRuntime {
     pub ordered: bool,
     pub signing_key: Option<Arc<SigningKey>>,
     pub breaker: BreakerConfig,
-    pub telemetry: TargetTelemetry,
+    pub telemetry: Arc<TargetTelemetry>,
     /// Removed from response excerpts before they are logged or stored.
     pub secrets: Secrets,
 }
 
 impl TargetRuntime {
-    pub fn new(id: TargetId, config: &TargetConfig, telemetry: TargetTelemetry) -> anyhow::Result<TargetRuntime> {
+    pub fn new(id: TargetId, config: &TargetConfig, telemetry: Arc<TargetTelemetry>) -> anyhow::Result<TargetRuntime> {
         let headers = SecretHeaders::new(Owner::Target(Arc::clone(&telemetry.name)), &config.headers)?;
         Ok(TargetRuntime {
             id,
@@ -139,14 +138,13 @@ pub fn display_url(url: &reqwest::Url, safe: bool) -> String {
     }
 }
 
-/// Starts the target's dispatcher on the receiving end of its input.
+/// Starts the target's dispatcher on its outbox.
 pub fn spawn_dispatcher(
     target: &Arc<TargetRuntime>,
-    input: Outbox,
-    store: &Store,
+    outbox: Outbox,
     client: &reqwest::Client,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let dispatcher = Dispatcher::new(Arc::clone(target), store.clone(), client.clone());
-    tokio::spawn(dispatcher.run(input, stop.clone()))
+    let dispatcher = Dispatcher::new(Arc::clone(target), outbox, client.clone());
+    tokio::spawn(dispatcher.run(stop.clone()))
 }

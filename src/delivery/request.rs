@@ -10,7 +10,7 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::config::BodyConfig;
 use crate::delivery::TargetRuntime;
-use crate::delivery::retry::{Verdict, verdict_for_status, verdict_for_transport_error};
+use crate::delivery::retry::{Failed, Verdict, verdict_for_status, verdict_for_transport_error};
 use crate::event::Event;
 use crate::retry_after;
 use crate::secret_headers::HeaderSet;
@@ -76,7 +76,7 @@ fn write_chain(formatter: &mut fmt::Formatter<'_>, err: &reqwest::Error) -> fmt:
 /// what went wrong.
 #[derive(Debug)]
 pub struct Failure {
-    pub verdict: Verdict,
+    pub verdict: Failed,
     pub status: Option<u16>,
     pub problem: Problem,
 }
@@ -88,7 +88,7 @@ pub struct Failure {
 /// the new values, within the same attempt, and its answer is the attempt's.
 pub async fn attempt(client: &reqwest::Client, target: &TargetRuntime, event: &Event) -> Result<(), Failure> {
     let (body, content_type) = body_for(&target.body, event).map_err(|message| Failure {
-        verdict: Verdict::Permanent,
+        verdict: Failed::Permanent,
         status: None,
         problem: Problem::Body(message),
     })?;
@@ -169,18 +169,19 @@ async fn send(
         .get(RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| retry_after::parse(value, SystemTime::now()));
-    let verdict = verdict_for_status(&target.retry, status, retry_after);
-
-    if verdict == Verdict::Delivered {
-        let mut n_read = 0;
-        while let Ok(Some(chunk)) = response.chunk().await {
-            n_read += chunk.len();
-            if n_read > DRAIN_BYTES {
-                break;
+    let verdict = match verdict_for_status(&target.retry, status, retry_after) {
+        Verdict::Delivered => {
+            let mut n_read = 0;
+            while let Ok(Some(chunk)) = response.chunk().await {
+                n_read += chunk.len();
+                if n_read > DRAIN_BYTES {
+                    break;
+                }
             }
+            return Ok(());
         }
-        return Ok(());
-    }
+        Verdict::Failed(failed) => failed,
+    };
 
     // Read past the excerpt's end by the longest secret, so that a secret starting inside the
     // excerpt is seen whole and removed, not cut into a prefix that stays.
@@ -289,8 +290,7 @@ pub fn body_for(body: &BodyConfig, event: &Event) -> Result<(Bytes, &'static str
         BodyConfig::Envelope => Ok((envelope(event), "application/json")),
         BodyConfig::Pointer(pointer) => {
             let part = event
-                .json
-                .as_ref()
+                .json()
                 .and_then(|json| json.pointer(&pointer.0))
                 .ok_or_else(|| format!("the event's data has no JSON value at {}", pointer.0))?;
             let bytes =
@@ -315,7 +315,7 @@ fn envelope(event: &Event) -> Bytes {
     out.extend_from_slice(b",\"received_at\":\"");
     out.extend_from_slice(received_at.as_bytes());
     out.extend_from_slice(b"\",\"data\":");
-    if event.json.is_some() {
+    if event.is_json {
         out.extend_from_slice(&event.data);
     } else {
         write_json_string(&mut out, &String::from_utf8_lossy(&event.data));
@@ -343,7 +343,8 @@ mod tests {
             sse_id: None,
             event_type: Arc::from("workflow_status"),
             data: Bytes::copy_from_slice(data.as_bytes()),
-            json: serde_json::from_str(data).ok(),
+            is_json: serde_json::from_str::<serde_json::Value>(data).is_ok(),
+            json: std::sync::OnceLock::new(),
             received_at: SystemTime::UNIX_EPOCH,
         }
     }

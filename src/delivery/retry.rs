@@ -10,13 +10,19 @@ use crate::config::{HttpStatus, RetryConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Delivered,
+    Failed(Failed),
+}
+
+/// What an attempt that did not deliver means: the whole judgement, which the dispatcher acts
+/// on and never second-guesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
     /// Worth another attempt; `retry_after` is the server's own request, if it made one.
-    Retry {
-        retry_after: Option<Duration>,
-    },
+    Retry { retry_after: Option<Duration> },
+    /// Not worth another attempt: a dead letter.
     Permanent,
     /// 410 Gone: the webhook was removed on purpose. The target is paused, and the delivery
-    /// kept, until the config changes.
+    /// kept (not attempted, not dead-lettered), until the config changes.
     Gone,
 }
 
@@ -31,11 +37,11 @@ pub enum Verdict {
 fn default_verdict(status: u16, retry_after: Option<Duration>) -> Verdict {
     match status {
         200..=299 => Verdict::Delivered,
-        404 | 408 | 425 | 429 => Verdict::Retry { retry_after },
-        410 => Verdict::Gone,
-        501 => Verdict::Permanent,
-        500..=599 => Verdict::Retry { retry_after },
-        _ => Verdict::Permanent,
+        404 | 408 | 425 | 429 => Verdict::Failed(Failed::Retry { retry_after }),
+        410 => Verdict::Failed(Failed::Gone),
+        501 => Verdict::Failed(Failed::Permanent),
+        500..=599 => Verdict::Failed(Failed::Retry { retry_after }),
+        _ => Verdict::Failed(Failed::Permanent),
     }
 }
 
@@ -45,17 +51,17 @@ fn default_verdict(status: u16, retry_after: Option<Duration>) -> Verdict {
 pub fn verdict_for_status(policy: &RetryConfig, status: u16, retry_after: Option<Duration>) -> Verdict {
     let listed = |statuses: &[HttpStatus]| statuses.iter().any(|listed| listed.0 == status);
     if listed(&policy.retry_statuses) {
-        Verdict::Retry { retry_after }
+        Verdict::Failed(Failed::Retry { retry_after })
     } else if listed(&policy.permanent_statuses) {
-        Verdict::Permanent
+        Verdict::Failed(Failed::Permanent)
     } else {
         default_verdict(status, retry_after)
     }
 }
 
 /// Transport errors (refused, reset, timed out) are always worth another attempt.
-pub fn verdict_for_transport_error() -> Verdict {
-    Verdict::Retry { retry_after: None }
+pub fn verdict_for_transport_error() -> Failed {
+    Failed::Retry { retry_after: None }
 }
 
 /// Why a delivery's retries ended.
@@ -138,9 +144,9 @@ mod tests {
         for &(verdict, statuses) in expected {
             for &status in statuses {
                 let (expected, expected_with_wait) = match verdict {
-                    Verdict::Retry { .. } => (
-                        Verdict::Retry { retry_after: None },
-                        Verdict::Retry { retry_after: wait },
+                    Verdict::Failed(Failed::Retry { .. }) => (
+                        Verdict::Failed(Failed::Retry { retry_after: None }),
+                        Verdict::Failed(Failed::Retry { retry_after: wait }),
                     ),
                     other => (other, other),
                 };
@@ -154,7 +160,8 @@ mod tests {
         }
     }
 
-    const RETRY: Verdict = Verdict::Retry { retry_after: None };
+    const RETRY: Verdict = Verdict::Failed(Failed::Retry { retry_after: None });
+    const PERMANENT: Verdict = Verdict::Failed(Failed::Permanent);
 
     #[test]
     fn statuses_are_classified() {
@@ -164,9 +171,9 @@ mod tests {
             &[
                 (Verdict::Delivered, &[200, 201, 202, 204, 299]),
                 (RETRY, &[404, 408, 425, 429, 500, 502, 503, 504, 599]),
-                (Verdict::Gone, &[410]),
+                (Verdict::Failed(Failed::Gone), &[410]),
                 (
-                    Verdict::Permanent,
+                    PERMANENT,
                     &[
                         301, 302, 304, 400, 401, 403, 405, 409, 411, 413, 414, 415, 422, 451, 501,
                     ],
@@ -182,12 +189,12 @@ mod tests {
             &[404, 503, 500],
             &[
                 (RETRY, &[409, 422, 501, 410, 408, 429, 502]),
-                (Verdict::Permanent, &[404, 503, 500, 400, 401]),
+                (PERMANENT, &[404, 503, 500, 400, 401]),
                 (Verdict::Delivered, &[200, 204]),
             ],
         );
         // 410 as a permanent failure is dead-lettered instead of pausing the target.
-        check_statuses(&[], &[410], &[(Verdict::Permanent, &[410]), (RETRY, &[404])]);
+        check_statuses(&[], &[410], &[(PERMANENT, &[410]), (RETRY, &[404])]);
     }
 
     fn config(max_attempts: usize, max_elapsed_secs: u64) -> RetryConfig {

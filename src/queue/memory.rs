@@ -1,73 +1,88 @@
-//! The in-memory store: deliveries live only in the dispatchers' memory, so this store hands
-//! out ids, counts them against `max_pending`, and passes deliveries straight on. What it holds
-//! is lost if the process dies, and dead letters are logged and counted but not kept.
+//! The in-memory store: deliveries live only in the outboxes, so this store hands out ids,
+//! counts them against `max_pending`, and passes deliveries straight on. What it holds is lost
+//! if the process dies, and dead letters are logged and counted but not kept.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::event::Event;
 use crate::queue::outbox::{OutboxInput, Outboxes};
-use crate::queue::{Pending, PendingLimit, StoreError, StreamPositions};
+use crate::queue::{Delivery, PendingLimit, StoreError, StreamPositions};
+use crate::telemetry::StorageTelemetry;
 
 #[derive(Clone)]
 pub struct MemoryStore {
     next_id: Arc<AtomicI64>,
     pub(super) limit: Arc<PendingLimit>,
     pub(super) positions: Arc<StreamPositions>,
-    /// By target name; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Arc<Mutex<Outboxes>>,
+    /// By target name; emptied at shutdown so the outboxes' inputs close.
+    outboxes: Arc<Mutex<Outboxes>>,
+    storage: Arc<StorageTelemetry>,
 }
 
 impl MemoryStore {
-    pub fn new(max_pending: u64, dispatchers: Outboxes) -> MemoryStore {
+    pub fn new(max_pending: u64, storage: Arc<StorageTelemetry>) -> MemoryStore {
         MemoryStore {
             next_id: Arc::new(AtomicI64::new(1)),
             limit: Arc::new(PendingLimit::new(max_pending, 0)),
             positions: Arc::default(),
-            dispatchers: Arc::new(Mutex::new(dispatchers)),
+            outboxes: Arc::default(),
+            storage,
         }
     }
 
-    /// Hands one delivery per target to its dispatcher, waiting while one is full (which
-    /// pauses the stream); returns whether it waited.
+    /// Hands one delivery per target to its outbox, waiting while one is full (which pauses
+    /// the stream); returns whether it waited.
     pub async fn submit(&self, event: &Arc<Event>, targets: &[Arc<str>]) -> Result<bool, StoreError> {
         let mut waited = false;
         for target in targets {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            // A reload may replace the dispatcher while this waits for room: then the delivery
+            let mut delivery = Delivery::new(id, Arc::clone(event));
+            // A reload may replace the outbox while this waits for room: then the delivery
             // goes to its successor.
-            let mut pending = Pending::new(id, Arc::clone(event));
-            for _ in 0..2 {
-                let Some(dispatcher) = self.dispatcher(target) else {
+            let mut refused_by: Option<OutboxInput> = None;
+            loop {
+                let Some(outbox) = self
+                    .outbox(target)
+                    .filter(|outbox| refused_by.as_ref().is_none_or(|refused| !refused.same_outbox(outbox)))
+                else {
                     // The target was removed by a reload, or the relay is stopping.
                     self.limit.release(1);
+                    self.storage.not_delivered(
+                        target,
+                        1,
+                        &"the target was removed or the relay stopped before the delivery reached it",
+                    );
                     break;
                 };
-                match dispatcher.send(pending).await {
+                match outbox.send(delivery).await {
                     Ok(waited_here) => {
                         waited |= waited_here;
                         break;
                     }
-                    Err(returned) => pending = returned,
+                    Err(returned) => {
+                        delivery = returned;
+                        refused_by = Some(outbox);
+                    }
                 }
             }
         }
         Ok(waited)
     }
 
-    fn dispatcher(&self, target: &str) -> Option<OutboxInput> {
-        self.dispatchers
+    fn outbox(&self, target: &str) -> Option<OutboxInput> {
+        self.outboxes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(target)
             .cloned()
     }
 
-    pub fn set_dispatchers(&self, dispatchers: Outboxes) {
-        *self.dispatchers.lock().unwrap_or_else(PoisonError::into_inner) = dispatchers;
+    pub fn set_outboxes(&self, outboxes: Outboxes) {
+        *self.outboxes.lock().unwrap_or_else(PoisonError::into_inner) = outboxes;
     }
 
     pub fn finish_submissions(&self) {
-        self.dispatchers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.outboxes.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }

@@ -9,6 +9,7 @@
 pub mod directory;
 pub mod memory;
 pub mod outbox;
+pub mod schema;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -19,15 +20,15 @@ use tokio::sync::Notify;
 
 use crate::config::{StorageConfig, StorageMode};
 use crate::event::Event;
-use crate::queue::outbox::Outboxes;
-use crate::telemetry::StorageTelemetry;
+use crate::queue::outbox::{Backlog, Outbox, OutboxInput, Outboxes};
+use crate::telemetry::{StorageTelemetry, TargetTelemetry};
 
 /// Identifies a delivery in its store; increases in the order deliveries were appended.
 pub type DeliveryId = i64;
 
-/// A delivery waiting for its target, with its retry state.
+/// One event on its way to one target, with its retry state.
 #[derive(Debug, Clone)]
-pub struct Pending {
+pub struct Delivery {
     pub id: DeliveryId,
     pub event: Arc<Event>,
     pub n_attempts: u32,
@@ -35,9 +36,9 @@ pub struct Pending {
     pub next_attempt_at: SystemTime,
 }
 
-impl Pending {
-    pub fn new(id: DeliveryId, event: Arc<Event>) -> Pending {
-        Pending {
+impl Delivery {
+    pub fn new(id: DeliveryId, event: Arc<Event>) -> Delivery {
+        Delivery {
             id,
             event,
             n_attempts: 0,
@@ -47,11 +48,49 @@ impl Pending {
     }
 }
 
-/// Why a delivery became a dead letter.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub last_status: Option<u16>,
-    pub last_error: String,
+/// The result of an attempt, as the store records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The target accepted it: the delivery leaves the store.
+    Delivered,
+    /// It is tried again at `next_attempt_at`.
+    Retry {
+        n_attempts: u32,
+        first_attempt_at: Option<SystemTime>,
+        next_attempt_at: SystemTime,
+        last_error: String,
+    },
+    /// It failed for good: the delivery leaves the queue for the dead letters.
+    DeadLetter {
+        n_attempts: u32,
+        last_status: Option<u16>,
+        last_error: String,
+    },
+}
+
+impl Outcome {
+    /// The delivery is tried again at its `next_attempt_at`.
+    pub fn retry(delivery: &Delivery, last_error: String) -> Outcome {
+        Outcome::Retry {
+            n_attempts: delivery.n_attempts,
+            first_attempt_at: delivery.first_attempt_at,
+            next_attempt_at: delivery.next_attempt_at,
+            last_error,
+        }
+    }
+
+    pub fn dead_letter(delivery: &Delivery, last_status: Option<u16>, last_error: String) -> Outcome {
+        Outcome::DeadLetter {
+            n_attempts: delivery.n_attempts,
+            last_status,
+            last_error,
+        }
+    }
+
+    /// The delivery leaves the queue with this outcome (its space is freed).
+    pub fn ends_delivery(&self) -> bool {
+        matches!(self, Outcome::Delivered | Outcome::DeadLetter { .. })
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,6 +101,8 @@ pub enum StoreError {
     Stopped,
 }
 
+/// The store of every delivery not yet delivered or dead-lettered. Streams submit to it; each
+/// target reads its deliveries from its [`Outbox`] and records what became of them there.
 #[derive(Clone)]
 pub enum Store {
     Memory(memory::MemoryStore),
@@ -69,31 +110,23 @@ pub enum Store {
 }
 
 impl Store {
-    /// Opens the store; it hands every delivery it takes to its target's dispatcher in
-    /// `dispatchers`, once the delivery is stored.
-    pub fn open(
-        config: &StorageConfig,
-        storage: Arc<StorageTelemetry>,
-        dispatchers: Outboxes,
-    ) -> anyhow::Result<Store> {
+    /// Opens the store. It hands what it stores to the outboxes that `set_outboxes` names.
+    pub fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<Store> {
         Ok(match config.mode {
-            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64, dispatchers)),
-            StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage, dispatchers)?),
+            StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64, storage)),
+            StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage)?),
         })
     }
 
-    pub fn is_durable(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
-    }
-
     /// Takes one delivery per target, waiting while the store is at `max_pending` or its
-    /// intake is full. With SQLite the deliveries reach the dispatchers once committed; the
-    /// caller goes on meanwhile. Returns whether it had to wait (backpressure).
+    /// intake is full. With SQLite the deliveries reach the outboxes once committed, with
+    /// `last_event_id` as the stream's position; the caller goes on meanwhile. Returns whether
+    /// it had to wait (backpressure).
     pub async fn submit(
         &self,
         event: Arc<Event>,
         targets: Vec<Arc<str>>,
-        position: Option<&str>,
+        last_event_id: Option<&str>,
     ) -> Result<bool, StoreError> {
         let n_deliveries = targets.len() as u64;
         let waited_for_room = self.limit().reserve(n_deliveries).await;
@@ -103,7 +136,7 @@ impl Store {
                 let append = sqlite::Append {
                     event,
                     targets,
-                    position: position.map(Box::from),
+                    last_event_id: last_event_id.map(Box::from),
                     intake: None,
                 };
                 store.submit(append).await
@@ -118,53 +151,20 @@ impl Store {
         }
     }
 
-    /// The target accepted the delivery.
-    pub async fn complete(&self, id: DeliveryId) {
-        self.limit().release(1);
-        if let Store::Sqlite(store) = self {
-            store.complete(id).await;
-        }
-    }
-
-    /// Records an attempt that will be retried at `pending.next_attempt_at`.
-    pub async fn reschedule(&self, pending: &Pending, last_error: &str) {
-        if let Store::Sqlite(store) = self {
-            store.reschedule(pending, last_error).await;
-        }
-    }
-
-    /// Moves the delivery to the dead letters (SQLite), or only counts it (memory).
-    pub async fn dead_letter(&self, pending: &Pending, dead_letter: DeadLetter) {
-        self.limit().release(1);
-        if let Store::Sqlite(store) = self {
-            store.dead_letter(pending, dead_letter).await;
-        }
-    }
-
-    /// Deliveries of `target` with ids above `after`, oldest first; always empty in memory.
-    pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
-        match self {
-            Store::Memory(_) => Ok(Vec::new()),
-            Store::Sqlite(store) => store.load(target, after, limit).await,
-        }
-    }
-
-    /// When the oldest delivery of `target` with an id above `after` arrived, if the store
-    /// holds one on disk; always `None` in memory.
-    pub async fn oldest_on_disk(&self, target: &str, after: DeliveryId) -> Result<Option<SystemTime>, StoreError> {
-        match self {
-            Store::Memory(_) => Ok(None),
-            Store::Sqlite(store) => store.oldest(target, after).await,
-        }
-    }
-
-    /// Counts changes made to the store by another process (`sse-relay dlq replay`); a
-    /// dispatcher that sees it move looks through the whole store for rows it has not seen.
-    pub fn external_changes(&self) -> u64 {
-        match self {
-            Store::Memory(_) => 0,
-            Store::Sqlite(store) => store.external_changes(),
-        }
+    /// The outbox of `target`: the dispatcher's end of what the store holds for it. Its input
+    /// is handed to the store with `set_outboxes`, at the moment the caller chooses (a reload
+    /// switches inputs before the old dispatcher stops and the new one starts).
+    pub fn outbox(&self, target: &str, telemetry: Arc<TargetTelemetry>, capacity: usize) -> (OutboxInput, Outbox) {
+        let (held_in, limit) = match self {
+            Store::Memory(store) => (outbox::Keeping::Memory { capacity }, Arc::clone(&store.limit)),
+            Store::Sqlite(store) => {
+                let n_stored = store.take_initial_pending(target);
+                telemetry.queue_depth.add(n_stored as i64);
+                let backlog: Arc<dyn Backlog> = Arc::new(store.clone());
+                (outbox::Keeping::Backlog(backlog), Arc::clone(&store.limit))
+            }
+        };
+        outbox::channel(Arc::from(target), telemetry, limit, held_in)
     }
 
     /// The last SSE id a stream accepted, in this run or (with SQLite) the last one, to resume
@@ -186,21 +186,12 @@ impl Store {
         }
     }
 
-    /// How many deliveries of `target` the store held when it was opened.
-    pub fn initial_pending(&self, target: &str) -> u64 {
-        match self {
-            Store::Memory(_) => 0,
-            Store::Sqlite(store) => store.initial_pending(target),
-        }
-    }
-
     /// Targets with deliveries in the store when it was opened.
-    pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
-        let names: Vec<&str> = match self {
+    pub fn pending_targets(&self) -> Vec<String> {
+        match self {
             Store::Memory(_) => Vec::new(),
-            Store::Sqlite(store) => store.pending_targets().collect(),
-        };
-        names.into_iter()
+            Store::Sqlite(store) => store.pending_targets(),
+        }
     }
 
     /// True while submits wait for room (`max_pending` reached).
@@ -208,11 +199,11 @@ impl Store {
         self.limit().is_full()
     }
 
-    /// A reload changed the targets: from now on, deliveries go to these dispatchers.
-    pub async fn set_dispatchers(&self, dispatchers: Outboxes) {
+    /// From now on, what the store takes goes to these outboxes (by target name).
+    pub async fn set_outboxes(&self, outboxes: Outboxes) {
         match self {
-            Store::Memory(store) => store.set_dispatchers(dispatchers),
-            Store::Sqlite(store) => store.set_dispatchers(dispatchers).await,
+            Store::Memory(store) => store.set_outboxes(outboxes),
+            Store::Sqlite(store) => store.set_outboxes(outboxes).await,
         }
     }
 
@@ -229,13 +220,8 @@ impl Store {
         retired
     }
 
-    /// Deliveries a stopped memory dispatcher dropped no longer count against `max_pending`.
-    pub fn release_abandoned(&self, n_deliveries: u64) {
-        self.limit().release(n_deliveries);
-    }
-
     /// After the streams stopped: stores what was submitted, hands it on, and then lets the
-    /// dispatchers' inputs close.
+    /// outboxes' inputs close.
     pub async fn finish_submissions(&self) {
         match self {
             Store::Memory(store) => store.finish_submissions(),
@@ -277,7 +263,7 @@ impl PendingLimit {
     }
 
     /// Returns whether it had to wait.
-    async fn reserve(&self, n: u64) -> bool {
+    pub(crate) async fn reserve(&self, n: u64) -> bool {
         let mut waited = false;
         loop {
             let notified = self.room.notified();
@@ -297,7 +283,7 @@ impl PendingLimit {
         }
     }
 
-    fn release(&self, n: u64) {
+    pub(crate) fn release(&self, n: u64) {
         let mut n_pending = self.n_pending.lock().unwrap_or_else(PoisonError::into_inner);
         // Replayed dead letters were never reserved, so this saturates rather than underflows.
         *n_pending = n_pending.saturating_sub(n);

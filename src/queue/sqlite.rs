@@ -3,8 +3,8 @@
 //! deliveries rather than one each.
 //!
 //! Streams submit appends and go on reading; the writer hands each delivery to its target's
-//! dispatcher only after the transaction holding it has committed, so nothing is attempted
-//! before it is on disk. Appends and the dispatchers' updates (complete, reschedule, dead
+//! outbox only after the transaction holding it has committed, so nothing is attempted
+//! before it is on disk. Appends and the outboxes' results (delivered, retry, dead
 //! letter) travel on separate channels: when appends cannot be written (a full disk), updates
 //! still can, and they are what frees the space.
 //!
@@ -13,22 +13,23 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::sleep_until as tokio_sleep_until;
 use tracing::warn;
 
 use crate::config::StorageConfig;
-use crate::event::{Event, EventId};
+use crate::event::Event;
 use crate::queue::directory::{Reserve, StorageLock};
-use crate::queue::outbox::Outboxes;
-use crate::queue::{DeadLetter, DeliveryId, Pending, PendingLimit, StoreError, StreamPositions};
+use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
+use crate::queue::schema::{self, SCHEMA, millis};
+use crate::queue::{Delivery, DeliveryId, Outcome, PendingLimit, StoreError, StreamPositions};
 use crate::telemetry::StorageTelemetry;
 
 /// The database file inside `storage.path`.
@@ -42,7 +43,7 @@ const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// How often the writer looks for rows that another process wrote (`sse-relay dlq replay`).
-/// The writer looks only when it has work; the dispatchers give it some every second.
+/// The writer looks only when it has work; the outboxes give it some every second.
 const EXTERNAL_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often, at most, the writer tries to make the reserve again because results freed space;
@@ -52,97 +53,31 @@ const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often dead letters past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    target TEXT NOT NULL,
-    event_id BLOB NOT NULL,
-    stream TEXT NOT NULL,
-    sse_id TEXT,
-    event_type TEXT NOT NULL,
-    data BLOB NOT NULL,
-    is_json INTEGER NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    n_attempts INTEGER NOT NULL DEFAULT 0,
-    first_attempt_at_ms INTEGER,
-    next_attempt_at_ms INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS deliveries_by_target ON deliveries (target, id);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    target TEXT NOT NULL,
-    event_id BLOB NOT NULL,
-    stream TEXT NOT NULL,
-    sse_id TEXT,
-    event_type TEXT NOT NULL,
-    data BLOB NOT NULL,
-    is_json INTEGER NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    n_attempts INTEGER NOT NULL,
-    last_status INTEGER,
-    last_error TEXT NOT NULL,
-    dead_at_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_by_target ON dead_letters (target, id);
-CREATE TABLE IF NOT EXISTS stream_positions (
-    stream TEXT PRIMARY KEY,
-    last_event_id TEXT NOT NULL
-);
-";
-
-/// Columns of a delivery, in the order `pending_from_row` reads them.
-pub const DELIVERY_COLUMNS: &str = "id, event_id, stream, sse_id, event_type, data, is_json, received_at_ms, \
-                                    n_attempts, first_attempt_at_ms, next_attempt_at_ms";
-
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// One event's deliveries, one per target (by name), and the stream position it brings.
+/// One event's deliveries, one per target (by name), and the stream's Last-Event-ID with it.
 pub struct Append {
     pub event: Arc<Event>,
     pub targets: Vec<Arc<str>>,
-    pub position: Option<Box<str>>,
+    pub last_event_id: Option<Box<str>>,
     /// The event's share of the bytes that may wait for the writer; given back once written.
     pub intake: Option<OwnedSemaphorePermit>,
 }
 
-/// A delivery's result, to be recorded.
-#[derive(Debug)]
-enum Outcome {
-    Complete,
-    Reschedule {
-        n_attempts: u32,
-        first_attempt_at: Option<SystemTime>,
-        next_attempt_at: SystemTime,
-        last_error: String,
-    },
-    DeadLetter {
-        n_attempts: u32,
-        dead_letter: DeadLetter,
-    },
-}
-
-impl Outcome {
-    /// The delivery leaves the queue with this outcome (space is freed).
-    fn ends_delivery(&self) -> bool {
-        matches!(self, Outcome::Complete | Outcome::DeadLetter { .. })
-    }
-}
-
-/// What dispatchers (and shutdown) send the writer.
+/// What outboxes (and shutdown) send the writer.
 enum Command {
     Record {
         id: DeliveryId,
         outcome: Outcome,
     },
     Read(Read),
-    /// Write what was submitted, hand it on, then let go of the dispatchers.
+    /// Write what was submitted, hand it on, then let go of the outboxes.
     FinishAppends {
         reply: oneshot::Sender<()>,
     },
-    /// A reload changed the targets: hand deliveries to these dispatchers from now on.
+    /// Hand deliveries to these outboxes from now on.
     SetOutboxes {
-        dispatchers: Outboxes,
+        outboxes: Outboxes,
         reply: oneshot::Sender<()>,
     },
     /// A reload removed a target: its pending deliveries become dead letters.
@@ -159,14 +94,14 @@ enum Command {
 enum Read {
     /// Deliveries of `target` with ids above `after`, oldest first.
     Load {
-        target: String,
+        target: Arc<str>,
         after: DeliveryId,
         limit: usize,
-        reply: Reply<Vec<Pending>>,
+        reply: Reply<Vec<Delivery>>,
     },
     /// When the oldest delivery of `target` with an id above `after` arrived.
     Oldest {
-        target: String,
+        target: Arc<str>,
         after: DeliveryId,
         reply: Reply<Option<SystemTime>>,
     },
@@ -183,7 +118,10 @@ pub struct SqliteStore {
     intake: Arc<Semaphore>,
     pub(super) limit: Arc<PendingLimit>,
     pub(super) positions: Arc<StreamPositions>,
-    initial_pending: Arc<HashMap<String, u64>>,
+    /// Deliveries of each target in the store when it was opened, until its first outbox
+    /// counts them.
+    initial_pending: Arc<Mutex<HashMap<String, u64>>>,
+    pending_targets: Arc<[String]>,
     external_changes: Arc<AtomicU64>,
 }
 
@@ -289,12 +227,8 @@ fn is_out_of_space(err: &rusqlite::Error) -> bool {
 
 impl SqliteStore {
     /// Opens (or creates) the database and starts the writer, which hands committed deliveries
-    /// to `dispatchers`.
-    pub fn open(
-        config: &StorageConfig,
-        storage: Arc<StorageTelemetry>,
-        dispatchers: Outboxes,
-    ) -> anyhow::Result<SqliteStore> {
+    /// to the outboxes it is given.
+    pub fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<SqliteStore> {
         let directory = Path::new(&config.path.0);
         let mut lock = StorageLock::acquire(directory)?;
         let path = database_path(config);
@@ -349,7 +283,7 @@ impl SqliteStore {
             connection: Some(connection),
             max_pages,
             max_group_bytes,
-            dispatchers,
+            outboxes: Outboxes::new(),
             unrecorded: BTreeMap::new(),
             reserve,
             last_restore_try: Instant::now(),
@@ -366,15 +300,10 @@ impl SqliteStore {
             intake: Arc::new(Semaphore::new(INTAKE_KIB as usize)),
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
             positions: Arc::new(StreamPositions::new(positions)),
-            initial_pending: Arc::new(initial_pending),
+            pending_targets: initial_pending.keys().cloned().collect(),
+            initial_pending: Arc::new(Mutex::new(initial_pending)),
             external_changes,
         })
-    }
-
-    /// How many times another process (`sse-relay dlq replay` or `purge`) changed the database
-    /// since the relay started, as far as the writer has looked.
-    pub fn external_changes(&self) -> u64 {
-        self.external_changes.load(Ordering::Relaxed)
     }
 
     /// Queues the append for the writer; returns whether it had to wait for room, in the
@@ -405,32 +334,6 @@ impl SqliteStore {
         }
     }
 
-    async fn record(&self, id: DeliveryId, outcome: Outcome) {
-        let _ = self.commands.send(Command::Record { id, outcome }).await;
-    }
-
-    pub async fn complete(&self, id: DeliveryId) {
-        self.record(id, Outcome::Complete).await;
-    }
-
-    pub async fn reschedule(&self, pending: &Pending, last_error: &str) {
-        let outcome = Outcome::Reschedule {
-            n_attempts: pending.n_attempts,
-            first_attempt_at: pending.first_attempt_at,
-            next_attempt_at: pending.next_attempt_at,
-            last_error: last_error.to_owned(),
-        };
-        self.record(pending.id, outcome).await;
-    }
-
-    pub async fn dead_letter(&self, pending: &Pending, dead_letter: DeadLetter) {
-        let outcome = Outcome::DeadLetter {
-            n_attempts: pending.n_attempts,
-            dead_letter,
-        };
-        self.record(pending.id, outcome).await;
-    }
-
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -440,31 +343,18 @@ impl SqliteStore {
         answer.await.map_err(|_| StoreError::Stopped)?
     }
 
-    pub async fn load(&self, target: &str, after: DeliveryId, limit: usize) -> Result<Vec<Pending>, StoreError> {
-        let target = target.to_owned();
-        self.ask(|reply| {
-            Command::Read(Read::Load {
-                target,
-                after,
-                limit,
-                reply,
-            })
-        })
-        .await
+    pub fn pending_targets(&self) -> Vec<String> {
+        self.pending_targets.to_vec()
     }
 
-    pub async fn oldest(&self, target: &str, after: DeliveryId) -> Result<Option<SystemTime>, StoreError> {
-        let target = target.to_owned();
-        self.ask(|reply| Command::Read(Read::Oldest { target, after, reply }))
-            .await
-    }
-
-    pub fn pending_targets(&self) -> impl Iterator<Item = &str> {
-        self.initial_pending.keys().map(String::as_str)
-    }
-
-    pub fn initial_pending(&self, target: &str) -> u64 {
-        self.initial_pending.get(target).copied().unwrap_or(0)
+    /// How many deliveries of `target` the store held when it was opened; counted by the
+    /// target's first outbox only.
+    pub fn take_initial_pending(&self, target: &str) -> u64 {
+        self.initial_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(target)
+            .unwrap_or(0)
     }
 
     /// Sends a command that only acknowledges, and waits for the acknowledgement.
@@ -475,8 +365,8 @@ impl SqliteStore {
         }
     }
 
-    pub async fn set_dispatchers(&self, dispatchers: Outboxes) {
-        self.acknowledged(|reply| Command::SetOutboxes { dispatchers, reply })
+    pub async fn set_outboxes(&self, outboxes: Outboxes) {
+        self.acknowledged(|reply| Command::SetOutboxes { outboxes, reply })
             .await;
     }
 
@@ -493,6 +383,47 @@ impl SqliteStore {
     }
 }
 
+impl Backlog for SqliteStore {
+    fn load(&self, target: &Arc<str>, after: DeliveryId, limit: usize) -> LoadFuture {
+        let (store, target) = (self.clone(), Arc::clone(target));
+        Box::pin(async move {
+            store
+                .ask(|reply| {
+                    Command::Read(Read::Load {
+                        target,
+                        after,
+                        limit,
+                        reply,
+                    })
+                })
+                .await
+        })
+    }
+
+    fn oldest(
+        &self,
+        target: &Arc<str>,
+        after: DeliveryId,
+    ) -> BoxFuture<'static, Result<Option<SystemTime>, StoreError>> {
+        let (store, target) = (self.clone(), Arc::clone(target));
+        Box::pin(async move {
+            store
+                .ask(|reply| Command::Read(Read::Oldest { target, after, reply }))
+                .await
+        })
+    }
+
+    fn record(&self, id: DeliveryId, outcome: Outcome) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.commands.send(Command::Record { id, outcome }).await;
+        })
+    }
+
+    fn external_changes(&self) -> u64 {
+        self.external_changes.load(Ordering::Relaxed)
+    }
+}
+
 struct Writer {
     /// Lent to a blocking thread for each transaction.
     connection: Option<Connection>,
@@ -503,8 +434,8 @@ struct Writer {
     /// at the same size, what a checkpoint must add to the database file always fits in the
     /// reserve.
     max_group_bytes: usize,
-    /// By target name; emptied at shutdown so the dispatchers' inputs close.
-    dispatchers: Outboxes,
+    /// By target name; emptied at shutdown so the outboxes' inputs close.
+    outboxes: Outboxes,
     /// Results that could not be written yet (a full disk), by delivery id; written with the
     /// next results. A delivery that left the queue here is not loaded again meanwhile.
     unrecorded: BTreeMap<DeliveryId, Outcome>,
@@ -578,7 +509,7 @@ impl Writer {
                         finished_appends = Some(reply);
                     }
                     Command::Close { reply } => close = Some(reply),
-                    Command::SetOutboxes { dispatchers, reply } => {
+                    Command::SetOutboxes { outboxes, reply } => {
                         // Appends taken so far were routed with the old targets: hand them on first.
                         if !unwritten.is_empty()
                             && self.reserve.is_present()
@@ -586,7 +517,7 @@ impl Writer {
                         {
                             unwritten = failed;
                         }
-                        self.dispatchers = dispatchers;
+                        self.outboxes = outboxes;
                         let _ = reply.send(());
                     }
                     Command::RetireTarget { target, reply } => {
@@ -637,14 +568,9 @@ impl Writer {
                 self.storage.write_succeeded();
             }
             if let Some(reply) = finished_appends.take_if(|_| unwritten.is_empty() || close.is_some()) {
-                if !unwritten.is_empty() {
-                    warn!(
-                        n_events = unwritten.len(),
-                        "events that storage could not take at shutdown were not stored"
-                    );
-                }
-                // The dispatchers see their input close once nothing more can come.
-                self.dispatchers.clear();
+                self.not_stored_at_shutdown(&unwritten);
+                // The outboxes see their input close once nothing more can come.
+                self.outboxes.clear();
                 let _ = reply.send(());
             }
             if let Some(reply) = close {
@@ -666,6 +592,23 @@ impl Writer {
             if self.last_version_check.elapsed() >= EXTERNAL_CHANGE_INTERVAL {
                 self.look_for_external_changes().await;
             }
+        }
+    }
+
+    /// Appends that could not be stored before shutdown: counted per target, and logged.
+    fn not_stored_at_shutdown(&self, unwritten: &[Append]) {
+        let mut by_target: BTreeMap<&str, u64> = BTreeMap::new();
+        for append in unwritten {
+            for target in &append.targets {
+                *by_target.entry(target).or_default() += 1;
+            }
+        }
+        for (target, n_deliveries) in by_target {
+            self.storage.not_delivered(
+                target,
+                n_deliveries,
+                &"storage could not take the events before shutdown, so they were not stored",
+            );
         }
     }
 
@@ -709,7 +652,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits the appends in one transaction and hands each delivery to its dispatcher. If the
+    /// Commits the appends in one transaction and hands each delivery to its outbox. If the
     /// group fails, the appends are tried one at a time, so that a store with room for some but
     /// not all of them (a nearly full disk) still makes progress; those that fail are returned,
     /// in order, to be tried again.
@@ -751,15 +694,16 @@ impl Writer {
         Ok(())
     }
 
-    /// Gives each committed delivery to its target's dispatcher; `ids` follow the appends'
-    /// targets in order. Never waits: see `OutboxInput::offer`.
+    /// Gives each committed delivery to its target's outbox; `ids` follow the appends'
+    /// targets in order. Never waits: see `OutboxInput::offer`. A target with no outbox (a
+    /// reload is removing it) keeps the row, which becomes a dead letter when it is retired.
     fn hand_on(&self, appends: &[Append], ids: Vec<DeliveryId>) {
         let mut ids = ids.into_iter();
         for append in appends {
             for target in &append.targets {
                 let Some(id) = ids.next() else { return };
-                if let Some(dispatcher) = self.dispatchers.get(target) {
-                    dispatcher.offer(Pending::new(id, Arc::clone(&append.event)));
+                if let Some(outbox) = self.outboxes.get(target) {
+                    outbox.offer(Delivery::new(id, Arc::clone(&append.event)));
                 }
             }
         }
@@ -936,10 +880,7 @@ fn insert_appends(connection: &mut Connection, batch: &[Append], max_pages: i64)
     let transaction = connection.transaction()?;
     let mut ids = Vec::with_capacity(batch.len());
     {
-        let mut insert = transaction.prepare_cached(
-            "INSERT INTO deliveries (target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
+        let mut insert = transaction.prepare_cached(schema::INSERT_DELIVERY)?;
         let mut save_position = transaction.prepare_cached(
             "INSERT INTO stream_positions (stream, last_event_id) VALUES (?1, ?2)
              ON CONFLICT (stream) DO UPDATE SET last_event_id = excluded.last_event_id",
@@ -954,12 +895,12 @@ fn insert_appends(connection: &mut Connection, batch: &[Append], max_pages: i64)
                     event.sse_id.as_deref(),
                     &*event.event_type,
                     &event.data[..],
-                    event.json.is_some(),
+                    event.is_json,
                     millis(event.received_at),
                 ])?;
                 ids.push(transaction.last_insert_rowid());
             }
-            if let Some(last_event_id) = &append.position {
+            if let Some(last_event_id) = &append.last_event_id {
                 save_position.execute(params![&*event.stream_name, &**last_event_id])?;
             }
         }
@@ -986,12 +927,12 @@ fn apply_outcomes(
 
 fn apply_outcome(transaction: &rusqlite::Transaction<'_>, id: DeliveryId, outcome: &Outcome) -> rusqlite::Result<()> {
     match outcome {
-        Outcome::Complete => {
+        Outcome::Delivered => {
             transaction
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
         }
-        Outcome::Reschedule {
+        Outcome::Retry {
             n_attempts,
             first_attempt_at,
             next_attempt_at,
@@ -1012,22 +953,16 @@ fn apply_outcome(transaction: &rusqlite::Transaction<'_>, id: DeliveryId, outcom
         }
         Outcome::DeadLetter {
             n_attempts,
-            dead_letter,
+            last_status,
+            last_error,
         } => {
-            transaction
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO dead_letters (id, target, event_id, stream, sse_id, event_type, data,
-                     is_json, received_at_ms, n_attempts, last_status, last_error, dead_at_ms)
-                     SELECT id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms,
-                     ?2, ?3, ?4, ?5 FROM deliveries WHERE id = ?1",
-                )?
-                .execute(params![
-                    id,
-                    n_attempts,
-                    dead_letter.last_status,
-                    dead_letter.last_error,
-                    millis(SystemTime::now())
-                ])?;
+            transaction.prepare_cached(schema::DEAD_LETTER_ONE)?.execute(params![
+                id,
+                n_attempts,
+                last_status,
+                last_error,
+                millis(SystemTime::now())
+            ])?;
             transaction
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
@@ -1040,10 +975,7 @@ fn apply_outcome(transaction: &rusqlite::Transaction<'_>, id: DeliveryId, outcom
 fn retire_target(connection: &mut Connection, target: &str) -> rusqlite::Result<usize> {
     let transaction = connection.transaction()?;
     let n_retired = transaction.execute(
-        "INSERT OR REPLACE INTO dead_letters (id, target, event_id, stream, sse_id, event_type, data, is_json,
-         received_at_ms, n_attempts, last_status, last_error, dead_at_ms)
-         SELECT id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms, n_attempts,
-         NULL, 'the target was removed from the config', ?2 FROM deliveries WHERE target = ?1",
+        schema::DEAD_LETTER_ALL_OF_TARGET,
         params![target, millis(SystemTime::now())],
     )?;
     transaction.execute("DELETE FROM deliveries WHERE target = ?1", [target])?;
@@ -1070,12 +1002,13 @@ fn load(
     after: DeliveryId,
     limit: usize,
     ended: &HashSet<DeliveryId>,
-) -> rusqlite::Result<Vec<Pending>> {
+) -> rusqlite::Result<Vec<Delivery>> {
     connection
-        .prepare_cached(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
-        ))?
-        .query_map(params![target, after, (limit + ended.len()) as i64], pending_from_row)?
+        .prepare_cached(schema::LOAD_DELIVERIES)?
+        .query_map(
+            params![target, after, (limit + ended.len()) as i64],
+            schema::delivery_from_row,
+        )?
         .filter(|pending| pending.as_ref().map_or(true, |pending| !ended.contains(&pending.id)))
         .take(limit)
         .collect()
@@ -1087,47 +1020,7 @@ fn oldest(connection: &Connection, target: &str, after: DeliveryId) -> rusqlite:
         .prepare_cached("SELECT received_at_ms FROM deliveries WHERE target = ?1 AND id > ?2 ORDER BY id LIMIT 1")?
         .query_row(params![target, after], |row| row.get::<_, i64>(0))
         .optional()?;
-    Ok(oldest.map(from_millis))
-}
-
-/// Reads a row selected with `DELIVERY_COLUMNS`.
-pub fn pending_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Pending> {
-    let event_id: Vec<u8> = row.get(1)?;
-    let data: Vec<u8> = row.get(5)?;
-    let is_json: bool = row.get(6)?;
-    let json = if is_json {
-        serde_json::from_slice(&data).ok()
-    } else {
-        None
-    };
-    let stream: String = row.get(2)?;
-    let event_type: String = row.get(4)?;
-    let event = Event {
-        id: EventId(uuid::Uuid::from_slice(&event_id).unwrap_or_default()),
-        stream_name: Arc::from(stream),
-        sse_id: row.get::<_, Option<String>>(3)?.map(String::into_boxed_str),
-        event_type: Arc::from(event_type),
-        data: Bytes::from(data),
-        json,
-        received_at: from_millis(row.get(7)?),
-    };
-    Ok(Pending {
-        id: row.get(0)?,
-        event: Arc::new(event),
-        n_attempts: row.get(8)?,
-        first_attempt_at: row.get::<_, Option<i64>>(9)?.map(from_millis),
-        next_attempt_at: from_millis(row.get(10)?),
-    })
-}
-
-pub fn millis(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|since| since.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-pub fn from_millis(millis: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
+    Ok(oldest.map(schema::from_millis))
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

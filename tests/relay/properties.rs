@@ -572,7 +572,7 @@ fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
                 .map_err(|err| TestCaseError::fail(err.to_string()))?;
         }
     }
-    let target = TargetRuntime::new(TargetId(0), n8n, metrics.target("n8n"));
+    let target = TargetRuntime::new(TargetId(0), n8n, std::sync::Arc::new(metrics.target("n8n")));
     let target = target.map_err(|err| TestCaseError::fail(err.to_string()))?;
     let request = client
         .post(target.url.clone())
@@ -856,7 +856,7 @@ proptest! {
                 prop_assert_eq!(&*event.event_type, event_type.as_str());
                 prop_assert_eq!(&event.data[..], data.as_bytes());
                 prop_assert_eq!(event.sse_id.as_deref(), id.as_deref());
-                prop_assert_eq!(&event.json, &json);
+                prop_assert_eq!(event.json(), json.as_ref());
                 prop_assert_eq!(targets, expected_targets(&routing.config, stream_name, &event_type, json.as_ref()));
             }
         }
@@ -988,7 +988,8 @@ proptest! {
                 sse_id: None,
                 event_type: Arc::from(event_type),
                 data: Bytes::from(json.as_ref().map(serde_json::Value::to_string).unwrap_or_default()),
-                json: json.clone(),
+                is_json: json.is_some(),
+                json: std::sync::OnceLock::from(json.clone()),
                 received_at: SystemTime::now(),
             };
             let mut targets = Vec::new();
