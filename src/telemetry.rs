@@ -222,8 +222,9 @@ impl Metrics {
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let deliveries = counter(
             "sse_relay_deliveries_total",
-            "Deliveries by outcome: delivered, retried, failed, abandoned (at shutdown, memory store), \
-             dropped (the target's queue_capacity was full, memory store).",
+            "Deliveries by outcome: delivered, retried, failed, abandoned (not delivered at shutdown with \
+             the memory store, or not stored before shutdown or a reload removed the target), dropped (the \
+             target's queue_capacity was full, memory store).",
             &["target", "outcome"],
         );
         Arc::new(Metrics {

@@ -292,6 +292,10 @@ impl SqliteStore {
             storage,
             retention: config.dead_letter_retention,
             last_purge: Instant::now() - PURGE_INTERVAL,
+            unwritten: Vec::new(),
+            retry_at: None,
+            retry_delay: MIN_RETRY_DELAY,
+            finished_appends: None,
         };
         tokio::spawn(writer.run(append_receiver, command_receiver));
         Ok(SqliteStore {
@@ -452,138 +456,52 @@ struct Writer {
     data_version: i64,
     last_version_check: Instant,
     external_changes: Arc<AtomicU64>,
+    /// Appends received but not yet committed, in order.
+    unwritten: Vec<Append>,
+    /// After a failure, when to try everything that failed again, and the wait after that.
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
+    /// Set once the streams have stopped: answered when what they submitted is written.
+    finished_appends: Option<oneshot::Sender<()>>,
+}
+
+/// What one turn of the writer records, reads, and whether it closes.
+#[derive(Default)]
+struct Turn {
+    results: Vec<(DeliveryId, Outcome)>,
+    reads: Vec<Read>,
+    close: Option<oneshot::Sender<()>>,
+    /// Time to try again what failed.
+    retry_due: bool,
 }
 
 impl Writer {
     async fn run(mut self, mut appends: mpsc::Receiver<Append>, mut commands: mpsc::Receiver<Command>) {
-        // Appends received but not yet committed, in order; after a failure, when to try
-        // everything that failed again.
-        let mut unwritten: Vec<Append> = Vec::new();
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        let mut retry_delay = MIN_RETRY_DELAY;
-        let mut finished_appends: Option<oneshot::Sender<()>> = None;
         loop {
-            let mut batch = Vec::new();
-            let mut retry_due = false;
-            // Appends wait while the reserve is given up: the space is for recording results.
-            let take_appends = retry_at.is_none()
-                && self.reserve.is_present()
-                && unwritten.len() < MAX_GROUP
-                && finished_appends.is_none();
-            tokio::select! {
-                biased;
-                command = commands.recv() => match command {
-                    Some(command) => batch.push(command),
-                    None => return,
-                },
-                Some(append) = appends.recv(), if take_appends => unwritten.push(append),
-                () = sleep_until(retry_at) => {
-                    retry_at = None;
-                    retry_due = true;
-                }
-            }
-            while batch.len() < MAX_GROUP
-                && let Ok(command) = commands.try_recv()
-            {
-                batch.push(command);
-            }
-            while take_appends
-                && unwritten.len() < MAX_GROUP
-                && let Ok(append) = appends.try_recv()
-            {
-                unwritten.push(append);
-            }
-
-            let mut close = None;
-            let mut results = Vec::new();
-            let mut reads = Vec::new();
-            for command in batch {
-                match command {
-                    Command::Record { id, outcome } => results.push((id, outcome)),
-                    Command::Read(read) => reads.push(read),
-                    Command::FinishAppends { reply } => {
-                        // Take what was submitted before this, then no more.
-                        while let Ok(append) = appends.try_recv() {
-                            unwritten.push(append);
-                        }
-                        finished_appends = Some(reply);
-                    }
-                    Command::Close { reply } => close = Some(reply),
-                    Command::SetOutboxes { outboxes, reply } => {
-                        // Appends taken so far were routed with the old targets: hand them on first.
-                        if !unwritten.is_empty()
-                            && self.reserve.is_present()
-                            && let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await
-                        {
-                            unwritten = failed;
-                        }
-                        self.outboxes = outboxes;
-                        let _ = reply.send(());
-                    }
-                    Command::RetireTarget { target, reply } => {
-                        let retired = self
-                            .with_connection(move |connection| retire_target(connection, &target))
-                            .await;
-                        if let Err(err) = &retired {
-                            self.storage.write_failed(&format_args!(
-                                "cannot dead-letter the deliveries of a removed target: {err}"
-                            ));
-                        }
-                        let _ = reply.send(retired.map_err(|err| StoreError::Failed(err.to_string())));
-                    }
-                }
-            }
-
-            if !results.is_empty() || (retry_due || close.is_some()) && !self.unrecorded.is_empty() {
-                // A delivery that left the queue frees space: appends waiting on a full store
-                // are worth another try at once, and so is the reserve (once a second).
-                let frees_space = results.iter().any(|(_, outcome)| outcome.ends_delivery());
-                if self.record(results).await && frees_space {
-                    retry_at = None;
-                    retry_due |= self.last_restore_try.elapsed() >= RESTORE_INTERVAL;
-                }
-            }
-            if retry_due && !self.reserve.is_present() {
+            let Some((batch, retry_due)) = self.take(&mut appends, &mut commands).await else {
+                return;
+            };
+            let mut turn = self.sort(batch, &mut appends).await;
+            turn.retry_due |= retry_due;
+            self.record_results(&mut turn).await;
+            if turn.retry_due && !self.reserve.is_present() {
                 self.restore_reserve().await;
             }
-            if !reads.is_empty() {
-                self.answer(reads).await;
+            if !turn.reads.is_empty() {
+                self.answer(std::mem::take(&mut turn.reads)).await;
             }
-            let mut appends_failed = false;
-            if retry_at.is_none()
-                && self.reserve.is_present()
-                && !unwritten.is_empty()
-                && let Err(failed) = self.write_appends(std::mem::take(&mut unwritten)).await
+            self.write_unwritten().await;
+            if let Some(reply) = self
+                .finished_appends
+                .take_if(|_| self.unwritten.is_empty() || turn.close.is_some())
             {
-                unwritten = failed;
-                appends_failed = true;
-            }
-            if appends_failed || !self.unrecorded.is_empty() || !self.reserve.is_present() {
-                if retry_at.is_none() {
-                    retry_at = Some(tokio::time::Instant::now() + retry_delay);
-                    retry_delay = (retry_delay * 2).min(MAX_RETRY_DELAY);
-                }
-            } else if retry_at.is_none() {
-                retry_delay = MIN_RETRY_DELAY;
-                self.storage.write_succeeded();
-            }
-            if let Some(reply) = finished_appends.take_if(|_| unwritten.is_empty() || close.is_some()) {
-                self.not_stored_at_shutdown(&unwritten);
+                self.not_stored_at_shutdown(&self.unwritten);
                 // The outboxes see their input close once nothing more can come.
                 self.outboxes.clear();
                 let _ = reply.send(());
             }
-            if let Some(reply) = close {
-                if !self.unrecorded.is_empty() {
-                    warn!(
-                        n_deliveries = self.unrecorded.len(),
-                        "results that storage could not record at shutdown are lost: those deliveries are \
-                         sent again after a restart, with the same idempotency keys"
-                    );
-                }
-                // The next relay on this directory may start as soon as this one answers.
-                self.lock = None;
-                let _ = reply.send(());
+            if let Some(reply) = turn.close {
+                self.close(reply);
                 return;
             }
             if self.last_purge.elapsed() >= PURGE_INTERVAL {
@@ -593,6 +511,145 @@ impl Writer {
                 self.look_for_external_changes().await;
             }
         }
+    }
+
+    /// Waits for work: commands, appends (unless they must wait), or the time to try again
+    /// what failed; then takes what else is there, up to a group. `None` once every store
+    /// handle is gone.
+    async fn take(
+        &mut self,
+        appends: &mut mpsc::Receiver<Append>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Option<(Vec<Command>, bool)> {
+        let mut batch = Vec::new();
+        let mut retry_due = false;
+        // Appends wait while the reserve is given up: the space is for recording results.
+        let take_appends = self.retry_at.is_none()
+            && self.reserve.is_present()
+            && self.unwritten.len() < MAX_GROUP
+            && self.finished_appends.is_none();
+        tokio::select! {
+            biased;
+            command = commands.recv() => batch.push(command?),
+            Some(append) = appends.recv(), if take_appends => self.unwritten.push(append),
+            () = sleep_until(self.retry_at) => {
+                self.retry_at = None;
+                retry_due = true;
+            }
+        }
+        while batch.len() < MAX_GROUP
+            && let Ok(command) = commands.try_recv()
+        {
+            batch.push(command);
+        }
+        while take_appends
+            && self.unwritten.len() < MAX_GROUP
+            && let Ok(append) = appends.try_recv()
+        {
+            self.unwritten.push(append);
+        }
+        Some((batch, retry_due))
+    }
+
+    /// Sorts the commands into what this turn records, reads and whether it closes; the
+    /// others are carried out at once, in order.
+    async fn sort(&mut self, batch: Vec<Command>, appends: &mut mpsc::Receiver<Append>) -> Turn {
+        let mut turn = Turn::default();
+        for command in batch {
+            match command {
+                Command::Record { id, outcome } => turn.results.push((id, outcome)),
+                Command::Read(read) => turn.reads.push(read),
+                Command::FinishAppends { reply } => {
+                    // Take what was submitted before this, then no more.
+                    while let Ok(append) = appends.try_recv() {
+                        self.unwritten.push(append);
+                    }
+                    self.finished_appends = Some(reply);
+                }
+                Command::Close { reply } => turn.close = Some(reply),
+                Command::SetOutboxes { outboxes, reply } => {
+                    // Appends taken so far were routed with the old targets: hand them on first.
+                    if self.reserve.is_present() {
+                        self.write_taken_appends().await;
+                    }
+                    self.outboxes = outboxes;
+                    let _ = reply.send(());
+                }
+                Command::RetireTarget { target, reply } => {
+                    let retired = self
+                        .with_connection(move |connection| retire_target(connection, &target))
+                        .await;
+                    if let Err(err) = &retired {
+                        self.storage.write_failed(&format_args!(
+                            "cannot dead-letter the deliveries of a removed target: {err}"
+                        ));
+                    }
+                    let _ = reply.send(retired.map_err(|err| StoreError::Failed(err.to_string())));
+                }
+            }
+        }
+        turn
+    }
+
+    /// Records the turn's results, with those that failed before when it is time to try them
+    /// again. A delivery that left the queue frees space: appends waiting on a full store are
+    /// worth another try at once, and so is the reserve (once a second).
+    async fn record_results(&mut self, turn: &mut Turn) {
+        let try_unrecorded = (turn.retry_due || turn.close.is_some()) && !self.unrecorded.is_empty();
+        if turn.results.is_empty() && !try_unrecorded {
+            return;
+        }
+        let results = std::mem::take(&mut turn.results);
+        let frees_space = results.iter().any(|(_, outcome)| outcome.ends_delivery());
+        if self.record(results).await && frees_space {
+            self.retry_at = None;
+            turn.retry_due |= self.last_restore_try.elapsed() >= RESTORE_INTERVAL;
+        }
+    }
+
+    /// Writes the appends taken, unless it is not yet time to try again after a failure, and
+    /// decides when to try again what failed (appends, results or the reserve).
+    async fn write_unwritten(&mut self) {
+        let appends_failed = self.retry_at.is_none() && self.reserve.is_present() && !self.write_taken_appends().await;
+        if appends_failed || !self.unrecorded.is_empty() || !self.reserve.is_present() {
+            if self.retry_at.is_none() {
+                self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
+                self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+            }
+        } else if self.retry_at.is_none() {
+            self.retry_delay = MIN_RETRY_DELAY;
+            self.storage.write_succeeded();
+        }
+    }
+
+    /// Writes the appends taken so far; those that fail stay, in order. Returns whether all
+    /// were written.
+    async fn write_taken_appends(&mut self) -> bool {
+        if self.unwritten.is_empty() {
+            return true;
+        }
+        let taken = std::mem::take(&mut self.unwritten);
+        match self.write_appends(taken).await {
+            Ok(()) => true,
+            Err(failed) => {
+                self.unwritten = failed;
+                false
+            }
+        }
+    }
+
+    /// Lets go of the storage directory and answers `close`.
+    fn close(&mut self, reply: oneshot::Sender<()>) {
+        if !self.unrecorded.is_empty() {
+            warn!(
+                n_deliveries = self.unrecorded.len(),
+                "results that storage could not record at shutdown are lost: those deliveries are \
+                 sent again after a restart, with the same idempotency keys"
+            );
+        }
+        // The next relay on this directory may start as soon as this one answers.
+        self.lock = None;
+        let _ = reply.send(());
     }
 
     /// Appends that could not be stored before shutdown: counted per target, and logged.
