@@ -9,16 +9,32 @@ use std::fmt::Write as _;
 
 use url::Url;
 
-use crate::config::{Config, Text, TlsConfig};
+use crate::config::{Config, StreamConfig, TargetConfig, Text, TlsConfig};
 use crate::delivery::display_url;
 
 const MASK: &str = "***";
 
 pub fn describe(config: &Config) -> String {
     let mut out = String::new();
-    let duration = |d: std::time::Duration| humantime::format_duration(d).to_string();
-
     let _ = writeln!(out, "admin\n  listen {}", config.admin.listen);
+    describe_storage(&mut out, config);
+    out.push_str("\nstreams\n");
+    for (name, stream) in &config.streams {
+        describe_stream(&mut out, config, name, stream);
+    }
+    out.push_str("\ntargets\n");
+    for (name, target) in &config.targets {
+        describe_target(&mut out, name, target);
+    }
+    describe_routes(&mut out, config);
+    out
+}
+
+fn duration(duration: std::time::Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+fn describe_storage(out: &mut String, config: &Config) {
     let storage = &config.storage;
     match storage.mode {
         crate::config::StorageMode::Sqlite => {
@@ -43,101 +59,101 @@ pub fn describe(config: &Config) -> String {
             );
         }
     }
+}
 
-    out.push_str("\nstreams\n");
-    for (name, stream) in &config.streams {
-        let url = if config.urls_from_references.contains(stream.url.0.as_str()) {
-            display_url(&stream.url.0, false)
+fn describe_stream(out: &mut String, config: &Config, name: &str, stream: &StreamConfig) {
+    let url = if config.urls_from_references.contains(stream.url.0.as_str()) {
+        display_url(&stream.url.0, false)
+    } else {
+        stream_display_url(&stream.url.0)
+    };
+    let _ = writeln!(out, "  {name}\n    url {url}");
+    for header in stream.headers.keys() {
+        let _ = writeln!(out, "    header {}: {MASK}", header.0);
+    }
+    let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
+    let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
+    let reconnect = &stream.reconnect;
+    let _ = writeln!(
+        out,
+        "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}\n    \
+         reconnect initial_delay {} doubling to max_delay {}, auth_failure_delay {}\n    rotate_after {}",
+        if pointers.is_empty() {
+            "the SSE event field".to_owned()
         } else {
-            stream_display_url(&stream.url.0)
-        };
-        let _ = writeln!(out, "  {name}\n    url {url}");
-        for header in stream.headers.keys() {
-            let _ = writeln!(out, "    header {}: {MASK}", header.0);
-        }
-        let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
-        let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
-        let reconnect = &stream.reconnect;
-        let _ = writeln!(
-            out,
-            "    event type from {} else {}\n    keepalive {}\n    idle_timeout {}, max_event_bytes {}\n    \
-             reconnect initial_delay {} doubling to max_delay {}, auth_failure_delay {}\n    rotate_after {}",
-            if pointers.is_empty() {
-                "the SSE event field".to_owned()
-            } else {
-                format!("the SSE event field, {}", pointers.join(", "))
-            },
-            shown(config, &stream.default_event_type.0),
-            if keepalive.is_empty() {
-                "none".to_owned()
-            } else {
-                keepalive.join(", ")
-            },
-            duration(stream.idle_timeout),
-            stream.max_event_bytes,
-            duration(reconnect.initial_delay),
-            duration(reconnect.max_delay),
-            duration(reconnect.auth_failure_delay),
-            stream.rotate_after.map_or("off".to_owned(), duration),
-        );
-        describe_tls(&mut out, stream.tls.as_ref());
-    }
+            format!("the SSE event field, {}", pointers.join(", "))
+        },
+        shown(config, &stream.default_event_type.0),
+        if keepalive.is_empty() {
+            "none".to_owned()
+        } else {
+            keepalive.join(", ")
+        },
+        duration(stream.idle_timeout),
+        stream.max_event_bytes,
+        duration(reconnect.initial_delay),
+        duration(reconnect.max_delay),
+        duration(reconnect.auth_failure_delay),
+        stream.rotate_after.map_or("off".to_owned(), duration),
+    );
+    describe_tls(out, stream.tls.as_ref());
+}
 
-    out.push_str("\ntargets\n");
-    for (name, target) in &config.targets {
-        let _ = writeln!(out, "  {name}\n    url {}", display_url(&target.url.0, target.safe_url));
-        for header in target.headers.keys() {
-            let _ = writeln!(out, "    header {}: {MASK}", header.0);
-        }
-        let retry = &target.retry;
-        let body = match &target.body {
-            crate::config::BodyConfig::Data => "data".to_owned(),
-            crate::config::BodyConfig::Envelope => "envelope".to_owned(),
-            crate::config::BodyConfig::Pointer(pointer) => pointer.0.clone(),
-        };
-        let _ = writeln!(
-            out,
-            "    body {body}, timeout {}, max_in_flight {}, queue_capacity {}\n    retry up to {} attempts, {} doubling to {}, within {}",
-            duration(target.timeout),
-            target.max_in_flight.0,
-            target.queue_capacity.0,
-            retry.max_attempts.0,
-            duration(retry.initial_delay),
-            duration(retry.max_delay),
-            duration(retry.max_elapsed),
-        );
-        let statuses = |statuses: &[crate::config::HttpStatus]| {
-            let statuses: Vec<String> = statuses.iter().map(|status| status.0.to_string()).collect();
-            statuses.join(", ")
-        };
-        if !retry.retry_statuses.is_empty() {
-            let _ = writeln!(out, "    also retried: {}", statuses(&retry.retry_statuses));
-        }
-        if !retry.permanent_statuses.is_empty() {
-            let _ = writeln!(out, "    not retried: {}", statuses(&retry.permanent_statuses));
-        }
-        let breaker = &target.circuit_breaker;
-        let _ = writeln!(
-            out,
-            "    paused when {}% of at least {} attempts within {} failed, probe after {} doubling to {}",
-            breaker.failure_rate.0,
-            breaker.min_attempts.0,
-            duration(breaker.window),
-            duration(breaker.open_delay),
-            duration(breaker.max_open_delay),
-        );
-        if let Some(limit) = target.rate_limit {
-            let _ = writeln!(out, "    rate limit {} per {}", limit.n_requests, duration(limit.per));
-        }
-        if target.ordered {
-            out.push_str("    ordered: one delivery in flight per stream\n");
-        }
-        if target.signing_secret.is_some() {
-            let _ = writeln!(out, "    signed (Standard Webhooks), secret {MASK}");
-        }
-        describe_tls(&mut out, target.tls.as_ref());
+fn describe_target(out: &mut String, name: &str, target: &TargetConfig) {
+    let _ = writeln!(out, "  {name}\n    url {}", display_url(&target.url.0, target.safe_url));
+    for header in target.headers.keys() {
+        let _ = writeln!(out, "    header {}: {MASK}", header.0);
     }
+    let retry = &target.retry;
+    let body = match &target.body {
+        crate::config::BodyConfig::Data => "data".to_owned(),
+        crate::config::BodyConfig::Envelope => "envelope".to_owned(),
+        crate::config::BodyConfig::Pointer(pointer) => pointer.0.clone(),
+    };
+    let _ = writeln!(
+        out,
+        "    body {body}, timeout {}, max_in_flight {}, queue_capacity {}\n    retry up to {} attempts, {} doubling to {}, within {}",
+        duration(target.timeout),
+        target.max_in_flight.0,
+        target.queue_capacity.0,
+        retry.max_attempts.0,
+        duration(retry.initial_delay),
+        duration(retry.max_delay),
+        duration(retry.max_elapsed),
+    );
+    let statuses = |statuses: &[crate::config::HttpStatus]| {
+        let statuses: Vec<String> = statuses.iter().map(|status| status.0.to_string()).collect();
+        statuses.join(", ")
+    };
+    if !retry.retry_statuses.is_empty() {
+        let _ = writeln!(out, "    also retried: {}", statuses(&retry.retry_statuses));
+    }
+    if !retry.permanent_statuses.is_empty() {
+        let _ = writeln!(out, "    not retried: {}", statuses(&retry.permanent_statuses));
+    }
+    let breaker = &target.circuit_breaker;
+    let _ = writeln!(
+        out,
+        "    paused when {}% of at least {} attempts within {} failed, probe after {} doubling to {}",
+        breaker.failure_rate.0,
+        breaker.min_attempts.0,
+        duration(breaker.window),
+        duration(breaker.open_delay),
+        duration(breaker.max_open_delay),
+    );
+    if let Some(limit) = target.rate_limit {
+        let _ = writeln!(out, "    rate limit {} per {}", limit.n_requests, duration(limit.per));
+    }
+    if target.ordered {
+        out.push_str("    ordered: one delivery in flight per stream\n");
+    }
+    if target.signing_secret.is_some() {
+        let _ = writeln!(out, "    signed (Standard Webhooks), secret {MASK}");
+    }
+    describe_tls(out, target.tls.as_ref());
+}
 
+fn describe_routes(out: &mut String, config: &Config) {
     out.push_str("\nroutes (every matching route delivers; a target gets an event once)\n");
     if config.routes.is_empty() {
         out.push_str("  none: every event is counted as unrouted\n");
@@ -163,7 +179,6 @@ pub fn describe(config: &Config) -> String {
         }
         let _ = writeln!(out, " -> {}", targets.join(", "));
     }
-    out
 }
 
 /// A `tls` section: the files it names (never what a key file holds). Without one, only the
