@@ -20,13 +20,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{self, Config, StreamConfig, TargetConfig, TlsConfig};
+use crate::config::{self, Config, StreamConfig, StreamInstance, TargetConfig, TlsConfig};
 use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
@@ -48,7 +48,16 @@ pub struct Relay {
     stream_client: reqwest::Client,
     delivery_client: reqwest::Client,
     router: watch::Sender<Arc<Router>>,
+    /// By name: plain streams and template instances (`chat/8f1c`).
     streams: BTreeMap<String, RunningStream>,
+    /// Instances that ended on their own, with the config they ended with: not started again
+    /// while it stays the same.
+    finished: BTreeMap<String, StreamInstance>,
+    /// Given to every stream; an instance that ends on its own says so here.
+    finished_sender: mpsc::UnboundedSender<Arc<str>>,
+    finished_receiver: Option<mpsc::UnboundedReceiver<Arc<str>>>,
+    /// Each `ids_file` of the running config (by template), and how it looked when read.
+    ids_files: BTreeMap<String, (PathBuf, Option<FileStamp>)>,
     targets: BTreeMap<String, RunningTarget>,
     /// The streams `/readyz` checks; replaced on reload.
     admin_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
@@ -59,7 +68,7 @@ pub struct Relay {
 }
 
 struct RunningStream {
-    config: StreamConfig,
+    instance: StreamInstance,
     telemetry: Arc<StreamTelemetry>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -84,11 +93,33 @@ struct PreparedTarget {
 
 /// A stream built from its config, not yet started.
 struct PreparedStream {
-    name: String,
-    config: StreamConfig,
+    instance: StreamInstance,
     runtime: StreamRuntime,
     telemetry: Arc<StreamTelemetry>,
 }
+
+/// What a file looked like: changed when either differs.
+type FileStamp = (std::time::SystemTime, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+fn ids_files(config: &Config) -> BTreeMap<String, (PathBuf, Option<FileStamp>)> {
+    config
+        .streams
+        .iter()
+        .filter_map(|(name, stream)| {
+            let path = stream.ids_file.as_ref()?.path.clone();
+            let stamp = file_stamp(&path);
+            Some((name.clone(), (path, stamp)))
+        })
+        .collect()
+}
+
+/// How often `ids_file`s are looked at for changes.
+const IDS_FILE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs the relay until `shutdown` completes, then stops it in order. Under systemd
 /// (`Type=notify`) it reports READY=1 once started, WATCHDOG=1 while the runtime is alive, and
@@ -114,7 +145,7 @@ pub async fn run_with_reloads(
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config_path.as_deref().map_or_else(|| "-".into(), |path| path.display().to_string()),
-        %storage, admin = %relay.admin_addr, n_streams = relay.config.streams.len(),
+        %storage, admin = %relay.admin_addr, n_streams = relay.streams.len(),
         n_targets = relay.config.targets.len(), n_routes = relay.config.routes.len(), "sse-relay started"
     );
     notify_service_manager(NotifyState::Ready);
@@ -129,9 +160,14 @@ pub async fn run_with_reloads(
         })
     });
     tokio::pin!(shutdown);
+    let mut finished_instances = relay.take_finished_instances();
+    let mut ids_file_checks = tokio::time::interval(IDS_FILE_INTERVAL);
+    ids_file_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            Some(name) = recv_some(&mut finished_instances) => relay.instance_finished(&name).await,
+            _ = ids_file_checks.tick(), if !relay.ids_files.is_empty() => relay.reload_changed_ids_files().await,
             Some(()) = hangups.recv(), if config_path.is_some() => {
                 // systemd wants the time of the reload with RELOADING=1.
                 if let Ok(now) = NotifyState::monotonic_usec_now()
@@ -151,6 +187,13 @@ pub async fn run_with_reloads(
         watchdog.abort();
     }
     relay.shutdown().await
+}
+
+async fn recv_some<T>(receiver: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// SIGHUP, as a channel; empty where there are no Unix signals.
@@ -209,6 +252,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
 
     let table = RoutingTable::new(&config);
+    let (finished_sender, finished_receiver) = mpsc::unbounded_channel();
     let (router, _) = watch::channel(Arc::new(Router::new(table, store.clone(), &metrics)));
     let mut relay = Relay {
         config: config.clone(),
@@ -220,6 +264,10 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         delivery_client,
         router,
         streams: BTreeMap::new(),
+        finished: BTreeMap::new(),
+        finished_sender,
+        finished_receiver: Some(finished_receiver),
+        ids_files: ids_files(&config),
         targets: BTreeMap::new(),
         admin_streams,
         stop_admin,
@@ -241,8 +289,8 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         relay.start_target(target);
     }
     let router = Arc::clone(&relay.router.borrow());
-    for (name, stream_config) in &config.streams {
-        let stream = relay.prepare_stream(name, stream_config, &router.table)?;
+    for instance in config.stream_instances().into_values() {
+        let stream = relay.prepare_stream(instance, &router.table)?;
         relay.start_stream(stream);
     }
     relay.publish_streams_to_admin();
@@ -355,18 +403,13 @@ impl Relay {
     }
 
     /// Builds a stream; nothing runs yet.
-    fn prepare_stream(
-        &self,
-        name: &str,
-        config: &StreamConfig,
-        table: &RoutingTable,
-    ) -> anyhow::Result<PreparedStream> {
-        let telemetry = Arc::new(self.metrics.stream(name));
-        let client = self.stream_client(name, config)?;
-        let runtime = StreamRuntime::new(config, table, Arc::clone(&telemetry), &client)?;
+    fn prepare_stream(&self, instance: StreamInstance, table: &RoutingTable) -> anyhow::Result<PreparedStream> {
+        let telemetry = Arc::new(self.metrics.stream_instance(&instance.template, &instance.name));
+        let client = self.stream_client(&instance.name, &instance.config)?;
+        let finished = instance.id.is_some().then(|| self.finished_sender.clone());
+        let runtime = StreamRuntime::new(&instance, table, Arc::clone(&telemetry), &client, finished)?;
         Ok(PreparedStream {
-            name: name.to_owned(),
-            config: config.clone(),
+            instance,
             runtime,
             telemetry,
         })
@@ -374,8 +417,7 @@ impl Relay {
 
     fn start_stream(&mut self, stream: PreparedStream) {
         let PreparedStream {
-            name,
-            config,
+            instance,
             runtime,
             telemetry,
         } = stream;
@@ -385,13 +427,60 @@ impl Relay {
             self.router.subscribe(),
             stop.clone(),
         ));
+        let name = instance.name.clone();
         let running = RunningStream {
-            config,
+            instance,
             telemetry,
             stop,
             task,
         };
         self.streams.insert(name, running);
+    }
+
+    /// What template instances report when they end on their own; taken once, by the task
+    /// that owns the relay.
+    pub fn take_finished_instances(&mut self) -> Option<mpsc::UnboundedReceiver<Arc<str>>> {
+        self.finished_receiver.take()
+    }
+
+    /// An instance ended on its own: it is no longer run, and not started again while its
+    /// config stays the same.
+    pub async fn instance_finished(&mut self, name: &str) {
+        if let Some(running) = self.streams.remove(name) {
+            let _ = running.task.await;
+            self.finished.insert(name.to_owned(), running.instance);
+            self.publish_streams_to_admin();
+        }
+    }
+
+    /// Reads each `ids_file` that changed since it was read and applies its ids: only the
+    /// instances added or removed start or stop. A file that cannot be read is logged, and
+    /// its instances stay as they are.
+    pub async fn reload_changed_ids_files(&mut self) {
+        let mut config = self.config.clone();
+        let mut changed = false;
+        for (template, (path, stamp)) in &mut self.ids_files {
+            let now = file_stamp(path);
+            if now == *stamp {
+                continue;
+            }
+            *stamp = now;
+            match config::IdsFile::read(path) {
+                Ok(ids_file) => {
+                    if let Some(stream) = config.streams.get_mut(template) {
+                        stream.ids_file = Some(ids_file);
+                        changed = true;
+                    }
+                }
+                Err(err) => error!(
+                    stream = %template, error = %err,
+                    "the ids file changed but cannot be used; the instances stay as they are"
+                ),
+            }
+        }
+        if changed && let Err(err) = self.reload(config).await {
+            error!(error = %format!("{err:#}"), "cannot apply the changed ids file");
+        }
     }
 
     /// Starts logging a summary every `logging.summary_interval`, replacing a running one.
@@ -459,14 +548,12 @@ impl Relay {
             }
         }
         let table = RoutingTable::new(&config);
+        let instances = config.stream_instances();
         let mut new_streams = Vec::new();
-        for (name, stream_config) in &config.streams {
-            if self
-                .streams
-                .get(name)
-                .is_none_or(|running| running.config != *stream_config)
-            {
-                new_streams.push(self.prepare_stream(name, stream_config, &table)?);
+        for (name, instance) in &instances {
+            let running = self.streams.get(name).map(|running| &running.instance);
+            if running != Some(instance) && self.finished.get(name) != Some(instance) {
+                new_streams.push(self.prepare_stream(instance.clone(), &table)?);
             }
         }
 
@@ -506,8 +593,10 @@ impl Relay {
 
         // Streams: unchanged ones keep their connection.
         let mut restarted = Vec::new();
+        self.finished
+            .retain(|name, instance| instances.get(name) == Some(instance));
         for name in self.streams.keys().cloned().collect::<Vec<_>>() {
-            if config.streams.get(&name) != Some(&self.streams[&name].config)
+            if instances.get(&name) != Some(&self.streams[&name].instance)
                 && let Some(old) = self.streams.remove(&name)
             {
                 old.stop.cancel();
@@ -521,9 +610,10 @@ impl Relay {
         self.publish_streams_to_admin();
         info!(
             streams_restarted_or_stopped = ?restarted, targets_restarted_or_stopped = ?replaced,
-            n_streams = config.streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
+            n_streams = self.streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
             "config reloaded"
         );
+        self.ids_files = ids_files(&config);
         let summary_changed = config.logging != self.config.logging;
         self.config = config;
         if summary_changed {

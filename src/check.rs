@@ -162,7 +162,7 @@ fn describe_routes(out: &mut String, config: &Config) {
         let streams: Vec<&str> = config
             .streams
             .keys()
-            .filter(|name| route.stream.0.matches(name))
+            .filter(|name| route.stream.stream_part().matches(name))
             .map(String::as_str)
             .collect();
         let events: Vec<&str> = route.events.iter().map(|e| shown(config, &e.0)).collect();

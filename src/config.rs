@@ -26,6 +26,10 @@ use crate::yaml;
 /// Looks up an environment variable by name; tests pass their own.
 pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
+mod templates;
+
+pub use templates::{ID_PLACEHOLDER, IdsFile, InstanceId, MAX_ID_BYTES, StopWhen, StreamInstance};
+
 /// Everything wrong with a config: each problem on a line of its own, in the order of the file.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -253,6 +257,21 @@ pub struct StreamConfig {
     /// Certificate authorities to trust besides the system's, and a client certificate.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A template's fixed instances (the url has `{id}`).
+    #[serde(default)]
+    pub ids: Vec<InstanceId>,
+    /// A file of a template's ids, one per line; read again on SIGHUP and when it changes.
+    #[serde(default)]
+    pub ids_file: Option<IdsFile>,
+    /// Instances are added and removed at run time, through the admin API.
+    #[serde(default)]
+    pub dynamic: bool,
+    /// An instance ends after an event that matches is queued for delivery.
+    #[serde(default)]
+    pub stop_when: Option<StopWhen>,
+    /// An instance that nobody stopped ends this long after it started.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
 }
 
 fn default_event_type() -> Text {
@@ -888,6 +907,19 @@ impl SecretRecipe {
         Ok(value)
     }
 
+    /// The same recipe with `{id}` replaced in its text.
+    fn with_id(&self, id: &str) -> SecretRecipe {
+        let parts = self
+            .parts
+            .iter()
+            .map(|part| match part {
+                RecipePart::Text(text) => RecipePart::Text(text.replace(ID_PLACEHOLDER, id)),
+                RecipePart::File(path) => RecipePart::File(path.clone()),
+            })
+            .collect();
+        SecretRecipe { parts }
+    }
+
     /// The files the value is made from.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.parts.iter().filter_map(|part| match part {
@@ -1035,9 +1067,26 @@ impl<'de> Deserialize<'de> for Pattern {
     }
 }
 
-/// A stream pattern in a route; it must match at least one configured stream.
+/// A stream pattern in a route; it must match at least one configured stream. After a `/`, a
+/// pattern for the ids of a template's instances (`chat/8f1c*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamPattern(pub Pattern);
+
+impl StreamPattern {
+    /// What the stream's name (a template's, for an instance) must match.
+    pub fn stream_part(&self) -> Pattern {
+        match self.0.0.split_once('/') {
+            Some((stream, _)) => Pattern(stream.to_owned()),
+            None => self.0.clone(),
+        }
+    }
+
+    /// What an instance's id must match, if the pattern says.
+    pub fn id_part(&self) -> Option<Pattern> {
+        let (_, id) = self.0.0.split_once('/')?;
+        (id != "*").then(|| Pattern(id.to_owned()))
+    }
+}
 
 impl<'de> Deserialize<'de> for StreamPattern {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -1049,8 +1098,9 @@ impl<'de> Deserialize<'de> for StreamPattern {
             } else {
                 format!("from `{raw}`")
             };
+            let streams = StreamPattern(pattern.clone()).stream_part();
             with_context(|context| {
-                if context.stream_names.iter().any(|name| pattern.matches(name)) {
+                if context.stream_names.iter().any(|name| streams.matches(name)) {
                     Ok(())
                 } else if pattern.is_wildcard() {
                     Err(format!("stream pattern {named} matches no configured stream"))
@@ -1481,6 +1531,33 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
                 &at(&["rotate_after"]),
                 rotate_after,
                 Some((MIN_ROTATE_AFTER, "connections would overlap most of the time")),
+            );
+        }
+        if let Some(ttl) = stream.ttl {
+            found.duration(
+                &at(&["ttl"]),
+                ttl,
+                Some((MIN_DELAY, "every instance would end as soon as it started")),
+            );
+        }
+        let template_keys = stream.template_keys_set();
+        if !stream.is_template() && !template_keys.is_empty() {
+            found.push(
+                &at(&[template_keys[0]]),
+                format!(
+                    "only a stream template takes {}: put {ID_PLACEHOLDER} in the url where the id goes, as in \
+                     https://api.example.com/participants/{ID_PLACEHOLDER}/stream",
+                    template_keys.join(", ")
+                ),
+            );
+        }
+        if stream.is_template() && stream.ids.is_empty() && stream.ids_file.is_none() && !stream.dynamic {
+            found.push(
+                &at(&["url"]),
+                format!(
+                    "the url has {ID_PLACEHOLDER}, so this stream is a template: give it ids, an ids_file, or \
+                     dynamic: true"
+                ),
             );
         }
         if stream.max_event_bytes == 0 {

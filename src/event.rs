@@ -75,6 +75,12 @@ impl Event {
             .as_ref()
     }
 
+    /// The id of the template instance that received the event (`chat/8f1c` has `8f1c`), if
+    /// it came from an instance.
+    pub fn instance_id(&self) -> Option<&str> {
+        self.stream_name.split_once('/').map(|(_, id)| id)
+    }
+
     pub fn content_type(&self) -> &'static str {
         if self.is_json {
             "application/json"

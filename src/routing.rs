@@ -23,9 +23,53 @@ pub struct RoutingTable {
 }
 
 struct Route {
+    filter: EventFilter,
+    /// For an instance pattern (`chat/8f1c*`): what the instance's id must match.
+    instance_id: Option<WildMatch>,
+    targets: Vec<TargetId>,
+}
+
+/// Which events a route (or a template's `stop_when`) takes: their types, and values at JSON
+/// pointers in their data.
+pub struct EventFilter {
     events: Vec<EventMatcher>,
     where_equal: Vec<(String, serde_json::Value)>,
-    targets: Vec<TargetId>,
+}
+
+impl EventFilter {
+    pub fn new(
+        events: &[crate::config::Pattern],
+        where_equal: &std::collections::BTreeMap<crate::config::JsonPointer, serde_json::Value>,
+    ) -> EventFilter {
+        EventFilter {
+            events: events
+                .iter()
+                .map(|pattern| {
+                    let text: Arc<str> = Arc::from(pattern.0.as_str());
+                    if pattern.is_wildcard() {
+                        EventMatcher::Wildcard {
+                            matcher: WildMatch::new(&pattern.0),
+                            pattern: text,
+                        }
+                    } else {
+                        EventMatcher::Exact(text)
+                    }
+                })
+                .collect(),
+            where_equal: where_equal
+                .iter()
+                .map(|(pointer, value)| (pointer.0.clone(), value.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        self.events.iter().any(|matcher| matcher.matches(&event.event_type))
+            && self
+                .where_equal
+                .iter()
+                .all(|(pointer, expected)| event.json().and_then(|json| json.pointer(pointer)) == Some(expected))
+    }
 }
 
 enum EventMatcher {
@@ -51,11 +95,10 @@ impl EventMatcher {
 
 impl Route {
     fn matches(&self, event: &Event) -> bool {
-        self.events.iter().any(|matcher| matcher.matches(&event.event_type))
-            && self
-                .where_equal
-                .iter()
-                .all(|(pointer, expected)| event.json().and_then(|json| json.pointer(pointer)) == Some(expected))
+        self.instance_id
+            .as_ref()
+            .is_none_or(|pattern| event.instance_id().is_some_and(|id| pattern.matches(id)))
+            && self.filter.matches(event)
     }
 }
 
@@ -77,34 +120,16 @@ impl RoutingTable {
             let routes: Vec<Route> = config
                 .routes
                 .iter()
-                .filter(|route| route.stream.0.matches(stream_name))
+                .filter(|route| route.stream.stream_part().matches(stream_name))
                 .map(|route| Route {
-                    events: route
-                        .events
-                        .iter()
-                        .map(|pattern| {
-                            let text: Arc<str> = Arc::from(pattern.0.as_str());
-                            if pattern.is_wildcard() {
-                                EventMatcher::Wildcard {
-                                    matcher: WildMatch::new(&pattern.0),
-                                    pattern: text,
-                                }
-                            } else {
-                                EventMatcher::Exact(text)
-                            }
-                        })
-                        .collect(),
-                    where_equal: route
-                        .where_equal
-                        .iter()
-                        .map(|(pointer, value)| (pointer.0.clone(), value.clone()))
-                        .collect(),
+                    filter: EventFilter::new(&route.events, &route.where_equal),
+                    instance_id: route.stream.id_part().map(|pattern| WildMatch::new(&pattern.0)),
                     targets: target_ids(&route.targets),
                 })
                 .collect();
 
             let mut labels: Vec<Arc<str>> = vec![Arc::from(OTHER_EVENT_TYPE)];
-            for matcher in routes.iter().flat_map(|route| &route.events) {
+            for matcher in routes.iter().flat_map(|route| &route.filter.events) {
                 if !labels.iter().any(|label| label == matcher.label()) {
                     labels.push(Arc::clone(matcher.label()));
                 }
@@ -163,7 +188,7 @@ impl RoutingTable {
     pub fn exact_event_types(&self, stream: StreamId) -> impl Iterator<Item = Arc<str>> + '_ {
         self.routes_by_stream[stream.0]
             .iter()
-            .flat_map(|route| &route.events)
+            .flat_map(|route| &route.filter.events)
             .filter_map(|matcher| match matcher {
                 EventMatcher::Exact(name) => Some(Arc::clone(name)),
                 EventMatcher::Wildcard { .. } => None,
@@ -180,7 +205,7 @@ impl RoutingTable {
         let routes = &self.routes_by_stream[stream.0];
         routes
             .iter()
-            .flat_map(|route| &route.events)
+            .flat_map(|route| &route.filter.events)
             .find(|matcher| matches!(matcher, EventMatcher::Wildcard { .. }) && matcher.matches(event_type))
             .and_then(|matcher| labels.iter().position(|label| label == matcher.label()))
             .unwrap_or(0)

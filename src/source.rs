@@ -13,17 +13,17 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use eventsource_client::{self as es, Client as _};
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Classified, Classifier, SseMessage};
-use crate::config::{ReconnectConfig, StreamConfig};
+use crate::config::{ReconnectConfig, StreamInstance};
 use crate::dedup::OverlapDeduplicator;
-use crate::event::TargetId;
+use crate::event::{Event, TargetId};
 use crate::queue::Store;
 use crate::retry_after;
-use crate::routing::RoutingTable;
+use crate::routing::{EventFilter, RoutingTable};
 use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
 use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
 use crate::transport::{ClosedMidEvent, ReqwestTransport};
@@ -68,6 +68,8 @@ impl Router {
 
 /// A stream as its task uses it, built from its config.
 pub struct StreamRuntime {
+    /// The name routes and metrics know it by: its own, or its template's.
+    template: Arc<str>,
     url: String,
     headers: SecretHeaders,
     idle_timeout: Duration,
@@ -76,21 +78,37 @@ pub struct StreamRuntime {
     classifier: Classifier,
     pub telemetry: Arc<StreamTelemetry>,
     transport: ReqwestTransport,
+    /// An instance ends after an event that matches is queued.
+    stop_when: Option<EventFilter>,
+    /// An instance ends this long after it started.
+    ttl: Option<Duration>,
+    /// Where an instance that ended on its own says so, by its name.
+    finished: Option<mpsc::UnboundedSender<Arc<str>>>,
 }
 
 impl StreamRuntime {
+    /// `finished` hears of an instance that ended on its own (`stop_when`, `ttl`).
     pub fn new(
-        config: &StreamConfig,
+        instance: &StreamInstance,
         table: &RoutingTable,
         telemetry: Arc<StreamTelemetry>,
         client: &reqwest::Client,
+        finished: Option<mpsc::UnboundedSender<Arc<str>>>,
     ) -> anyhow::Result<StreamRuntime> {
+        let config = &instance.config;
         let headers = SecretHeaders::new(Owner::Stream(Arc::clone(&telemetry.name)), &config.headers)?;
         let known_event_types: Vec<Arc<str>> = table
-            .stream_id(&telemetry.name)
+            .stream_id(&instance.template)
             .map(|id| table.exact_event_types(id).collect())
             .unwrap_or_default();
         Ok(StreamRuntime {
+            template: Arc::from(instance.template.as_str()),
+            stop_when: config
+                .stop_when
+                .as_ref()
+                .map(|stop_when| EventFilter::new(&stop_when.events, &stop_when.where_equal)),
+            ttl: config.ttl,
+            finished,
             url: config.url.0.to_string(),
             headers,
             idle_timeout: config.idle_timeout,
@@ -104,6 +122,14 @@ impl StreamRuntime {
 
     fn error_backoff(&self) -> ExponentialBackoff {
         error_backoff(&self.reconnect)
+    }
+
+    /// What an event that was queued (or matched no route) comes to: it may end the instance.
+    fn accepted(&self, event: &Event) -> Accepted {
+        match &self.stop_when {
+            Some(stop_when) if stop_when.matches(event) => Accepted::Finished,
+            _ => Accepted::Event,
+        }
     }
 }
 
@@ -175,23 +201,55 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<
         auth_failed_with: None,
         n_connections: 0,
         duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
+        finished: None,
     };
     let mut backoff = stream.error_backoff();
-    while let Some(end) = read_connections(&stream, &router, &mut state, &stop).await {
+    let ends_at = stream.ttl.map(|ttl| Instant::now() + ttl);
+    while let Some(end) = read_connections(&stream, &router, &mut state, &stop, ends_at).await {
         let delay = reconnect_delay(&end, &stream.reconnect, &mut backoff, || stream.error_backoff());
         stream.telemetry.disconnected(end.reason, &end.detail, delay);
         if !delay.is_zero() {
             tokio::select! {
                 () = stop.cancelled() => break,
+                () = sleep_until(ends_at) => {
+                    state.finished = Some(Finished::Ttl);
+                    break;
+                }
                 () = tokio::time::sleep(delay) => {}
             }
         }
     }
-    stream.telemetry.disconnected_at_shutdown();
+    match state.finished {
+        Some(finished) => {
+            stream.telemetry.finished(finished.why());
+            if let Some(notice) = &stream.finished {
+                let _ = notice.send(Arc::clone(&stream.telemetry.name));
+            }
+        }
+        None => stream.telemetry.disconnected_at_shutdown(),
+    }
+}
+
+/// Why an instance ended on its own.
+#[derive(Debug, Clone, Copy)]
+enum Finished {
+    StopWhen,
+    Ttl,
+}
+
+impl Finished {
+    fn why(self) -> &'static str {
+        match self {
+            Finished::StopWhen => "an event matched stop_when",
+            Finished::Ttl => "its ttl ran out",
+        }
+    }
 }
 
 /// What a stream keeps from one connection to the next.
 struct StreamState {
+    /// Set when an instance ended on its own.
+    finished: Option<Finished>,
     last_event_id: Option<String>,
     /// The last id that could not be kept as `Last-Event-ID`, so that it is reported once.
     rejected_event_id: Option<String>,
@@ -521,12 +579,13 @@ impl Rotation {
 }
 
 /// Reads a connection to its end, rotating it for a replacement when `rotate_after` says so;
-/// `None` when `stop` ended it.
+/// `None` when `stop` ended it, or the instance finished (`ends_at`, `stop_when`).
 async fn read_connections(
     stream: &StreamRuntime,
     router: &watch::Receiver<Arc<Router>>,
     state: &mut StreamState,
     stop: &CancellationToken,
+    ends_at: Option<Instant>,
 ) -> Option<ConnectionEnd> {
     let mut current = match Connection::open(stream, state) {
         Ok(connection) => connection,
@@ -548,6 +607,10 @@ async fn read_connections(
         let step = tokio::select! {
             biased;
             () = stop.cancelled() => return None,
+            () = sleep_until(ends_at) => {
+                state.finished = Some(Finished::Ttl);
+                return None;
+            }
             () = current.idle.as_mut() => Step::Idle(Which::Current),
             item = current.events.next() => Step::Item(Which::Current, item),
             step = replacement_step(rotation.replacement_mut()) => step,
@@ -573,6 +636,10 @@ async fn read_connections(
                     Read::Nothing => None,
                     Read::Ended(ended) => Some(ended),
                     Read::Stopped => return None,
+                    Read::Finished => {
+                        state.finished = Some(Finished::StopWhen);
+                        return None;
+                    }
                     Read::Accepted(accepted) => {
                         read_on(stream, &mut current, &mut rotation);
                         rotation.event_accepted(which, &accepted);
@@ -622,6 +689,8 @@ enum Read {
     Ended(Ended),
     /// The relay stopped before the event could be queued.
     Stopped,
+    /// The event was queued, and it ends the instance (`stop_when`).
+    Finished,
 }
 
 /// Takes one item from `connection`: an event goes to `accept`, the response head and comments
@@ -650,6 +719,7 @@ async fn read_item(
             let current_router = Arc::clone(&router.borrow());
             match accept(stream, &current_router, message, origin, state, stop).await {
                 Accepted::Stopped => Read::Stopped,
+                Accepted::Finished => Read::Finished,
                 accepted => {
                     if let Accepted::Event = accepted {
                         connection.n_events += 1;
@@ -834,6 +904,8 @@ enum Accepted {
     /// The other connection of a rotation already showed this event.
     Duplicate,
     Stopped,
+    /// Queued, and it ends the instance (`stop_when`).
+    Finished,
 }
 
 /// Classifies one message, routes it, and submits a delivery per target to the store. When the
@@ -876,7 +948,7 @@ async fn accept(
         );
     }
     // A reload removed this stream; its task is about to stop.
-    let Some(stream_id) = router.table.stream_id(&telemetry.name) else {
+    let Some(stream_id) = router.table.stream_id(&stream.template) else {
         return Accepted::Noise;
     };
     router.received[stream_id.0][router.table.event_type_label_index(stream_id, &event.event_type)].inc();
@@ -890,7 +962,7 @@ async fn accept(
         if let Some(id) = &event.sse_id {
             remember_event_id(stream, &router.store, state, id);
         }
-        return Accepted::Event;
+        return stream.accepted(&event);
     }
 
     let event = Arc::new(event);
@@ -913,7 +985,7 @@ async fn accept(
                 if let Some(id) = &event.sse_id {
                     remember_event_id(stream, &router.store, state, id);
                 }
-                Accepted::Event
+                stream.accepted(&event)
             }
             Err(err) => {
                 telemetry.dropped(DropReason::Shutdown, &format_args!("the store did not take the event: {err}"));
@@ -1014,6 +1086,7 @@ mod tests {
                 auth_failed_with: None,
                 n_connections: 0,
                 duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
+                finished: None,
             };
             let current = Rotating::connection(&mut state);
             Rotating {

@@ -230,7 +230,7 @@ impl Metrics {
         Arc::new(Metrics {
             stream_connected: gauge(
                 "sse_relay_stream_connected",
-                "1 while the stream's connection is open.",
+                "1 while the stream's connection is open; for a template, how many of its instances are connected.",
                 &["stream"],
             ),
             stream_reconnects: counter(
@@ -435,24 +435,32 @@ impl Metrics {
     }
 
     pub fn stream(&self, name: &str) -> StreamTelemetry {
+        self.stream_instance(name, name)
+    }
+
+    /// The telemetry of `name`, an instance of the template `label` (or a plain stream, with
+    /// `label` its own name): logged by its own name, counted under the template's.
+    pub fn stream_instance(&self, label: &str, name: &str) -> StreamTelemetry {
         StreamTelemetry {
             name: Arc::from(name),
-            connected: self.stream_connected.with_label_values(&[name]),
+            label: Arc::from(label),
+            is_connected: std::sync::atomic::AtomicBool::new(false),
+            connected: self.stream_connected.with_label_values(&[label]),
             reconnects: DisconnectReason::ALL
                 .iter()
-                .map(|reason| self.stream_reconnects.with_label_values(&[name, reason.label()]))
+                .map(|reason| self.stream_reconnects.with_label_values(&[label, reason.label()]))
                 .collect(),
             rotations: RotationResult::ALL
                 .iter()
-                .map(|result| self.stream_rotations.with_label_values(&[name, result.label()]))
+                .map(|result| self.stream_rotations.with_label_values(&[label, result.label()]))
                 .collect(),
-            duplicates_suppressed: self.duplicates_suppressed.with_label_values(&[name]),
-            keepalives: self.keepalives.with_label_values(&[name]),
-            unrouted: self.events_unrouted.with_label_values(&[name]),
+            duplicates_suppressed: self.duplicates_suppressed.with_label_values(&[label]),
+            keepalives: self.keepalives.with_label_values(&[label]),
+            unrouted: self.events_unrouted.with_label_values(&[label]),
             dropped: self.events_dropped.clone(),
             upstream_errors: self.upstream_errors.clone(),
             upstream_error_log: LogLimiter::default(),
-            backpressure: self.backpressure.with_label_values(&[name]),
+            backpressure: self.backpressure.with_label_values(&[label]),
         }
     }
 
@@ -564,8 +572,14 @@ impl DropReason {
 
 /// Metric handles and log lines of one stream, resolved once when the stream starts.
 pub struct StreamTelemetry {
+    /// The stream's name, or an instance's (`chat/8f1c`), as logs show it.
     pub name: Arc<str>,
+    /// The name its metrics carry: the stream's, or the template's for an instance, so that
+    /// labels stay bounded by the config.
+    label: Arc<str>,
+    /// How many of the streams under `label` are connected.
     connected: IntGauge,
+    is_connected: std::sync::atomic::AtomicBool,
     /// Indexed by `DisconnectReason as usize`.
     reconnects: Vec<IntCounter>,
     /// Indexed by `RotationResult as usize`.
@@ -611,11 +625,21 @@ impl LogLimiter {
 
 impl StreamTelemetry {
     pub fn is_connected(&self) -> bool {
-        self.connected.get() == 1
+        self.is_connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_connected(&self, connected: bool) {
+        if self.is_connected.swap(connected, std::sync::atomic::Ordering::Relaxed) != connected {
+            if connected {
+                self.connected.inc();
+            } else {
+                self.connected.dec();
+            }
+        }
     }
 
     pub fn connected(&self, resumed_from: Option<&str>) {
-        self.connected.set(1);
+        self.set_connected(true);
         match resumed_from {
             Some(last_event_id) => info!(stream = %self.name, %last_event_id, "stream connected"),
             None => info!(stream = %self.name, "stream connected"),
@@ -623,7 +647,7 @@ impl StreamTelemetry {
     }
 
     pub fn disconnected(&self, reason: DisconnectReason, detail: &dyn Display, reconnect_in: Duration) {
-        self.connected.set(0);
+        self.set_connected(false);
         self.reconnects[reason as usize].inc();
         let reconnect_in = to_millis(reconnect_in);
         match reason {
@@ -684,8 +708,15 @@ impl StreamTelemetry {
     }
 
     pub fn disconnected_at_shutdown(&self) {
-        self.connected.set(0);
+        self.set_connected(false);
         info!(stream = %self.name, "stream stopped");
+    }
+
+    /// A template's instance has done its work (`stop_when`) or lived its `ttl`: it ends, and
+    /// is not connected again.
+    pub fn finished(&self, why: &str) {
+        self.set_connected(false);
+        info!(stream = %self.name, why, "stream instance finished");
     }
 
     pub fn keepalive(&self) {
@@ -698,14 +729,14 @@ impl StreamTelemetry {
     }
 
     pub fn dropped(&self, reason: DropReason, detail: &dyn Display) {
-        self.dropped.with_label_values(&[&self.name, reason.label()]).inc();
+        self.dropped.with_label_values(&[&self.label, reason.label()]).inc();
         warn!(stream = %self.name, reason = reason.label(), error = %detail, "event dropped");
     }
 
     /// Input that was malformed but still used: `invalid_json` (routed as text) or
     /// `invalid_utf8` (invalid bytes replaced with U+FFFD, as browsers do).
     pub fn upstream_error(&self, kind: &'static str, detail: &dyn Display) {
-        self.upstream_errors.with_label_values(&[&self.name, kind]).inc();
+        self.upstream_errors.with_label_values(&[&self.label, kind]).inc();
         if let Some(n_held_back) = self.upstream_error_log.admit() {
             warn!(
                 stream = %self.name, kind, error = %detail, n_held_back,

@@ -301,7 +301,8 @@ pub fn body_for(body: &BodyConfig, event: &Event) -> Result<(Bytes, &'static str
 }
 
 /// `{"id","stream","event_type","received_at","data"}`, with JSON data embedded as the upstream
-/// sent it and any other data as a JSON string.
+/// sent it and any other data as a JSON string; from a template's instance, `stream` is the
+/// instance's name (`chat/8f1c`) and `instance_id` its id.
 fn envelope(event: &Event) -> Bytes {
     let mut id_buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let received_at = humantime::format_rfc3339_millis(event.received_at).to_string();
@@ -310,6 +311,10 @@ fn envelope(event: &Event) -> Bytes {
     out.extend_from_slice(event.id.encode(&mut id_buffer).as_bytes());
     out.extend_from_slice(b"\",\"stream\":");
     write_json_string(&mut out, &event.stream_name);
+    if let Some(instance_id) = event.instance_id() {
+        out.extend_from_slice(b",\"instance_id\":");
+        write_json_string(&mut out, instance_id);
+    }
     out.extend_from_slice(b",\"event_type\":");
     write_json_string(&mut out, &event.event_type);
     out.extend_from_slice(b",\"received_at\":\"");

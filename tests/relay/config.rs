@@ -174,7 +174,7 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
         &[
             "test.yaml:3:10: streams.chat.url: environment variable CHAT_URL is not set",
             "test.yaml:4:19: streams.chat.idle_timeout: a duration needs a unit, like `30s`, `500ms` or `2m`",
-            "test.yaml:5:5: streams.chat: unknown key `colour`; expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`, `tls`",
+            "test.yaml:5:5: streams.chat: unknown key `colour`; expected one of `url`, `headers`, `event_type`, `default_event_type`, `keepalive`, `idle_timeout`, `max_event_bytes`, `reconnect`, `rotate_after`, `tls`, `ids`, `ids_file`, `dynamic`, `stop_when`, `ttl`",
             "test.yaml:6:31: streams.chat.headers.Authorization: environment variable TOKEN is not set",
             "test.yaml:7:48: streams.chat.reconnect.max_delay: `soon` is not a duration: write one like `30s`, `500ms` or `2m`",
             "test.yaml:8:8: streams.bad: expected settings as `key: value` lines indented below it, found text",

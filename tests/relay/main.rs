@@ -16,4 +16,5 @@ mod rotation;
 mod secrets;
 mod streams;
 mod support;
+mod templates;
 mod tls;

@@ -560,7 +560,8 @@ fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
     let (chat, n8n) = (&config.streams["chat"], &config.targets["n8n"]);
     let table = RoutingTable::new(config);
     let client = reqwest::Client::new();
-    let stream = StreamRuntime::new(chat, &table, Arc::new(metrics.stream("chat")), &client);
+    let instance = &config.stream_instances()["chat"];
+    let stream = StreamRuntime::new(instance, &table, Arc::new(metrics.stream("chat")), &client, None);
     prop_assert!(stream.is_ok(), "{:?}", stream.err());
     let mut events = eventsource_client::ClientBuilder::for_url(chat.url.0.as_str())
         .map_err(|err| TestCaseError::fail(err.to_string()))?;
