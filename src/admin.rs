@@ -1,13 +1,16 @@
-//! The admin server: `/metrics` (Prometheus text format), `/healthz` and `/readyz`.
+//! The admin server: `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and the
+//! streams API (`/v1/streams`): list every stream, add and remove instances of dynamic
+//! templates.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use futures_util::future::BoxFuture;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -17,15 +20,81 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::Store;
-use crate::telemetry::{Metrics, StreamTelemetry};
+use crate::telemetry::{Metrics, StreamSnapshot, StreamTelemetry};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    /// Replaced on reload.
+    /// The streams `/readyz` checks; replaced as they change.
     pub streams: Arc<std::sync::RwLock<Vec<Arc<StreamTelemetry>>>>,
     pub store: Store,
-    /// When set, `/metrics` requires `Authorization: Bearer <token>`.
+    /// When set, `/metrics` and `/v1/` require `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The running streams, for `/v1/streams`.
+    pub control: Arc<dyn StreamControl>,
+}
+
+/// What the streams API does with the running streams (the relay implements it).
+pub trait StreamControl: Send + Sync {
+    /// Starts an instance of a dynamic template; `Ok(false)` when it runs already.
+    fn add(&self, template: String, id: String, ttl: Option<Duration>) -> BoxFuture<'_, Result<bool, ApiError>>;
+    /// Stops an instance that was added through the API, and forgets it.
+    fn remove(&self, template: String, id: String) -> BoxFuture<'_, Result<(), ApiError>>;
+    fn list(&self) -> BoxFuture<'_, Vec<StreamState>>;
+}
+
+/// One running stream, as `GET /v1/streams` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamState {
+    pub template: String,
+    pub id: Option<String>,
+    /// Added through the API (not from the config).
+    pub dynamic: bool,
+    #[serde(flatten)]
+    pub state: StreamSnapshot,
+}
+
+/// A refused API request: its status and a message that says what was wrong, as JSON
+/// `{"error": "..."}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
 }
 
 /// Admin connections served at a time. More are closed as soon as they are accepted, so that
@@ -50,6 +119,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/streams", get(list_streams))
+        .route("/v1/streams/{template}/{id}", put(add_stream).delete(remove_stream))
         .with_state(state);
     let mut connections = JoinSet::new();
     loop {
@@ -99,20 +170,99 @@ async fn serve_connection(stream: TcpStream, router: Router, stop: CancellationT
     }
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
-    if let Some(token) = &state.token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(bearer_token)
-            .unwrap_or("");
-        if !same_secret(presented.as_bytes(), token.as_bytes()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::CONTENT_TYPE, "text/plain".to_owned())],
-                b"/metrics needs Authorization: Bearer <admin.token>\n".to_vec(),
-            );
+/// Whether the request carries the admin token, when one is set.
+fn authorized(state: &AdminState, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token)
+        .unwrap_or("");
+    same_secret(presented.as_bytes(), token.as_bytes())
+}
+
+fn unauthorized() -> ApiError {
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "the streams API needs Authorization: Bearer <admin.token>".to_owned(),
+    }
+}
+
+/// The body of `PUT /v1/streams/{template}/{id}`, which may be empty.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddStream {
+    /// Ends the instance this long after it starts, like `2h`.
+    ttl: Option<String>,
+}
+
+async fn add_stream(
+    State(state): State<Arc<AdminState>>,
+    Path((template, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    if !authorized(&state, &headers) {
+        return Err(unauthorized());
+    }
+    let request: AddStream = if body.iter().all(u8::is_ascii_whitespace) {
+        AddStream::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|err| ApiError::bad_request(format!("the body must be JSON such as {{\"ttl\": \"2h\"}}: {err}")))?
+    };
+    let ttl = match request.ttl.as_deref().map(humantime::parse_duration) {
+        None => None,
+        Some(Ok(ttl)) if !ttl.is_zero() => Some(ttl),
+        Some(Ok(_)) => return Err(ApiError::bad_request("ttl must be longer than 0s")),
+        Some(Err(err)) => {
+            return Err(ApiError::bad_request(format!(
+                "ttl is not a duration such as `2h` or `30m`: {err}"
+            )));
         }
+    };
+    let name = format!("{template}/{id}");
+    let created = state.control.add(template, id, ttl).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        status,
+        axum::Json(serde_json::json!({ "stream": name, "created": created })),
+    )
+        .into_response())
+}
+
+async fn remove_stream(
+    State(state): State<Arc<AdminState>>,
+    Path((template, id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    if !authorized(&state, &headers) {
+        return Err(unauthorized());
+    }
+    state.control.remove(template, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_streams(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !authorized(&state, &headers) {
+        return Err(unauthorized());
+    }
+    let streams = state.control.list().await;
+    Ok(axum::Json(serde_json::json!({ "streams": streams })))
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    if !authorized(&state, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/plain".to_owned())],
+            b"/metrics needs Authorization: Bearer <admin.token>\n".to_vec(),
+        );
     }
     let encoder = TextEncoder::new();
     let mut body = Vec::with_capacity(16 * 1024);

@@ -20,20 +20,23 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod streams;
+
 use crate::admin::{self, AdminState};
-use crate::config::{self, Config, StreamConfig, StreamInstance, TargetConfig, TlsConfig};
+use crate::app::streams::{SharedStreams, Starter, StreamSet};
+use crate::config::{self, Config, TargetConfig, TlsConfig};
 use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
 use crate::queue::outbox::{Outbox, OutboxInput, Outboxes};
 use crate::routing::RoutingTable;
-use crate::source::{self, Router, StreamRuntime};
-use crate::telemetry::{Metrics, StreamTelemetry, SummaryTotals};
+use crate::source::Router;
+use crate::telemetry::{Metrics, SummaryTotals};
 use crate::tls::TrustedRoots;
 
 /// A running relay: its tasks and how to change or stop them.
@@ -44,34 +47,20 @@ pub struct Relay {
     store: Store,
     /// The certificate authorities every client trusts, read once at start.
     trusted_roots: TrustedRoots,
-    /// Shared by the streams and targets without a `tls` section of their own.
-    stream_client: reqwest::Client,
+    /// Shared by the targets without a `tls` section of their own.
     delivery_client: reqwest::Client,
     router: watch::Sender<Arc<Router>>,
-    /// By name: plain streams and template instances (`chat/8f1c`).
-    streams: BTreeMap<String, RunningStream>,
-    /// Instances that ended on their own, with the config they ended with: not started again
-    /// while it stays the same.
-    finished: BTreeMap<String, StreamInstance>,
-    /// Given to every stream; an instance that ends on its own says so here.
-    finished_sender: mpsc::UnboundedSender<Arc<str>>,
-    finished_receiver: Option<mpsc::UnboundedReceiver<Arc<str>>>,
+    /// Plain streams and template instances (`chat/8f1c`), shared with the admin API.
+    streams: Arc<Mutex<StreamSet>>,
+    /// Takes instances that ended on their own out of `streams`.
+    finished_watcher: JoinHandle<()>,
     /// Each `ids_file` of the running config (by template), and how it looked when read.
     ids_files: BTreeMap<String, (PathBuf, Option<FileStamp>)>,
     targets: BTreeMap<String, RunningTarget>,
-    /// The streams `/readyz` checks; replaced on reload.
-    admin_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
     stop_admin: CancellationToken,
     admin: JoinHandle<std::io::Result<()>>,
     /// Logs a summary every `logging.summary_interval`; none when it is 0.
     summary: Option<JoinHandle<()>>,
-}
-
-struct RunningStream {
-    instance: StreamInstance,
-    telemetry: Arc<StreamTelemetry>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
 }
 
 struct RunningTarget {
@@ -89,13 +78,6 @@ struct PreparedTarget {
     client: reqwest::Client,
     input: OutboxInput,
     outbox: Outbox,
-}
-
-/// A stream built from its config, not yet started.
-struct PreparedStream {
-    instance: StreamInstance,
-    runtime: StreamRuntime,
-    telemetry: Arc<StreamTelemetry>,
 }
 
 /// What a file looked like: changed when either differs.
@@ -145,7 +127,7 @@ pub async fn run_with_reloads(
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config_path.as_deref().map_or_else(|| "-".into(), |path| path.display().to_string()),
-        %storage, admin = %relay.admin_addr, n_streams = relay.streams.len(),
+        %storage, admin = %relay.admin_addr, n_streams = relay.streams.lock().await.len(),
         n_targets = relay.config.targets.len(), n_routes = relay.config.routes.len(), "sse-relay started"
     );
     notify_service_manager(NotifyState::Ready);
@@ -160,13 +142,11 @@ pub async fn run_with_reloads(
         })
     });
     tokio::pin!(shutdown);
-    let mut finished_instances = relay.take_finished_instances();
     let mut ids_file_checks = tokio::time::interval(IDS_FILE_INTERVAL);
     ids_file_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(name) = recv_some(&mut finished_instances) => relay.instance_finished(&name).await,
             _ = ids_file_checks.tick(), if !relay.ids_files.is_empty() => relay.reload_changed_ids_files().await,
             Some(()) = hangups.recv(), if config_path.is_some() => {
                 // systemd wants the time of the reload with RELOADING=1.
@@ -187,13 +167,6 @@ pub async fn run_with_reloads(
         watchdog.abort();
     }
     relay.shutdown().await
-}
-
-async fn recv_some<T>(receiver: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
-    match receiver {
-        Some(receiver) => receiver.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// SIGHUP, as a channel; empty where there are no Unix signals.
@@ -241,35 +214,43 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         retire_target(&store, orphan).await;
     }
 
+    let table = RoutingTable::new(&config);
+    let (router, router_receiver) = watch::channel(Arc::new(Router::new(table, store.clone(), &metrics)));
+    let (finished_sender, finished_receiver) = mpsc::unbounded_channel();
+    let ready_streams = Arc::new(RwLock::new(Vec::new()));
+    let starter = Starter {
+        metrics: Arc::clone(&metrics),
+        router: router_receiver,
+        trusted_roots: trusted_roots.clone(),
+        shared_client: stream_client.clone(),
+        finished: finished_sender,
+        store: store.clone(),
+    };
+    let streams = Arc::new(Mutex::new(StreamSet::new(starter, Arc::clone(&ready_streams))));
+
     let stop_admin = CancellationToken::new();
-    let admin_streams = Arc::new(RwLock::new(Vec::new()));
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
-        streams: Arc::clone(&admin_streams),
+        streams: ready_streams,
         store: store.clone(),
         token: config.admin.token.as_ref().map(|token| token.0.clone()),
+        control: Arc::new(SharedStreams(Arc::clone(&streams))),
     });
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
 
-    let table = RoutingTable::new(&config);
-    let (finished_sender, finished_receiver) = mpsc::unbounded_channel();
-    let (router, _) = watch::channel(Arc::new(Router::new(table, store.clone(), &metrics)));
+    let finished_watcher = streams::watch_finished(Arc::clone(&streams), finished_receiver);
     let mut relay = Relay {
         config: config.clone(),
         admin_addr,
         metrics,
         store,
         trusted_roots,
-        stream_client,
         delivery_client,
         router,
-        streams: BTreeMap::new(),
-        finished: BTreeMap::new(),
-        finished_sender,
-        finished_receiver: Some(finished_receiver),
+        streams,
+        finished_watcher,
         ids_files: ids_files(&config),
         targets: BTreeMap::new(),
-        admin_streams,
         stop_admin,
         admin,
         summary: None,
@@ -288,12 +269,13 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     for target in targets {
         relay.start_target(target);
     }
-    let router = Arc::clone(&relay.router.borrow());
-    for instance in config.stream_instances().into_values() {
-        let stream = relay.prepare_stream(instance, &router.table)?;
-        relay.start_stream(stream);
+    {
+        let router = Arc::clone(&relay.router.borrow());
+        let mut streams = relay.streams.lock().await;
+        let plan = streams.plan(&config, &router.table)?;
+        streams.apply(plan).await;
+        streams.restore(relay.store.saved_instances(), &router.table).await;
     }
-    relay.publish_streams_to_admin();
     Ok(relay)
 }
 
@@ -353,15 +335,6 @@ impl Relay {
         }
     }
 
-    /// The shared stream client, or one of the stream's own when it has a `tls` section.
-    fn stream_client(&self, name: &str, config: &StreamConfig) -> anyhow::Result<reqwest::Client> {
-        match &config.tls {
-            Some(tls) => stream_client(&self.trusted_roots, Some(tls))
-                .with_context(|| format!("stream {name}: cannot set up its TLS client")),
-            None => Ok(self.stream_client.clone()),
-        }
-    }
-
     /// Builds a target and its outbox; nothing runs yet.
     fn prepare_target(&self, index: usize, name: &str, config: &TargetConfig) -> anyhow::Result<PreparedTarget> {
         let telemetry = Arc::new(self.metrics.target(name));
@@ -400,57 +373,6 @@ impl Relay {
             task,
         };
         self.targets.insert(name, running);
-    }
-
-    /// Builds a stream; nothing runs yet.
-    fn prepare_stream(&self, instance: StreamInstance, table: &RoutingTable) -> anyhow::Result<PreparedStream> {
-        let telemetry = Arc::new(self.metrics.stream_instance(&instance.template, &instance.name));
-        let client = self.stream_client(&instance.name, &instance.config)?;
-        let finished = instance.id.is_some().then(|| self.finished_sender.clone());
-        let runtime = StreamRuntime::new(&instance, table, Arc::clone(&telemetry), &client, finished)?;
-        Ok(PreparedStream {
-            instance,
-            runtime,
-            telemetry,
-        })
-    }
-
-    fn start_stream(&mut self, stream: PreparedStream) {
-        let PreparedStream {
-            instance,
-            runtime,
-            telemetry,
-        } = stream;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(source::run_stream(
-            Arc::new(runtime),
-            self.router.subscribe(),
-            stop.clone(),
-        ));
-        let name = instance.name.clone();
-        let running = RunningStream {
-            instance,
-            telemetry,
-            stop,
-            task,
-        };
-        self.streams.insert(name, running);
-    }
-
-    /// What template instances report when they end on their own; taken once, by the task
-    /// that owns the relay.
-    pub fn take_finished_instances(&mut self) -> Option<mpsc::UnboundedReceiver<Arc<str>>> {
-        self.finished_receiver.take()
-    }
-
-    /// An instance ended on its own: it is no longer run, and not started again while its
-    /// config stays the same.
-    pub async fn instance_finished(&mut self, name: &str) {
-        if let Some(running) = self.streams.remove(name) {
-            let _ = running.task.await;
-            self.finished.insert(name.to_owned(), running.instance);
-            self.publish_streams_to_admin();
-        }
     }
 
     /// Reads each `ids_file` that changed since it was read and applies its ids: only the
@@ -503,18 +425,6 @@ impl Relay {
         }));
     }
 
-    fn publish_streams_to_admin(&self) {
-        let streams = self
-            .streams
-            .values()
-            .map(|stream| Arc::clone(&stream.telemetry))
-            .collect();
-        *self
-            .admin_streams
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = streams;
-    }
-
     /// Re-reads the config file and applies it; failures are logged and counted, and the
     /// running config stays.
     pub async fn reload_from(&mut self, path: &std::path::Path) {
@@ -548,14 +458,10 @@ impl Relay {
             }
         }
         let table = RoutingTable::new(&config);
-        let instances = config.stream_instances();
-        let mut new_streams = Vec::new();
-        for (name, instance) in &instances {
-            let running = self.streams.get(name).map(|running| &running.instance);
-            if running != Some(instance) && self.finished.get(name) != Some(instance) {
-                new_streams.push(self.prepare_stream(instance.clone(), &table)?);
-            }
-        }
+        // Held to the end: the streams API waits while the streams change.
+        let streams = Arc::clone(&self.streams);
+        let mut streams = streams.lock().await;
+        let plan = streams.plan(&config, &table)?;
 
         // The store switches to the new outboxes before the routing table names them, and
         // before the old dispatchers stop; a new outbox buffers (or, with SQLite, leaves on
@@ -592,25 +498,10 @@ impl Relay {
         }
 
         // Streams: unchanged ones keep their connection.
-        let mut restarted = Vec::new();
-        self.finished
-            .retain(|name, instance| instances.get(name) == Some(instance));
-        for name in self.streams.keys().cloned().collect::<Vec<_>>() {
-            if instances.get(&name) != Some(&self.streams[&name].instance)
-                && let Some(old) = self.streams.remove(&name)
-            {
-                old.stop.cancel();
-                let _ = old.task.await;
-                restarted.push(name);
-            }
-        }
-        for stream in new_streams {
-            self.start_stream(stream);
-        }
-        self.publish_streams_to_admin();
+        let restarted = streams.apply(plan).await;
         info!(
             streams_restarted_or_stopped = ?restarted, targets_restarted_or_stopped = ?replaced,
-            n_streams = self.streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
+            n_streams = streams.len(), n_targets = config.targets.len(), n_routes = config.routes.len(),
             "config reloaded"
         );
         self.ids_files = ids_files(&config);
@@ -627,12 +518,8 @@ impl Relay {
     /// store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         info!("shutting down: streams stop, deliveries in progress finish");
-        for stream in self.streams.values() {
-            stream.stop.cancel();
-        }
-        for (_, stream) in std::mem::take(&mut self.streams) {
-            let _ = stream.task.await;
-        }
+        self.streams.lock().await.stop_all().await;
+        self.finished_watcher.abort();
         // Bounded: with a full disk the store may never take what is still waiting.
         let grace_period = self.config.shutdown.grace_period;
         if tokio::time::timeout(grace_period, self.store.finish_submissions())

@@ -1551,6 +1551,14 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
                 ),
             );
         }
+        if stream.dynamic && stream.is_template() && config.admin.token.is_none() {
+            found.push(
+                &at(&["dynamic"]),
+                "a dynamic template needs admin.token: the streams API that adds its instances must not be \
+                 open to whoever reaches the admin port"
+                    .to_owned(),
+            );
+        }
         if stream.is_template() && stream.ids.is_empty() && stream.ids_file.is_none() && !stream.dynamic {
             found.push(
                 &at(&["url"]),

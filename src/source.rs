@@ -952,6 +952,7 @@ async fn accept(
         return Accepted::Noise;
     };
     router.received[stream_id.0][router.table.event_type_label_index(stream_id, &event.event_type)].inc();
+    telemetry.event_received();
     let targets = &mut state.targets;
     router.table.route(stream_id, &event, targets);
     if targets.is_empty() {

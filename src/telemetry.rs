@@ -445,6 +445,7 @@ impl Metrics {
             name: Arc::from(name),
             label: Arc::from(label),
             is_connected: std::sync::atomic::AtomicBool::new(false),
+            status: StreamStatus::default(),
             connected: self.stream_connected.with_label_values(&[label]),
             reconnects: DisconnectReason::ALL
                 .iter()
@@ -580,6 +581,8 @@ pub struct StreamTelemetry {
     /// How many of the streams under `label` are connected.
     connected: IntGauge,
     is_connected: std::sync::atomic::AtomicBool,
+    /// This stream's own figures, which metrics do not carry (`GET /v1/streams`).
+    status: StreamStatus,
     /// Indexed by `DisconnectReason as usize`.
     reconnects: Vec<IntCounter>,
     /// Indexed by `RotationResult as usize`.
@@ -591,6 +594,42 @@ pub struct StreamTelemetry {
     upstream_errors: IntCounterVec,
     upstream_error_log: LogLimiter,
     backpressure: IntCounter,
+}
+
+/// One stream's (or instance's) own state, as `GET /v1/streams` shows it.
+#[derive(Default)]
+struct StreamStatus {
+    /// Milliseconds since the Unix epoch; 0 for never.
+    connected_since_ms: std::sync::atomic::AtomicU64,
+    last_event_ms: std::sync::atomic::AtomicU64,
+    n_events: std::sync::atomic::AtomicU64,
+    n_reconnects: std::sync::atomic::AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// A stream's state at one moment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamSnapshot {
+    pub name: String,
+    pub connected: bool,
+    /// RFC 3339, while connected.
+    pub connected_since: Option<String>,
+    pub last_event_at: Option<String>,
+    pub events_received: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+fn rfc3339_ms(ms: u64) -> Option<String> {
+    (ms != 0).then(|| {
+        humantime::format_rfc3339_millis(std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    })
 }
 
 /// Lets a log line through at most once per `LOG_LIMIT_INTERVAL` and counts the ones held back,
@@ -628,7 +667,37 @@ impl StreamTelemetry {
         self.is_connected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// What `GET /v1/streams` shows of this stream.
+    pub fn snapshot(&self) -> StreamSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let status = &self.status;
+        StreamSnapshot {
+            name: self.name.to_string(),
+            connected: self.is_connected(),
+            connected_since: rfc3339_ms(status.connected_since_ms.load(Relaxed)),
+            last_event_at: rfc3339_ms(status.last_event_ms.load(Relaxed)),
+            events_received: status.n_events.load(Relaxed),
+            reconnects: status.n_reconnects.load(Relaxed),
+            last_error: status
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    /// An event arrived (keepalives are not events).
+    pub fn event_received(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.status.n_events.fetch_add(1, Relaxed);
+        self.status.last_event_ms.store(now_ms(), Relaxed);
+    }
+
     fn set_connected(&self, connected: bool) {
+        self.status.connected_since_ms.store(
+            if connected { now_ms() } else { 0 },
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if self.is_connected.swap(connected, std::sync::atomic::Ordering::Relaxed) != connected {
             if connected {
                 self.connected.inc();
@@ -649,6 +718,14 @@ impl StreamTelemetry {
     pub fn disconnected(&self, reason: DisconnectReason, detail: &dyn Display, reconnect_in: Duration) {
         self.set_connected(false);
         self.reconnects[reason as usize].inc();
+        self.status
+            .n_reconnects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .status
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!("{}: {detail}", reason.label()));
         let reconnect_in = to_millis(reconnect_in);
         match reason {
             DisconnectReason::Closed => {

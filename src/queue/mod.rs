@@ -93,6 +93,21 @@ impl Outcome {
     }
 }
 
+/// A change to the instances a store keeps.
+pub enum InstanceChange {
+    Save(SavedInstance),
+    Forget { template: String, id: String, name: String },
+}
+
+/// A template instance added at run time, kept so that a restart brings it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedInstance {
+    pub template: String,
+    pub id: String,
+    /// When its `ttl` runs out, if it has one.
+    pub ends_at: Option<SystemTime>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("storage failed: {0}")]
@@ -183,6 +198,39 @@ impl Store {
         match self {
             Store::Memory(store) => &store.positions,
             Store::Sqlite(store) => &store.positions,
+        }
+    }
+
+    /// The instances added at run time that the store kept (with SQLite; none in memory).
+    pub fn saved_instances(&self) -> Vec<SavedInstance> {
+        match self {
+            Store::Memory(_) => Vec::new(),
+            Store::Sqlite(store) => store.saved_instances(),
+        }
+    }
+
+    /// Keeps an instance added at run time, so that a restart brings it back (with SQLite).
+    pub async fn save_instance(&self, instance: SavedInstance) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Sqlite(store) => store.change_instance(InstanceChange::Save(instance)).await,
+        }
+    }
+
+    /// Forgets an instance that ended, and its stream's last event id.
+    pub async fn forget_instance(&self, template: &str, id: &str) -> Result<(), StoreError> {
+        let name = format!("{template}/{id}");
+        self.positions().forget(&name);
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Sqlite(store) => {
+                let forget = InstanceChange::Forget {
+                    template: template.to_owned(),
+                    id: id.to_owned(),
+                    name,
+                };
+                store.change_instance(forget).await
+            }
         }
     }
 
@@ -315,6 +363,13 @@ impl StreamPositions {
             .unwrap_or_else(PoisonError::into_inner)
             .get(stream)
             .cloned()
+    }
+
+    fn forget(&self, stream: &str) {
+        self.by_stream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(stream);
     }
 
     fn remember(&self, stream: &str, id: &str) {

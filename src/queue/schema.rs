@@ -47,7 +47,24 @@ CREATE TABLE IF NOT EXISTS stream_positions (
     stream TEXT PRIMARY KEY,
     last_event_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stream_instances (
+    template TEXT NOT NULL,
+    id TEXT NOT NULL,
+    ends_at_ms INTEGER,
+    PRIMARY KEY (template, id)
+);
 ";
+
+/// Instances added through the admin API, to start again after a restart.
+pub const LOAD_INSTANCES: &str = "SELECT template, id, ends_at_ms FROM stream_instances ORDER BY template, id";
+
+/// Keeps an instance (`?1` template, `?2` id, `?3` when it ends, if it does).
+pub const SAVE_INSTANCE: &str =
+    "INSERT OR REPLACE INTO stream_instances (template, id, ends_at_ms) VALUES (?1, ?2, ?3)";
+
+/// Forgets an instance (`?1` template, `?2` id) and its stream's position (`?3`, its name).
+pub const FORGET_INSTANCE: &str = "DELETE FROM stream_instances WHERE template = ?1 AND id = ?2";
+pub const FORGET_POSITION: &str = "DELETE FROM stream_positions WHERE stream = ?1";
 
 /// The columns a delivery and a dead letter share: the event and its target. A statement
 /// that moves rows between the two tables names them through this.

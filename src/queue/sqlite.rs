@@ -29,7 +29,9 @@ use crate::event::Event;
 use crate::queue::directory::{Reserve, StorageLock};
 use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
 use crate::queue::schema::{self, SCHEMA, millis};
-use crate::queue::{Delivery, DeliveryId, Outcome, PendingLimit, StoreError, StreamPositions};
+use crate::queue::{
+    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, SavedInstance, StoreError, StreamPositions,
+};
 use crate::telemetry::StorageTelemetry;
 
 /// The database file inside `storage.path`.
@@ -80,6 +82,11 @@ enum Command {
         outboxes: Outboxes,
         reply: oneshot::Sender<()>,
     },
+    /// An instance added at run time is kept, or one that ended is forgotten.
+    ChangeInstance {
+        change: InstanceChange,
+        reply: Reply<()>,
+    },
     /// A reload removed a target: its pending deliveries become dead letters.
     RetireTarget {
         target: Arc<str>,
@@ -122,6 +129,8 @@ pub struct SqliteStore {
     /// counts them.
     initial_pending: Arc<Mutex<HashMap<String, u64>>>,
     pending_targets: Arc<[String]>,
+    /// The instances kept when the store was opened.
+    saved_instances: Arc<[SavedInstance]>,
     external_changes: Arc<AtomicU64>,
 }
 
@@ -260,6 +269,16 @@ impl SqliteStore {
             .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
             .collect::<rusqlite::Result<HashMap<String, u64>>>()?;
         let n_pending = initial_pending.values().sum();
+        let saved_instances = connection
+            .prepare(schema::LOAD_INSTANCES)?
+            .query_map([], |row| {
+                Ok(SavedInstance {
+                    template: row.get(0)?,
+                    id: row.get(1)?,
+                    ends_at: row.get::<_, Option<i64>>(2)?.map(schema::from_millis),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
 
         let data_version = data_version(&connection)?;
         let external_changes = Arc::new(AtomicU64::new(0));
@@ -305,6 +324,7 @@ impl SqliteStore {
             limit: Arc::new(PendingLimit::new(config.max_pending.0 as u64, n_pending)),
             positions: Arc::new(StreamPositions::new(positions)),
             pending_targets: initial_pending.keys().cloned().collect(),
+            saved_instances: saved_instances.into(),
             initial_pending: Arc::new(Mutex::new(initial_pending)),
             external_changes,
         })
@@ -345,6 +365,14 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Stopped)?;
         answer.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub fn saved_instances(&self) -> Vec<SavedInstance> {
+        self.saved_instances.to_vec()
+    }
+
+    pub async fn change_instance(&self, change: InstanceChange) -> Result<(), StoreError> {
+        self.ask(|reply| Command::ChangeInstance { change, reply }).await
     }
 
     pub fn pending_targets(&self) -> Vec<String> {
@@ -574,6 +602,16 @@ impl Writer {
                     }
                     self.outboxes = outboxes;
                     let _ = reply.send(());
+                }
+                Command::ChangeInstance { change, reply } => {
+                    let changed = self
+                        .with_connection(move |connection| change_instance(connection, &change))
+                        .await;
+                    if let Err(err) = &changed {
+                        self.storage
+                            .write_failed(&format_args!("cannot keep a change to the stream instances: {err}"));
+                    }
+                    let _ = reply.send(changed.map_err(|err| StoreError::Failed(err.to_string())));
                 }
                 Command::RetireTarget { target, reply } => {
                     let retired = self
@@ -1023,6 +1061,24 @@ fn apply_outcome(transaction: &rusqlite::Transaction<'_>, id: DeliveryId, outcom
             transaction
                 .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
                 .execute([id])?;
+        }
+    }
+    Ok(())
+}
+
+fn change_instance(connection: &mut Connection, change: &InstanceChange) -> rusqlite::Result<()> {
+    match change {
+        InstanceChange::Save(instance) => {
+            connection.execute(
+                schema::SAVE_INSTANCE,
+                params![instance.template, instance.id, instance.ends_at.map(millis)],
+            )?;
+        }
+        InstanceChange::Forget { template, id, name } => {
+            let transaction = connection.transaction()?;
+            transaction.execute(schema::FORGET_INSTANCE, params![template, id])?;
+            transaction.execute(schema::FORGET_POSITION, params![name])?;
+            transaction.commit()?;
         }
     }
     Ok(())

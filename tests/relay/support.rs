@@ -248,12 +248,40 @@ impl LoggedRelay {
         env: &[(&str, &str)],
         adjust: impl FnOnce(&mut tokio::process::Command),
     ) -> LoggedRelay {
+        Self::launch(tempfile::tempdir().unwrap(), yaml, env, None, adjust).await
+    }
+
+    /// Like [`LoggedRelay::start`], with `admin.token` set to `${ADMIN_TOKEN}`.
+    pub async fn start_with_admin_token(yaml: &str, env: &[(&str, &str)]) -> LoggedRelay {
+        Self::launch(tempfile::tempdir().unwrap(), yaml, env, Some("${ADMIN_TOKEN}"), |_| {}).await
+    }
+
+    /// Kills the relay with SIGKILL and hands back its directory, store included.
+    pub async fn kill_keeping_storage(mut self) -> tempfile::TempDir {
+        self.child.start_kill().expect("the relay can be killed");
+        let _ = self.child.wait().await;
+        self.directory
+    }
+
+    /// Starts a relay on the store that `directory` kept (see `kill_keeping_storage`), with
+    /// `admin.token` set to `${ADMIN_TOKEN}`.
+    pub async fn restart_in(directory: tempfile::TempDir, yaml: &str, env: &[(&str, &str)]) -> LoggedRelay {
+        Self::launch(directory, yaml, env, Some("${ADMIN_TOKEN}"), |_| {}).await
+    }
+
+    async fn launch(
+        directory: tempfile::TempDir,
+        yaml: &str,
+        env: &[(&str, &str)],
+        admin_token: Option<&str>,
+        adjust: impl FnOnce(&mut tokio::process::Command),
+    ) -> LoggedRelay {
         use tokio::io::AsyncBufReadExt;
 
-        let directory = tempfile::tempdir().unwrap();
         let admin = SocketAddr::from(([127, 0, 0, 1], process::free_port().await));
+        let token = admin_token.map_or(String::new(), |token| format!(", token: \"{token}\""));
         let config = format!(
-            "admin: {{ listen: \"{admin}\" }}\nstorage: {{ path: \"{storage}\" }}\nshutdown: {{ grace_period: 1s }}\n{yaml}",
+            "admin: {{ listen: \"{admin}\"{token} }}\nstorage: {{ path: \"{storage}\" }}\nshutdown: {{ grace_period: 1s }}\n{yaml}",
             storage = directory.path().join("data").display(),
         );
         let config_path = directory.path().join("relay.yaml");

@@ -246,3 +246,249 @@ routes:
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
 }
+
+const TOKEN: &str = "s3cret-admin-token";
+
+/// A dynamic chat template and a fixed participant one, every event to `/hook`.
+fn dynamic_chats(upstream: &Upstream, sink: &Sink) -> String {
+    format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    headers: {{ Authorization: "Bearer chat-{{id}}" }}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    dynamic: true
+    stop_when: {{ events: [workflow_status], where: {{ /is_active: false }} }}
+  participant:
+    url: {participant}
+    ids: ["40"]
+targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: "*"
+    targets: [hook]
+"#,
+        chat = upstream.chat_url("{id}"),
+        participant = upstream.participant_url("{id}"),
+        hook = sink.url("/hook"),
+    )
+}
+
+struct StreamsApi {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl StreamsApi {
+    fn new(admin: std::net::SocketAddr) -> StreamsApi {
+        StreamsApi {
+            base: format!("http://{admin}/v1/streams"),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, serde_json::Value) {
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.expect("the admin server answers");
+        let status = response.status().as_u16();
+        let body = response.bytes().await.unwrap_or_default();
+        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn put(&self, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let mut request = self.http.put(format!("{}/{path}", self.base));
+        if let Some(body) = body {
+            request = request.body(body.to_owned());
+        }
+        self.send(request, Some(TOKEN)).await
+    }
+
+    async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        self.send(self.http.delete(format!("{}/{path}", self.base)), Some(TOKEN))
+            .await
+    }
+
+    async fn list(&self) -> Vec<serde_json::Value> {
+        let (status, body) = self.send(self.http.get(&self.base), Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        body["streams"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn names(streams: &[serde_json::Value]) -> Vec<String> {
+    streams
+        .iter()
+        .map(|stream| stream["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_adds_lists_and_removes_instances_of_a_dynamic_template() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\", token: \"{TOKEN}\" }}\n{}",
+        dynamic_chats(&upstream, &sink)
+    );
+    let relay = TestRelay::start(&yaml).await;
+    let api = StreamsApi::new(relay.admin);
+    assert_eq!(names(&api.list().await), ["participant/40"]);
+
+    let (status, body) = api.put("chat/8f1c", None).await;
+    assert_eq!(
+        (status, &body["stream"]),
+        (201, &serde_json::json!("chat/8f1c")),
+        "{body}"
+    );
+    assert_eq!(
+        api.put("chat/8f1c", None).await.0,
+        200,
+        "adding a running instance again"
+    );
+    assert_eq!(api.put("chat/77", Some(r#"{"ttl": "2h"}"#)).await.0, 201);
+    wait_for_entities(&upstream, Api::Chat, &["77", "8f1c"]).await;
+    let request = upstream
+        .requests_seen(Api::Chat)
+        .into_iter()
+        .find(|request| request.path.contains("/8f1c/"))
+        .unwrap();
+    assert_eq!(request.header("authorization"), Some("Bearer chat-8f1c"));
+
+    upstream.publish_event_to(Api::Chat, "8f1c", r#"{"type":"node_update"}"#);
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    eventually("the list shows the instance's event", DEADLINE, || async {
+        api.list().await.iter().any(|stream| {
+            stream["name"] == "chat/8f1c"
+                && stream["connected"] == true
+                && stream["events_received"] == 1
+                && stream["dynamic"] == true
+                && stream["id"] == "8f1c"
+                && stream["template"] == "chat"
+                && stream["last_event_at"].is_string()
+        })
+    })
+    .await;
+
+    assert_eq!(api.delete("chat/77").await.0, 204);
+    wait_for_entities(&upstream, Api::Chat, &["8f1c"]).await;
+    assert_eq!(names(&api.list().await), ["chat/8f1c", "participant/40"]);
+    // The event that ends the workflow ends the instance.
+    upstream.publish_event_to(Api::Chat, "8f1c", r#"{"type":"workflow_status","is_active":false}"#);
+    sink.wait_for_delivered("/hook", 2, DEADLINE).await;
+    eventually("the finished instance leaves the list", DEADLINE, || async {
+        names(&api.list().await) == ["participant/40"]
+    })
+    .await;
+    assert!(upstream.connected_entities(Api::Chat).is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_token_and_says_what_is_wrong() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\", token: \"{TOKEN}\" }}\n{}",
+        dynamic_chats(&upstream, &sink)
+    );
+    let relay = TestRelay::start(&yaml).await;
+    let api = StreamsApi::new(relay.admin);
+    for (request, what) in [
+        (api.http.get(&api.base), "list"),
+        (api.http.put(format!("{}/chat/1", api.base)), "add"),
+        (api.http.delete(format!("{}/chat/1", api.base)), "remove"),
+    ] {
+        let (status, body) = api.send(request, None).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("admin.token"), "{body}");
+    }
+    let (status, _) = api.send(api.http.get(&api.base), Some("wrong")).await;
+    assert_eq!(status, 401);
+
+    let check = |(status, body): (u16, serde_json::Value), expected_status: u16, expected: &str| {
+        assert_eq!(status, expected_status, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{error:?} does not say {expected:?}");
+        assert!(!error.contains(TOKEN));
+    };
+    check(
+        api.put("nothing/1", None).await,
+        404,
+        "no stream template named `nothing`; dynamic templates: chat",
+    );
+    check(
+        api.put("participant/41", None).await,
+        409,
+        "`participant` is not a dynamic template",
+    );
+    check(api.delete("participant/40").await, 409, "not a dynamic template");
+    check(api.put("chat/a%20b", None).await, 400, "cannot contain a space");
+    check(
+        api.put(&format!("chat/{}", "x".repeat(200)), None).await,
+        400,
+        "at most 128 bytes",
+    );
+    check(
+        api.put("chat/1", Some(r#"{"ttl": "soon"}"#)).await,
+        400,
+        "ttl is not a duration",
+    );
+    check(api.put("chat/1", Some("{not json")).await, 400, "must be JSON");
+    check(api.delete("chat/1").await, 404, "no instance chat/1 runs");
+    assert!(upstream.connected_entities(Api::Chat).is_empty());
+    relay.stop().await;
+}
+
+#[test]
+fn a_dynamic_template_needs_an_admin_token() {
+    let yaml = r#"
+streams:
+  chat:
+    url: http://127.0.0.1:1/chats/{id}/listen
+    dynamic: true
+targets:
+  hook: { url: "http://127.0.0.1:1/hook" }
+"#;
+    let err = parse_config(yaml, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("test.yaml:5:14: streams.chat.dynamic: a dynamic template needs admin.token"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_instances_come_back_after_kill_9_with_their_last_event_id() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = dynamic_chats(&upstream, &sink);
+    let token_env = [("ADMIN_TOKEN", TOKEN)];
+    let relay = crate::support::LoggedRelay::start_with_admin_token(&yaml, &token_env).await;
+    let api = StreamsApi::new(relay.admin);
+    assert_eq!(api.put("chat/a1", None).await.0, 201);
+    assert_eq!(api.put("chat/b2", Some(r#"{"ttl": "1h"}"#)).await.0, 201);
+    wait_for_entities(&upstream, Api::Chat, &["a1", "b2"]).await;
+    upstream.publish(Api::Chat, "id: 7\ndata: {\"type\":\"node_update\"}\n\n");
+    sink.wait_for_delivered("/hook", 2, DEADLINE).await;
+
+    let directory = relay.kill_keeping_storage().await;
+    wait_for_entities(&upstream, Api::Chat, &[]).await;
+    let relay = crate::support::LoggedRelay::restart_in(directory, &yaml, &token_env).await;
+    wait_for_entities(&upstream, Api::Chat, &["a1", "b2"]).await;
+    let resumed: Vec<Option<String>> = upstream
+        .requests_seen(Api::Chat)
+        .iter()
+        .skip(2)
+        .map(|request| request.header("last-event-id").map(str::to_owned))
+        .collect();
+    assert_eq!(resumed, [Some("7".to_owned()), Some("7".to_owned())]);
+    let api = StreamsApi::new(relay.admin);
+    let mut listed = names(&api.list().await);
+    listed.sort();
+    assert_eq!(listed, ["chat/a1", "chat/b2", "participant/40"]);
+}
