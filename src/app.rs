@@ -35,7 +35,7 @@ use crate::event::TargetId;
 use crate::queue::Store;
 use crate::queue::outbox::{Outbox, OutboxInput, Outboxes};
 use crate::routing::RoutingTable;
-use crate::source::Router;
+use crate::source::{ConnectLimiter, Router};
 use crate::telemetry::{Metrics, SummaryTotals};
 use crate::tls::TrustedRoots;
 
@@ -225,6 +225,8 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         shared_client: stream_client.clone(),
         finished: finished_sender,
         store: store.clone(),
+        connect_limiter: Arc::new(ConnectLimiter::new(config.connections.rate)),
+        connect_rate: config.connections.rate,
     };
     let streams = Arc::new(Mutex::new(StreamSet::new(starter, Arc::clone(&ready_streams))));
 

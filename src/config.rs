@@ -28,7 +28,7 @@ pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
 mod templates;
 
-pub use templates::{ID_PLACEHOLDER, IdsFile, InstanceId, MAX_ID_BYTES, StopWhen, StreamInstance};
+pub use templates::{Descriptors, ID_PLACEHOLDER, IdsFile, InstanceId, MAX_ID_BYTES, StopWhen, StreamInstance};
 
 /// Everything wrong with a config: each problem on a line of its own, in the order of the file.
 #[derive(Debug)]
@@ -89,6 +89,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// Credentials written literally in the file, not as `${...}` references.
     #[serde(skip)]
     pub n_literal_secrets: usize,
@@ -192,6 +194,33 @@ pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM.
     #[serde(default = "default_grace_period", with = "humantime_serde")]
     pub grace_period: Duration,
+}
+
+/// Upstream connections, across all streams.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// New upstream connections (first ones and reconnections) are opened at most this often,
+    /// each after a little jitter: thousands of instances start without a thundering herd, and
+    /// an upstream outage does not end in a storm of reconnections.
+    #[serde(default = "default_connect_rate")]
+    pub rate: RateLimit,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            rate: default_connect_rate(),
+        }
+    }
+}
+
+/// 10,000 instances connect within 20 s.
+fn default_connect_rate() -> RateLimit {
+    RateLimit {
+        n_requests: 500,
+        per: Duration::from_secs(1),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -456,7 +485,7 @@ pub struct RateLimit {
 impl<'de> Deserialize<'de> for RateLimit {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         from_text(deserializer, |text| {
-            let problem = || format!("rate_limit `{text}` is not a rate such as 30/s, 100/m or 1000/h");
+            let problem = || format!("`{text}` is not a rate such as 30/s, 100/m or 1000/h");
             let (count, unit) = text.split_once('/').ok_or_else(problem)?;
             let n_requests: u32 = count.trim().parse().map_err(|_| problem())?;
             let per = match unit.trim() {
@@ -466,7 +495,7 @@ impl<'de> Deserialize<'de> for RateLimit {
                 _ => return Err(problem()),
             };
             if n_requests == 0 {
-                return Err("rate_limit must allow at least 1 request".to_owned());
+                return Err("a rate must allow at least 1 a second, minute or hour".to_owned());
             }
             Ok(RateLimit { n_requests, per })
         })

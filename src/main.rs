@@ -101,7 +101,7 @@ fn main() -> ExitCode {
                 Err(err) => return fail_config(&err),
             };
             telemetry::init_logging(cli.log_format);
-            raise_open_file_limit();
+            raise_open_file_limit(loaded.descriptors());
             match runtime().block_on(app::run_with_reloads(loaded, Some(config), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(&format!("{err:#}")),
@@ -164,12 +164,33 @@ fn dead_letters(storage: &config::StorageConfig, command: DlqCommand) -> anyhow:
 
 /// Raises the soft limit on open files to the hard one. Services often start with a soft
 /// limit of 1,024, which streams, deliveries, the store and admin clients can reach together.
-fn raise_open_file_limit() {
+/// Says so when even the raised limit cannot hold what the config can open at once.
+fn raise_open_file_limit(needed: config::Descriptors) {
     // The hard limit can be "unlimited", which Linux refuses as a soft limit; 2^20 is its
     // usual ceiling (fs.nr_open).
-    match rlimit::increase_nofile_limit(u64::MAX).or_else(|_| rlimit::increase_nofile_limit(1 << 20)) {
-        Ok(limit) => tracing::info!(limit, "open file limit"),
-        Err(err) => tracing::warn!(error = %err, "cannot raise the open file limit; it stays as it was"),
+    let limit = match rlimit::increase_nofile_limit(u64::MAX).or_else(|_| rlimit::increase_nofile_limit(1 << 20)) {
+        Ok(limit) => {
+            tracing::info!(limit, "open file limit");
+            limit
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot raise the open file limit; it stays as it was");
+            match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+                Ok((soft, _)) => soft,
+                Err(_) => return,
+            }
+        }
+    };
+    if limit < needed.total() {
+        tracing::error!(
+            limit,
+            needed = needed.total(),
+            stream_connections = needed.streams,
+            target_connections = needed.targets,
+            "the open file limit cannot hold the configured streams and targets: connections will fail with \
+             \"too many open files\"; raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=, \
+             ulimit -Hn)"
+        );
     }
 }
 

@@ -84,6 +84,43 @@ pub struct StreamRuntime {
     ttl: Option<Duration>,
     /// Where an instance that ended on its own says so, by its name.
     finished: Option<mpsc::UnboundedSender<Arc<str>>>,
+    /// Every new connection of every stream waits its turn here (`connections.rate`).
+    connect_limiter: Arc<ConnectLimiter>,
+}
+
+/// Spreads new upstream connections over time: a token bucket at `connections.rate`, so that
+/// thousands of streams starting together, or reconnecting after an upstream outage, do not
+/// arrive at once; and up to 100 ms of jitter before a stream's first connection, so that
+/// streams started together do not stay in step. (A reconnection after a failure waits a
+/// backoff that has its own jitter; one after a productive connection waits for nothing but
+/// the bucket, since the chat API keeps no history and every millisecond without a connection
+/// can lose events.)
+pub struct ConnectLimiter {
+    bucket: governor::DefaultDirectRateLimiter,
+}
+
+/// The most a connection waits beyond its turn.
+const CONNECT_JITTER: Duration = Duration::from_millis(100);
+
+impl ConnectLimiter {
+    pub fn new(rate: crate::config::RateLimit) -> ConnectLimiter {
+        let period = rate.per / rate.n_requests;
+        let quota = governor::Quota::with_period(period.max(Duration::from_nanos(1)))
+            .expect("the period is positive")
+            .allow_burst(std::num::NonZeroU32::new(rate.n_requests).expect("at least 1 a period"));
+        ConnectLimiter {
+            bucket: governor::RateLimiter::direct(quota),
+        }
+    }
+
+    /// Waits for this connection's turn; a stream's first connection also waits its jitter.
+    async fn turn(&self, first: bool) {
+        if first {
+            let jitter = fastrand::u64(..CONNECT_JITTER.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+        }
+        self.bucket.until_ready().await;
+    }
 }
 
 impl StreamRuntime {
@@ -94,6 +131,7 @@ impl StreamRuntime {
         telemetry: Arc<StreamTelemetry>,
         client: &reqwest::Client,
         finished: Option<mpsc::UnboundedSender<Arc<str>>>,
+        connect_limiter: Arc<ConnectLimiter>,
     ) -> anyhow::Result<StreamRuntime> {
         let config = &instance.config;
         let headers = SecretHeaders::new(Owner::Stream(Arc::clone(&telemetry.name)), &config.headers)?;
@@ -109,6 +147,7 @@ impl StreamRuntime {
                 .map(|stop_when| EventFilter::new(&stop_when.events, &stop_when.where_equal)),
             ttl: config.ttl,
             finished,
+            connect_limiter,
             url: config.url.0.to_string(),
             headers,
             idle_timeout: config.idle_timeout,
@@ -205,7 +244,18 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<
     };
     let mut backoff = stream.error_backoff();
     let ends_at = stream.ttl.map(|ttl| Instant::now() + ttl);
-    while let Some(end) = read_connections(&stream, &router, &mut state, &stop, ends_at).await {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = sleep_until(ends_at) => {
+                state.finished = Some(Finished::Ttl);
+                break;
+            }
+            () = stream.connect_limiter.turn(state.n_connections == 0) => {}
+        }
+        let Some(end) = read_connections(&stream, &router, &mut state, &stop, ends_at).await else {
+            break;
+        };
         let delay = reconnect_delay(&end, &stream.reconnect, &mut backoff, || stream.error_backoff());
         stream.telemetry.disconnected(end.reason, &end.detail, delay);
         if !delay.is_zero() {

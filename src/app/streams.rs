@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{ApiError, StreamControl, StreamState};
-use crate::config::{Config, InstanceId, StreamConfig, StreamInstance};
+use crate::config::{Config, InstanceId, RateLimit, StreamConfig, StreamInstance};
 use crate::queue::{SavedInstance, Store};
 use crate::routing::RoutingTable;
-use crate::source::{self, Router, StreamRuntime};
+use crate::source::{self, ConnectLimiter, Router, StreamRuntime};
 use crate::telemetry::{Metrics, StreamTelemetry};
 use crate::tls::TrustedRoots;
 
@@ -31,6 +31,9 @@ pub(super) struct Starter {
     pub shared_client: reqwest::Client,
     pub finished: mpsc::UnboundedSender<Arc<str>>,
     pub store: Store,
+    /// Shared by every stream started with the current `connections.rate`.
+    pub connect_limiter: Arc<ConnectLimiter>,
+    pub connect_rate: RateLimit,
 }
 
 struct RunningStream {
@@ -91,7 +94,12 @@ impl StreamSet {
     }
 
     /// Builds what the new config runs that does not run yet; nothing changes.
-    pub fn plan(&self, config: &Config, table: &RoutingTable) -> anyhow::Result<StreamPlan> {
+    pub fn plan(&mut self, config: &Config, table: &RoutingTable) -> anyhow::Result<StreamPlan> {
+        // A changed `connections.rate` applies to the streams started from now on.
+        if config.connections.rate != self.starter.connect_rate {
+            self.starter.connect_rate = config.connections.rate;
+            self.starter.connect_limiter = Arc::new(ConnectLimiter::new(config.connections.rate));
+        }
         let mut clients = BTreeMap::new();
         for (name, stream) in &config.streams {
             if let Some(tls) = &stream.tls {
@@ -177,7 +185,14 @@ impl StreamSet {
         let telemetry = Arc::new(starter.metrics.stream_instance(&instance.template, &instance.name));
         let client = clients.get(&instance.template).unwrap_or(&starter.shared_client);
         let finished = instance.id.is_some().then(|| starter.finished.clone());
-        let runtime = StreamRuntime::new(&instance, table, Arc::clone(&telemetry), client, finished)?;
+        let runtime = StreamRuntime::new(
+            &instance,
+            table,
+            Arc::clone(&telemetry),
+            client,
+            finished,
+            Arc::clone(&starter.connect_limiter),
+        )?;
         Ok(PreparedStream {
             instance,
             dynamic,

@@ -247,6 +247,41 @@ impl Config {
     }
 }
 
+/// The file descriptors a config can take at once, by what takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptors {
+    /// Stream connections: two each while a stream with `rotate_after` overlaps its
+    /// connections. Dynamic instances are not counted: they are not known in advance.
+    pub streams: u64,
+    /// Target connections: `max_in_flight` each.
+    pub targets: u64,
+    /// The store, the admin server's connections (64) and the process's own.
+    pub fixed: u64,
+}
+
+impl Descriptors {
+    pub fn total(&self) -> u64 {
+        self.streams + self.targets + self.fixed
+    }
+}
+
+impl Config {
+    /// What the config's streams and targets can hold open at once.
+    pub fn descriptors(&self) -> Descriptors {
+        let streams = self
+            .stream_instances()
+            .values()
+            .map(|instance| if instance.config.rotate_after.is_some() { 2 } else { 1 })
+            .sum();
+        let targets = self.targets.values().map(|target| target.max_in_flight.0 as u64).sum();
+        Descriptors {
+            streams,
+            targets,
+            fixed: 128,
+        }
+    }
+}
+
 impl StreamInstance {
     /// The instance of `template` for `id`, ending after `ttl` if set.
     pub fn of(template: &str, config: &StreamConfig, id: InstanceId, ttl: Option<Duration>) -> StreamInstance {

@@ -174,3 +174,40 @@ async fn the_relay_raises_its_soft_open_file_limit_to_the_hard_one() {
     let logged = relay.wait_for_log("open file limit").await;
     assert!(logged.contains("\"limit\":3000"), "{logged}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_says_when_the_open_file_limit_cannot_hold_its_streams() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let ids: Vec<String> = (0..300).map(|n| n.to_string()).collect();
+    let yaml = format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    rotate_after: 29m
+    ids: [{ids}]
+targets:
+  hook: {{ url: "{hook}", max_in_flight: 50 }}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+        chat = upstream.chat_url("{id}"),
+        ids = ids.join(", "),
+        hook = sink.url("/hook"),
+    );
+    let relay = LoggedRelay::start_with(&yaml, &[], with_open_file_limit(500, 500)).await;
+    let logged = relay
+        .wait_for_log("the open file limit cannot hold the configured streams and targets")
+        .await;
+    for expected in [
+        "\"limit\":500",
+        "\"needed\":778",
+        "\"stream_connections\":600",
+        "\"target_connections\":50",
+        "LimitNOFILE",
+    ] {
+        assert!(logged.contains(expected), "{expected} in {logged}");
+    }
+}

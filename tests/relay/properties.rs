@@ -274,7 +274,7 @@ const INVALID_TARGET_FIELDS: &[InvalidField] = &[
     InvalidField {
         line: "rate_limit: 0/s",
         error_offset: 12,
-        message: "rate_limit must allow at least 1 request",
+        message: "a rate must allow at least 1 a second, minute or hour",
     },
     InvalidField {
         line: "retry: { max_attempts: 0 }",
@@ -561,7 +561,15 @@ fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
     let table = RoutingTable::new(config);
     let client = reqwest::Client::new();
     let instance = &config.stream_instances()["chat"];
-    let stream = StreamRuntime::new(instance, &table, Arc::new(metrics.stream("chat")), &client, None);
+    let limiter = Arc::new(sse_relay::source::ConnectLimiter::new(config.connections.rate));
+    let stream = StreamRuntime::new(
+        instance,
+        &table,
+        Arc::new(metrics.stream("chat")),
+        &client,
+        None,
+        limiter,
+    );
     prop_assert!(stream.is_ok(), "{:?}", stream.err());
     let mut events = eventsource_client::ClientBuilder::for_url(chat.url.0.as_str())
         .map_err(|err| TestCaseError::fail(err.to_string()))?;

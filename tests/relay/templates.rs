@@ -492,3 +492,49 @@ async fn dynamic_instances_come_back_after_kill_9_with_their_last_event_id() {
     listed.sort();
     assert_eq!(listed, ["chat/a1", "chat/b2", "participant/40"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_at_the_connect_rate_at_start_and_after_an_outage() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let ids: Vec<String> = (0..60).map(|n| format!("\"{n}\"")).collect();
+    let yaml = format!(
+        r#"{IN_PROCESS}
+connections: {{ rate: 20/s }}
+streams:
+  chat:
+    url: {url}
+    ids: [{ids}]
+targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+        url = upstream.chat_url("{id}"),
+        ids = ids.join(", "),
+        hook = sink.url("/hook"),
+    );
+    let relay = TestRelay::start(&yaml).await;
+    assert!(upstream.wait_for_clients(Api::Chat, 60, DEADLINE).await);
+    // A burst of 20, then 20 a second: the last 40 take 2 s.
+    let spread = |spans: &[sse_relay_fixtures::emulator::ConnectionSpan]| {
+        let first = spans.iter().map(|span| span.accepted_at).min().unwrap();
+        let last = spans.iter().map(|span| span.accepted_at).max().unwrap();
+        last - first
+    };
+    let at_start = spread(&upstream.connection_spans(Api::Chat));
+    assert!(
+        at_start >= std::time::Duration::from_millis(1800),
+        "60 connections at 20/s came within {at_start:?}"
+    );
+    // An outage: every connection fails at once; they come back at the same rate.
+    upstream.close_all(Api::Chat);
+    assert!(upstream.wait_for_connections_accepted(Api::Chat, 120, DEADLINE).await);
+    let again = spread(&upstream.connection_spans(Api::Chat)[60..]);
+    assert!(
+        again >= std::time::Duration::from_millis(1800),
+        "60 reconnections at 20/s came within {again:?}"
+    );
+    relay.stop().await;
+}
