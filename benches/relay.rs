@@ -121,6 +121,21 @@ async fn main() {
         }
     }
 
+    if options.runs("many_streams") {
+        let counts: Vec<usize> = match std::env::var("BENCH_INSTANCES") {
+            Ok(counts) => counts
+                .split(',')
+                .filter_map(|count| count.trim().parse().ok())
+                .collect(),
+            Err(_) if options.quick => vec![100],
+            Err(_) => vec![1_000, 10_000],
+        };
+        for n_instances in counts {
+            figures.extend(many_streams_idle(n_instances).await);
+        }
+        figures.extend(many_streams_active(&options).await);
+    }
+
     figures.extend(ratios(&figures));
 
     println!("\n{:<28} {:<24} {:>14}  unit", "scenario", "figure", "value");
@@ -625,6 +640,139 @@ async fn idle_rss(n_streams: usize) -> Vec<Figure> {
         value: peak_rss_mib(relay.pid()),
         unit: "MiB",
     }]
+}
+
+/// A template of chats with `n` ids in an ids file, every event to the sink.
+fn chat_template(upstream: &Upstream, sink: &Sink, storage: &Path, n: usize) -> String {
+    let ids: String = (0..n).map(|id| format!("{id}\n")).collect();
+    let ids_file = storage.join("chats.txt");
+    std::fs::write(&ids_file, ids).unwrap();
+    format!(
+        "storage: {{ path: \"{storage}\" }}\nstreams:\n  chat:\n    url: \"{url}\"\n    keepalive: [keepalive]\n    \
+         ids_file: \"{ids_file}\"\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 64 }}\nroutes:\n  - stream: chat\n    \
+         targets: [sink]\n",
+        storage = storage.display(),
+        url = upstream.chat_url("{id}"),
+        ids_file = ids_file.display(),
+        hook = sink.url("/hook"),
+    )
+}
+
+/// `n` instances of one template, idle but for the chat API's keepalive every 3 s: how long
+/// they take to connect (at the default `connections.rate`), the relay's peak RSS, and its CPU
+/// over 10 s of keepalives.
+async fn many_streams_idle(n: usize) -> Vec<Figure> {
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let relay = start_relay(&chat_template(&upstream, &sink, storage.path(), n)).await;
+    let connected = upstream.wait_for_clients(Api::Chat, n, Duration::from_secs(120)).await;
+    let startup = started.elapsed().as_secs_f64();
+    assert!(
+        connected,
+        "only {} of {n} instances connected",
+        upstream.connected_clients(Api::Chat)
+    );
+    // Steady state: a few keepalive rounds before measuring.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let cpu_before = cpu_seconds(relay.pid());
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let cpu_percent = (cpu_seconds(relay.pid()) - cpu_before) / window.as_secs_f64() * 100.0;
+    let scenario: &'static str = match n {
+        100 => "many_streams: 100 idle instances",
+        1_000 => "many_streams: 1,000 idle instances",
+        10_000 => "many_streams: 10,000 idle instances",
+        _ => "many_streams: idle instances",
+    };
+    vec![
+        Figure {
+            scenario,
+            name: "seconds until all connected",
+            value: startup,
+            unit: "s",
+        },
+        Figure {
+            scenario,
+            name: "peak RSS",
+            value: peak_rss_mib(relay.pid()),
+            unit: "MiB",
+        },
+        Figure {
+            scenario,
+            name: "CPU, keepalives every 3 s",
+            value: cpu_percent,
+            unit: "% of a core",
+        },
+    ]
+}
+
+/// 1,000 instances (100 with `--quick`), each sent 10 events a second for 10 s (2 s), spread
+/// evenly, every event to one target: all delivered, and the latency of each.
+async fn many_streams_active(options: &Options) -> Vec<Figure> {
+    let n: usize = if options.quick { 100 } else { 1_000 };
+    let seconds: usize = if options.quick { 2 } else { 10 };
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let relay = start_relay(&chat_template(&upstream, &sink, storage.path(), n)).await;
+    assert!(upstream.wait_for_clients(Api::Chat, n, Duration::from_secs(60)).await);
+    let n_events = n * 10 * seconds;
+    let mut emitted = Vec::with_capacity(n_events);
+    // Every 10 ms, a tenth of a tenth of the instances get an event: each gets 10 a second.
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    let ids: Vec<String> = (0..n).map(|id| id.to_string()).collect();
+    let per_tick = n / 10;
+    let mut next_id = 0;
+    while emitted.len() < n_events {
+        ticks.tick().await;
+        for _ in 0..per_tick {
+            let event = emitted.len();
+            emitted.push(Instant::now());
+            upstream.publish_event_to(Api::Chat, &ids[next_id], &format!("{{\"n\":{event}}}"));
+            next_id = (next_id + 1) % n;
+        }
+    }
+    let delivered = sink
+        .wait_for_delivered("/hook", n_events, Duration::from_secs(120))
+        .await;
+    assert_eq!(delivered.len(), n_events, "not every event arrived");
+    let mut latencies_ms: Vec<f64> = delivered
+        .iter()
+        .filter_map(|request| {
+            let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+            let event = value["n"].as_u64()? as usize;
+            Some(request.received_at.duration_since(*emitted.get(event)?).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies_ms.sort_by(f64::total_cmp);
+    drop(relay);
+    let scenario = if options.quick {
+        "many_streams: 100 active instances"
+    } else {
+        "many_streams: 1,000 active instances"
+    };
+    vec![
+        Figure {
+            scenario,
+            name: "events delivered (10/s each)",
+            value: delivered.len() as f64,
+            unit: "events",
+        },
+        Figure {
+            scenario,
+            name: "latency p50",
+            value: percentile(&latencies_ms, 0.50),
+            unit: "ms",
+        },
+        Figure {
+            scenario,
+            name: "latency p99",
+            value: percentile(&latencies_ms, 0.99),
+            unit: "ms",
+        },
+    ]
 }
 
 /// Publishes `n_events` copies of `data` as fast as possible; returns the seconds from the first

@@ -215,8 +215,11 @@ async fn add_stream(
     };
     let ttl = match request.ttl.as_deref().map(humantime::parse_duration) {
         None => None,
-        Some(Ok(ttl)) if !ttl.is_zero() => Some(ttl),
-        Some(Ok(_)) => return Err(ApiError::bad_request("ttl must be longer than 0s")),
+        Some(Ok(ttl)) if ttl.is_zero() => return Err(ApiError::bad_request("ttl must be longer than 0s")),
+        Some(Ok(ttl)) if ttl > crate::config::MAX_DURATION => {
+            return Err(ApiError::bad_request("ttl is at most 100 years"));
+        }
+        Some(Ok(ttl)) => Some(ttl),
         Some(Err(err)) => {
             return Err(ApiError::bad_request(format!(
                 "ttl is not a duration such as `2h` or `30m`: {err}"

@@ -38,6 +38,8 @@ use crate::routing::RoutingTable;
 use crate::source::{ConnectLimiter, Router};
 use crate::telemetry::{Metrics, SummaryTotals};
 use crate::tls::TrustedRoots;
+use crate::transport::StreamClient;
+use crate::transport::http1::Http1Client;
 
 /// A running relay: its tasks and how to change or stop them.
 pub struct Relay {
@@ -283,17 +285,24 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
 
 const USER_AGENT: &str = concat!("sse-relay/", env!("CARGO_PKG_VERSION"));
 
-/// The client streams connect with: redirects within the stream's origin only, no `Referer`,
-/// TCP keepalive for connections that stay open for hours.
-fn stream_client(roots: &TrustedRoots, tls: Option<&TlsConfig>) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .use_preconfigured_tls(roots.client_config(tls)?)
-        .user_agent(USER_AGENT)
-        .redirect(crate::transport::redirect_policy())
-        .referer(false)
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_keepalive(Duration::from_secs(30))
-        .build()?)
+/// The client streams connect with: the lean HTTP/1.1 client, or reqwest (redirects within the
+/// stream's origin only, no `Referer`, TCP keepalive) when an HTTP proxy is set in the
+/// environment. Neither follows a redirect to another origin.
+fn stream_client(roots: &TrustedRoots, tls: Option<&TlsConfig>) -> anyhow::Result<StreamClient> {
+    if !crate::transport::proxy_in_environment() {
+        let config = Arc::new(roots.client_config(tls)?);
+        return Ok(StreamClient::Http1(Http1Client::new(config, USER_AGENT)));
+    }
+    Ok(StreamClient::Reqwest(
+        reqwest::Client::builder()
+            .use_preconfigured_tls(roots.client_config(tls)?)
+            .user_agent(USER_AGENT)
+            .redirect(crate::transport::redirect_policy())
+            .referer(false)
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()?,
+    ))
 }
 
 /// The client deliveries are made with.

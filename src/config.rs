@@ -1496,7 +1496,7 @@ fn in_file_order(mut problems: Vec<ConfigProblem>) -> ConfigError {
 const MIN_DELAY: Duration = Duration::from_millis(1);
 
 /// Longer durations are refused: added to the time now, they would overflow.
-const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A shorter `rotate_after` would spend most of the time in overlaps; `source.rs` refuses the
 /// same when a stream starts.

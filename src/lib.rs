@@ -20,5 +20,5 @@ pub mod signing;
 pub mod source;
 pub mod telemetry;
 pub(crate) mod tls;
-pub(crate) mod transport;
+pub mod transport;
 mod yaml;

@@ -26,7 +26,7 @@ use crate::retry_after;
 use crate::routing::{EventFilter, RoutingTable};
 use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
 use crate::telemetry::{DisconnectReason, DropReason, Metrics, RotationResult, StreamTelemetry};
-use crate::transport::{ClosedMidEvent, ReqwestTransport};
+use crate::transport::{ClosedMidEvent, StreamClient, StreamTransport};
 
 /// A connection that lasted this long was healthy, even if it carried no event.
 const HEALTHY_CONNECTION_AGE: Duration = Duration::from_secs(1);
@@ -77,7 +77,7 @@ pub struct StreamRuntime {
     reconnect: ReconnectConfig,
     classifier: Classifier,
     pub telemetry: Arc<StreamTelemetry>,
-    transport: ReqwestTransport,
+    transport: StreamTransport,
     /// An instance ends after an event that matches is queued.
     stop_when: Option<EventFilter>,
     /// An instance ends this long after it started.
@@ -129,7 +129,7 @@ impl StreamRuntime {
         instance: &StreamInstance,
         table: &RoutingTable,
         telemetry: Arc<StreamTelemetry>,
-        client: &reqwest::Client,
+        client: &StreamClient,
         finished: Option<mpsc::UnboundedSender<Arc<str>>>,
         connect_limiter: Arc<ConnectLimiter>,
     ) -> anyhow::Result<StreamRuntime> {
@@ -154,7 +154,7 @@ impl StreamRuntime {
             rotate_after: config.rotate_after,
             reconnect: config.reconnect.clone(),
             classifier: Classifier::new(Arc::clone(&telemetry.name), config, known_event_types),
-            transport: ReqwestTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
+            transport: StreamTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
             telemetry,
         })
     }
@@ -842,7 +842,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn connect(
     stream: &StreamRuntime,
-    transport: ReqwestTransport,
+    transport: StreamTransport,
     headers: &HeaderSet,
     last_event_id: Option<&str>,
 ) -> Result<es::BoxStream<es::Result<es::SSE>>, es::Error> {

@@ -1,5 +1,6 @@
-//! The HTTP transport eventsource-client reads streams through: reqwest, so streams and
-//! deliveries share one HTTP and TLS stack.
+//! The HTTP transport eventsource-client reads streams through: the lean HTTP/1.1 client of
+//! [`http1`] (a few KiB per idle stream), or reqwest when the stream must go through an HTTP
+//! proxy (`HTTPS_PROXY` and the like, which reqwest honours).
 //!
 //! The response body passes through [`EventFramer`] before the SSE parser sees it. The framer
 //! hands the parser whole events only, which lets it guard the parser against input it handles
@@ -24,9 +25,33 @@ use sync_wrapper::{SyncFuture, SyncStream};
 
 use crate::telemetry::{DropReason, StreamTelemetry, host_and_port};
 
+pub mod http1;
+
+/// What a stream connects with.
 #[derive(Clone)]
-pub struct ReqwestTransport {
-    client: reqwest::Client,
+pub enum StreamClient {
+    Http1(http1::Http1Client),
+    /// Through reqwest, for streams behind an HTTP proxy.
+    Reqwest(reqwest::Client),
+}
+
+/// Whether the environment names an HTTP proxy, which reqwest would use for streams.
+pub fn proxy_in_environment() -> bool {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+}
+
+#[derive(Clone)]
+pub struct StreamTransport {
+    client: StreamClient,
     max_event_bytes: usize,
     telemetry: Arc<StreamTelemetry>,
     /// Bytes received on the connection this transport serves, whole events or not: any byte
@@ -34,9 +59,9 @@ pub struct ReqwestTransport {
     activity: Arc<AtomicU64>,
 }
 
-impl ReqwestTransport {
-    pub fn new(client: reqwest::Client, max_event_bytes: usize, telemetry: Arc<StreamTelemetry>) -> ReqwestTransport {
-        ReqwestTransport {
+impl StreamTransport {
+    pub fn new(client: StreamClient, max_event_bytes: usize, telemetry: Arc<StreamTelemetry>) -> StreamTransport {
+        StreamTransport {
             client,
             max_event_bytes,
             telemetry,
@@ -45,9 +70,9 @@ impl ReqwestTransport {
     }
 
     /// A transport for one connection, and the count of bytes it receives.
-    pub fn for_connection(&self) -> (ReqwestTransport, Arc<AtomicU64>) {
+    pub fn for_connection(&self) -> (StreamTransport, Arc<AtomicU64>) {
         let activity = Arc::new(AtomicU64::new(0));
-        let transport = ReqwestTransport {
+        let transport = StreamTransport {
             activity: Arc::clone(&activity),
             ..self.clone()
         };
@@ -145,7 +170,7 @@ pub struct Unreachable {
 #[error("the server closed the stream in the middle of an event")]
 pub struct ClosedMidEvent;
 
-impl HttpTransport for ReqwestTransport {
+impl HttpTransport for StreamTransport {
     fn request(&self, request: http::Request<Option<Bytes>>) -> ResponseFuture {
         let (mut parts, body) = request.into_parts();
         // The body goes to the SSE parser as it comes, and the relay decodes no compression.
@@ -153,8 +178,81 @@ impl HttpTransport for ReqwestTransport {
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
-        let mut builder = self
-            .client
+        let client = match &self.client {
+            StreamClient::Http1(client) => client,
+            StreamClient::Reqwest(client) => return self.request_with_reqwest(client, parts, body),
+        };
+        let (client, max_event_bytes, telemetry) = (client.clone(), self.max_event_bytes, Arc::clone(&self.telemetry));
+        let activity = Arc::clone(&self.activity);
+        Box::pin(SyncFuture::new(async move {
+            let refused = |reason| {
+                TransportError::new(StreamRedirectRefused {
+                    stream: Arc::clone(&telemetry.name),
+                    reason,
+                })
+            };
+            let mut uri = parts.uri;
+            let mut n_redirects = 0;
+            let response = loop {
+                let response = client.get(&uri, &parts.headers).await.map_err(TransportError::new)?;
+                if !response.head.status.is_redirection() {
+                    break response;
+                }
+                let status = response.head.status.as_u16();
+                let Some(next) = redirect_target(&uri, &response.head.headers) else {
+                    return Err(refused(RedirectRefused::Unfollowed { status }));
+                };
+                if next.scheme() != uri.scheme() || next.authority() != uri.authority() {
+                    let to = url::Url::parse(&next.to_string()).map_or_else(
+                        |_| "another server".to_owned(),
+                        |url| url.origin().ascii_serialization(),
+                    );
+                    return Err(refused(RedirectRefused::OtherOrigin { to }));
+                }
+                n_redirects += 1;
+                if n_redirects > MAX_REDIRECTS {
+                    return Err(refused(RedirectRefused::TooMany));
+                }
+                uri = next;
+            };
+            let http1::Http1Response { head, body } = response;
+            // Only a stream's body is read; an error answer is judged by its status.
+            if let Some(encoding) = head.headers.get(http::header::CONTENT_ENCODING)
+                && head.status.is_success()
+                && !is_identity(encoding)
+            {
+                return Err(TransportError::new(UnsupportedContentEncoding {
+                    stream: Arc::clone(&telemetry.name),
+                    encoding: printable_excerpt(encoding.as_bytes()),
+                }));
+            }
+            let body = body.map(move |chunk| {
+                let chunk = chunk.map_err(TransportError::new)?;
+                activity.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok(chunk)
+            });
+            let framed = EventFramer::new(body, max_event_bytes, telemetry);
+            let body: ByteStream = Box::pin(SyncStream::new(framed));
+            Ok(http::Response::from_parts(head, body))
+        }))
+    }
+}
+
+/// Where a redirect's `Location` points, resolved against the request's URI.
+fn redirect_target(uri: &http::Uri, headers: &http::HeaderMap) -> Option<http::Uri> {
+    let location = headers.get(http::header::LOCATION)?.to_str().ok()?;
+    let base = url::Url::parse(&uri.to_string()).ok()?;
+    base.join(location).ok()?.as_str().parse().ok()
+}
+
+impl StreamTransport {
+    fn request_with_reqwest(
+        &self,
+        client: &reqwest::Client,
+        parts: http::request::Parts,
+        body: Option<Bytes>,
+    ) -> ResponseFuture {
+        let mut builder = client
             .request(parts.method, parts.uri.to_string())
             .headers(parts.headers);
         if let Some(body) = body {

@@ -21,6 +21,7 @@ use crate::routing::RoutingTable;
 use crate::source::{self, ConnectLimiter, Router, StreamRuntime};
 use crate::telemetry::{Metrics, StreamTelemetry};
 use crate::tls::TrustedRoots;
+use crate::transport::StreamClient;
 
 /// What starting a stream takes.
 pub(super) struct Starter {
@@ -28,7 +29,7 @@ pub(super) struct Starter {
     pub router: watch::Receiver<Arc<Router>>,
     pub trusted_roots: TrustedRoots,
     /// Shared by the streams without a `tls` section.
-    pub shared_client: reqwest::Client,
+    pub shared_client: StreamClient,
     pub finished: mpsc::UnboundedSender<Arc<str>>,
     pub store: Store,
     /// Shared by every stream started with the current `connections.rate`.
@@ -59,7 +60,7 @@ pub(super) struct StreamPlan {
     wanted: BTreeMap<String, (StreamInstance, bool)>,
     new: Vec<PreparedStream>,
     streams: BTreeMap<String, StreamConfig>,
-    clients: BTreeMap<String, reqwest::Client>,
+    clients: BTreeMap<String, StreamClient>,
 }
 
 pub(super) struct StreamSet {
@@ -70,7 +71,7 @@ pub(super) struct StreamSet {
     /// The config's streams and templates, by name.
     streams: BTreeMap<String, StreamConfig>,
     /// The client of each stream or template with a `tls` section of its own.
-    clients: BTreeMap<String, reqwest::Client>,
+    clients: BTreeMap<String, StreamClient>,
     starter: Starter,
     /// The streams `/readyz` checks: all but dynamic instances.
     ready_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
@@ -179,7 +180,7 @@ impl StreamSet {
         instance: StreamInstance,
         dynamic: bool,
         table: &RoutingTable,
-        clients: &BTreeMap<String, reqwest::Client>,
+        clients: &BTreeMap<String, StreamClient>,
     ) -> anyhow::Result<PreparedStream> {
         let starter = &self.starter;
         let telemetry = Arc::new(starter.metrics.stream_instance(&instance.template, &instance.name));

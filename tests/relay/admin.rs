@@ -115,7 +115,16 @@ async fn idle_admin_connections_cannot_take_the_descriptors_deliveries_need() {
         n_closed >= N_IDLE - MAX_CONNECTIONS,
         "{n_closed} of {N_IDLE} idle connections were closed before the head timeout"
     );
-    assert_eq!(sink.wait_for_delivered("/hook", 1, DEADLINE).await.len(), 1);
+    let got = sink.wait_for_delivered("/hook", 1, DEADLINE).await.len();
+    if got != 1 {
+        let (_, metrics) = relay.get("/metrics").await;
+        for line in metrics.lines().filter(|line| !line.starts_with('#')) {
+            eprintln!("METRIC {line}");
+        }
+        eprintln!("SINK requests {:?}", sink.requests("/hook").len());
+        eprintln!("EMULATOR connected {:?}", upstream.connected_entities(Api::Chat));
+    }
+    assert_eq!(got, 1);
     // The rest are closed by the head timeout, and readiness answers again.
     for stream in &mut idle {
         assert!(closed_by_server(stream, tokio::time::Instant::now() + DEADLINE).await);

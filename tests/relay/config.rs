@@ -61,7 +61,7 @@ fn config_errors_name_the_place() {
     );
     check(
         &base("colour: blue\n"),
-        "test.yaml:7:1: unknown key `colour`; expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`, `logging`",
+        "test.yaml:7:1: unknown key `colour`; expected one of `admin`, `streams`, `targets`, `routes`, `shutdown`, `storage`, `logging`, `connections`",
     );
     check(
         &base("").replace(

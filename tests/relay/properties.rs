@@ -566,7 +566,7 @@ fn can_start(config: &Config, value: &str) -> Result<(), TestCaseError> {
         instance,
         &table,
         Arc::new(metrics.stream("chat")),
-        &client,
+        &sse_relay::transport::StreamClient::Reqwest(client.clone()),
         None,
         limiter,
     );

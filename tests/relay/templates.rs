@@ -440,6 +440,11 @@ async fn the_api_needs_the_token_and_says_what_is_wrong() {
         "ttl is not a duration",
     );
     check(api.put("chat/1", Some("{not json")).await, 400, "must be JSON");
+    check(
+        api.put("chat/1", Some(r#"{"ttl": "300000000000y"}"#)).await,
+        400,
+        "at most 100 years",
+    );
     check(api.delete("chat/1").await, 404, "no instance chat/1 runs");
     assert!(upstream.connected_entities(Api::Chat).is_empty());
     relay.stop().await;
