@@ -121,7 +121,7 @@ async fn main() {
         }
     }
 
-    if options.runs("many_streams") {
+    if options.runs("many_streams_idle") {
         let counts: Vec<usize> = match std::env::var("BENCH_INSTANCES") {
             Ok(counts) => counts
                 .split(',')
@@ -133,6 +133,8 @@ async fn main() {
         for n_instances in counts {
             figures.extend(many_streams_idle(n_instances).await);
         }
+    }
+    if options.runs("many_streams_active") {
         figures.extend(many_streams_active(&options).await);
     }
 

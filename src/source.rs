@@ -96,7 +96,14 @@ pub struct StreamRuntime {
 /// the bucket, since the chat API keeps no history and every millisecond without a connection
 /// can lose events.)
 pub struct ConnectLimiter {
-    bucket: governor::DefaultDirectRateLimiter,
+    /// One connection's share of the rate.
+    period: Duration,
+    /// How far ahead of its turn a connection may go: a burst of `rate` connections.
+    tolerance: Duration,
+    /// The theoretical arrival time of the next connection (GCRA): each connection reserves
+    /// its turn at once and sleeps until then, so thousands waiting cost one timer each, not a
+    /// wake-up each time a turn frees.
+    next_turn: std::sync::Mutex<Instant>,
 }
 
 /// The most a connection waits beyond its turn.
@@ -104,13 +111,21 @@ const CONNECT_JITTER: Duration = Duration::from_millis(100);
 
 impl ConnectLimiter {
     pub fn new(rate: crate::config::RateLimit) -> ConnectLimiter {
-        let period = rate.per / rate.n_requests;
-        let quota = governor::Quota::with_period(period.max(Duration::from_nanos(1)))
-            .expect("the period is positive")
-            .allow_burst(std::num::NonZeroU32::new(rate.n_requests).expect("at least 1 a period"));
+        let period = (rate.per / rate.n_requests).max(Duration::from_nanos(1));
         ConnectLimiter {
-            bucket: governor::RateLimiter::direct(quota),
+            period,
+            tolerance: period * (rate.n_requests - 1),
+            next_turn: std::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// When a connection asking now may go, reserving that turn.
+    fn reserve(&self) -> Instant {
+        let mut next_turn = self.next_turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let base = (*next_turn).max(now);
+        *next_turn = base + self.period;
+        base.checked_sub(self.tolerance).map_or(now, |turn| turn.max(now))
     }
 
     /// Waits for this connection's turn; a stream's first connection also waits its jitter.
@@ -119,7 +134,7 @@ impl ConnectLimiter {
             let jitter = fastrand::u64(..CONNECT_JITTER.as_millis() as u64);
             tokio::time::sleep(Duration::from_millis(jitter)).await;
         }
-        self.bucket.until_ready().await;
+        tokio::time::sleep_until(self.reserve()).await;
     }
 }
 
@@ -1049,6 +1064,22 @@ async fn accept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connect_limiter_lets_a_burst_through_then_spaces_turns_at_the_rate() {
+        let limiter = ConnectLimiter::new(crate::config::RateLimit {
+            n_requests: 10,
+            per: Duration::from_secs(1),
+        });
+        let start = Instant::now();
+        let turns: Vec<Duration> = (0..25).map(|_| limiter.reserve().duration_since(start)).collect();
+        let slack = Duration::from_millis(50);
+        assert!(turns[..10].iter().all(|turn| *turn < slack), "{turns:?}");
+        for (n, turn) in turns.iter().enumerate().skip(10) {
+            let due = Duration::from_millis(100) * (n as u32 - 9);
+            assert!(*turn >= due && *turn < due + slack, "turn {n} at {turn:?}, due {due:?}");
+        }
+    }
 
     fn end(reason: DisconnectReason, productive: bool) -> ConnectionEnd {
         ConnectionEnd {
