@@ -649,8 +649,12 @@ fn chat_template(upstream: &Upstream, sink: &Sink, storage: &Path, n: usize) -> 
     let ids: String = (0..n).map(|id| format!("{id}\n")).collect();
     let ids_file = storage.join("chats.txt");
     std::fs::write(&ids_file, ids).unwrap();
+    // BENCH_CONNECT_RATE=N/s overrides the default connections.rate.
+    let connections = std::env::var("BENCH_CONNECT_RATE")
+        .map(|rate| format!("connections: {{ rate: {rate} }}\n"))
+        .unwrap_or_default();
     format!(
-        "storage: {{ path: \"{storage}\" }}\nstreams:\n  chat:\n    url: \"{url}\"\n    keepalive: [keepalive]\n    \
+        "{connections}storage: {{ path: \"{storage}\" }}\nstreams:\n  chat:\n    url: \"{url}\"\n    keepalive: [keepalive]\n    \
          ids_file: \"{ids_file}\"\ntargets:\n  sink: {{ url: \"{hook}\", max_in_flight: 64 }}\nroutes:\n  - stream: chat\n    \
          targets: [sink]\n",
         storage = storage.display(),
@@ -676,6 +680,12 @@ async fn many_streams_idle(n: usize) -> Vec<Figure> {
         "only {} of {n} instances connected",
         upstream.connected_clients(Api::Chat)
     );
+    let first_connected = upstream
+        .connection_spans(Api::Chat)
+        .iter()
+        .map(|span| span.accepted_at)
+        .min()
+        .map_or(f64::NAN, |first| first.duration_since(started).as_secs_f64());
     // Steady state: a few keepalive rounds before measuring.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let cpu_before = cpu_seconds(relay.pid());
@@ -689,6 +699,12 @@ async fn many_streams_idle(n: usize) -> Vec<Figure> {
         _ => "many_streams: idle instances",
     };
     vec![
+        Figure {
+            scenario,
+            name: "seconds until the first connected",
+            value: first_connected,
+            unit: "s",
+        },
         Figure {
             scenario,
             name: "seconds until all connected",

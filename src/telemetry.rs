@@ -707,11 +707,16 @@ impl StreamTelemetry {
         }
     }
 
+    /// Logged at info for a stream of the config, at debug for a template's instance: a
+    /// relay with thousands of instances would log thousands of lines at every start and after
+    /// every upstream outage (`GET /v1/streams` shows each instance's state).
     pub fn connected(&self, resumed_from: Option<&str>) {
         self.set_connected(true);
-        match resumed_from {
-            Some(last_event_id) => info!(stream = %self.name, %last_event_id, "stream connected"),
-            None => info!(stream = %self.name, "stream connected"),
+        match (resumed_from, self.name == self.label) {
+            (Some(last_event_id), true) => info!(stream = %self.name, %last_event_id, "stream connected"),
+            (None, true) => info!(stream = %self.name, "stream connected"),
+            (Some(last_event_id), false) => debug!(stream = %self.name, %last_event_id, "stream connected"),
+            (None, false) => debug!(stream = %self.name, "stream connected"),
         }
     }
 

@@ -201,10 +201,47 @@ impl StreamConfig {
         StreamConfig {
             url,
             headers,
+            ..self.without_ids()
+        }
+    }
+
+    /// A copy without the template's ids: copying them for each of thousands of instances
+    /// would take time that grows with the square of their number.
+    fn without_ids(&self) -> StreamConfig {
+        // Every field by name, so that a new one cannot be forgotten here.
+        let StreamConfig {
+            url,
+            headers,
+            event_type,
+            default_event_type,
+            keepalive,
+            idle_timeout,
+            max_event_bytes,
+            reconnect,
+            rotate_after,
+            tls,
+            ids: _,
+            ids_file: _,
+            dynamic: _,
+            stop_when,
+            ttl,
+        } = self;
+        StreamConfig {
+            url: url.clone(),
+            headers: headers.clone(),
+            event_type: event_type.clone(),
+            default_event_type: default_event_type.clone(),
+            keepalive: keepalive.clone(),
+            idle_timeout: *idle_timeout,
+            max_event_bytes: *max_event_bytes,
+            reconnect: reconnect.clone(),
+            rotate_after: *rotate_after,
+            tls: tls.clone(),
             ids: Vec::new(),
             ids_file: None,
             dynamic: false,
-            ..self.clone()
+            stop_when: stop_when.clone(),
+            ttl: *ttl,
         }
     }
 }
