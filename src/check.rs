@@ -67,9 +67,13 @@ fn describe_stream(out: &mut String, config: &Config, name: &str, stream: &Strea
     } else {
         stream_display_url(&stream.url.0)
     };
+    let url = url.replace("%7Bid%7D", crate::config::ID_PLACEHOLDER);
     let _ = writeln!(out, "  {name}\n    url {url}");
     for header in stream.headers.keys() {
         let _ = writeln!(out, "    header {}: {MASK}", header.0);
+    }
+    if stream.is_template() {
+        describe_template(out, name, stream);
     }
     let pointers: Vec<&str> = stream.event_type.iter().map(|p| p.0.as_str()).collect();
     let keepalive: Vec<&str> = stream.keepalive.iter().map(|k| shown(config, &k.0)).collect();
@@ -97,6 +101,35 @@ fn describe_stream(out: &mut String, config: &Config, name: &str, stream: &Strea
         stream.rotate_after.map_or("off".to_owned(), duration),
     );
     describe_tls(out, stream.tls.as_ref());
+}
+
+/// A template's instances: how many from the config, whether the API adds more, and how one
+/// ends.
+fn describe_template(out: &mut String, name: &str, stream: &StreamConfig) {
+    let mut sources = vec![format!("{} from ids", stream.ids.len())];
+    if let Some(ids_file) = &stream.ids_file {
+        sources.push(format!("{} from {}", ids_file.ids.len(), ids_file.path.display()));
+    }
+    if stream.dynamic {
+        sources.push("more through the streams API (dynamic)".to_owned());
+    }
+    let _ = writeln!(
+        out,
+        "    template: {} instances named {name}/ID: {}",
+        stream.fixed_ids().len(),
+        sources.join(", ")
+    );
+    if let Some(stop_when) = &stream.stop_when {
+        let events: Vec<&str> = stop_when.events.iter().map(|event| event.0.as_str()).collect();
+        let mut condition = format!("events {}", events.join(", "));
+        for (pointer, value) in &stop_when.where_equal {
+            let _ = write!(condition, " where {} = {value}", pointer.0);
+        }
+        let _ = writeln!(out, "    an instance ends after an event that matches: {condition}");
+    }
+    if let Some(ttl) = stream.ttl {
+        let _ = writeln!(out, "    an instance ends {} after it started (ttl)", duration(ttl));
+    }
 }
 
 fn describe_target(out: &mut String, name: &str, target: &TargetConfig) {
@@ -159,11 +192,14 @@ fn describe_routes(out: &mut String, config: &Config) {
         out.push_str("  none: every event is counted as unrouted\n");
     }
     for (index, route) in config.routes.iter().enumerate() {
-        let streams: Vec<&str> = config
+        let streams: Vec<String> = config
             .streams
             .keys()
             .filter(|name| route.stream.stream_part().matches(name))
-            .map(String::as_str)
+            .map(|name| match route.stream.id_part() {
+                Some(ids) => format!("{name} (instances with ids {})", ids.0),
+                None => name.clone(),
+            })
             .collect();
         let events: Vec<&str> = route.events.iter().map(|e| shown(config, &e.0)).collect();
         let targets: Vec<&str> = route.targets.iter().map(|t| t.0.as_str()).collect();

@@ -182,15 +182,9 @@ impl HttpTransport for StreamTransport {
             StreamClient::Http1(client) => client,
             StreamClient::Reqwest(client) => return self.request_with_reqwest(client, parts, body),
         };
-        let (client, max_event_bytes, telemetry) = (client.clone(), self.max_event_bytes, Arc::clone(&self.telemetry));
-        let activity = Arc::clone(&self.activity);
+        let (client, connection) = (client.clone(), self.clone());
         Box::pin(SyncFuture::new(async move {
-            let refused = |reason| {
-                TransportError::new(StreamRedirectRefused {
-                    stream: Arc::clone(&telemetry.name),
-                    reason,
-                })
-            };
+            let refused = |reason| connection.redirect_refused(reason);
             let mut uri = parts.uri;
             let mut n_redirects = 0;
             let response = loop {
@@ -216,23 +210,7 @@ impl HttpTransport for StreamTransport {
                 uri = next;
             };
             let http1::Http1Response { head, body } = response;
-            // Only a stream's body is read; an error answer is judged by its status.
-            if let Some(encoding) = head.headers.get(http::header::CONTENT_ENCODING)
-                && head.status.is_success()
-                && !is_identity(encoding)
-            {
-                return Err(TransportError::new(UnsupportedContentEncoding {
-                    stream: Arc::clone(&telemetry.name),
-                    encoding: printable_excerpt(encoding.as_bytes()),
-                }));
-            }
-            let body = body.map(move |chunk| {
-                let chunk = chunk.map_err(TransportError::new)?;
-                activity.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Ok(chunk)
-            });
-            let framed = EventFramer::new(body, max_event_bytes, telemetry);
-            let body: ByteStream = Box::pin(SyncStream::new(framed));
+            let body = connection.framed(&head, body.map(|chunk| chunk.map_err(TransportError::new)))?;
             Ok(http::Response::from_parts(head, body))
         }))
     }
@@ -246,6 +224,40 @@ fn redirect_target(uri: &http::Uri, headers: &http::HeaderMap) -> Option<http::U
 }
 
 impl StreamTransport {
+    fn redirect_refused(&self, reason: RedirectRefused) -> TransportError {
+        TransportError::new(StreamRedirectRefused {
+            stream: Arc::clone(&self.telemetry.name),
+            reason,
+        })
+    }
+
+    /// A response's body as the SSE parser reads it, whichever client read it: refused in an
+    /// encoding other than identity, counted as a sign of life, and framed.
+    fn framed(
+        &self,
+        head: &http::response::Parts,
+        body: impl Stream<Item = Result<Bytes, TransportError>> + Send + Unpin + 'static,
+    ) -> Result<ByteStream, TransportError> {
+        // Only a stream's body is read; an error answer is judged by its status.
+        if let Some(encoding) = head.headers.get(http::header::CONTENT_ENCODING)
+            && head.status.is_success()
+            && !is_identity(encoding)
+        {
+            return Err(TransportError::new(UnsupportedContentEncoding {
+                stream: Arc::clone(&self.telemetry.name),
+                encoding: printable_excerpt(encoding.as_bytes()),
+            }));
+        }
+        let activity = Arc::clone(&self.activity);
+        let body = body.map(move |chunk| {
+            let chunk = chunk?;
+            activity.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            Ok(chunk)
+        });
+        let framed = EventFramer::new(body, self.max_event_bytes, Arc::clone(&self.telemetry));
+        Ok(Box::pin(SyncStream::new(framed)))
+    }
+
     fn request_with_reqwest(
         &self,
         client: &reqwest::Client,
@@ -258,15 +270,9 @@ impl StreamTransport {
         if let Some(body) = body {
             builder = builder.body(body);
         }
-        let (max_event_bytes, telemetry) = (self.max_event_bytes, Arc::clone(&self.telemetry));
-        let activity = Arc::clone(&self.activity);
+        let connection = self.clone();
         Box::pin(SyncFuture::new(async move {
-            let refused = |reason| {
-                TransportError::new(StreamRedirectRefused {
-                    stream: Arc::clone(&telemetry.name),
-                    reason,
-                })
-            };
+            let refused = |reason| connection.redirect_refused(reason);
             // Errors lose the URL: a stream URL can carry a token in its query.
             let response = builder.send().await.map_err(|err| {
                 let redirect_refused = std::error::Error::source(&err)
@@ -288,28 +294,18 @@ impl StreamTransport {
                     status: response.status().as_u16(),
                 }));
             }
-            // Only a stream's body is read; an error answer is judged by its status.
-            if let Some(encoding) = response.headers().get(http::header::CONTENT_ENCODING)
-                && response.status().is_success()
-                && !is_identity(encoding)
-            {
-                return Err(TransportError::new(UnsupportedContentEncoding {
-                    stream: Arc::clone(&telemetry.name),
-                    encoding: printable_excerpt(encoding.as_bytes()),
-                }));
-            }
-            let mut head = http::Response::builder().status(response.status());
-            if let Some(headers) = head.headers_mut() {
-                *headers = response.headers().clone();
-            }
-            let body = response.bytes_stream().map(move |chunk| {
-                let chunk = chunk.map_err(|err| TransportError::new(err.without_url()))?;
-                activity.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Ok(chunk)
-            });
-            let framed = EventFramer::new(body, max_event_bytes, telemetry);
-            let body: ByteStream = Box::pin(SyncStream::new(framed));
-            head.body(body).map_err(TransportError::new)
+            let mut head = http::Response::builder()
+                .status(response.status())
+                .body(())
+                .map_err(TransportError::new)?
+                .into_parts()
+                .0;
+            head.headers = response.headers().clone();
+            let body = response
+                .bytes_stream()
+                .map(|chunk| chunk.map_err(|err| TransportError::new(err.without_url())));
+            let body = connection.framed(&head, body)?;
+            Ok(http::Response::from_parts(head, body))
         }))
     }
 }

@@ -321,6 +321,19 @@ impl StreamsApi {
     }
 }
 
+/// The relay in this process on `dynamic_chats`, with the admin token, and its streams API.
+async fn with_dynamic_chats() -> (Upstream, Sink, TestRelay, StreamsApi) {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        "admin: {{ listen: \"127.0.0.1:0\", token: \"{TOKEN}\" }}\n{}",
+        dynamic_chats(&upstream, &sink)
+    );
+    let relay = TestRelay::start(&yaml).await;
+    let api = StreamsApi::new(relay.admin);
+    (upstream, sink, relay, api)
+}
+
 fn names(streams: &[serde_json::Value]) -> Vec<String> {
     streams
         .iter()
@@ -330,14 +343,7 @@ fn names(streams: &[serde_json::Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_adds_lists_and_removes_instances_of_a_dynamic_template() {
-    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
-    let sink = Sink::start().await.unwrap();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\", token: \"{TOKEN}\" }}\n{}",
-        dynamic_chats(&upstream, &sink)
-    );
-    let relay = TestRelay::start(&yaml).await;
-    let api = StreamsApi::new(relay.admin);
+    let (upstream, sink, relay, api) = with_dynamic_chats().await;
     assert_eq!(names(&api.list().await), ["participant/40"]);
 
     let (status, body) = api.put("chat/8f1c", None).await;
@@ -391,14 +397,7 @@ async fn the_api_adds_lists_and_removes_instances_of_a_dynamic_template() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_needs_the_token_and_says_what_is_wrong() {
-    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
-    let sink = Sink::start().await.unwrap();
-    let yaml = format!(
-        "admin: {{ listen: \"127.0.0.1:0\", token: \"{TOKEN}\" }}\n{}",
-        dynamic_chats(&upstream, &sink)
-    );
-    let relay = TestRelay::start(&yaml).await;
-    let api = StreamsApi::new(relay.admin);
+    let (upstream, _sink, relay, api) = with_dynamic_chats().await;
     for (request, what) in [
         (api.http.get(&api.base), "list"),
         (api.http.put(format!("{}/chat/1", api.base)), "add"),
@@ -542,4 +541,47 @@ routes:
         "60 reconnections at 20/s came within {again:?}"
     );
     relay.stop().await;
+}
+
+#[test]
+fn check_shows_a_template_and_its_instances_without_secrets() {
+    let directory = tempfile::tempdir().unwrap();
+    let ids_file = directory.path().join("chats.txt");
+    std::fs::write(&ids_file, "c1\n").unwrap();
+    let yaml = format!(
+        r#"
+admin: {{ token: "${{ADMIN_TOKEN}}" }}
+streams:
+  chat:
+    url: "https://chat.example.com/chats/{{id}}/listen?token=${{CHAT_TOKEN}}"
+    headers: {{ Authorization: "Bearer ${{CHAT_TOKEN}}" }}
+    ids: [a1, b2]
+    ids_file: {ids_file}
+    dynamic: true
+    stop_when: {{ events: [workflow_status], where: {{ /is_active: false }} }}
+    ttl: 2h
+targets:
+  hook: {{ url: "http://127.0.0.1:1/hook" }}
+routes:
+  - stream: chat/a*
+    targets: [hook]
+"#,
+        ids_file = ids_file.display(),
+    );
+    let config = parse_config(&yaml, &[("ADMIN_TOKEN", "t0p"), ("CHAT_TOKEN", "s3cr3t")]).unwrap();
+    let described = sse_relay::check::describe(&config);
+    for expected in [
+        "url https://chat.example.com/chats/{id}/listen?***",
+        "template: 3 instances named chat/ID: 2 from ids, 1 from",
+        "more through the streams API (dynamic)",
+        "an instance ends after an event that matches: events workflow_status where /is_active = false",
+        "an instance ends 2h after it started (ttl)",
+        "streams chat (instances with ids a*)",
+    ] {
+        assert!(described.contains(expected), "{expected:?} in:\n{described}");
+    }
+    assert!(
+        !described.contains("s3cr3t") && !described.contains("t0p"),
+        "{described}"
+    );
 }
