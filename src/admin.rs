@@ -24,8 +24,9 @@ use crate::telemetry::{Metrics, StreamSnapshot, StreamTelemetry};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    /// The streams `/readyz` checks; replaced as they change.
-    pub streams: Arc<std::sync::RwLock<Vec<Arc<StreamTelemetry>>>>,
+    /// The streams `/readyz` checks, replaced as they change; `None` until the relay has
+    /// started them.
+    pub streams: Arc<std::sync::RwLock<Option<Vec<Arc<StreamTelemetry>>>>>,
     pub store: Store,
     /// When set, `/metrics` and `/v1/` require `Authorization: Bearer <token>`.
     pub token: Option<String>,
@@ -313,7 +314,10 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
         problems.push_str("storage is full (max_pending): streams are paused until deliveries drain\n");
     }
     let streams = state.streams.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for stream in streams.iter().filter(|stream| !stream.is_connected()) {
+    if streams.is_none() {
+        problems.push_str("the relay is starting: its streams are not started yet\n");
+    }
+    for stream in streams.iter().flatten().filter(|stream| !stream.is_connected()) {
         problems.push_str(&format!("stream {} is not connected\n", stream.name));
     }
     drop(streams);

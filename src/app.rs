@@ -219,7 +219,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let table = RoutingTable::new(&config);
     let (router, router_receiver) = watch::channel(Arc::new(Router::new(table, store.clone(), &metrics)));
     let (finished_sender, finished_receiver) = mpsc::unbounded_channel();
-    let ready_streams = Arc::new(RwLock::new(Vec::new()));
+    let ready_streams = Arc::new(RwLock::new(None));
     let starter = Starter {
         metrics: Arc::clone(&metrics),
         router: router_receiver,

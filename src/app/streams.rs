@@ -73,12 +73,12 @@ pub(super) struct StreamSet {
     /// The client of each stream or template with a `tls` section of its own.
     clients: BTreeMap<String, StreamClient>,
     starter: Starter,
-    /// The streams `/readyz` checks: all but dynamic instances.
-    ready_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>,
+    /// The streams `/readyz` checks: all but dynamic instances; `None` until first published.
+    ready_streams: Arc<RwLock<Option<Vec<Arc<StreamTelemetry>>>>>,
 }
 
 impl StreamSet {
-    pub fn new(starter: Starter, ready_streams: Arc<RwLock<Vec<Arc<StreamTelemetry>>>>) -> StreamSet {
+    pub fn new(starter: Starter, ready_streams: Arc<RwLock<Option<Vec<Arc<StreamTelemetry>>>>>) -> StreamSet {
         StreamSet {
             running: BTreeMap::new(),
             finished: BTreeMap::new(),
@@ -403,7 +403,7 @@ impl StreamSet {
         *self
             .ready_streams
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = streams;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(streams);
     }
 }
 
