@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
 use sse_relay_fixtures::process::{RelayBinary, RelayProcess};
-use sse_relay_fixtures::sink::Sink;
+use sse_relay_fixtures::sink::{ReceivedRequest, Sink};
 
 /// The relay's release build: `BENCH_RELAY_LOGS=1` shows its logs, and `BENCH_RELAY_WRAPPER`,
 /// e.g. `heaptrack -o /tmp/relay`, runs it under a profiler.
@@ -501,15 +501,7 @@ async fn flaky(options: &Options) -> Vec<Figure> {
             Some(last) if delivered.len() >= n_events => last.duration_since(started).as_secs_f64(),
             _ => f64::INFINITY,
         };
-        let mut latencies_ms: Vec<f64> = delivered
-            .iter()
-            .filter_map(|request| {
-                let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
-                let n = value["n"].as_u64()? as usize;
-                Some(request.received_at.duration_since(*emitted.get(n)?).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        latencies_ms.sort_by(f64::total_cmp);
+        let latencies_ms = latencies_ms(&delivered, &emitted);
         if fraction == 0.0 {
             failure_free_seconds = seconds;
         }
@@ -756,15 +748,7 @@ async fn many_streams_active(options: &Options) -> Vec<Figure> {
         .wait_for_delivered("/hook", n_events, Duration::from_secs(120))
         .await;
     assert_eq!(delivered.len(), n_events, "not every event arrived");
-    let mut latencies_ms: Vec<f64> = delivered
-        .iter()
-        .filter_map(|request| {
-            let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
-            let event = value["n"].as_u64()? as usize;
-            Some(request.received_at.duration_since(*emitted.get(event)?).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    latencies_ms.sort_by(f64::total_cmp);
+    let latencies_ms = latencies_ms(&delivered, &emitted);
     drop(relay);
     let scenario = if options.quick {
         "many_streams: 100 active instances"
@@ -828,7 +812,13 @@ async fn measure_latency(
         .wait_for_delivered("/hook", already + n_events, Duration::from_secs(300))
         .await;
     assert_eq!(delivered.len(), already + n_events, "not every event arrived");
-    let mut latencies_ms: Vec<f64> = delivered[already..]
+    latencies_ms(&delivered[already..], &emitted)
+}
+
+/// Each delivered request's latency in ms, sorted: from when event `n` was emitted (its body
+/// has `"n":n`) to the sink's receipt.
+fn latencies_ms(delivered: &[ReceivedRequest], emitted: &[Instant]) -> Vec<f64> {
+    let mut latencies: Vec<f64> = delivered
         .iter()
         .filter_map(|request| {
             let value: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
@@ -836,8 +826,8 @@ async fn measure_latency(
             Some(request.received_at.duration_since(*emitted.get(n)?).as_secs_f64() * 1000.0)
         })
         .collect();
-    latencies_ms.sort_by(f64::total_cmp);
-    latencies_ms
+    latencies.sort_by(f64::total_cmp);
+    latencies
 }
 
 /// Where the bench installs smee-client: a cache folder outside the repository, one per

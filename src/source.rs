@@ -243,20 +243,13 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<
     // Resumes where the last run stopped, for servers that replay from Last-Event-ID.
     // The store knows the last id this stream accepted, whether in this run (a reload that
     // restarted the stream) or the last one.
-    let mut state = StreamState {
-        last_event_id: router
+    let mut state = StreamState::new(
+        router
             .borrow()
             .store
             .last_event_id(&stream.telemetry.name)
             .filter(|id| can_resume_from(id)),
-        rejected_event_id: None,
-        targets: Vec::new(),
-        rotation_refused: false,
-        auth_failed_with: None,
-        n_connections: 0,
-        duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
-        finished: None,
-    };
+    );
     let mut backoff = stream.error_backoff();
     let ends_at = stream.ttl.map(|ttl| Instant::now() + ttl);
     loop {
@@ -328,6 +321,22 @@ struct StreamState {
     auth_failed_with: Option<Arc<HeaderSet>>,
     n_connections: u64,
     duplicates: OverlapDeduplicator,
+}
+
+impl StreamState {
+    /// A stream's state before its first connection, resuming from `last_event_id`.
+    fn new(last_event_id: Option<String>) -> StreamState {
+        StreamState {
+            last_event_id,
+            rejected_event_id: None,
+            targets: Vec::new(),
+            rotation_refused: false,
+            auth_failed_with: None,
+            n_connections: 0,
+            duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
+            finished: None,
+        }
+    }
 }
 
 /// One open connection of a stream.
@@ -1017,7 +1026,7 @@ async fn accept(
         return Accepted::Noise;
     };
     router.received[stream_id.0][router.table.event_type_label_index(stream_id, &event.event_type)].inc();
-    telemetry.event_received();
+    telemetry.event_received(event.received_at);
     let targets = &mut state.targets;
     router.table.route(stream_id, &event, targets);
     if targets.is_empty() {
@@ -1160,16 +1169,7 @@ mod tests {
         fn new() -> Rotating {
             let metrics = Metrics::new();
             let telemetry = metrics.stream("chat");
-            let mut state = StreamState {
-                last_event_id: None,
-                rejected_event_id: None,
-                targets: Vec::new(),
-                rotation_refused: false,
-                auth_failed_with: None,
-                n_connections: 0,
-                duplicates: OverlapDeduplicator::new(DUPLICATE_GRACE),
-                finished: None,
-            };
+            let mut state = StreamState::new(None);
             let current = Rotating::connection(&mut state);
             Rotating {
                 metrics,

@@ -686,11 +686,15 @@ impl StreamTelemetry {
         }
     }
 
-    /// An event arrived (keepalives are not events).
-    pub fn event_received(&self) {
+    /// An event arrived at `received_at` (keepalives are not events); the event's own time,
+    /// so that counting it reads no clock.
+    pub fn event_received(&self, received_at: std::time::SystemTime) {
         use std::sync::atomic::Ordering::Relaxed;
         self.status.n_events.fetch_add(1, Relaxed);
-        self.status.last_event_ms.store(now_ms(), Relaxed);
+        let ms = received_at
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        self.status.last_event_ms.store(ms, Relaxed);
     }
 
     fn set_connected(&self, connected: bool) {

@@ -145,8 +145,8 @@ impl StreamConfig {
         url.contains(ENCODED_PLACEHOLDER) || url.contains(ID_PLACEHOLDER)
     }
 
-    /// Whether the stream says how many instances it has (or is dynamic) without a `{id}`, or
-    /// is a template without any: the settings that make no sense on their own.
+    /// The template keys this stream sets (`ids`, `ids_file`, `dynamic`, `stop_when`, `ttl`),
+    /// which make sense only with `{id}` in the url.
     pub(super) fn template_keys_set(&self) -> Vec<&'static str> {
         let mut keys = Vec::new();
         if !self.ids.is_empty() {
