@@ -50,6 +50,9 @@ pub struct StreamState {
     pub id: Option<String>,
     /// Added through the API (not from the config).
     pub dynamic: bool,
+    /// With storage shared by replicas: the replica that holds the stream's lease, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     #[serde(flatten)]
     pub state: StreamSnapshot,
 }
@@ -256,8 +259,20 @@ async fn list_streams(
     if !authorized(&state, &headers) {
         return Err(unauthorized());
     }
-    let streams = state.control.list().await;
-    Ok(axum::Json(serde_json::json!({ "streams": streams })))
+    let mut streams = state.control.list().await;
+    let Store::Postgres(shared) = &state.store else {
+        return Ok(axum::Json(serde_json::json!({ "streams": streams })));
+    };
+    // Every replica lists the same streams; the leases say which one reads each.
+    let owners = shared
+        .lease_owners(crate::queue::lease::Kind::Stream)
+        .await
+        .map_err(|err| ApiError::unavailable(format!("cannot read the leases: {err}")))?;
+    for stream in &mut streams {
+        stream.owner = owners.get(&stream.state.name).cloned();
+    }
+    let replica = shared.leases.replica();
+    Ok(axum::Json(serde_json::json!({ "replica": &**replica, "streams": streams })))
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
@@ -313,16 +328,40 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     if state.store.is_full() {
         problems.push_str("storage is full (max_pending): streams are paused until deliveries drain\n");
     }
+    let leases = state.store.leases();
+    if leases.is_some_and(|leases| !leases.is_valid()) {
+        problems.push_str(
+            "this replica cannot renew its leases in PostgreSQL: it reads no stream and serves no target until it can\n",
+        );
+    }
     let streams = state.streams.read().unwrap_or_else(std::sync::PoisonError::into_inner);
     if streams.is_none() {
         problems.push_str("the relay is starting: its streams are not started yet\n");
     }
-    for stream in streams.iter().flatten().filter(|stream| !stream.is_connected()) {
+    // With replicas, a stream counts on the replica that holds it.
+    let held_here = |stream: &&Arc<StreamTelemetry>| {
+        leases.is_none_or(|leases| leases.token(crate::queue::lease::Kind::Stream, &stream.name).is_some())
+    };
+    for stream in streams
+        .iter()
+        .flatten()
+        .filter(held_here)
+        .filter(|stream| !stream.is_connected())
+    {
         problems.push_str(&format!("stream {} is not connected\n", stream.name));
     }
     drop(streams);
     if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        let ready = match leases {
+            Some(leases) => format!(
+                "ready: replica {} reads {} streams and serves {} targets\n",
+                leases.replica(),
+                leases.n_held(crate::queue::lease::Kind::Stream),
+                leases.n_held(crate::queue::lease::Kind::Target)
+            ),
+            None => "ready\n".to_owned(),
+        };
+        (StatusCode::OK, ready)
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, problems)
     }

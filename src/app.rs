@@ -33,6 +33,8 @@ use crate::config::{self, Config, TargetConfig, TlsConfig};
 use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
+use crate::cluster::Cluster;
+use crate::queue::lease::Kind;
 use crate::queue::outbox::{Outbox, OutboxInput, Outboxes};
 use crate::routing::RoutingTable;
 use crate::source::{ConnectLimiter, Router};
@@ -63,6 +65,8 @@ pub struct Relay {
     admin: JoinHandle<std::io::Result<()>>,
     /// Logs a summary every `logging.summary_interval`; none when it is 0.
     summary: Option<JoinHandle<()>>,
+    /// With storage shared by replicas: this replica's membership and leases.
+    cluster: Option<Cluster>,
 }
 
 struct RunningTarget {
@@ -125,6 +129,11 @@ pub async fn run_with_reloads(
     let storage = match relay.config.storage.mode {
         config::StorageMode::Sqlite => relay.config.storage.path.0.clone(),
         config::StorageMode::Memory => "memory (lost when the process stops)".to_owned(),
+        config::StorageMode::Postgres => {
+            let url = relay.config.storage.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
+            let replica = relay.store.leases().map(|leases| leases.replica().to_string()).unwrap_or_default();
+            format!("{} as replica {replica}", crate::queue::postgres::describe(url))
+        }
     };
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -207,7 +216,11 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
     let delivery_client = delivery_client(&trusted_roots, None).context("cannot build the HTTP client")?;
     let stream_client = stream_client(&trusted_roots, None).context("cannot build the HTTP client")?;
 
-    let store = Store::open(&config.storage, Arc::clone(&metrics.storage))?;
+    let store = Store::open(&config.storage, Arc::clone(&metrics.storage)).await?;
+    let cluster = match &store {
+        Store::Postgres(shared) => Some(Cluster::join(shared.clone(), Arc::clone(&metrics)).await?),
+        Store::Memory(_) | Store::Sqlite(_) => None,
+    };
     for orphan in store
         .pending_targets()
         .iter()
@@ -258,6 +271,7 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         stop_admin,
         admin,
         summary: None,
+        cluster,
     };
     relay.start_summary();
     let mut targets = Vec::new();
@@ -372,7 +386,8 @@ impl Relay {
             outbox,
         } = target;
         let stop = CancellationToken::new();
-        let task = delivery::spawn_dispatcher(&runtime, outbox, &client, &stop);
+        let lease = self.store.leases().map(|leases| leases.watch(Kind::Target, &name));
+        let task = delivery::spawn_dispatcher(&runtime, outbox, &client, &stop, lease);
         info!(
             webhook = %runtime.telemetry.name, url = %runtime.display_url, max_in_flight = runtime.max_in_flight,
             "target ready"
@@ -529,6 +544,9 @@ impl Relay {
     /// store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         info!("shutting down: streams stop, deliveries in progress finish");
+        if let Some(cluster) = &self.cluster {
+            cluster.mark_leaving().await;
+        }
         self.streams.lock().await.stop_all().await;
         self.finished_watcher.abort();
         // Bounded: with a full disk the store may never take what is still waiting.
@@ -556,6 +574,9 @@ impl Relay {
             for task in tasks.into_iter().filter(|task| !task.is_finished()) {
                 let _ = task.await;
             }
+        }
+        if let Some(cluster) = self.cluster.take() {
+            cluster.leave().await;
         }
         self.store.close().await;
 

@@ -58,6 +58,16 @@ fn describe_storage(out: &mut String, config: &Config) {
                 storage.max_pending.0
             );
         }
+        crate::config::StorageMode::Postgres => {
+            let url = storage.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "\nstorage\n  {} (shared by the replicas; nothing accepted is lost)\n  lease_ttl {}, dead letters kept {}",
+                crate::queue::postgres::describe(url),
+                duration(storage.lease_ttl),
+                duration(storage.dead_letter_retention),
+            );
+        }
     }
 }
 

@@ -124,6 +124,18 @@ pub struct StorageConfig {
     /// Dead letters older than this are purged.
     #[serde(default = "default_dead_letter_retention", with = "humantime_serde")]
     pub dead_letter_retention: Duration,
+    /// With `mode: postgres`: the database, `postgres://user:password@host:port/database`.
+    /// Usually `${DATABASE_URL}`; its password is never shown.
+    #[serde(default)]
+    pub url: Option<SecretText>,
+    /// With `mode: postgres`: how long a replica's streams and targets stay its own without
+    /// a renewal, and so how long a dead replica's work waits before another takes it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// With `mode: postgres`: this replica's name, unique among the replicas (default: the
+    /// host name and a random suffix).
+    #[serde(default)]
+    pub replica: Option<Text>,
 }
 
 impl Default for StorageConfig {
@@ -134,6 +146,9 @@ impl Default for StorageConfig {
             max_pending: default_max_pending(),
             max_bytes: default_max_bytes(),
             dead_letter_retention: default_dead_letter_retention(),
+            url: None,
+            lease_ttl: default_lease_ttl(),
+            replica: None,
         }
     }
 }
@@ -146,6 +161,13 @@ pub enum StorageMode {
     Sqlite,
     /// Deliveries live in memory only: faster, but a crash loses what was queued.
     Memory,
+    /// Deliveries live in a PostgreSQL database that several replicas share; each stream is
+    /// read, and each target served, by one replica at a time.
+    Postgres,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_storage_path() -> Text {
@@ -1506,6 +1528,9 @@ pub const MIN_ROTATE_AFTER: Duration = Duration::from_millis(500);
 /// silently raised to it.
 const MIN_STORAGE_BYTES: u64 = 64 * 1024;
 
+/// The shortest `storage.lease_ttl`.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+
 /// A value that parses but cannot work. Some depend on another field, and either may be the one
 /// written in the file (the other a default), so it has a message for each place it can be
 /// reported at, best first.
@@ -1546,6 +1571,29 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
         storage.dead_letter_retention,
         None,
     );
+    found.duration(
+        &["storage", "lease_ttl"],
+        storage.lease_ttl,
+        Some((
+            MIN_LEASE_TTL,
+            "a replica renews its leases a few times per lease_ttl, and a database round trip must fit",
+        )),
+    );
+    if storage.mode == StorageMode::Postgres && storage.url.as_ref().is_none_or(|url| url.0.is_empty()) {
+        found.push(
+            &["storage", "url"],
+            "storage.mode postgres needs the database's url, e.g. url: ${DATABASE_URL}".to_owned(),
+        );
+    }
+    if let Some(url) = &storage.url
+        && !url.0.is_empty()
+        && url.0.parse::<tokio_postgres::Config>().is_err()
+    {
+        found.push(
+            &["storage", "url"],
+            "is not a PostgreSQL connection url (postgres://user:password@host:port/database)".to_owned(),
+        );
+    }
 
     let hot_loop = |what: &'static str| Some((MIN_DELAY, what));
     for (name, stream) in &config.streams {

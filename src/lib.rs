@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod check;
 pub mod classify;
+pub mod cluster;
 pub mod config;
 pub(crate) mod dedup;
 pub mod delivery;

@@ -22,6 +22,7 @@ use crate::config::{ReconnectConfig, StreamInstance};
 use crate::dedup::OverlapDeduplicator;
 use crate::event::{Event, TargetId};
 use crate::queue::Store;
+use crate::queue::lease::LeaseWatch;
 use crate::retry_after;
 use crate::routing::{EventFilter, RoutingTable};
 use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
@@ -285,6 +286,49 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<
             }
         }
         None => stream.telemetry.disconnected_at_shutdown(),
+    }
+}
+
+/// Runs a stream while this replica holds its lease (storage shared by replicas): it starts
+/// when the lease is granted, stops when the lease is lost or goes to another replica, and
+/// starts again if it comes back. The cluster reads the stream's Last-Event-ID before it
+/// grants the lease, so the stream resumes where the last replica stopped.
+pub async fn run_leased_stream(
+    stream: Arc<StreamRuntime>,
+    router: watch::Receiver<Arc<Router>>,
+    stop: CancellationToken,
+    mut lease: LeaseWatch,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = lease.held() => {}
+        }
+        let run_stop = stop.child_token();
+        let run = tokio::spawn(run_stream(Arc::clone(&stream), router.clone(), run_stop.clone()));
+        tokio::pin!(run);
+        // The lease's validity can run out without a change of grant (the process was
+        // paused): it is checked a few times per lease_ttl too.
+        let mut check = tokio::time::interval(lease.leases().ttl() / 8);
+        loop {
+            tokio::select! {
+                _ = &mut run => {
+                    if !run_stop.is_cancelled() {
+                        // Ended on its own (stop_when, ttl).
+                        return;
+                    }
+                    break;
+                }
+                () = lease.changed() => {}
+                _ = check.tick() => {}
+            }
+            if lease.token().is_none() {
+                run_stop.cancel();
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
     }
 }
 

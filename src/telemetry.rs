@@ -66,6 +66,24 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     pub storage: Arc<StorageTelemetry>,
     pub admin: AdminTelemetry,
+    pub leases: LeaseTelemetry,
+}
+
+/// The leases of a replica that shares a PostgreSQL store with others.
+pub struct LeaseTelemetry {
+    /// `sse_relay_leases_held{kind}`.
+    pub held: IntGaugeVec,
+    /// `sse_relay_lease_changes_total{kind, change}`.
+    changes: IntCounterVec,
+}
+
+impl LeaseTelemetry {
+    /// A lease was acquired, lost or released: counted, and logged at debug (with thousands of
+    /// instances a rebalance moves many).
+    pub fn changed(&self, kind: &str, name: &str, change: &str) {
+        self.changes.with_label_values(&[kind, change]).inc();
+        debug!(kind, name, change, "lease changed");
+    }
 }
 
 /// The admin server's connections.
@@ -330,6 +348,18 @@ impl Metrics {
                 "Config reloads (SIGHUP) by result: ok or failed.",
                 &["result"],
             ),
+            leases: LeaseTelemetry {
+                held: gauge(
+                    "sse_relay_leases_held",
+                    "Leases this replica holds, by kind (stream, target), with storage.mode postgres.",
+                    &["kind"],
+                ),
+                changes: counter(
+                    "sse_relay_lease_changes_total",
+                    "Leases acquired, lost (taken over after this replica could not renew) or released, by kind.",
+                    &["kind", "change"],
+                ),
+            },
             storage: Arc::new(StorageTelemetry {
                 errors: register(
                     &registry,

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{ApiError, StreamControl, StreamState};
 use crate::config::{Config, InstanceId, RateLimit, StreamConfig, StreamInstance};
+use crate::queue::lease::Kind;
 use crate::queue::{SavedInstance, Store};
 use crate::routing::RoutingTable;
 use crate::source::{self, ConnectLimiter, Router, StreamRuntime};
@@ -210,11 +211,14 @@ impl StreamSet {
             telemetry,
         } = prepared;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(source::run_stream(
-            Arc::new(runtime),
-            self.starter.router.clone(),
-            stop.clone(),
-        ));
+        let (runtime, router) = (Arc::new(runtime), self.starter.router.clone());
+        let task = match self.starter.store.leases() {
+            Some(leases) => {
+                let lease = leases.watch(Kind::Stream, &instance.name);
+                tokio::spawn(source::run_leased_stream(runtime, router, stop.clone(), lease))
+            }
+            None => tokio::spawn(source::run_stream(runtime, router, stop.clone())),
+        };
         let name = instance.name.clone();
         let running = RunningStream {
             instance,
@@ -388,6 +392,7 @@ impl StreamSet {
                 template: running.instance.template.clone(),
                 id: running.instance.id.as_ref().map(ToString::to_string),
                 dynamic: running.dynamic,
+                owner: None,
                 state: running.telemetry.snapshot(),
             })
             .collect()

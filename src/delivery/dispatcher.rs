@@ -23,6 +23,7 @@ use crate::delivery::TargetRuntime;
 use crate::delivery::breaker::{AttemptPermit, AttemptResult, Breaker, TargetState};
 use crate::delivery::request::{self, Failure};
 use crate::delivery::retry::{self, Failed};
+use crate::queue::lease::LeaseWatch;
 use crate::queue::outbox::Outbox;
 use crate::queue::{Delivery, DeliveryId, Outcome};
 
@@ -52,10 +53,26 @@ pub struct Dispatcher {
     busy_streams: HashSet<Arc<str>>,
     breaker: Breaker,
     rate_limiter: Option<governor::DefaultDirectRateLimiter>,
+    /// With storage shared by replicas: the target's lease. The dispatcher serves the target
+    /// only while this replica holds it.
+    lease: Option<LeaseWatch>,
+}
+
+/// Why the dispatcher's loop ended.
+enum Served {
+    /// Stopped, or done with what the store handed it.
+    Ended,
+    /// The target's lease went to another replica (or could not be renewed in time).
+    LeaseLost,
 }
 
 impl Dispatcher {
-    pub fn new(target: Arc<TargetRuntime>, outbox: Outbox, client: reqwest::Client) -> Dispatcher {
+    pub fn new(
+        target: Arc<TargetRuntime>,
+        outbox: Outbox,
+        client: reqwest::Client,
+        lease: Option<LeaseWatch>,
+    ) -> Dispatcher {
         let rate_limiter = target.rate_limit.map(|limit| {
             let period = limit.per / limit.n_requests;
             let quota = governor::Quota::with_period(period.max(Duration::from_nanos(1)))
@@ -73,6 +90,7 @@ impl Dispatcher {
             in_flight: JoinSet::new(),
             busy_streams: HashSet::new(),
             rate_limiter,
+            lease,
         }
     }
 
@@ -80,11 +98,54 @@ impl Dispatcher {
     /// the outbox says the work is done (with SQLite, the attempts in flight; with memory,
     /// everything held).
     pub async fn run(mut self, stop: CancellationToken) {
+        loop {
+            if let Some(lease) = &mut self.lease {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = lease.held() => {}
+                }
+                self.outbox.start_over();
+            }
+            match self.serve(&stop).await {
+                Served::Ended => break,
+                Served::LeaseLost => self.let_go(),
+            }
+        }
+        let n_in_flight = self.in_flight.len();
+        self.in_flight.abort_all();
+        self.outbox.close(n_in_flight);
+    }
+
+    /// The lease was lost: attempts in flight are cut short, and nothing held is kept; the
+    /// replica that holds the lease now attempts it all again, with the same keys.
+    fn let_go(&mut self) {
+        let n_in_flight = self.in_flight.len();
+        self.in_flight.abort_all();
+        self.target.telemetry.in_flight.sub(n_in_flight as i64);
+        self.ready.clear();
+        self.waiting.clear();
+        self.busy_streams.clear();
+        self.outbox.start_over();
+        warn!(
+            webhook = %self.target.telemetry.name, n_in_flight,
+            "this replica no longer serves the target: another replica holds its lease"
+        );
+    }
+
+    /// Whether the target's lease, if there is one, is no longer this replica's to use.
+    fn lease_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(|lease| lease.token().is_none())
+    }
+
+    async fn serve(&mut self, stop: &CancellationToken) -> Served {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.outbox.is_done(self.in_flight.len()) {
-                break;
+                return Served::Ended;
+            }
+            if self.lease_lost() {
+                return Served::LeaseLost;
             }
             // Outside the select: no result is recorded while a load is under way.
             self.outbox.refill(self.ready.len()).await;
@@ -94,7 +155,8 @@ impl Dispatcher {
             let wake_at = self.start_attempts();
             tokio::select! {
                 biased;
-                () = stop.cancelled() => break,
+                () = stop.cancelled() => return Served::Ended,
+                () = lease_changed(self.lease.as_mut()) => {}
                 Some(joined) = self.in_flight.join_next(), if !self.in_flight.is_empty() => match joined {
                     Ok(attempted) => self.finish(attempted).await,
                     Err(err) => error!(webhook = %self.target.telemetry.name, error = %err, "a delivery attempt panicked"),
@@ -110,9 +172,6 @@ impl Dispatcher {
                 _ = housekeeping.tick() => self.housekeeping().await,
             }
         }
-        let n_in_flight = self.in_flight.len();
-        self.in_flight.abort_all();
-        self.outbox.close(n_in_flight);
     }
 
     /// A delivery from the outbox: ready now, or waiting for its next attempt.
@@ -129,8 +188,9 @@ impl Dispatcher {
 
     /// Starts every attempt the gates allow; returns when something next could start.
     fn start_attempts(&mut self) -> Option<Instant> {
-        // Shutting down, with what is held stored for the next run.
-        if !self.outbox.may_start_attempts() {
+        // Shutting down, with what is held stored for the next run; or (replicas) the lease
+        // could not be renewed in time, and another replica may serve the target any moment.
+        if !self.outbox.may_start_attempts() || self.lease_lost() {
             return None;
         }
         let now = Instant::now();
@@ -328,6 +388,14 @@ fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> 
     match (first, second) {
         (Some(first), Some(second)) => Some(first.min(second)),
         (first, second) => first.or(second),
+    }
+}
+
+/// Waits for a change of the lease's grant; never, without a lease.
+async fn lease_changed(lease: Option<&mut LeaseWatch>) {
+    match lease {
+        Some(lease) => lease.changed().await,
+        None => std::future::pending().await,
     }
 }
 

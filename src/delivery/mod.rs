@@ -144,7 +144,8 @@ pub fn spawn_dispatcher(
     outbox: Outbox,
     client: &reqwest::Client,
     stop: &CancellationToken,
+    lease: Option<crate::queue::lease::LeaseWatch>,
 ) -> tokio::task::JoinHandle<()> {
-    let dispatcher = Dispatcher::new(Arc::clone(target), outbox, client.clone());
+    let dispatcher = Dispatcher::new(Arc::clone(target), outbox, client.clone(), lease);
     tokio::spawn(dispatcher.run(stop.clone()))
 }

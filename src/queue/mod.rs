@@ -7,8 +7,10 @@
 //! number of pending deliveries: at `max_pending`, appends wait, which pauses the streams.
 
 pub mod directory;
+pub mod lease;
 pub mod memory;
 pub mod outbox;
+pub mod postgres;
 pub mod schema;
 pub mod sqlite;
 
@@ -122,15 +124,25 @@ pub enum StoreError {
 pub enum Store {
     Memory(memory::MemoryStore),
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
 }
 
 impl Store {
     /// Opens the store. It hands what it stores to the outboxes that `set_outboxes` names.
-    pub fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<Store> {
+    pub async fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<Store> {
         Ok(match config.mode {
             StorageMode::Memory => Store::Memory(memory::MemoryStore::new(config.max_pending.0 as u64, storage)),
             StorageMode::Sqlite => Store::Sqlite(sqlite::SqliteStore::open(config, storage)?),
+            StorageMode::Postgres => Store::Postgres(postgres::PostgresStore::open(config, storage).await?),
         })
+    }
+
+    /// The leases of a store that several replicas share.
+    pub fn leases(&self) -> Option<&Arc<lease::Leases>> {
+        match self {
+            Store::Postgres(store) => Some(&store.leases),
+            Store::Memory(_) | Store::Sqlite(_) => None,
+        }
     }
 
     /// Takes one delivery per target, waiting while the store is at `max_pending` or its
@@ -156,6 +168,15 @@ impl Store {
                 };
                 store.submit(append).await
             }
+            Store::Postgres(store) => {
+                let append = postgres::Append {
+                    event,
+                    targets,
+                    last_event_id: last_event_id.map(Box::from),
+                    token: None,
+                };
+                store.submit(append).await
+            }
         };
         match submitted {
             Ok(waited) => Ok(waited || waited_for_room),
@@ -175,6 +196,10 @@ impl Store {
             Store::Sqlite(store) => {
                 let n_stored = store.take_initial_pending(target);
                 telemetry.queue_depth.add(n_stored as i64);
+                let backlog: Arc<dyn Backlog> = Arc::new(store.clone());
+                (outbox::Keeping::Backlog(backlog), Arc::clone(&store.limit))
+            }
+            Store::Postgres(store) => {
                 let backlog: Arc<dyn Backlog> = Arc::new(store.clone());
                 (outbox::Keeping::Backlog(backlog), Arc::clone(&store.limit))
             }
@@ -198,6 +223,7 @@ impl Store {
         match self {
             Store::Memory(store) => &store.positions,
             Store::Sqlite(store) => &store.positions,
+            Store::Postgres(store) => &store.positions,
         }
     }
 
@@ -206,6 +232,7 @@ impl Store {
         match self {
             Store::Memory(_) => Vec::new(),
             Store::Sqlite(store) => store.saved_instances(),
+            Store::Postgres(store) => store.saved_instances(),
         }
     }
 
@@ -214,6 +241,7 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(()),
             Store::Sqlite(store) => store.change_instance(InstanceChange::Save(instance)).await,
+            Store::Postgres(store) => store.change_instance(InstanceChange::Save(instance)).await,
         }
     }
 
@@ -221,16 +249,15 @@ impl Store {
     pub async fn forget_instance(&self, template: &str, id: &str) -> Result<(), StoreError> {
         let name = format!("{template}/{id}");
         self.positions().forget(&name);
+        let forget = InstanceChange::Forget {
+            template: template.to_owned(),
+            id: id.to_owned(),
+            name,
+        };
         match self {
             Store::Memory(_) => Ok(()),
-            Store::Sqlite(store) => {
-                let forget = InstanceChange::Forget {
-                    template: template.to_owned(),
-                    id: id.to_owned(),
-                    name,
-                };
-                store.change_instance(forget).await
-            }
+            Store::Sqlite(store) => store.change_instance(forget).await,
+            Store::Postgres(store) => store.change_instance(forget).await,
         }
     }
 
@@ -239,6 +266,7 @@ impl Store {
         match self {
             Store::Memory(_) => Vec::new(),
             Store::Sqlite(store) => store.pending_targets(),
+            Store::Postgres(store) => store.pending_targets(),
         }
     }
 
@@ -252,6 +280,7 @@ impl Store {
         match self {
             Store::Memory(store) => store.set_outboxes(outboxes),
             Store::Sqlite(store) => store.set_outboxes(outboxes).await,
+            Store::Postgres(store) => store.set_outboxes(outboxes),
         }
     }
 
@@ -261,6 +290,7 @@ impl Store {
         let retired = match self {
             Store::Memory(_) => Ok(0),
             Store::Sqlite(store) => store.retire_target(target).await,
+            Store::Postgres(store) => store.retire_target(target).await,
         };
         if let Ok(n_retired) = retired {
             self.limit().release(n_retired as u64);
@@ -274,13 +304,16 @@ impl Store {
         match self {
             Store::Memory(store) => store.finish_submissions(),
             Store::Sqlite(store) => store.finish_appends().await,
+            Store::Postgres(store) => store.finish_appends().await,
         }
     }
 
     /// Stops the SQLite writer after it has written everything sent to it.
     pub async fn close(&self) {
-        if let Store::Sqlite(store) = self {
-            store.close().await;
+        match self {
+            Store::Memory(_) => {}
+            Store::Sqlite(store) => store.close().await,
+            Store::Postgres(store) => store.close().await,
         }
     }
 
@@ -288,6 +321,7 @@ impl Store {
         match self {
             Store::Memory(store) => &store.limit,
             Store::Sqlite(store) => &store.limit,
+            Store::Postgres(store) => &store.limit,
         }
     }
 }
@@ -365,14 +399,14 @@ impl StreamPositions {
             .cloned()
     }
 
-    fn forget(&self, stream: &str) {
+    pub(crate) fn forget(&self, stream: &str) {
         self.by_stream
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(stream);
     }
 
-    fn remember(&self, stream: &str, id: &str) {
+    pub(crate) fn remember(&self, stream: &str, id: &str) {
         let mut by_stream = self.by_stream.lock().unwrap_or_else(PoisonError::into_inner);
         match by_stream.get_mut(stream) {
             // Reuses the allocation: this runs for every event with an id.

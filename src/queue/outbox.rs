@@ -64,11 +64,24 @@ pub trait Backlog: Send + Sync {
 
     /// Records what became of a delivery. A load sent after this returns is answered with it
     /// applied.
-    fn record(&self, id: DeliveryId, outcome: Outcome) -> BoxFuture<'_, ()>;
+    fn record(&self, target: &Arc<str>, id: DeliveryId, outcome: Outcome) -> BoxFuture<'_, ()>;
 
     /// Counts changes made by another process (`sse-relay dlq replay`): when it moves, the
     /// outbox looks through the whole backlog for rows it has not seen.
     fn external_changes(&self) -> u64;
+
+    /// Whether other processes append to it too (replicas on PostgreSQL). Then the outbox
+    /// takes every delivery from loads, in id order, which is commit order; what the store
+    /// hands it only says that there is something to load (see `OutboxInput::poke`).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// How many deliveries of `target` it holds, when it counts them itself (a shared
+    /// backlog: the gauge is set from it).
+    fn count(&self, _target: &Arc<str>) -> BoxFuture<'static, Result<Option<u64>, StoreError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 }
 
 pub type LoadFuture = BoxFuture<'static, Result<Vec<Delivery>, StoreError>>;
@@ -90,6 +103,8 @@ pub struct OutboxInput {
     overflow: Arc<AtomicI64>,
     /// Counts every stored delivery of the target; the outbox counts them out.
     queue_depth: prometheus::IntGauge,
+    /// Wakes the outbox to load from a shared backlog.
+    poke: Arc<tokio::sync::Notify>,
 }
 
 impl OutboxInput {
@@ -124,6 +139,12 @@ impl OutboxInput {
         sent
     }
 
+    /// Tells the outbox that its shared backlog has new deliveries (committed here, or by
+    /// another replica): it loads them, in order, with the next refill.
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
     /// Whether both are the same outbox's input.
     pub fn same_outbox(&self, other: &OutboxInput) -> bool {
         self.sender.same_channel(&other.sender)
@@ -139,6 +160,8 @@ struct Disk {
     high_water: DeliveryId,
     /// The backlog's count of changes by other processes, when last looked at.
     seen_external_changes: u64,
+    /// Other processes append to it too: deliveries come from loads only.
+    shared: bool,
 }
 
 /// The dispatcher's end: every delivery of the target that the dispatcher holds came from
@@ -156,6 +179,7 @@ pub struct Outbox {
     staged: VecDeque<Delivery>,
     disk: Option<Disk>,
     input_closed: bool,
+    poke: Arc<tokio::sync::Notify>,
 }
 
 /// A target's outbox and the input the store hands deliveries to.
@@ -167,16 +191,19 @@ pub fn channel(
 ) -> (OutboxInput, Outbox) {
     let (sender, receiver) = mpsc::channel(CHANNEL_CAPACITY);
     let overflow = Arc::new(AtomicI64::new(i64::MAX));
+    let poke = Arc::new(tokio::sync::Notify::new());
     let input = OutboxInput {
         sender,
         overflow: Arc::clone(&overflow),
         queue_depth: telemetry.queue_depth.clone(),
+        poke: Arc::clone(&poke),
     };
     let (capacity, disk) = match keeping {
         Keeping::Memory { capacity } => (capacity, None),
         Keeping::Backlog(backlog) => {
             let disk = Disk {
                 seen_external_changes: backlog.external_changes(),
+                shared: backlog.is_shared(),
                 backlog,
                 // What the store held when it was opened is loaded first.
                 on_disk_after: Some(0),
@@ -196,6 +223,7 @@ pub fn channel(
         staged: VecDeque::new(),
         disk,
         input_closed: false,
+        poke,
     };
     (input, outbox)
 }
@@ -211,7 +239,14 @@ impl Outbox {
         if self.input_closed {
             return None;
         }
-        match self.receiver.recv().await {
+        let received = tokio::select! {
+            received = self.receiver.recv() => received,
+            () = self.poke.notified() => {
+                self.load_new();
+                return None;
+            }
+        };
+        match received {
             Some(delivery) => {
                 // The store notes an overflow before it sends anything later, so checking
                 // after each receive sees every delivery left on disk before this one;
@@ -292,10 +327,23 @@ impl Outbox {
         disk.on_disk_after = if caught_up { None } else { Some(last) };
     }
 
+    /// The next refill loads what is new in the backlog.
+    fn load_new(&mut self) {
+        if let Some(disk) = &mut self.disk {
+            disk.on_disk_after.get_or_insert(disk.high_water);
+        }
+    }
+
     /// Takes a delivery from the channel: staged to be handed on, left on disk, or (without a
     /// backlog, beyond `capacity`) dropped.
     fn admit(&mut self, delivery: Delivery) {
         match &mut self.disk {
+            Some(disk) if disk.shared => {
+                // A shared backlog's deliveries come from loads only, in commit order.
+                self.telemetry.queue_depth.dec();
+                disk.on_disk_after.get_or_insert(disk.high_water);
+                return;
+            }
             Some(disk) => {
                 // Offered in id order: one at or below the high-water mark was loaded already.
                 if delivery.id <= disk.high_water {
@@ -350,7 +398,7 @@ impl Outbox {
             self.count_out(1);
         }
         if let Some(disk) = &self.disk {
-            disk.backlog.record(delivery.id, outcome).await;
+            disk.backlog.record(&self.target, delivery.id, outcome).await;
         }
     }
 
@@ -397,6 +445,11 @@ impl Outbox {
             .and_then(|received_at| SystemTime::now().duration_since(received_at).ok())
             .unwrap_or_default();
         self.telemetry.oldest_pending.set(age.as_secs_f64());
+        if let Some(disk) = self.disk.as_ref().filter(|disk| disk.shared)
+            && let Ok(Some(n_pending)) = disk.backlog.count(&self.target).await
+        {
+            self.telemetry.queue_depth.set(n_pending as i64);
+        }
         if self.input_closed {
             return;
         }
@@ -408,6 +461,25 @@ impl Outbox {
             } else if disk.on_disk_after.is_none() {
                 disk.on_disk_after = Some(disk.high_water);
             }
+        }
+    }
+
+    /// Starts over from the backlog, holding nothing: the dispatcher serves the target anew
+    /// after another replica served it (storage shared by replicas). What was held stays in
+    /// the backlog for whichever replica serves the target.
+    pub fn start_over(&mut self) {
+        let n_held = self.held.len() as u64;
+        self.held.clear();
+        self.staged.clear();
+        self.telemetry.queue_depth.sub(n_held as i64);
+        while self.receiver.try_recv().is_ok() {
+            self.telemetry.queue_depth.dec();
+        }
+        self.overflow.store(i64::MAX, Ordering::SeqCst);
+        if let Some(disk) = &mut self.disk {
+            disk.on_disk_after = Some(0);
+            disk.high_water = 0;
+            disk.seen_external_changes = disk.backlog.external_changes();
         }
     }
 

@@ -445,7 +445,7 @@ impl Backlog for SqliteStore {
         })
     }
 
-    fn record(&self, id: DeliveryId, outcome: Outcome) -> BoxFuture<'_, ()> {
+    fn record(&self, _: &Arc<str>, id: DeliveryId, outcome: Outcome) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let _ = self.commands.send(Command::Record { id, outcome }).await;
         })

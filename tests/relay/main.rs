@@ -11,6 +11,7 @@ mod logs;
 mod process;
 mod properties;
 mod reload;
+mod replicas;
 mod rotated_secrets;
 mod rotation;
 mod secrets;

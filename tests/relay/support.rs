@@ -233,6 +233,9 @@ pub struct LoggedRelay {
     directory: tempfile::TempDir,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     http: reqwest::Client,
+    /// `${ADMIN_TOKEN}` from the environment given, when the config sets `admin.token`: metrics
+    /// are read with it.
+    admin_token: Option<String>,
 }
 
 impl LoggedRelay {
@@ -249,6 +252,24 @@ impl LoggedRelay {
         adjust: impl FnOnce(&mut tokio::process::Command),
     ) -> LoggedRelay {
         Self::launch(tempfile::tempdir().unwrap(), yaml, env, None, adjust).await
+    }
+
+    /// A replica: the relay with `storage` as its storage section (PostgreSQL), and
+    /// `admin.token` set to `${ADMIN_TOKEN}`.
+    pub async fn start_replica(storage: &str, yaml: &str, env: &[(&str, &str)]) -> LoggedRelay {
+        let yaml = format!("storage: {storage}\n{yaml}");
+        Self::launch(tempfile::tempdir().unwrap(), &yaml, env, Some("${ADMIN_TOKEN}"), |_| {}).await
+    }
+
+    /// Sends the relay a signal (SIGSTOP, SIGCONT, SIGTERM).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signals the child this test started and still owns.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits until the relay exits (after SIGTERM, say).
+    pub async fn wait_exit(&mut self) {
+        let _ = tokio::time::timeout(DEADLINE, self.child.wait()).await;
     }
 
     /// Like [`LoggedRelay::start`], with `admin.token` set to `${ADMIN_TOKEN}`.
@@ -280,10 +301,13 @@ impl LoggedRelay {
 
         let admin = SocketAddr::from(([127, 0, 0, 1], process::free_port().await));
         let token = admin_token.map_or(String::new(), |token| format!(", token: \"{token}\""));
-        let config = format!(
-            "admin: {{ listen: \"{admin}\"{token} }}\nstorage: {{ path: \"{storage}\" }}\nshutdown: {{ grace_period: 1s }}\n{yaml}",
-            storage = directory.path().join("data").display(),
-        );
+        let storage = if yaml.starts_with("storage:") {
+            String::new()
+        } else {
+            format!("storage: {{ path: \"{}\" }}\n", directory.path().join("data").display())
+        };
+        let config =
+            format!("admin: {{ listen: \"{admin}\"{token} }}\n{storage}shutdown: {{ grace_period: 1s }}\n{yaml}");
         let config_path = directory.path().join("relay.yaml");
         std::fs::write(&config_path, config).unwrap();
         let mut command = relay_binary().run_command(&config_path);
@@ -312,6 +336,11 @@ impl LoggedRelay {
             directory,
             lines,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            admin_token: admin_token.and_then(|_| {
+                env.iter()
+                    .find(|(name, _)| *name == "ADMIN_TOKEN")
+                    .map(|(_, token)| (*token).to_owned())
+            }),
         };
         eventually("the relay's admin server answers", DEADLINE, || async {
             relay.get("/healthz").await.0 == 200
@@ -322,12 +351,23 @@ impl LoggedRelay {
 
     /// The status and body of a GET on the admin server; status 0 when it does not answer.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = self
+        self.get_as(path, None).await
+    }
+
+    /// Like [`LoggedRelay::get`], with `Authorization: Bearer <token>`.
+    pub async fn get_with_token(&self, path: &str, token: &str) -> (u16, String) {
+        self.get_as(path, Some(token)).await
+    }
+
+    async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut request = self
             .http
             .get(format!("http://{}{path}", self.admin))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
+            .timeout(Duration::from_secs(5));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await;
         match response {
             Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
             Err(_) => (0, String::new()),
@@ -335,7 +375,7 @@ impl LoggedRelay {
     }
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_value(&self.get("/metrics").await.1, name, labels)
+        metric_value(&self.get_as("/metrics", self.admin_token.as_deref()).await.1, name, labels)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,184 @@
+//! Several replicas on one PostgreSQL server (started by the test, on loopback): each stream
+//! read by one replica at a time, each event delivered once, a dead or paused replica's work
+//! taken over within its lease.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sse_relay_fixtures::emulator::{Api, Upstream};
+use sse_relay_fixtures::postgres::{PASSWORD, PostgresServer};
+use sse_relay_fixtures::sink::Sink;
+
+use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
+
+const TOKEN: &str = "replica-admin-token";
+
+/// Ten participants and ten chats, every event to the sink's `/hook`.
+fn twenty_streams(upstream: &Upstream, sink: &Sink, target_extra: &str) -> String {
+    format!(
+        r#"
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+    ids: ["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"]
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    ids: ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"]
+targets:
+  hook:
+    url: {hook}
+    retry: {{ initial_delay: 20ms, max_delay: 200ms }}
+    {target_extra}
+routes:
+  - stream: "*"
+    targets: [hook]
+"#,
+        participant = upstream.participant_url("{id}"),
+        chat = upstream.chat_url("{id}"),
+        hook = sink.url("/hook"),
+    )
+}
+
+fn entities() -> Vec<(Api, String)> {
+    (0..10)
+        .map(|n| (Api::Participant, format!("p{n}")))
+        .chain((0..10).map(|n| (Api::Chat, format!("c{n}"))))
+        .collect()
+}
+
+fn storage(name: &str) -> String {
+    format!("{{ mode: postgres, url: \"${{DATABASE_URL}}\", lease_ttl: 2s, replica: {name} }}")
+}
+
+async fn replica(postgres: &PostgresServer, name: &str, yaml: &str) -> LoggedRelay {
+    let url = postgres.url();
+    LoggedRelay::start_replica(
+        &storage(name),
+        yaml,
+        &[("DATABASE_URL", url.as_str()), ("ADMIN_TOKEN", TOKEN)],
+    )
+    .await
+}
+
+/// Every entity has exactly one connection open.
+fn each_connected_once(upstream: &Upstream) -> bool {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for api in [Api::Participant, Api::Chat] {
+        for entity in upstream.connected_entities(api) {
+            *counts.entry(entity).or_default() += 1;
+        }
+    }
+    counts.len() == 20 && counts.values().all(|&n| n == 1)
+}
+
+/// Samples the upstream's connections until stopped; counts the samples where an entity had
+/// more than one connection open.
+fn watch_for_doubles(upstream: &Upstream) -> (Arc<AtomicBool>, Arc<AtomicUsize>) {
+    let (stop, doubles) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (upstream, stop_flag, n_doubles) = (upstream.clone(), Arc::clone(&stop), Arc::clone(&doubles));
+    tokio::spawn(async move {
+        while !stop_flag.load(Ordering::Relaxed) {
+            for api in [Api::Participant, Api::Chat] {
+                let mut seen = std::collections::HashSet::new();
+                if upstream.connected_entities(api).into_iter().any(|entity| !seen.insert(entity)) {
+                    n_doubles.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (stop, doubles)
+}
+
+/// The `n` field of each delivered body, by entity.
+fn delivered_by_entity(sink: &Sink) -> HashMap<String, Vec<u64>> {
+    let mut delivered: HashMap<String, Vec<u64>> = HashMap::new();
+    for request in sink.delivered("/hook") {
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        let entity = body["entity"].as_str().unwrap().to_owned();
+        delivered.entry(entity).or_default().push(body["n"].as_u64().unwrap());
+    }
+    delivered
+}
+
+fn event(api: Api, entity: &str, n: u64) -> String {
+    match api {
+        Api::Participant => format!(r#"{{"eventType":"MESSAGE_SENT","entity":"{entity}","n":{n}}}"#),
+        Api::Chat => format!(r#"{{"type":"node_update","entity":"{entity}","n":{n}}}"#),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = twenty_streams(&upstream, &sink, "");
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        replicas.push(replica(&postgres, name, &yaml).await);
+    }
+    // Spread among the three: each stream connected once, by one replica.
+    eventually("each stream connected once", DEADLINE, || async {
+        if !each_connected_once(&upstream) {
+            return false;
+        }
+        // Every replica reads some (rendezvous hashing spreads 20 over 3), 20 in all.
+        let mut held = Vec::new();
+        for replica in &replicas {
+            held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
+        }
+        held.iter().sum::<f64>() == 20.0 && held.iter().all(|&n| n >= 1.0)
+    })
+    .await;
+    let (stop_watching, doubles) = watch_for_doubles(&upstream);
+
+    let n_events = 25;
+    for n in 0..n_events {
+        for (api, entity) in entities() {
+            assert_eq!(upstream.publish_event_to(api, &entity, &event(api, &entity, n)), 1);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sink.wait_for_delivered("/hook", 20 * n_events as usize, DEADLINE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered = delivered_by_entity(&sink);
+    for (_, entity) in entities() {
+        let mut got = delivered.get(&entity).cloned().unwrap_or_default();
+        got.sort_unstable();
+        let got = &got;
+        let expected: Vec<u64> = (0..n_events).collect();
+        assert_eq!(got, &expected, "{entity}: every event once; all: {delivered:?}");
+    }
+    stop_watching.store(true, Ordering::Relaxed);
+    assert_eq!(doubles.load(Ordering::Relaxed), 0, "no stream had two connections open");
+
+    // `GET /v1/streams` names each stream's replica; `/readyz` what this replica holds.
+    let listing = replicas[0]
+        .get_with_token("/v1/streams", TOKEN)
+        .await;
+    let listing: serde_json::Value = serde_json::from_str(&listing.1).unwrap();
+    let owners: Vec<&str> = listing["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|stream| stream["owner"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners.len(), 20);
+    assert!(owners.iter().all(|owner| ["r1", "r2", "r3"].contains(owner)), "{owners:?}");
+    let (status, ready) = replicas[1].get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("replica r2 reads"), "{ready}");
+    for replica in &replicas {
+        for line in replica.log_lines() {
+            assert!(!line.contains(PASSWORD), "a log line shows the database password: {line}");
+        }
+    }
+}
