@@ -526,14 +526,14 @@ mod tests {
         config: StorageConfig,
     }
 
-    fn open(mode: StorageMode, directory: &Path) -> Relay {
+    async fn open(mode: StorageMode, directory: &Path) -> Relay {
         let config = StorageConfig {
             mode,
             path: Text(directory.display().to_string()),
             ..StorageConfig::default()
         };
         let metrics = Metrics::new();
-        let store = Store::open(&config, Arc::clone(&metrics.storage)).unwrap();
+        let store = Store::open(&config, Arc::clone(&metrics.storage)).await.unwrap();
         Relay { store, metrics, config }
     }
 
@@ -644,7 +644,7 @@ mod tests {
     async fn deliveries_come_out_once_in_order_from_both_stores() {
         for mode in [StorageMode::Memory, StorageMode::Sqlite] {
             let directory = tempfile::tempdir().unwrap();
-            let relay = open(mode, directory.path());
+            let relay = open(mode, directory.path()).await;
             let mut outbox = relay.outbox(100).await;
             relay.submit(0, 100).await;
             let taken = take(&mut outbox, usize::MAX, delivered).await;
@@ -659,7 +659,7 @@ mod tests {
     #[tokio::test]
     async fn what_does_not_fit_waits_on_disk_and_comes_back_in_order_once() {
         let directory = tempfile::tempdir().unwrap();
-        let relay = open(StorageMode::Sqlite, directory.path());
+        let relay = open(StorageMode::Sqlite, directory.path()).await;
         let mut outbox = relay.outbox(0).await;
         // More than the channel holds, before anything is taken: the rest stays on disk.
         relay.submit(0, 5000).await;
@@ -684,7 +684,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_that_overflows_the_channel_keeps_its_order() {
         let directory = tempfile::tempdir().unwrap();
-        let relay = open(StorageMode::Sqlite, directory.path());
+        let relay = open(StorageMode::Sqlite, directory.path()).await;
         let mut outbox = relay.outbox(0).await;
         relay.submit(0, 10).await;
         assert_in_order(&take(&mut outbox, usize::MAX, delivered).await, 0..10);
@@ -702,7 +702,7 @@ mod tests {
     #[tokio::test]
     async fn a_channel_copy_of_a_delivery_a_load_brought_in_is_skipped() {
         let directory = tempfile::tempdir().unwrap();
-        let relay = open(StorageMode::Sqlite, directory.path());
+        let relay = open(StorageMode::Sqlite, directory.path()).await;
         let (input, mut outbox) = relay.outbox_and_input(0).await;
         relay.submit(0, 3).await;
         // The first refill loads what the store holds, before the channel's copies.
@@ -718,7 +718,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_backlog_what_is_beyond_capacity_is_dropped_and_counted() {
         let directory = tempfile::tempdir().unwrap();
-        let relay = open(StorageMode::Memory, directory.path());
+        let relay = open(StorageMode::Memory, directory.path()).await;
         let mut outbox = relay.outbox(10).await;
         relay.submit(0, 30).await;
         let held = take(&mut outbox, usize::MAX, |_| None).await;
@@ -730,7 +730,7 @@ mod tests {
     #[tokio::test]
     async fn a_dead_letter_replayed_while_running_comes_back_with_its_event_id() {
         let directory = tempfile::tempdir().unwrap();
-        let relay = open(StorageMode::Sqlite, directory.path());
+        let relay = open(StorageMode::Sqlite, directory.path()).await;
         let mut outbox = relay.outbox(0).await;
         relay.submit(0, 3).await;
         let taken = take(&mut outbox, usize::MAX, |delivery| match n_of(delivery) {
@@ -763,7 +763,7 @@ mod tests {
     async fn a_new_outbox_takes_over_what_the_old_one_held() {
         for mode in [StorageMode::Memory, StorageMode::Sqlite] {
             let directory = tempfile::tempdir().unwrap();
-            let relay = open(mode, directory.path());
+            let relay = open(mode, directory.path()).await;
             let mut old = relay.outbox(100).await;
             relay.submit(0, 10).await;
             let taken = take(&mut old, usize::MAX, |delivery| {
@@ -784,6 +784,7 @@ mod tests {
                     assert_in_order(&taken, 10..15);
                     assert_eq!(relay.metric("sse_relay_deliveries_total", Some("abandoned")), 6.0);
                 }
+                StorageMode::Postgres => unreachable!("not among the modes tested here"),
             }
             assert_eq!(relay.metric("sse_relay_queue_depth", None), 0.0, "{mode:?}");
         }
@@ -793,7 +794,7 @@ mod tests {
     async fn at_shutdown_a_backlog_keeps_what_is_held_and_memory_delivers_it() {
         for mode in [StorageMode::Memory, StorageMode::Sqlite] {
             let directory = tempfile::tempdir().unwrap();
-            let relay = open(mode, directory.path());
+            let relay = open(mode, directory.path()).await;
             let mut outbox = relay.outbox(100).await;
             relay.submit(0, 3).await;
             relay.store.finish_submissions().await;
@@ -814,6 +815,7 @@ mod tests {
                     }
                     assert!(outbox.is_done(0));
                 }
+                StorageMode::Postgres => unreachable!("not among the modes tested here"),
             }
             relay.store.close().await;
         }

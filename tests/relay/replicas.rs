@@ -182,3 +182,111 @@ async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
         }
     }
 }
+
+/// Three replicas, twenty streams whose upstream replays from `Last-Event-ID`.
+struct Fleet {
+    postgres: PostgresServer,
+    upstream: Upstream,
+    sink: Sink,
+    yaml: String,
+    replicas: Vec<LoggedRelay>,
+}
+
+impl Fleet {
+    async fn start(target_extra: &str) -> Fleet {
+        let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+        let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+        let sink = Sink::start().await.unwrap();
+        let yaml = twenty_streams(&upstream, &sink, target_extra);
+        let mut replicas = Vec::new();
+        for name in ["r1", "r2", "r3"] {
+            replicas.push(replica(&postgres, name, &yaml).await);
+        }
+        let fleet = Fleet {
+            postgres,
+            upstream,
+            sink,
+            yaml,
+            replicas,
+        };
+        fleet.wait_until_spread(DEADLINE).await;
+        fleet
+    }
+
+    /// Waits until each stream is connected once and the live replicas hold all twenty.
+    async fn wait_until_spread(&self, deadline: Duration) {
+        eventually("each stream connected once, by the live replicas", deadline, || async {
+            if !each_connected_once(&self.upstream) {
+                return false;
+            }
+            let mut held = Vec::new();
+            for replica in &self.replicas {
+                held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
+            }
+            held.iter().sum::<f64>() == 20.0 && held.iter().all(|&n| n >= 1.0)
+        })
+        .await;
+    }
+
+    /// Publishes round `n`: one event with id `n` to every entity.
+    fn publish_round(&self, n: u64) {
+        for (api, entity) in entities() {
+            self.upstream.publish_event_with_id_to(api, &entity, n, &event(api, &entity, n));
+        }
+    }
+
+    /// Waits until every event of rounds `0..n_rounds` was delivered at least once; asserts
+    /// that every copy of an event carries the same Idempotency-Key (a redelivery).
+    async fn assert_every_event_delivered(&self, n_rounds: u64) {
+        eventually("every event delivered", DEADLINE, || async {
+            let delivered = delivered_by_entity(&self.sink);
+            entities().iter().all(|(_, entity)| {
+                let got: std::collections::HashSet<u64> =
+                    delivered.get(entity).into_iter().flatten().copied().collect();
+                (0..n_rounds).all(|n| got.contains(&n))
+            })
+        })
+        .await;
+        let mut keys: HashMap<(String, u64), std::collections::HashSet<String>> = HashMap::new();
+        for request in self.sink.delivered("/hook") {
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+            let event = (body["entity"].as_str().unwrap().to_owned(), body["n"].as_u64().unwrap());
+            let key = request.header("idempotency-key").unwrap().to_owned();
+            keys.entry(event).or_default().insert(key);
+        }
+        for (event, keys) in keys {
+            assert_eq!(keys.len(), 1, "{event:?} was delivered under different keys: {keys:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_streams_resume_on_the_others_within_its_lease() {
+    let mut fleet = Fleet::start("").await;
+    for n in 0..40 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed = fleet.replicas.remove(0);
+    let _ = killed.kill_keeping_storage().await;
+    let killed_at = std::time::Instant::now();
+    // Publishing goes on: the dead replica's streams keep their events for a Last-Event-ID.
+    let publishing = {
+        let upstream = fleet.upstream.clone();
+        tokio::spawn(async move {
+            for n in 40..200 {
+                for (api, entity) in entities() {
+                    upstream.publish_event_with_id_to(api, &entity, n, &event(api, &entity, n));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // lease_ttl is 2s: its streams are read again within that plus a reconnect.
+    fleet.wait_until_spread(Duration::from_secs(2 + 5)).await;
+    let failover = killed_at.elapsed();
+    publishing.await.unwrap();
+    fleet.assert_every_event_delivered(200).await;
+    assert!(failover < Duration::from_secs(7), "took {failover:?}");
+    println!("failover after kill -9: {failover:?}");
+}
