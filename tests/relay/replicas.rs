@@ -290,3 +290,65 @@ async fn a_killed_replicas_streams_resume_on_the_others_within_its_lease() {
     assert!(failover < Duration::from_secs(7), "took {failover:?}");
     println!("failover after kill -9: {failover:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_stores_and_delivers_nothing_stale_and_rejoins() {
+    let fleet = Fleet::start("").await;
+    // The paused one serves the target, and reads some streams.
+    let mut paused = None;
+    for (index, replica) in fleet.replicas.iter().enumerate() {
+        if replica.metric("sse_relay_leases_held", &[("kind", "target")]).await == 1.0 {
+            paused = Some(index);
+        }
+    }
+    let paused = &fleet.replicas[paused.expect("one replica serves the target")];
+    for n in 0..20 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fleet.assert_every_event_delivered(20).await;
+    let delivered_before = delivered_by(paused).await;
+
+    paused.signal(libc::SIGSTOP);
+    // Its connections stay open: what is published now reaches it too, and waits in its
+    // sockets, while the others take its streams and the target over after lease_ttl.
+    for n in 20..120 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    paused.signal(libc::SIGCONT);
+    // Until it holds a lease again, it delivers nothing, and what it read while paused is
+    // refused by the database (another replica holds its streams now).
+    let resumed_at = std::time::Instant::now();
+    while resumed_at.elapsed() < Duration::from_secs(1) {
+        let held = paused.metric("sse_relay_leases_held", &[("kind", "target")]).await;
+        if held > 0.0 {
+            break;
+        }
+        assert_eq!(delivered_by(paused).await, delivered_before, "a delivery under the stale lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("the paused replica's stale events refused and counted", DEADLINE, || async {
+        paused
+            .metric("sse_relay_deliveries_total", &[("target", "hook"), ("outcome", "abandoned")])
+            .await
+            > 0.0
+    })
+    .await;
+    for n in 120..140 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every event delivered, copies only under the same key: nothing the paused replica read
+    // was stored a second time.
+    fleet.assert_every_event_delivered(140).await;
+    // It rejoins: the streams spread over all three again.
+    fleet.wait_until_spread(DEADLINE).await;
+    paused.wait_for_log("lease").await;
+}
+
+async fn delivered_by(replica: &LoggedRelay) -> f64 {
+    replica
+        .metric("sse_relay_deliveries_total", &[("target", "hook"), ("outcome", "delivered")])
+        .await
+}
