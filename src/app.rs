@@ -544,8 +544,9 @@ impl Relay {
     /// store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         info!("shutting down: streams stop, deliveries in progress finish");
+        // Other replicas take this one's streams over, make-before-break, before it stops them.
         if let Some(cluster) = &self.cluster {
-            cluster.mark_leaving().await;
+            cluster.hand_over(self.config.storage.lease_ttl).await;
         }
         self.streams.lock().await.stop_all().await;
         self.finished_watcher.abort();

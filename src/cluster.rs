@@ -2,25 +2,37 @@
 //! serves each target.
 //!
 //! Every replica runs the same config. Each registers in `sse_relay.replicas` with a heartbeat
-//! and, every quarter of `lease_ttl`, does one round:
+//! and, four times per `lease_ttl` (more often while a hand-over is under way), does a round:
 //!
 //! 1. **Renew.** It pushes out the expiry of every lease it holds, in one statement. A lease
 //!    missing from the answer was taken by another replica: it is lost at once. While no
 //!    renewal succeeds, the leases stay valid by this process's clock for three quarters of
-//!    `lease_ttl` after the last renewal started, then the replica steps down (it stops its
+//!    `lease_ttl` after the last renewal started; then the replica steps down (it stops its
 //!    streams and dispatchers) before any other replica can take them.
 //! 2. **Spread.** For each stream instance and target its config wants, the owner is chosen by
 //!    rendezvous hashing over the live replicas (highest `sha256(replica, kind, name)`), so a
 //!    replica joining or leaving moves only its share.
 //! 3. **Acquire** what falls to it and is free or expired (the fencing token grows when a lease
-//!    changes hands), and **release** what it holds but no longer should: first locally (the
-//!    task stops), then, once the store wrote what the task handed it, in the database.
+//!    changes hands), and give up what it holds but no longer should.
 //!
-//! A replica leaving on purpose marks itself so first: the others take its share on their
-//! next round, and it releases each lease as its task stops.
+//! **Giving a target up** takes two rounds: its dispatcher stops in the first, and the lease
+//! is deleted in the next, once the store wrote what the dispatcher recorded.
+//!
+//! **Handing a stream over** is make-before-break, so that an upstream without history loses
+//! nothing: the owner names the new owner in the lease (`handover_to`); the new owner reads
+//! the stream on standby, holding what arrives, and says so once its connection is open
+//! (`handover_ready`); the owner then stops its stream, waits for the store to write what it
+//! took, and passes the lease on in one statement, with a new token and the keys of the last
+//! events it accepted (`handed_over`). The new owner takes what it held after the last of
+//! them (`source::Handover`). If the owner dies meanwhile, the lease expires and the new
+//! owner takes it as after any crash, with what it held on standby.
+//!
+//! A replica that stops marks itself as leaving, hands its streams over this way, and at the
+//! end deletes its leases and its row.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -31,45 +43,70 @@ use tracing::{error, info, warn};
 
 use crate::queue::lease::{Grant, Kind, Leases};
 use crate::queue::postgres::PostgresStore;
+use crate::telemetry::Metrics;
 
 /// The replica's membership and leases, kept up by a background task.
 pub struct Cluster {
     store: PostgresStore,
     leases: Arc<Leases>,
-    leaving: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<Shared>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
+/// What the rounds and the relay's shutdown share.
+#[derive(Default)]
+struct Shared {
+    leaving: AtomicBool,
+    /// Another replica was live at the last round: there is someone to hand streams to.
+    others_live: AtomicBool,
+}
+
+/// A lease this replica holds in the database, as the renewal returned it.
+struct Held {
+    token: i64,
+    handover_to: Option<String>,
+    handover_ready: bool,
+    handed_over: Option<Arc<[u64]>>,
+}
+
+type Key = (Kind, Arc<str>);
+
 /// What one round decided to change.
 #[derive(Default)]
 struct Changes {
-    acquire: Vec<(Kind, Arc<str>)>,
-    /// Held in the database, and to be given up once its task stopped.
-    release: Vec<(Kind, Arc<str>)>,
+    acquire: Vec<Key>,
+    /// Targets held in the database whose dispatcher stopped (or stops now); the lease is
+    /// deleted once it stopped.
+    release: Vec<Key>,
+    /// Streams to hand over, and to whom.
+    ask: Vec<(Arc<str>, String)>,
+    /// Streams whose new owner is ready: passed on now.
+    pass_on: Vec<Arc<str>>,
+    /// Streams another replica hands to this one whose standby connection is open.
+    ready: Vec<Arc<str>>,
 }
 
 struct Round {
     store: PostgresStore,
     leases: Arc<Leases>,
-    telemetry: Arc<crate::telemetry::Metrics>,
-    leaving: Arc<std::sync::atomic::AtomicBool>,
-    /// Leases released locally in the last round, given up in the database in this one.
-    releasing: Vec<(Kind, Arc<str>)>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    /// Targets whose dispatcher was stopped in the last round, deleted in this one.
+    releasing: Vec<Key>,
     stepped_down: bool,
 }
 
 impl Cluster {
-    /// Joins the replicas and starts the rounds; returns after the first round, so that the
-    /// replica starts with its share.
-    pub async fn join(store: PostgresStore, metrics: Arc<crate::telemetry::Metrics>) -> anyhow::Result<Cluster> {
+    /// Joins the replicas and starts the rounds.
+    pub async fn join(store: PostgresStore, metrics: Arc<Metrics>) -> anyhow::Result<Cluster> {
         let leases = Arc::clone(&store.leases);
-        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let mut round = Round {
             store: store.clone(),
             leases: Arc::clone(&leases),
-            telemetry: metrics,
-            leaving: Arc::clone(&leaving),
+            metrics,
+            shared: Arc::clone(&shared),
             releasing: Vec::new(),
             stepped_down: false,
         };
@@ -82,12 +119,13 @@ impl Cluster {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                let mut tick = tokio::time::interval(leases_tick(round.leases.ttl()));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let tick = round.leases.ttl() / 4;
                 loop {
+                    let busy = round.run().await;
+                    let pause = if busy { tick.min(Duration::from_millis(100)) } else { tick };
                     tokio::select! {
                         () = stop.cancelled() => break,
-                        _ = tick.tick() => round.run().await,
+                        () = tokio::time::sleep(pause) => {}
                     }
                 }
                 round.leave().await;
@@ -96,7 +134,7 @@ impl Cluster {
         Ok(Cluster {
             store,
             leases,
-            leaving,
+            shared,
             stop,
             task: Some(task),
         })
@@ -106,10 +144,10 @@ impl Cluster {
         &self.leases
     }
 
-    /// Marks this replica as leaving, so that the others take its share; its leases are
-    /// released as their tasks stop (`release_all` at the end).
-    pub async fn mark_leaving(&self) {
-        self.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Marks this replica as leaving and hands its streams to the others, make-before-break;
+    /// returns once it holds none, when no other replica is live, or after `deadline`.
+    pub async fn hand_over(&self, deadline: Duration) {
+        self.shared.leaving.store(true, Ordering::SeqCst);
         if let Ok(client) = self.store.pool().get().await {
             let _ = client
                 .execute(
@@ -117,6 +155,17 @@ impl Cluster {
                     &[&&**self.leases.replica()],
                 )
                 .await;
+        }
+        let started = Instant::now();
+        while self.leases.n_held(Kind::Stream) > 0
+            && self.shared.others_live.load(Ordering::SeqCst)
+            && started.elapsed() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n_kept = self.leases.n_held(Kind::Stream);
+        if n_kept > 0 {
+            info!(n_kept, "streams not handed over at shutdown; another replica takes them once their lease expires");
         }
     }
 
@@ -127,11 +176,6 @@ impl Cluster {
             let _ = task.await;
         }
     }
-}
-
-/// How often a replica renews: four times per `lease_ttl`.
-fn leases_tick(ttl: Duration) -> Duration {
-    ttl / 4
 }
 
 /// The rendezvous score of a replica for a lease: the replica with the highest owns it.
@@ -154,55 +198,91 @@ pub fn owner<'a>(replicas: &'a [String], kind: Kind, name: &str) -> Option<&'a s
         .map(String::as_str)
 }
 
+fn keys_to_bytes(keys: &[u64]) -> Vec<u8> {
+    keys.iter().flat_map(|key| key.to_be_bytes()).collect()
+}
+
+fn keys_from_bytes(bytes: &[u8]) -> Arc<[u64]> {
+    bytes
+        .chunks_exact(8)
+        .map(|chunk| u64::from_be_bytes(chunk.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn text(err: impl std::fmt::Display) -> String {
+    err.to_string()
+}
+
 impl Round {
     fn call_timeout(&self) -> Duration {
-        leases_tick(self.leases.ttl()).max(Duration::from_millis(500))
+        (self.leases.ttl() / 4).max(Duration::from_millis(500))
+    }
+
+    fn replica(&self) -> &str {
+        self.leases.replica()
+    }
+
+    fn ttl_ms(&self) -> f64 {
+        self.leases.ttl().as_millis() as f64
     }
 
     async fn heartbeat(&self) -> Result<(), String> {
-        let client = self.store.pool().get().await.map_err(|err| err.to_string())?;
-        let ttl_ms = self.leases.ttl().as_millis() as f64;
-        let leaving = self.leaving.load(std::sync::atomic::Ordering::Relaxed);
+        let client = self.store.pool().get().await.map_err(text)?;
+        let leaving = self.shared.leaving.load(Ordering::SeqCst);
         client
             .execute(
                 "INSERT INTO sse_relay.replicas (name, expires_at, leaving)
                  VALUES ($1, now() + $2 * interval '1 millisecond', $3)
                  ON CONFLICT (name) DO UPDATE SET expires_at = EXCLUDED.expires_at,
                      leaving = sse_relay.replicas.leaving OR EXCLUDED.leaving",
-                &[&&**self.leases.replica(), &ttl_ms, &leaving],
+                &[&self.replica(), &self.ttl_ms(), &leaving],
             )
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(text)?;
         Ok(())
     }
 
-    /// One round: heartbeat and renew, then spread, acquire and release.
-    async fn run(&mut self) {
+    /// One round: renew, spread, acquire and give up. Returns whether a hand-over is under
+    /// way (the next round comes sooner).
+    async fn run(&mut self) -> bool {
         let started = Instant::now();
-        let renewed = tokio::time::timeout(self.call_timeout(), self.renew()).await;
-        let held = match renewed {
-            Ok(Ok(held)) => {
-                self.leases.renewed(started);
-                if self.stepped_down {
-                    self.stepped_down = false;
-                    info!("PostgreSQL answers again: this replica takes its share of the leases again");
-                }
-                held
+        let held = match tokio::time::timeout(self.call_timeout(), self.renew()).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(err)) => {
+                self.renewal_failed(&err);
+                return false;
             }
-            Ok(Err(err)) => return self.renewal_failed(&err),
-            Err(_) => return self.renewal_failed(&"PostgreSQL did not answer in time"),
+            Err(_) => {
+                self.renewal_failed(&"PostgreSQL did not answer in time");
+                return false;
+            }
         };
-        let changes = self.plan(&held).await;
-        let changes = match changes {
-            Ok(changes) => changes,
-            Err(err) => return warn!(error = %err, "cannot read the live replicas; leases stay as they are"),
+        self.leases.renewed(started);
+        if self.stepped_down {
+            self.stepped_down = false;
+            info!("PostgreSQL answers again: this replica takes its share of the leases again");
+        }
+        let planned = tokio::time::timeout(self.call_timeout(), self.plan(&held)).await;
+        let changes = match planned {
+            Ok(Ok(changes)) => changes,
+            Ok(Err(err)) => {
+                warn!(error = %err, "cannot read the live replicas; leases stay as they are");
+                return false;
+            }
+            Err(_) => return false,
         };
-        self.apply(changes, &held).await;
+        let busy = !(changes.ask.is_empty() && changes.pass_on.is_empty() && changes.ready.is_empty());
+        if let Err(err) = self.apply(changes, &held).await {
+            warn!(error = %err, "cannot change leases; trying again in the next round");
+        }
         self.count();
+        busy || self.leases.registered().iter().any(|(kind, name, _)| {
+            *kind == Kind::Stream && self.leases.grant(*kind, name) == Some(Grant::Standby)
+        })
     }
 
     fn renewal_failed(&mut self, err: &dyn std::fmt::Display) {
-        self.telemetry.storage.write_failed(&format_args!("lease renewal: {err}"));
+        self.metrics.storage.write_failed(&format_args!("lease renewal: {err}"));
         if !self.leases.is_valid() && !self.stepped_down {
             self.stepped_down = true;
             let n_lost = self.leases.lose_all();
@@ -214,72 +294,103 @@ impl Round {
         }
     }
 
-    /// Heartbeat, then renews every lease this replica holds; returns them with their tokens.
-    async fn renew(&self) -> Result<HashMap<(Kind, Arc<str>), i64>, String> {
+    /// Heartbeat, then renews every lease this replica holds; returns them.
+    async fn renew(&self) -> Result<HashMap<Key, Held>, String> {
         self.heartbeat().await?;
-        let client = self.store.pool().get().await.map_err(|err| err.to_string())?;
-        let ttl_ms = self.leases.ttl().as_millis() as f64;
+        let client = self.store.pool().get().await.map_err(text)?;
         let rows = client
             .query(
                 "UPDATE sse_relay.leases SET expires_at = now() + $2 * interval '1 millisecond'
-                 WHERE owner = $1 RETURNING kind, name, token",
-                &[&&**self.leases.replica(), &ttl_ms],
+                 WHERE owner = $1 RETURNING kind, name, token, handover_to, handover_ready, handed_over",
+                &[&self.replica(), &self.ttl_ms()],
             )
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(text)?;
         Ok(rows
             .iter()
             .filter_map(|row| {
                 let kind = Kind::of_label(row.get(0))?;
                 let name: &str = row.get(1);
-                Some(((kind, Arc::from(name)), row.get(2)))
+                let held = Held {
+                    token: row.get(2),
+                    handover_to: row.get(3),
+                    handover_ready: row.get(4),
+                    handed_over: row.get::<_, Option<&[u8]>>(5).map(keys_from_bytes),
+                };
+                Some(((kind, Arc::from(name)), held))
             })
             .collect())
     }
 
-    /// Decides what to acquire and release, from the live replicas and what is registered.
-    async fn plan(&mut self, held: &HashMap<(Kind, Arc<str>), i64>) -> Result<Changes, String> {
-        let client = self.store.pool().get().await.map_err(|err| err.to_string())?;
+    /// Decides what to acquire, give up and hand over, from the live replicas and what is
+    /// registered here.
+    async fn plan(&mut self, held: &HashMap<Key, Held>) -> Result<Changes, String> {
+        let client = self.store.pool().get().await.map_err(text)?;
         let mut replicas: Vec<String> = client
             .query(
                 "SELECT name FROM sse_relay.replicas WHERE expires_at > now() AND NOT leaving ORDER BY name",
                 &[],
             )
             .await
-            .map_err(|err| err.to_string())?
+            .map_err(text)?
             .iter()
             .map(|row| row.get(0))
             .collect();
-        let me = self.leases.replica();
-        let leaving = self.leaving.load(std::sync::atomic::Ordering::Relaxed);
-        replicas.retain(|replica| replica != &**me);
-        if !leaving {
+        let asked: HashSet<String> = client
+            .query(
+                "SELECT name FROM sse_relay.leases
+                 WHERE kind = 'stream' AND handover_to = $1 AND owner <> $1 AND expires_at > now()",
+                &[&self.replica()],
+            )
+            .await
+            .map_err(text)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let me = Arc::clone(self.leases.replica());
+        replicas.retain(|replica| replica != &*me);
+        self.shared.others_live.store(!replicas.is_empty(), Ordering::SeqCst);
+        if !self.shared.leaving.load(Ordering::SeqCst) {
             replicas.push(me.to_string());
         }
         let mut changes = Changes::default();
         let mut registered = HashSet::new();
-        for (kind, name, local) in self.leases.registered() {
-            let mine = owner(&replicas, kind, &name) == Some(&**me);
+        for (kind, name, _) in self.leases.registered() {
+            let owner = owner(&replicas, kind, &name);
             let key = (kind, Arc::clone(&name));
-            match (held.get(&key), mine) {
-                (Some(&token), true) => {
-                    if local != Some(token) {
-                        self.grant(kind, &name, token).await;
-                    }
+            match held.get(&key) {
+                Some(lease) if owner == Some(&*me) || owner.is_none() => {
+                    let grant = Grant::Held {
+                        token: lease.token,
+                        handed_over: lease.handed_over.clone(),
+                    };
+                    self.grant(kind, &name, grant).await;
                 }
-                (Some(_), false) => {
-                    // It belongs to another replica now: the task stops first.
-                    if self.leases.set(kind, &name, Grant::NotHeld) {
-                        self.telemetry.leases.changed(kind.label(), &name, "released");
-                    }
+                Some(_) if kind == Kind::Target => {
+                    // Another replica serves it from now on: the dispatcher stops first.
+                    self.lose(kind, &name, "released");
                     changes.release.push(key.clone());
                 }
-                (None, true) => changes.acquire.push(key.clone()),
-                (None, false) => {
-                    if self.leases.set(kind, &name, Grant::NotHeld) {
-                        self.telemetry.leases.changed(kind.label(), &name, "lost");
+                Some(lease) => {
+                    let owner = owner.expect("matched above").to_owned();
+                    if lease.handover_to.as_deref() != Some(&owner) {
+                        changes.ask.push((Arc::clone(&name), owner));
+                    } else if lease.handover_ready {
+                        changes.pass_on.push(Arc::clone(&name));
                     }
                 }
+                None if kind == Kind::Stream && asked.contains(&*name) => {
+                    let handoff = self.leases.handoff(kind, &name);
+                    if self.leases.grant(kind, &name) == Some(Grant::Standby) {
+                        if handoff.is_some_and(|handoff| handoff.ready.load(Ordering::SeqCst)) {
+                            changes.ready.push(Arc::clone(&name));
+                        }
+                    } else {
+                        self.grant(kind, &name, Grant::Standby).await;
+                    }
+                }
+                None if owner == Some(&*me) => changes.acquire.push(key.clone()),
+                None => self.lose(kind, &name, "lost"),
             }
             registered.insert(key);
         }
@@ -290,57 +401,156 @@ impl Round {
         Ok(changes)
     }
 
-    /// A lease is held: a stream's Last-Event-ID is read first (another replica may have moved
-    /// it), then its task hears it may run.
-    async fn grant(&self, kind: Kind, name: &Arc<str>, token: i64) {
+    /// The lease is not (or no longer) this replica's to use.
+    fn lose(&self, kind: Kind, name: &str, change: &str) {
+        let was = self.leases.grant(kind, name);
+        if self.leases.set(kind, name, Grant::NotHeld) && matches!(was, Some(Grant::Held { .. })) {
+            self.metrics.leases.changed(kind.label(), name, change);
+        }
+    }
+
+    /// A stream's Last-Event-ID is read first (another replica may have moved it), then its
+    /// task hears it may run (or read on standby).
+    async fn grant(&self, kind: Kind, name: &Arc<str>, grant: Grant) {
+        let current = self.leases.grant(kind, name);
+        let same = match (&current, &grant) {
+            (Some(Grant::Held { token: was, .. }), Grant::Held { token, .. }) => was == token,
+            (current, grant) => current.as_ref() == Some(grant),
+        };
+        if same {
+            return;
+        }
         if kind == Kind::Stream
+            && !matches!(current, Some(Grant::Standby))
             && let Err(err) = self.store.refresh_last_event_id(name).await
         {
             warn!(stream = %name, error = %err, "cannot read the stream's Last-Event-ID; it starts without");
         }
-        if self.leases.set(kind, name, Grant::Held { token }) {
-            self.telemetry.leases.changed(kind.label(), name, "acquired");
+        let acquired = matches!(grant, Grant::Held { .. });
+        if self.leases.set(kind, name, grant) && acquired {
+            self.metrics.leases.changed(kind.label(), name, "acquired");
         }
     }
 
-    async fn apply(&mut self, changes: Changes, held: &HashMap<(Kind, Arc<str>), i64>) {
-        // What was released locally in the last round: its task has stopped since, and the
-        // store wrote what it handed over; only then may another replica take it.
-        let releasing: Vec<(Kind, Arc<str>)> = std::mem::take(&mut self.releasing)
+    async fn apply(&mut self, changes: Changes, held: &HashMap<Key, Held>) -> Result<(), String> {
+        // Targets whose dispatcher stopped in the last round: the store has written what it
+        // recorded; only then may another replica take them.
+        let releasing: Vec<Key> = std::mem::take(&mut self.releasing)
             .into_iter()
             .filter(|key| held.contains_key(key) && changes.release.contains(key))
             .collect();
         if !releasing.is_empty() {
             self.store.flush().await;
-            if let Err(err) = self.delete(&releasing).await {
-                warn!(error = %err, "cannot release leases; they expire on their own");
-            }
+            self.delete(&releasing).await?;
         }
         self.releasing = changes
             .release
             .into_iter()
             .filter(|key| !releasing.contains(key))
             .collect();
-        if changes.acquire.is_empty() {
-            return;
+        if !changes.ask.is_empty() {
+            self.ask(&changes.ask).await?;
         }
-        match self.acquire(&changes.acquire).await {
-            Ok(acquired) => {
-                for (kind, name, token) in acquired {
-                    self.grant(kind, &name, token).await;
-                }
+        if !changes.ready.is_empty() {
+            self.ready(&changes.ready).await?;
+        }
+        if !changes.pass_on.is_empty() {
+            self.pass_on(&changes.pass_on).await?;
+        }
+        if !changes.acquire.is_empty() {
+            for (kind, name, token) in self.acquire(&changes.acquire).await? {
+                let grant = Grant::Held {
+                    token,
+                    handed_over: None,
+                };
+                self.grant(kind, &name, grant).await;
             }
-            Err(err) => warn!(error = %err, "cannot acquire leases; trying again in the next round"),
         }
+        Ok(())
+    }
+
+    /// Names the replica each stream goes to; it reads on standby and says when it is ready.
+    async fn ask(&self, streams: &[(Arc<str>, String)]) -> Result<(), String> {
+        let client = self.store.pool().get().await.map_err(text)?;
+        let names: Vec<&str> = streams.iter().map(|(name, _)| &**name).collect();
+        let owners: Vec<&str> = streams.iter().map(|(_, owner)| owner.as_str()).collect();
+        client
+            .execute(
+                "UPDATE sse_relay.leases SET handover_to = asked.owner, handover_ready = false
+                 FROM UNNEST($2::text[], $3::text[]) AS asked(name, owner)
+                 WHERE kind = 'stream' AND leases.name = asked.name AND leases.owner = $1",
+                &[&self.replica(), &names, &owners],
+            )
+            .await
+            .map_err(text)?;
+        Ok(())
+    }
+
+    async fn ready(&self, streams: &[Arc<str>]) -> Result<(), String> {
+        let client = self.store.pool().get().await.map_err(text)?;
+        let names: Vec<&str> = streams.iter().map(|name| &**name).collect();
+        client
+            .execute(
+                "UPDATE sse_relay.leases SET handover_ready = true
+                 WHERE kind = 'stream' AND name = ANY($2) AND handover_to = $1",
+                &[&self.replica(), &names],
+            )
+            .await
+            .map_err(text)?;
+        Ok(())
+    }
+
+    /// Stops the streams, waits for the store to write what they took, and passes each lease
+    /// to the replica that reads it on standby, with the keys of the last events taken here.
+    async fn pass_on(&self, streams: &[Arc<str>]) -> Result<(), String> {
+        for name in streams {
+            self.lose(Kind::Stream, name, "handed_over");
+        }
+        let handoffs: Vec<_> = streams
+            .iter()
+            .filter_map(|name| self.leases.handoff(Kind::Stream, name))
+            .collect();
+        let started = Instant::now();
+        while handoffs.iter().any(|handoff| handoff.running.load(Ordering::SeqCst))
+            && started.elapsed() < self.leases.ttl() / 2
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.store.flush().await;
+        let names: Vec<&str> = streams.iter().map(|name| &**name).collect();
+        let keys: Vec<Vec<u8>> = streams
+            .iter()
+            .map(|name| {
+                let recent = self
+                    .leases
+                    .handoff(Kind::Stream, name)
+                    .and_then(|handoff| handoff.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+                keys_to_bytes(recent.as_deref().unwrap_or_default())
+            })
+            .collect();
+        let client = self.store.pool().get().await.map_err(text)?;
+        let n_passed = client
+            .execute(
+                "UPDATE sse_relay.leases SET owner = leases.handover_to, token = leases.token + 1,
+                     expires_at = now() + $4 * interval '1 millisecond',
+                     handover_to = NULL, handover_ready = false, handed_over = passed.keys
+                 FROM UNNEST($2::text[], $3::bytea[]) AS passed(name, keys)
+                 WHERE kind = 'stream' AND leases.name = passed.name AND leases.owner = $1
+                   AND leases.handover_ready",
+                &[&self.replica(), &names, &keys, &self.ttl_ms()],
+            )
+            .await
+            .map_err(text)?;
+        info!(n_streams = n_passed, "streams handed over to other replicas");
+        Ok(())
     }
 
     /// Takes the leases that are free or expired; keeps the token when this replica takes back
     /// its own (what it queued under it may still be written).
-    async fn acquire(&self, wanted: &[(Kind, Arc<str>)]) -> Result<Vec<(Kind, Arc<str>, i64)>, String> {
-        let client = self.store.pool().get().await.map_err(|err| err.to_string())?;
+    async fn acquire(&self, wanted: &[Key]) -> Result<Vec<(Kind, Arc<str>, i64)>, String> {
+        let client = self.store.pool().get().await.map_err(text)?;
         let kinds: Vec<&str> = wanted.iter().map(|(kind, _)| kind.label()).collect();
         let names: Vec<&str> = wanted.iter().map(|(_, name)| &**name).collect();
-        let ttl_ms = self.leases.ttl().as_millis() as f64;
         let rows = client
             .query(
                 "INSERT INTO sse_relay.leases (kind, name, owner, token, expires_at)
@@ -350,13 +560,14 @@ impl Round {
                      owner = EXCLUDED.owner,
                      token = CASE WHEN sse_relay.leases.owner = EXCLUDED.owner
                                   THEN sse_relay.leases.token ELSE sse_relay.leases.token + 1 END,
-                     expires_at = EXCLUDED.expires_at
+                     expires_at = EXCLUDED.expires_at,
+                     handover_to = NULL, handover_ready = false, handed_over = NULL
                  WHERE sse_relay.leases.expires_at < now() OR sse_relay.leases.owner = EXCLUDED.owner
                  RETURNING kind, name, token",
-                &[&&**self.leases.replica(), &kinds, &names, &ttl_ms],
+                &[&self.replica(), &kinds, &names, &self.ttl_ms()],
             )
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(text)?;
         Ok(rows
             .iter()
             .filter_map(|row| {
@@ -367,24 +578,24 @@ impl Round {
             .collect())
     }
 
-    async fn delete(&self, leases: &[(Kind, Arc<str>)]) -> Result<(), String> {
-        let client = self.store.pool().get().await.map_err(|err| err.to_string())?;
+    async fn delete(&self, leases: &[Key]) -> Result<(), String> {
+        let client = self.store.pool().get().await.map_err(text)?;
         let kinds: Vec<&str> = leases.iter().map(|(kind, _)| kind.label()).collect();
         let names: Vec<&str> = leases.iter().map(|(_, name)| &**name).collect();
         client
             .execute(
                 "DELETE FROM sse_relay.leases
                  WHERE owner = $1 AND (kind, name) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))",
-                &[&&**self.leases.replica(), &kinds, &names],
+                &[&self.replica(), &kinds, &names],
             )
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(text)?;
         Ok(())
     }
 
     fn count(&self) {
         for kind in [Kind::Stream, Kind::Target] {
-            self.telemetry
+            self.metrics
                 .leases
                 .held
                 .with_label_values(&[kind.label()])
@@ -400,7 +611,7 @@ impl Round {
         let Ok(client) = self.store.pool().get().await else {
             return warn!("cannot release this replica's leases at shutdown; they expire after lease_ttl");
         };
-        let replica = &**self.leases.replica();
+        let replica = self.replica();
         let released = client
             .execute("DELETE FROM sse_relay.leases WHERE owner = $1", &[&replica])
             .await;

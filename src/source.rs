@@ -22,7 +22,7 @@ use crate::config::{ReconnectConfig, StreamInstance};
 use crate::dedup::OverlapDeduplicator;
 use crate::event::{Event, TargetId};
 use crate::queue::Store;
-use crate::queue::lease::LeaseWatch;
+use crate::queue::lease::{Grant, LeaseWatch};
 use crate::retry_after;
 use crate::routing::{EventFilter, RoutingTable};
 use crate::secret_headers::{HeaderSet, Owner, SecretHeaders};
@@ -87,6 +87,145 @@ pub struct StreamRuntime {
     finished: Option<mpsc::UnboundedSender<Arc<str>>>,
     /// Every new connection of every stream waits its turn here (`connections.rate`).
     connect_limiter: Arc<ConnectLimiter>,
+    /// With storage shared by replicas: the stream's side of a hand-over between them.
+    handover: Option<Arc<Handover>>,
+}
+
+/// Events held on standby at most; beyond, the oldest are given up (counted): a hand-over
+/// normally completes within a few lease rounds.
+const MAX_HELD_ON_STANDBY: usize = 65_536;
+
+/// Keys of the last events accepted, handed to the next owner.
+const RECENT_KEYS: usize = 256;
+
+/// A stream's side of a hand-over between replicas (make-before-break). The new owner reads
+/// the stream on standby before it holds the lease, and holds what arrives; the old owner
+/// stops once that connection is open, and hands over the keys of the last events it
+/// accepted. The new owner takes from what it holds only what comes after the last of them,
+/// so that no event is lost or taken twice, even from an upstream that keeps no history.
+#[derive(Default)]
+pub struct Handover {
+    inner: std::sync::Mutex<HandoverState>,
+    activated: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct HandoverState {
+    standby: bool,
+    /// With each event's key, and whether its SSE id was its own.
+    held: std::collections::VecDeque<(Event, u64, bool)>,
+    /// Set when the lease is granted after a standby: the previous owner's last keys, if any.
+    activation: Option<Option<Arc<[u64]>>>,
+    recent: std::collections::VecDeque<u64>,
+}
+
+impl Handover {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandoverState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stream reads on standby: it holds what arrives.
+    pub fn stand_by(&self) {
+        let mut state = self.lock();
+        state.standby = true;
+        state.held.clear();
+        state.activation = None;
+    }
+
+    /// The lease is granted: what was held after the previous owner's last event is taken.
+    pub fn activate(&self, handed_over: Option<Arc<[u64]>>) {
+        let mut state = self.lock();
+        if !state.standby {
+            return;
+        }
+        state.standby = false;
+        state.activation = Some(handed_over);
+        drop(state);
+        self.activated.notify_one();
+    }
+
+    /// Keys of the last events accepted, oldest first.
+    pub fn recent_keys(&self) -> Arc<[u64]> {
+        self.lock().recent.iter().copied().collect()
+    }
+
+    /// Holds the event while on standby; false when live.
+    fn hold(&self, event: Event, fresh_id: bool, telemetry: &StreamTelemetry) -> Result<(), Event> {
+        let mut state = self.lock();
+        if !state.standby {
+            return Err(event);
+        }
+        if state.held.len() == MAX_HELD_ON_STANDBY {
+            state.held.pop_front();
+            telemetry.dropped(
+                DropReason::HandoverOverflow,
+                &"more events than a hand-over holds arrived before the lease was granted",
+            );
+        }
+        let key = handover_key(&event, fresh_id);
+        state.held.push_back((event, key, fresh_id));
+        Ok(())
+    }
+
+    fn remember(&self, key: u64) {
+        let mut state = self.lock();
+        if state.recent.len() == RECENT_KEYS {
+            state.recent.pop_front();
+        }
+        state.recent.push_back(key);
+    }
+
+    /// What was held and is to be taken, once activated.
+    fn take_activation(&self) -> Option<Vec<(Event, bool)>> {
+        let mut state = self.lock();
+        let handed_over = state.activation.take()?;
+        let held: Vec<(Event, u64, bool)> = state.held.drain(..).collect();
+        drop(state);
+        let skip = handed_over.map_or(0, |keys| already_taken(&held, &keys));
+        Some(
+            held.into_iter()
+                .skip(skip)
+                .map(|(event, _, fresh_id)| (event, fresh_id))
+                .collect(),
+        )
+    }
+}
+
+/// How many of the held events the previous owner took already: through the earliest place
+/// where the held keys end with the previous owner's last keys (as many as both have).
+fn already_taken(held: &[(Event, u64, bool)], previous: &[u64]) -> usize {
+    let Some(&last) = previous.last() else { return 0 };
+    (0..held.len())
+        .find(|&end| {
+            held[end].1 == last
+                && held[..=end]
+                    .iter()
+                    .rev()
+                    .zip(previous.iter().rev())
+                    .all(|((_, held, _), previous)| held == previous)
+        })
+        .map_or(0, |end| end + 1)
+}
+
+/// An event's key across replicas: its SSE id when it is its own, else its type and data.
+/// The same on every replica (unlike the rotation's keys, whose hasher is random).
+fn handover_key(event: &Event, fresh_id: bool) -> u64 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    match event.sse_id.as_deref().filter(|_| fresh_id) {
+        Some(id) => {
+            hasher.update([0]);
+            hasher.update(id.as_bytes());
+        }
+        None => {
+            hasher.update([1]);
+            hasher.update(event.event_type.as_bytes());
+            hasher.update([0]);
+            hasher.update(&event.data);
+        }
+    }
+    let digest = hasher.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("a sha256 digest has 32 bytes"))
 }
 
 /// Spreads new upstream connections over time: a token bucket at `connections.rate`, so that
@@ -172,7 +311,14 @@ impl StreamRuntime {
             classifier: Classifier::new(Arc::clone(&telemetry.name), config, known_event_types),
             transport: StreamTransport::new(client.clone(), config.max_event_bytes, Arc::clone(&telemetry)),
             telemetry,
+            handover: None,
         })
+    }
+
+    /// For storage shared by replicas: the stream can be handed over between them.
+    pub fn with_handover(mut self) -> StreamRuntime {
+        self.handover = Some(Arc::default());
+        self
     }
 
     fn error_backoff(&self) -> ExponentialBackoff {
@@ -289,44 +435,67 @@ pub async fn run_stream(stream: Arc<StreamRuntime>, router: watch::Receiver<Arc<
     }
 }
 
-/// Runs a stream while this replica holds its lease (storage shared by replicas): it starts
-/// when the lease is granted, stops when the lease is lost or goes to another replica, and
-/// starts again if it comes back. The cluster reads the stream's Last-Event-ID before it
-/// grants the lease, so the stream resumes where the last replica stopped.
+/// Runs a stream while this replica holds its lease (storage shared by replicas), or reads it
+/// on standby while another replica hands it over (see [`Handover`]): it starts when the lease
+/// is granted, stops when the lease is lost or handed on, and starts again if it comes back.
+/// The cluster reads the stream's Last-Event-ID before it grants the lease or the standby, so
+/// the stream resumes where the last replica stopped.
 pub async fn run_leased_stream(
     stream: Arc<StreamRuntime>,
     router: watch::Receiver<Arc<Router>>,
     stop: CancellationToken,
     mut lease: LeaseWatch,
 ) {
+    let Some(handover) = stream.handover.clone() else {
+        return run_stream(stream, router, stop).await;
+    };
+    let handoff = Arc::clone(lease.handoff());
+    let ttl = lease.leases().ttl();
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = lease.held() => {}
+        let standby = loop {
+            match lease.grant() {
+                Grant::Standby => break true,
+                Grant::Held { .. } if lease.token().is_some() => break false,
+                Grant::Held { .. } | Grant::NotHeld => {}
+            }
+            // A grant that is held but not yet valid becomes valid with the next renewal.
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = lease.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        };
+        if standby {
+            handover.stand_by();
         }
+        handoff.running.store(true, std::sync::atomic::Ordering::SeqCst);
         let run_stop = stop.child_token();
         let run = tokio::spawn(run_stream(Arc::clone(&stream), router.clone(), run_stop.clone()));
         tokio::pin!(run);
         // The lease's validity can run out without a change of grant (the process was
-        // paused): it is checked a few times per lease_ttl too.
-        let mut check = tokio::time::interval(lease.leases().ttl() / 8);
-        loop {
+        // paused), and a standby connection opens without one: both are checked often.
+        let mut check = tokio::time::interval((ttl / 8).min(Duration::from_millis(50)));
+        let finished = loop {
             tokio::select! {
-                _ = &mut run => {
-                    if !run_stop.is_cancelled() {
-                        // Ended on its own (stop_when, ttl).
-                        return;
-                    }
-                    break;
-                }
+                _ = &mut run => break !run_stop.is_cancelled(),
                 () = lease.changed() => {}
                 _ = check.tick() => {}
             }
-            if lease.token().is_none() {
-                run_stop.cancel();
+            match lease.grant() {
+                Grant::Standby => {
+                    if stream.telemetry.is_connected() {
+                        handoff.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                Grant::Held { handed_over, .. } if lease.token().is_some() => handover.activate(handed_over),
+                Grant::Held { .. } | Grant::NotHeld => run_stop.cancel(),
             }
-        }
-        if stop.is_cancelled() {
+        };
+        *handoff.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handover.recent_keys());
+        handoff.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        handoff.running.store(false, std::sync::atomic::Ordering::SeqCst);
+        // Ended on its own (stop_when, ttl), or the relay stops.
+        if finished || stop.is_cancelled() {
             return;
         }
     }
@@ -488,6 +657,8 @@ enum Step {
     Item(Which, Option<es::Result<es::SSE>>),
     Rotate,
     DrainOver,
+    /// The lease was granted after a standby: what was held is taken.
+    HandedOver,
 }
 
 /// The make-before-break rotation of a stream's connection: whether a replacement is open
@@ -734,8 +905,26 @@ async fn read_connections(
             step = replacement_step(rotation.replacement_mut()) => step,
             () = sleep_until(drain_until) => Step::DrainOver,
             () = sleep_until(rotate_at) => Step::Rotate,
+            () = handed_over(stream.handover.as_deref()) => Step::HandedOver,
         };
         let ended = match step {
+            Step::HandedOver => {
+                let Some(held) = stream.handover.as_ref().and_then(|handover| handover.take_activation()) else {
+                    continue;
+                };
+                let current_router = Arc::clone(&router.borrow());
+                for (event, fresh_id) in held {
+                    match deliver(stream, &current_router, event, fresh_id, state, stop).await {
+                        Accepted::Stopped => return None,
+                        Accepted::Finished => {
+                            state.finished = Some(Finished::StopWhen);
+                            return None;
+                        }
+                        Accepted::Event | Accepted::Noise | Accepted::Duplicate => {}
+                    }
+                }
+                None
+            }
             Step::Rotate => {
                 rotation.start(&current, state, telemetry, |state| Connection::open(stream, state));
                 None
@@ -898,6 +1087,14 @@ async fn replacement_step(replacement: Option<&mut Connection>) -> Step {
     tokio::select! {
         () = connection.idle.as_mut() => Step::Idle(Which::Replacement),
         item = connection.events.next() => Step::Item(Which::Replacement, item),
+    }
+}
+
+/// Waits until a hand-over grants the lease; never, without one.
+async fn handed_over(handover: Option<&Handover>) {
+    match handover {
+        Some(handover) => handover.activated.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1065,6 +1262,45 @@ async fn accept(
             &format_args!("data is not valid JSON ({err}); routed as text"),
         );
     }
+    let event = match &stream.handover {
+        Some(handover) => match handover.hold(event, origin.fresh_id, telemetry) {
+            Ok(()) => return Accepted::Noise,
+            Err(event) => event,
+        },
+        None => event,
+    };
+    deliver(stream, router, event, origin.fresh_id, state, stop).await
+}
+
+/// Routes a classified event and submits a delivery per target to the store.
+async fn deliver(
+    stream: &StreamRuntime,
+    router: &Router,
+    event: Event,
+    fresh_id: bool,
+    state: &mut StreamState,
+    stop: &CancellationToken,
+) -> Accepted {
+    let Some(handover) = &stream.handover else {
+        return route_and_submit(stream, router, event, state, stop).await;
+    };
+    // Remembered once accepted: a hand-over passes on only what this replica took.
+    let key = handover_key(&event, fresh_id);
+    let accepted = route_and_submit(stream, router, event, state, stop).await;
+    if !matches!(accepted, Accepted::Stopped) {
+        handover.remember(key);
+    }
+    accepted
+}
+
+async fn route_and_submit(
+    stream: &StreamRuntime,
+    router: &Router,
+    event: Event,
+    state: &mut StreamState,
+    stop: &CancellationToken,
+) -> Accepted {
+    let telemetry = &stream.telemetry;
     // A reload removed this stream; its task is about to stop.
     let Some(stream_id) = router.table.stream_id(&stream.template) else {
         return Accepted::Noise;

@@ -590,6 +590,8 @@ pub enum DropReason {
     TooLarge,
     /// The relay stopped while the event waited for room in a full queue.
     Shutdown,
+    /// Held on standby during a hand-over between replicas, beyond what a hand-over holds.
+    HandoverOverflow,
 }
 
 impl DropReason {
@@ -597,6 +599,7 @@ impl DropReason {
         match self {
             DropReason::TooLarge => "too_large",
             DropReason::Shutdown => "shutdown",
+            DropReason::HandoverOverflow => "handover_overflow",
         }
     }
 }

@@ -211,13 +211,14 @@ impl StreamSet {
             telemetry,
         } = prepared;
         let stop = CancellationToken::new();
-        let (runtime, router) = (Arc::new(runtime), self.starter.router.clone());
+        let router = self.starter.router.clone();
         let task = match self.starter.store.leases() {
             Some(leases) => {
                 let lease = leases.watch(Kind::Stream, &instance.name);
+                let runtime = Arc::new(runtime.with_handover());
                 tokio::spawn(source::run_leased_stream(runtime, router, stop.clone(), lease))
             }
-            None => tokio::spawn(source::run_stream(runtime, router, stop.clone())),
+            None => tokio::spawn(source::run_stream(Arc::new(runtime), router, stop.clone())),
         };
         let name = instance.name.clone();
         let running = RunningStream {

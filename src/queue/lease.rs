@@ -11,6 +11,7 @@
 //! transaction), so a replica that resumes after a pause cannot store or record anything stale.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -46,8 +47,28 @@ impl Kind {
 pub enum Grant {
     /// Another replica has it, or nobody does yet.
     NotHeld,
-    /// This replica holds it, under this fencing token.
-    Held { token: i64 },
+    /// Another replica hands the stream over to this one: connect, and hold what arrives
+    /// until the lease is granted (make-before-break).
+    Standby,
+    /// This replica holds it, under this fencing token. When another replica handed it
+    /// over, `handed_over` has the keys of the last events that replica accepted, oldest
+    /// first: what the standby connection held up to the last of them was taken already.
+    Held {
+        token: i64,
+        handed_over: Option<Arc<[u64]>>,
+    },
+}
+
+/// What the two sides of a stream's hand-over tell the cluster.
+#[derive(Default)]
+pub struct Handoff {
+    /// The new owner's standby connection is open.
+    pub ready: AtomicBool,
+    /// The stream's task runs; the old owner waits for it to stop before it hands over.
+    pub running: AtomicBool,
+    /// The keys of the last events this replica accepted, oldest first, kept as its task
+    /// stopped.
+    pub recent: Mutex<Option<Arc<[u64]>>>,
 }
 
 struct Entry {
@@ -55,6 +76,7 @@ struct Entry {
     /// one has stopped).
     n_registered: usize,
     grant: watch::Sender<Grant>,
+    handoff: Arc<Handoff>,
 }
 
 pub struct Leases {
@@ -92,6 +114,7 @@ impl Leases {
         let entry = entries[kind as usize].entry(Arc::from(name)).or_insert_with(|| Entry {
             n_registered: 0,
             grant: watch::Sender::new(Grant::NotHeld),
+            handoff: Arc::default(),
         });
         entry.n_registered += 1;
         LeaseWatch {
@@ -99,6 +122,7 @@ impl Leases {
             kind,
             name: Arc::from(name),
             grant: entry.grant.subscribe(),
+            handoff: Arc::clone(&entry.handoff),
         }
     }
 
@@ -110,8 +134,8 @@ impl Leases {
             .flat_map(|kind| {
                 entries[kind as usize].iter().map(move |(name, entry)| {
                     let token = match &*entry.grant.borrow() {
-                        Grant::Held { token } => Some(*token),
-                        Grant::NotHeld => None,
+                        Grant::Held { token, .. } => Some(*token),
+                        Grant::NotHeld | Grant::Standby => None,
                     };
                     (kind, Arc::clone(name), token)
                 })
@@ -127,9 +151,21 @@ impl Leases {
         let entries = self.lock();
         let entry = entries[kind as usize].get(name)?;
         match &*entry.grant.borrow() {
-            Grant::Held { token } => Some(*token),
-            Grant::NotHeld => None,
+            Grant::Held { token, .. } => Some(*token),
+            Grant::NotHeld | Grant::Standby => None,
         }
+    }
+
+    /// The current grant of a registered lease.
+    pub fn grant(&self, kind: Kind, name: &str) -> Option<Grant> {
+        let entries = self.lock();
+        Some(entries[kind as usize].get(name)?.grant.borrow().clone())
+    }
+
+    /// The hand-over state of a registered lease.
+    pub fn handoff(&self, kind: Kind, name: &str) -> Option<Arc<Handoff>> {
+        let entries = self.lock();
+        Some(Arc::clone(&entries[kind as usize].get(name)?.handoff))
     }
 
     /// Whether the held leases are still valid by this process's clock.
@@ -171,7 +207,7 @@ impl Leases {
             .flat_map(HashMap::values)
             .filter(|entry| {
                 entry.grant.send_if_modified(|current| {
-                    let was_held = matches!(current, Grant::Held { .. });
+                    let was_held = !matches!(current, Grant::NotHeld);
                     *current = Grant::NotHeld;
                     was_held
                 })
@@ -199,15 +235,25 @@ pub struct LeaseWatch {
     kind: Kind,
     name: Arc<str>,
     grant: watch::Receiver<Grant>,
+    handoff: Arc<Handoff>,
 }
 
 impl LeaseWatch {
     /// The token, while the lease is held and valid.
     pub fn token(&self) -> Option<i64> {
         match &*self.grant.borrow() {
-            Grant::Held { token } if self.leases.is_valid() => Some(*token),
+            Grant::Held { token, .. } if self.leases.is_valid() => Some(*token),
             _ => None,
         }
+    }
+
+    /// The grant as it is now.
+    pub fn grant(&self) -> Grant {
+        self.grant.borrow().clone()
+    }
+
+    pub fn handoff(&self) -> &Arc<Handoff> {
+        &self.handoff
     }
 
     /// Waits until the grant changes (held, lost).

@@ -105,6 +105,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX leases_by_owner ON sse_relay.leases (owner);
     ",
+    // 2: a stream handed over between replicas (make-before-break): the replica asked to take
+    // it, whether its standby connection is open, and the keys of the last events the old
+    // owner accepted.
+    "
+    ALTER TABLE sse_relay.leases
+        ADD COLUMN handover_to text,
+        ADD COLUMN handover_ready boolean NOT NULL DEFAULT false,
+        ADD COLUMN handed_over bytea;
+    CREATE INDEX leases_by_handover_to ON sse_relay.leases (handover_to) WHERE handover_to IS NOT NULL;
+    ",
 ];
 
 /// The advisory lock key of migrations, and of drawing delivery ids (commit order).

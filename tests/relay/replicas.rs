@@ -352,3 +352,40 @@ async fn delivered_by(replica: &LoggedRelay) -> f64 {
         .metric("sse_relay_deliveries_total", &[("target", "hook"), ("outcome", "delivered")])
         .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an_upstream_without_history() {
+    let mut fleet = Fleet::start("").await;
+    let publishing = {
+        let upstream = fleet.upstream.clone();
+        tokio::spawn(async move {
+            // Events without ids, from an upstream that keeps nothing: one published while no
+            // connection of its stream is open is lost for good.
+            let mut n_unheard = 0;
+            for n in 0..150 {
+                for (api, entity) in entities() {
+                    if upstream.publish_event_to(api, &entity, &event(api, &entity, n)) == 0 {
+                        n_unheard += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n_unheard
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stopping = fleet.replicas.remove(0);
+    stopping.signal(libc::SIGTERM);
+    stopping.wait_exit().await;
+    stopping.wait_for_log("streams handed over to other replicas").await;
+    assert_eq!(publishing.await.unwrap(), 0, "every event reached a connection of its stream");
+    fleet.wait_until_spread(DEADLINE).await;
+    fleet.assert_every_event_delivered(150).await;
+    let delivered = delivered_by_entity(&fleet.sink);
+    for (_, entity) in entities() {
+        let mut got = delivered[&entity].clone();
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), delivered[&entity].len(), "{entity}: an event delivered twice");
+    }
+}
