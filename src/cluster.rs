@@ -60,6 +60,9 @@ struct Shared {
     leaving: AtomicBool,
     /// Another replica was live at the last round: there is someone to hand streams to.
     others_live: AtomicBool,
+    /// Stopping, and out of time: streams are passed on whether or not the new owner's
+    /// standby connection is open (it resumes from the Last-Event-ID, with the keys).
+    pass_on_now: AtomicBool,
 }
 
 /// A lease this replica holds in the database, as the renewal returned it.
@@ -67,7 +70,6 @@ struct Held {
     token: i64,
     handover_to: Option<String>,
     handover_ready: bool,
-    handed_over: Option<Arc<[u64]>>,
 }
 
 type Key = (Kind, Arc<str>);
@@ -95,6 +97,8 @@ struct Round {
     /// Targets whose dispatcher was stopped in the last round, deleted in this one.
     releasing: Vec<Key>,
     stepped_down: bool,
+    /// The store wrote everything queued before this round's first stream grant.
+    flushed: AtomicBool,
 }
 
 impl Cluster {
@@ -109,6 +113,7 @@ impl Cluster {
             shared: Arc::clone(&shared),
             releasing: Vec::new(),
             stepped_down: false,
+            flushed: AtomicBool::new(false),
         };
         round
             .heartbeat()
@@ -157,10 +162,12 @@ impl Cluster {
                 .await;
         }
         let started = Instant::now();
-        while self.leases.n_held(Kind::Stream) > 0
-            && self.shared.others_live.load(Ordering::SeqCst)
-            && started.elapsed() < deadline
-        {
+        let handing_over = || self.leases.n_held(Kind::Stream) > 0 && self.shared.others_live.load(Ordering::SeqCst);
+        while handing_over() && started.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.pass_on_now.store(true, Ordering::SeqCst);
+        while handing_over() && started.elapsed() < deadline + self.leases.ttl() / 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let n_kept = self.leases.n_held(Kind::Stream);
@@ -196,17 +203,6 @@ pub fn owner<'a>(replicas: &'a [String], kind: Kind, name: &str) -> Option<&'a s
         .iter()
         .max_by_key(|replica| score(replica, kind, name))
         .map(String::as_str)
-}
-
-fn keys_to_bytes(keys: &[u64]) -> Vec<u8> {
-    keys.iter().flat_map(|key| key.to_be_bytes()).collect()
-}
-
-fn keys_from_bytes(bytes: &[u8]) -> Arc<[u64]> {
-    bytes
-        .chunks_exact(8)
-        .map(|chunk| u64::from_be_bytes(chunk.try_into().expect("8 bytes")))
-        .collect()
 }
 
 fn text(err: impl std::fmt::Display) -> String {
@@ -245,6 +241,7 @@ impl Round {
     /// One round: renew, spread, acquire and give up. Returns whether a hand-over is under
     /// way (the next round comes sooner).
     async fn run(&mut self) -> bool {
+        self.flushed.store(false, Ordering::SeqCst);
         let started = Instant::now();
         let held = match tokio::time::timeout(self.call_timeout(), self.renew()).await {
             Ok(Ok(held)) => held,
@@ -301,7 +298,7 @@ impl Round {
         let rows = client
             .query(
                 "UPDATE sse_relay.leases SET expires_at = now() + $2 * interval '1 millisecond'
-                 WHERE owner = $1 RETURNING kind, name, token, handover_to, handover_ready, handed_over",
+                 WHERE owner = $1 RETURNING kind, name, token, handover_to, handover_ready",
                 &[&self.replica(), &self.ttl_ms()],
             )
             .await
@@ -315,7 +312,6 @@ impl Round {
                     token: row.get(2),
                     handover_to: row.get(3),
                     handover_ready: row.get(4),
-                    handed_over: row.get::<_, Option<&[u8]>>(5).map(keys_from_bytes),
                 };
                 Some(((kind, Arc::from(name)), held))
             })
@@ -362,7 +358,7 @@ impl Round {
                 Some(lease) if owner == Some(&*me) || owner.is_none() => {
                     let grant = Grant::Held {
                         token: lease.token,
-                        handed_over: lease.handed_over.clone(),
+                        handed_over: None,
                     };
                     self.grant(kind, &name, grant).await;
                 }
@@ -375,7 +371,7 @@ impl Round {
                     let owner = owner.expect("matched above").to_owned();
                     if lease.handover_to.as_deref() != Some(&owner) {
                         changes.ask.push((Arc::clone(&name), owner));
-                    } else if lease.handover_ready {
+                    } else if lease.handover_ready || self.shared.pass_on_now.load(Ordering::SeqCst) {
                         changes.pass_on.push(Arc::clone(&name));
                     }
                 }
@@ -409,9 +405,9 @@ impl Round {
         }
     }
 
-    /// A stream's Last-Event-ID is read first (another replica may have moved it), then its
-    /// task hears it may run (or read on standby).
-    async fn grant(&self, kind: Kind, name: &Arc<str>, grant: Grant) {
+    /// A stream's position is read first (another replica may have moved it), then its task
+    /// hears it may run (or read on standby), with the keys of the last events stored.
+    async fn grant(&self, kind: Kind, name: &Arc<str>, mut grant: Grant) {
         let current = self.leases.grant(kind, name);
         let same = match (&current, &grant) {
             (Some(Grant::Held { token: was, .. }), Grant::Held { token, .. }) => was == token,
@@ -420,11 +416,22 @@ impl Round {
         if same {
             return;
         }
-        if kind == Kind::Stream
-            && !matches!(current, Some(Grant::Standby))
-            && let Err(err) = self.store.refresh_last_event_id(name).await
-        {
-            warn!(stream = %name, error = %err, "cannot read the stream's Last-Event-ID; it starts without");
+        if kind == Kind::Stream {
+            // What this replica read of the stream before (it stepped down, say) is written
+            // first, with its position, so that the stream resumes after it, not before.
+            if !self.flushed.swap(true, Ordering::SeqCst) {
+                self.store.flush().await;
+            }
+            match self.store.refresh_position(name).await {
+                Ok(keys) => {
+                    if let Grant::Held { handed_over, .. } = &mut grant {
+                        *handed_over = Some(keys);
+                    }
+                }
+                Err(err) => {
+                    warn!(stream = %name, error = %err, "cannot read the stream's Last-Event-ID; it starts without")
+                }
+            }
         }
         let acquired = matches!(grant, Grant::Held { .. });
         if self.leases.set(kind, name, grant) && acquired {
@@ -500,8 +507,8 @@ impl Round {
         Ok(())
     }
 
-    /// Stops the streams, waits for the store to write what they took, and passes each lease
-    /// to the replica that reads it on standby, with the keys of the last events taken here.
+    /// Stops the streams, waits for the store to write what they took (with the keys of the
+    /// last events), and passes each lease to the replica that reads it on standby.
     async fn pass_on(&self, streams: &[Arc<str>]) -> Result<(), String> {
         for name in streams {
             self.lose(Kind::Stream, name, "handed_over");
@@ -518,26 +525,20 @@ impl Round {
         }
         self.store.flush().await;
         let names: Vec<&str> = streams.iter().map(|name| &**name).collect();
-        let keys: Vec<Vec<u8>> = streams
-            .iter()
-            .map(|name| {
-                let recent = self
-                    .leases
-                    .handoff(Kind::Stream, name)
-                    .and_then(|handoff| handoff.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
-                keys_to_bytes(recent.as_deref().unwrap_or_default())
-            })
-            .collect();
         let client = self.store.pool().get().await.map_err(text)?;
         let n_passed = client
             .execute(
-                "UPDATE sse_relay.leases SET owner = leases.handover_to, token = leases.token + 1,
-                     expires_at = now() + $4 * interval '1 millisecond',
-                     handover_to = NULL, handover_ready = false, handed_over = passed.keys
-                 FROM UNNEST($2::text[], $3::bytea[]) AS passed(name, keys)
-                 WHERE kind = 'stream' AND leases.name = passed.name AND leases.owner = $1
-                   AND leases.handover_ready",
-                &[&self.replica(), &names, &keys, &self.ttl_ms()],
+                "UPDATE sse_relay.leases SET owner = handover_to, token = token + 1,
+                     expires_at = now() + $3 * interval '1 millisecond',
+                     handover_to = NULL, handover_ready = false
+                 WHERE kind = 'stream' AND name = ANY($2) AND owner = $1
+                   AND handover_to IS NOT NULL AND (handover_ready OR $4)",
+                &[
+                    &self.replica(),
+                    &names,
+                    &self.ttl_ms(),
+                    &self.shared.pass_on_now.load(Ordering::SeqCst),
+                ],
             )
             .await
             .map_err(text)?;
@@ -561,7 +562,7 @@ impl Round {
                      token = CASE WHEN sse_relay.leases.owner = EXCLUDED.owner
                                   THEN sse_relay.leases.token ELSE sse_relay.leases.token + 1 END,
                      expires_at = EXCLUDED.expires_at,
-                     handover_to = NULL, handover_ready = false, handed_over = NULL
+                     handover_to = NULL, handover_ready = false
                  WHERE sse_relay.leases.expires_at < now() OR sse_relay.leases.owner = EXCLUDED.owner
                  RETURNING kind, name, token",
                 &[&self.replica(), &kinds, &names, &self.ttl_ms()],

@@ -95,14 +95,17 @@ pub struct StreamRuntime {
 /// normally completes within a few lease rounds.
 const MAX_HELD_ON_STANDBY: usize = 65_536;
 
-/// Keys of the last events accepted, handed to the next owner.
-const RECENT_KEYS: usize = 256;
+/// How long a new owner holds on after the lease is granted, for the previous owner's last
+/// event to arrive on its own connection too; past it, it takes all it held (at worst an
+/// event twice, never one lost).
+const HANDOVER_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// A stream's side of a hand-over between replicas (make-before-break). The new owner reads
 /// the stream on standby before it holds the lease, and holds what arrives; the old owner
-/// stops once that connection is open, and hands over the keys of the last events it
-/// accepted. The new owner takes from what it holds only what comes after the last of them,
-/// so that no event is lost or taken twice, even from an upstream that keeps no history.
+/// stops once that connection is open. Each stored event's key is written with the stream's
+/// position, in the same transaction, so the new owner takes from what it holds only what
+/// comes after the last event stored, whoever stored it: no event is lost or taken twice,
+/// even from an upstream that keeps no history, and even when the old owner died first.
 #[derive(Default)]
 pub struct Handover {
     inner: std::sync::Mutex<HandoverState>,
@@ -114,9 +117,9 @@ struct HandoverState {
     standby: bool,
     /// With each event's key, and whether its SSE id was its own.
     held: std::collections::VecDeque<(Event, u64, bool)>,
-    /// Set when the lease is granted after a standby: the previous owner's last keys, if any.
-    activation: Option<Option<Arc<[u64]>>>,
-    recent: std::collections::VecDeque<u64>,
+    /// Set when the lease is granted after a standby: the keys of the last events stored
+    /// from the stream, if any, and until when to wait for the last of them to arrive here.
+    activation: Option<(Option<Arc<[u64]>>, Instant)>,
 }
 
 impl Handover {
@@ -132,21 +135,28 @@ impl Handover {
         state.activation = None;
     }
 
-    /// The lease is granted: what was held after the previous owner's last event is taken.
+    /// The lease is granted: what was held after the previous owner's last event is taken,
+    /// once that event arrived here too (or after `HANDOVER_CATCH_UP`).
     pub fn activate(&self, handed_over: Option<Arc<[u64]>>) {
         let mut state = self.lock();
-        if !state.standby {
+        if !state.standby || state.activation.is_some() {
             return;
         }
-        state.standby = false;
-        state.activation = Some(handed_over);
+        state.activation = Some((handed_over, Instant::now() + HANDOVER_CATCH_UP));
         drop(state);
         self.activated.notify_one();
     }
 
-    /// Keys of the last events accepted, oldest first.
-    pub fn recent_keys(&self) -> Arc<[u64]> {
-        self.lock().recent.iter().copied().collect()
+    /// Wakes the stream when its catch-up time ran out.
+    pub fn check_catch_up(&self) {
+        let due = self
+            .lock()
+            .activation
+            .as_ref()
+            .is_some_and(|(_, until)| Instant::now() >= *until);
+        if due {
+            self.activated.notify_one();
+        }
     }
 
     /// Holds the event while on standby; false when live.
@@ -164,24 +174,35 @@ impl Handover {
         }
         let key = handover_key(&event, fresh_id);
         state.held.push_back((event, key, fresh_id));
-        Ok(())
-    }
-
-    fn remember(&self, key: u64) {
-        let mut state = self.lock();
-        if state.recent.len() == RECENT_KEYS {
-            state.recent.pop_front();
+        let caught_up = state
+            .activation
+            .as_ref()
+            .and_then(|(keys, _)| keys.as_ref()?.last().copied())
+            == Some(key);
+        drop(state);
+        if caught_up {
+            self.activated.notify_one();
         }
-        state.recent.push_back(key);
+        Ok(())
     }
 
     /// What was held and is to be taken, once activated.
     fn take_activation(&self) -> Option<Vec<(Event, bool)>> {
         let mut state = self.lock();
-        let handed_over = state.activation.take()?;
+        let (handed_over, until) = state.activation.clone()?;
+        let skip = match handed_over {
+            Some(keys) => match already_taken(state.held.make_contiguous(), &keys) {
+                Some(skip) => skip,
+                // The previous owner's last event has not arrived here yet.
+                None if Instant::now() < until => return None,
+                None => 0,
+            },
+            None => 0,
+        };
+        state.activation = None;
+        state.standby = false;
         let held: Vec<(Event, u64, bool)> = state.held.drain(..).collect();
         drop(state);
-        let skip = handed_over.map_or(0, |keys| already_taken(&held, &keys));
         Some(
             held.into_iter()
                 .skip(skip)
@@ -192,9 +213,10 @@ impl Handover {
 }
 
 /// How many of the held events the previous owner took already: through the earliest place
-/// where the held keys end with the previous owner's last keys (as many as both have).
-fn already_taken(held: &[(Event, u64, bool)], previous: &[u64]) -> usize {
-    let Some(&last) = previous.last() else { return 0 };
+/// where the held keys end with the previous owner's last keys (as many as both have). `None`
+/// when its last event is not among them (yet).
+fn already_taken(held: &[(Event, u64, bool)], previous: &[u64]) -> Option<usize> {
+    let Some(&last) = previous.last() else { return Some(0) };
     (0..held.len())
         .find(|&end| {
             held[end].1 == last
@@ -204,7 +226,7 @@ fn already_taken(held: &[(Event, u64, bool)], previous: &[u64]) -> usize {
                     .zip(previous.iter().rev())
                     .all(|((_, held, _), previous)| held == previous)
         })
-        .map_or(0, |end| end + 1)
+        .map(|end| end + 1)
 }
 
 /// An event's key across replicas: its SSE id when it is its own, else its type and data.
@@ -487,11 +509,13 @@ pub async fn run_leased_stream(
                         handoff.ready.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
-                Grant::Held { handed_over, .. } if lease.token().is_some() => handover.activate(handed_over),
+                Grant::Held { handed_over, .. } if lease.token().is_some() => {
+                    handover.activate(handed_over);
+                    handover.check_catch_up();
+                }
                 Grant::Held { .. } | Grant::NotHeld => run_stop.cancel(),
             }
         };
-        *handoff.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handover.recent_keys());
         handoff.ready.store(false, std::sync::atomic::Ordering::SeqCst);
         handoff.running.store(false, std::sync::atomic::Ordering::SeqCst);
         // Ended on its own (stop_when, ttl), or the relay stops.
@@ -1281,22 +1305,15 @@ async fn deliver(
     state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Accepted {
-    let Some(handover) = &stream.handover else {
-        return route_and_submit(stream, router, event, state, stop).await;
-    };
-    // Remembered once accepted: a hand-over passes on only what this replica took.
-    let key = handover_key(&event, fresh_id);
-    let accepted = route_and_submit(stream, router, event, state, stop).await;
-    if !matches!(accepted, Accepted::Stopped) {
-        handover.remember(key);
-    }
-    accepted
+    let key = stream.handover.as_ref().map(|_| handover_key(&event, fresh_id));
+    route_and_submit(stream, router, event, key, state, stop).await
 }
 
 async fn route_and_submit(
     stream: &StreamRuntime,
     router: &Router,
     event: Event,
+    handover_key: Option<u64>,
     state: &mut StreamState,
     stop: &CancellationToken,
 ) -> Accepted {
@@ -1332,7 +1349,7 @@ async fn route_and_submit(
             telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
             Accepted::Stopped
         }
-        submitted = router.store.submit(Arc::clone(&event), target_names, last_event_id) => match submitted {
+        submitted = router.store.submit(Arc::clone(&event), target_names, last_event_id, handover_key) => match submitted {
             Ok(waited) => {
                 if waited {
                     telemetry.backpressure();

@@ -50,9 +50,9 @@ pub enum Grant {
     /// Another replica hands the stream over to this one: connect, and hold what arrives
     /// until the lease is granted (make-before-break).
     Standby,
-    /// This replica holds it, under this fencing token. When another replica handed it
-    /// over, `handed_over` has the keys of the last events that replica accepted, oldest
-    /// first: what the standby connection held up to the last of them was taken already.
+    /// This replica holds it, under this fencing token. For a stream, `handed_over` has the
+    /// keys of the last events stored from it, oldest first: what a standby connection held
+    /// up to the last of them was taken already.
     Held {
         token: i64,
         handed_over: Option<Arc<[u64]>>,
@@ -66,9 +66,6 @@ pub struct Handoff {
     pub ready: AtomicBool,
     /// The stream's task runs; the old owner waits for it to stop before it hands over.
     pub running: AtomicBool,
-    /// The keys of the last events this replica accepted, oldest first, kept as its task
-    /// stopped.
-    pub recent: Mutex<Option<Arc<[u64]>>>,
 }
 
 struct Entry {

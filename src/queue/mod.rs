@@ -146,7 +146,8 @@ impl Store {
     }
 
     /// Takes one delivery per target, waiting while the store is at `max_pending` or its
-    /// intake is full. With SQLite the deliveries reach the outboxes once committed, with
+    /// intake is full. `handover_key` (replicas only) is kept with the stream's position, so
+    /// that the next replica to read the stream knows the last events taken. With SQLite the deliveries reach the outboxes once committed, with
     /// `last_event_id` as the stream's position; the caller goes on meanwhile. Returns whether
     /// it had to wait (backpressure).
     pub async fn submit(
@@ -154,6 +155,7 @@ impl Store {
         event: Arc<Event>,
         targets: Vec<Arc<str>>,
         last_event_id: Option<&str>,
+        handover_key: Option<u64>,
     ) -> Result<bool, StoreError> {
         let n_deliveries = targets.len() as u64;
         let waited_for_room = self.limit().reserve(n_deliveries).await;
@@ -174,6 +176,7 @@ impl Store {
                     targets,
                     last_event_id: last_event_id.map(Box::from),
                     token: None,
+                    handover_key,
                 };
                 store.submit(append).await
             }

@@ -590,7 +590,7 @@ mod tests {
                 received_at: SystemTime::now(),
             };
             store
-                .submit(Arc::new(event), vec![Arc::from(TARGET)], None)
+                .submit(Arc::new(event), vec![Arc::from(TARGET)], None, None)
                 .await
                 .unwrap();
         }

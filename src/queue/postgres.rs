@@ -106,14 +106,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX leases_by_owner ON sse_relay.leases (owner);
     ",
     // 2: a stream handed over between replicas (make-before-break): the replica asked to take
-    // it, whether its standby connection is open, and the keys of the last events the old
-    // owner accepted.
+    // it and whether its standby connection is open; with each stream's position, the keys of
+    // the last events stored (8 bytes each, the last 64), written with the events.
     "
     ALTER TABLE sse_relay.leases
         ADD COLUMN handover_to text,
-        ADD COLUMN handover_ready boolean NOT NULL DEFAULT false,
-        ADD COLUMN handed_over bytea;
+        ADD COLUMN handover_ready boolean NOT NULL DEFAULT false;
     CREATE INDEX leases_by_handover_to ON sse_relay.leases (handover_to) WHERE handover_to IS NOT NULL;
+    ALTER TABLE sse_relay.stream_positions
+        ALTER COLUMN last_event_id DROP NOT NULL,
+        ADD COLUMN recent_keys bytea NOT NULL DEFAULT '';
+    CREATE FUNCTION sse_relay.last_keys(keys bytea) RETURNS bytea
+        LANGUAGE sql IMMUTABLE
+        AS $$ SELECT substring(keys FROM greatest(1, octet_length(keys) - 511)) $$;
     ",
 ];
 
@@ -172,6 +177,8 @@ pub struct Append {
     pub last_event_id: Option<Box<str>>,
     /// The stream's lease token when the event was read (`None`: not held).
     pub token: Option<i64>,
+    /// The event's key for a hand-over (`source::Handover`), kept with the position.
+    pub handover_key: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -421,22 +428,31 @@ impl PostgresStore {
         self.pending_targets.to_vec()
     }
 
-    /// Reads a stream's Last-Event-ID from the database into memory: another replica may have
-    /// read the stream since this one last did.
-    pub async fn refresh_last_event_id(&self, stream: &str) -> Result<(), StoreError> {
+    /// Reads a stream's position from the database: its Last-Event-ID into memory (another
+    /// replica may have read the stream since this one last did), and the keys of the last
+    /// events stored, oldest first.
+    pub async fn refresh_position(&self, stream: &str) -> Result<Arc<[u64]>, StoreError> {
         let client = self.pool.get().await.map_err(failed)?;
         let row = client
             .query_opt(
-                "SELECT last_event_id FROM sse_relay.stream_positions WHERE stream = $1",
+                "SELECT last_event_id, recent_keys FROM sse_relay.stream_positions WHERE stream = $1",
                 &[&stream],
             )
             .await
             .map_err(failed)?;
-        match row {
-            Some(row) => self.positions.remember(stream, row.get(0)),
+        let Some(row) = row else {
+            self.positions.forget(stream);
+            return Ok(Arc::from([]));
+        };
+        match row.get::<_, Option<&str>>(0) {
+            Some(id) => self.positions.remember(stream, id),
             None => self.positions.forget(stream),
         }
-        Ok(())
+        let keys: &[u8] = row.get(1);
+        Ok(keys
+            .chunks_exact(8)
+            .map(|chunk| u64::from_be_bytes(chunk.try_into().expect("8 bytes")))
+            .collect())
     }
 
     /// Who holds each lease of `kind`, by name.
@@ -743,14 +759,21 @@ impl Writer {
                     .collect();
                 ids.sort_unstable();
                 let mut columns = Columns::with_capacity(n_kept);
-                let mut positions: HashMap<&str, &str> = HashMap::new();
+                // Per stream: the last id, and the keys of its events in order.
+                let mut positions: HashMap<&str, (Option<&str>, Vec<u8>)> = HashMap::new();
                 let mut next_id = ids.iter();
                 for append in &kept {
                     for target in &append.targets {
                         columns.push(*next_id.next().expect("one id per delivery"), target, &append.event);
                     }
-                    if let Some(id) = &append.last_event_id {
-                        positions.insert(&append.event.stream_name, id);
+                    if append.last_event_id.is_some() || append.handover_key.is_some() {
+                        let position = positions.entry(&append.event.stream_name).or_default();
+                        if let Some(id) = &append.last_event_id {
+                            position.0 = Some(id);
+                        }
+                        if let Some(key) = append.handover_key {
+                            position.1.extend_from_slice(&key.to_be_bytes());
+                        }
                     }
                 }
                 transaction
@@ -783,13 +806,23 @@ impl Writer {
                     )
                     .await?;
                 if !positions.is_empty() {
-                    let (streams, last_ids): (Vec<&str>, Vec<&str>) = positions.into_iter().unzip();
+                    let mut streams = Vec::with_capacity(positions.len());
+                    let mut last_ids = Vec::with_capacity(positions.len());
+                    let mut keys = Vec::with_capacity(positions.len());
+                    for (stream, (last_id, stream_keys)) in positions {
+                        streams.push(stream);
+                        last_ids.push(last_id);
+                        keys.push(stream_keys);
+                    }
                     transaction
                         .execute(
-                            "INSERT INTO sse_relay.stream_positions (stream, last_event_id)
-                             SELECT * FROM UNNEST($1::text[], $2::text[])
-                             ON CONFLICT (stream) DO UPDATE SET last_event_id = EXCLUDED.last_event_id",
-                            &[&streams, &last_ids],
+                            "INSERT INTO sse_relay.stream_positions AS kept (stream, last_event_id, recent_keys)
+                             SELECT stream, last_id, sse_relay.last_keys(keys)
+                             FROM UNNEST($1::text[], $2::text[], $3::bytea[]) AS new(stream, last_id, keys)
+                             ON CONFLICT (stream) DO UPDATE SET
+                                 last_event_id = coalesce(EXCLUDED.last_event_id, kept.last_event_id),
+                                 recent_keys = sse_relay.last_keys(kept.recent_keys || EXCLUDED.recent_keys)",
+                            &[&streams, &last_ids, &keys],
                         )
                         .await?;
                 }

@@ -295,13 +295,19 @@ async fn a_killed_replicas_streams_resume_on_the_others_within_its_lease() {
 async fn a_replica_paused_past_its_lease_stores_and_delivers_nothing_stale_and_rejoins() {
     let fleet = Fleet::start("").await;
     // The paused one serves the target, and reads some streams.
-    let mut paused = None;
-    for (index, replica) in fleet.replicas.iter().enumerate() {
-        if replica.metric("sse_relay_leases_held", &[("kind", "target")]).await == 1.0 {
-            paused = Some(index);
+    let serving = std::sync::Mutex::new(None);
+    eventually("one replica serves the target", DEADLINE, || async {
+        for (index, replica) in fleet.replicas.iter().enumerate() {
+            if replica.metric("sse_relay_leases_held", &[("kind", "target")]).await == 1.0 {
+                *serving.lock().unwrap() = Some(index);
+                return true;
+            }
         }
-    }
-    let paused = &fleet.replicas[paused.expect("one replica serves the target")];
+        false
+    })
+    .await;
+    let paused = serving.into_inner().unwrap();
+    let paused = &fleet.replicas[paused.expect("found")];
     for n in 0..20 {
         fleet.publish_round(n);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -387,5 +393,45 @@ async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an
         got.sort_unstable();
         got.dedup();
         assert_eq!(got.len(), delivered[&entity].len(), "{entity}: an event delivered twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgresql_is_down_the_replicas_pause_and_then_resume_without_losing_an_event() {
+    let fleet = Fleet::start("").await;
+    let publishing = {
+        let upstream = fleet.upstream.clone();
+        tokio::spawn(async move {
+            for n in 0..300 {
+                for (api, entity) in entities() {
+                    upstream.publish_event_with_id_to(api, &entity, n, &event(api, &entity, n));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| fleet.postgres.stop()).expect("PostgreSQL stops");
+    // Readiness says why; lease_ttl is 2s, so the replicas step down within it.
+    for replica in &fleet.replicas {
+        eventually("readyz fails with the reason", DEADLINE, || async {
+            let (status, body) = replica.get("/readyz").await;
+            status == 503
+                && body.contains("cannot renew its leases in PostgreSQL")
+                && body.contains("storage is failing")
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| fleet.postgres.start_again()).expect("PostgreSQL starts again");
+    publishing.await.unwrap();
+    fleet.wait_until_spread(DEADLINE).await;
+    fleet.assert_every_event_delivered(300).await;
+    for replica in &fleet.replicas {
+        eventually("readyz answers 200 again", DEADLINE, || async {
+            replica.get("/readyz").await.0 == 200
+        })
+        .await;
+        replica.wait_for_log("storage recovered").await;
     }
 }
