@@ -109,6 +109,9 @@ fn ids_files(config: &Config) -> BTreeMap<String, (PathBuf, Option<FileStamp>)> 
 /// How often `ids_file`s are looked at for changes.
 const IDS_FILE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How often a replica reads the dynamic instances the replicas keep in PostgreSQL.
+const INSTANCE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Runs the relay until `shutdown` completes, then stops it in order. Under systemd
 /// (`Type=notify`) it reports READY=1 once started, WATCHDOG=1 while the runtime is alive, and
 /// STOPPING=1 when it begins to stop.
@@ -155,10 +158,13 @@ pub async fn run_with_reloads(
     tokio::pin!(shutdown);
     let mut ids_file_checks = tokio::time::interval(IDS_FILE_INTERVAL);
     ids_file_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut instance_checks = tokio::time::interval(INSTANCE_SYNC_INTERVAL);
+    instance_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = ids_file_checks.tick(), if !relay.ids_files.is_empty() => relay.reload_changed_ids_files().await,
+            _ = instance_checks.tick(), if relay.cluster.is_some() => relay.sync_dynamic_instances().await,
             Some(()) = hangups.recv(), if config_path.is_some() => {
                 // systemd wants the time of the reload with RELOADING=1.
                 if let Ok(now) = NotifyState::monotonic_usec_now()
@@ -404,6 +410,16 @@ impl Relay {
     /// Reads each `ids_file` that changed since it was read and applies its ids: only the
     /// instances added or removed start or stop. A file that cannot be read is logged, and
     /// its instances stay as they are.
+    /// With replicas: starts the dynamic instances another replica added, and stops those
+    /// another replica removed (or that ended there), as the database keeps them.
+    pub async fn sync_dynamic_instances(&mut self) {
+        let Store::Postgres(shared) = &self.store else { return };
+        // A failure is counted and logged by the store's telemetry; the next check tries again.
+        let Ok(saved) = shared.current_instances().await else { return };
+        let table = Arc::clone(&self.router.borrow());
+        self.streams.lock().await.sync_dynamic(saved, &table.table).await;
+    }
+
     pub async fn reload_changed_ids_files(&mut self) {
         let mut config = self.config.clone();
         let mut changed = false;

@@ -310,6 +310,37 @@ impl StreamSet {
         self.publish();
     }
 
+    /// Makes the dynamic instances those kept in the shared store (replicas): another replica
+    /// may have added some, or removed some.
+    pub async fn sync_dynamic(&mut self, saved: Vec<SavedInstance>, table: &RoutingTable) {
+        let kept: std::collections::HashSet<String> = saved
+            .iter()
+            .map(|instance| format!("{}/{}", instance.template, instance.id))
+            .collect();
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| running.dynamic && !kept.contains(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            if let Some(stopped) = self.stop(name).await {
+                stopped.telemetry.disconnected_at_shutdown();
+                info!(stream = %name, "stream instance removed on another replica");
+            }
+        }
+        let new: Vec<SavedInstance> = saved
+            .into_iter()
+            .filter(|instance| {
+                let name = format!("{}/{}", instance.template, instance.id);
+                !self.running.contains_key(&name)
+            })
+            .collect();
+        if !new.is_empty() || !gone.is_empty() {
+            self.restore(new, table).await;
+        }
+    }
+
     /// Starts an instance of a dynamic template; `Ok(false)` when it runs already.
     async fn add(&mut self, template: &str, id: &str, ttl: Option<Duration>) -> Result<bool, ApiError> {
         let config = self.dynamic_template(template)?;

@@ -124,7 +124,7 @@ const MIGRATIONS: &[&str] = &[
 
 /// The advisory lock key of migrations, and of drawing delivery ids (commit order).
 const MIGRATION_LOCK: i64 = 0x5353_4552_454c_4159; // "SSERELAY"
-const APPEND_LOCK: i64 = 0x5353_4552_454c_4141;
+pub const APPEND_LOCK: i64 = 0x5353_4552_454c_4141;
 
 /// Commands the writer takes at a time, in one transaction where they are of a kind.
 const BATCH: usize = 512;

@@ -188,7 +188,7 @@ fn every_problem_of_a_file_is_reported_in_one_run() {
             "test.yaml:20:14: routes[0].events[0]: an empty pattern matches nothing",
             "test.yaml:21:20: routes[0].targets[1]: unknown target `slack`; configured targets: n8n, zapier",
             "test.yaml:22:13: routes[1].stream: stream pattern `nothing*` matches no configured stream",
-            "test.yaml:24:18: storage.mode: unknown value `disk`, expected `sqlite` or `memory`",
+            "test.yaml:24:18: storage.mode: unknown value `disk`, expected one of `sqlite`, `memory`, `postgres`",
         ],
     );
     // A relation between two values waits until both are valid: the default that stands in for
@@ -488,7 +488,7 @@ fn yaml_mistakes_are_explained() {
         ),
         (
             "storage: { mode: disk }\nstreams:\n  chat:\n    url: http://a/\ntargets: {}\n",
-            "test.yaml:1:18: storage.mode: unknown value `disk`, expected `sqlite` or `memory`",
+            "test.yaml:1:18: storage.mode: unknown value `disk`, expected one of `sqlite`, `memory`, `postgres`",
         ),
         (
             "streams:\n  chat:\n    idle_timeout: 10s\ntargets: {}\n",

@@ -188,7 +188,6 @@ struct Fleet {
     postgres: PostgresServer,
     upstream: Upstream,
     sink: Sink,
-    yaml: String,
     replicas: Vec<LoggedRelay>,
 }
 
@@ -206,7 +205,7 @@ impl Fleet {
             postgres,
             upstream,
             sink,
-            yaml,
+
             replicas,
         };
         fleet.wait_until_spread(DEADLINE).await;
@@ -434,4 +433,118 @@ async fn while_postgresql_is_down_the_replicas_pause_and_then_resume_without_los
         .await;
         replica.wait_for_log("storage recovered").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_targets_rate_limit_and_order_hold_across_three_replicas() {
+    let fleet = Fleet::start("rate_limit: 100/s\n    ordered: true").await;
+    // Some attempts fail: an ordered target holds a stream's later events until it succeeds.
+    fleet.sink.fail_at_random("/hook", 0.1, 500);
+    let n_rounds = 15;
+    for n in 0..n_rounds {
+        fleet.publish_round(n);
+    }
+    fleet.assert_every_event_delivered(n_rounds).await;
+    let delivered = fleet.sink.delivered("/hook");
+    // Each stream's events in order, each once.
+    let mut by_entity: HashMap<String, Vec<u64>> = HashMap::new();
+    for request in &delivered {
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        by_entity
+            .entry(body["entity"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(body["n"].as_u64().unwrap());
+    }
+    for (entity, got) in by_entity {
+        assert_eq!(got, (0..n_rounds).collect::<Vec<u64>>(), "{entity}");
+    }
+    // 300 requests and more at 100/s with a burst of 100: one limiter for the fleet takes at
+    // least 2 s (three would take a third of that); no second holds more than burst + rate.
+    let mut times: Vec<std::time::Instant> = fleet
+        .sink
+        .requests("/hook")
+        .iter()
+        .map(|request| request.received_at)
+        .collect();
+    times.sort();
+    let span = *times.last().unwrap() - times[0];
+    assert!(span >= Duration::from_millis(1900), "{} requests in {span:?}", times.len());
+    for (index, start) in times.iter().enumerate() {
+        let in_a_second = times[index..]
+            .iter()
+            .take_while(|time| **time - *start < Duration::from_secs(1))
+            .count();
+        assert!(in_a_second <= 205, "{in_a_second} requests within a second");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_instances_and_dead_letters_are_shared_by_the_replicas() {
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    dynamic: true
+targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+        chat = upstream.chat_url("{id}"),
+        hook = sink.url("/hook"),
+    );
+    let first = replica(&postgres, "r1", &yaml).await;
+    let second = replica(&postgres, "r2", &yaml).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let added = http
+        .put(format!("http://{}/v1/streams/chat/c1", first.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status().as_u16(), 201);
+    // Read once, by whichever replica it falls to; both list it, with its owner.
+    eventually("the instance read by one replica", DEADLINE, || async {
+        upstream.connected_entities(Api::Chat) == ["c1"]
+    })
+    .await;
+    eventually("the second replica lists it with its owner", DEADLINE, || async {
+        let (_, body) = second.get_with_token("/v1/streams", TOKEN).await;
+        let listing: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        listing["streams"]
+            .as_array()
+            .is_some_and(|streams| streams.len() == 1 && streams[0]["owner"].is_string())
+    })
+    .await;
+
+    // A refused delivery is a dead letter that either replica's `dlq` sees and replays.
+    sink.answer_by_default("/hook", 400);
+    assert_eq!(upstream.publish_event_to(Api::Chat, "c1", r#"{"type":"node_update","n":1}"#), 1);
+    eventually("the dead letter listed", DEADLINE, || async {
+        second.dlq(&["list"]).await.contains("1 dead letter(s)")
+    })
+    .await;
+    sink.answer_by_default("/hook", 200);
+    assert!(second.dlq(&["replay", "--all"]).await.contains("replayed 1 dead letter(s)"));
+    let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    assert_eq!(delivered.len(), 1);
+    assert!(first.dlq(&["list"]).await.contains("0 dead letter(s)"));
+
+    // Removed on the other replica: no replica reads it any more.
+    let removed = http
+        .delete(format!("http://{}/v1/streams/chat/c1", second.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status().as_u16(), 204);
+    assert!(upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await, "the instance stopped everywhere");
 }

@@ -236,6 +236,8 @@ pub struct LoggedRelay {
     /// `${ADMIN_TOKEN}` from the environment given, when the config sets `admin.token`: metrics
     /// are read with it.
     admin_token: Option<String>,
+    /// The environment it was started with, for `dlq`.
+    env: Vec<(String, String)>,
 }
 
 impl LoggedRelay {
@@ -336,6 +338,10 @@ impl LoggedRelay {
             directory,
             lines,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
             admin_token: admin_token.and_then(|_| {
                 env.iter()
                     .find(|(name, _)| *name == "ADMIN_TOKEN")
@@ -405,6 +411,7 @@ impl LoggedRelay {
             .args(args)
             .arg("--config")
             .arg(self.directory.path().join("relay.yaml"))
+            .envs(self.env.iter().map(|(name, value)| (name.as_str(), value.as_str())))
             .output()
             .await
             .unwrap();
