@@ -272,7 +272,9 @@ async fn list_streams(
         stream.owner = owners.get(&stream.state.name).cloned();
     }
     let replica = shared.leases.replica();
-    Ok(axum::Json(serde_json::json!({ "replica": &**replica, "streams": streams })))
+    Ok(axum::Json(
+        serde_json::json!({ "replica": &**replica, "streams": streams }),
+    ))
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {

@@ -29,11 +29,11 @@ mod streams;
 
 use crate::admin::{self, AdminState};
 use crate::app::streams::{SharedStreams, Starter, StreamSet};
+use crate::cluster::Cluster;
 use crate::config::{self, Config, TargetConfig, TlsConfig};
 use crate::delivery::{self, TargetRuntime};
 use crate::event::TargetId;
 use crate::queue::Store;
-use crate::cluster::Cluster;
 use crate::queue::lease::Kind;
 use crate::queue::outbox::{Outbox, OutboxInput, Outboxes};
 use crate::routing::RoutingTable;
@@ -133,8 +133,18 @@ pub async fn run_with_reloads(
         config::StorageMode::Sqlite => relay.config.storage.path.0.clone(),
         config::StorageMode::Memory => "memory (lost when the process stops)".to_owned(),
         config::StorageMode::Postgres => {
-            let url = relay.config.storage.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
-            let replica = relay.store.leases().map(|leases| leases.replica().to_string()).unwrap_or_default();
+            let url = relay
+                .config
+                .storage
+                .url
+                .as_ref()
+                .map(|url| url.0.as_str())
+                .unwrap_or_default();
+            let replica = relay
+                .store
+                .leases()
+                .map(|leases| leases.replica().to_string())
+                .unwrap_or_default();
             format!("{} as replica {replica}", crate::queue::postgres::describe(url))
         }
     };
@@ -415,7 +425,9 @@ impl Relay {
     pub async fn sync_dynamic_instances(&mut self) {
         let Store::Postgres(shared) = &self.store else { return };
         // A failure is counted and logged by the store's telemetry; the next check tries again.
-        let Ok(saved) = shared.current_instances().await else { return };
+        let Ok(saved) = shared.current_instances().await else {
+            return;
+        };
         let table = Arc::clone(&self.router.borrow());
         self.streams.lock().await.sync_dynamic(saved, &table.table).await;
     }

@@ -127,7 +127,11 @@ impl Cluster {
                 let tick = round.leases.ttl() / 4;
                 loop {
                     let busy = round.run().await;
-                    let pause = if busy { tick.min(Duration::from_millis(100)) } else { tick };
+                    let pause = if busy {
+                        tick.min(Duration::from_millis(100))
+                    } else {
+                        tick
+                    };
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(pause) => {}
@@ -172,7 +176,10 @@ impl Cluster {
         }
         let n_kept = self.leases.n_held(Kind::Stream);
         if n_kept > 0 {
-            info!(n_kept, "streams not handed over at shutdown; another replica takes them once their lease expires");
+            info!(
+                n_kept,
+                "streams not handed over at shutdown; another replica takes them once their lease expires"
+            );
         }
     }
 
@@ -273,9 +280,11 @@ impl Round {
             warn!(error = %err, "cannot change leases; trying again in the next round");
         }
         self.count();
-        busy || self.leases.registered().iter().any(|(kind, name, _)| {
-            *kind == Kind::Stream && self.leases.grant(*kind, name) == Some(Grant::Standby)
-        })
+        busy || self
+            .leases
+            .registered()
+            .iter()
+            .any(|(kind, name, _)| *kind == Kind::Stream && self.leases.grant(*kind, name) == Some(Grant::Standby))
     }
 
     fn renewal_failed(&mut self, err: &dyn std::fmt::Display) {
@@ -623,5 +632,33 @@ impl Round {
             warn!(error = %err, "cannot release this replica's leases at shutdown; they expire after lease_ttl");
         }
         self.count();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        (0..3000).map(|n| format!("chat/{n}")).collect()
+    }
+
+    #[test]
+    fn rendezvous_hashing_spreads_evenly_and_a_leaving_replica_moves_only_its_share() {
+        let three: Vec<String> = ["r1", "r2", "r3"].map(str::to_owned).to_vec();
+        let two: Vec<String> = ["r1", "r3"].map(str::to_owned).to_vec();
+        let mut shares: HashMap<&str, usize> = HashMap::new();
+        for name in names() {
+            let before = owner(&three, Kind::Stream, &name).unwrap();
+            *shares.entry(before).or_default() += 1;
+            let after = owner(&two, Kind::Stream, &name).unwrap();
+            if before != "r2" {
+                assert_eq!(before, after, "{name} moved, though its replica stayed");
+            }
+        }
+        for (replica, share) in shares {
+            assert!((900..1100).contains(&share), "{replica} owns {share} of 3000");
+        }
+        assert_eq!(owner(&[], Kind::Target, "hook"), None);
     }
 }

@@ -222,7 +222,9 @@ mod postgres {
                 event_type: row.get(3),
                 event_id: uuid::Uuid::from_slice(row.get(4)).unwrap_or_default().to_string(),
                 n_attempts: row.get::<_, i32>(5) as u32,
-                last_status: row.get::<_, Option<i32>>(6).and_then(|status| u16::try_from(status).ok()),
+                last_status: row
+                    .get::<_, Option<i32>>(6)
+                    .and_then(|status| u16::try_from(status).ok()),
                 last_error: row.get(7),
                 dead_at: humantime::format_rfc3339_seconds(crate::queue::schema::from_millis(row.get(8))).to_string(),
                 data_bytes: row.get::<_, i32>(9) as usize,

@@ -159,11 +159,11 @@ impl Handover {
         }
     }
 
-    /// Holds the event while on standby; false when live.
-    fn hold(&self, event: Event, fresh_id: bool, telemetry: &StreamTelemetry) -> Result<(), Event> {
+    /// Holds the event while on standby; hands it back when live.
+    fn hold(&self, event: Event, fresh_id: bool, telemetry: &StreamTelemetry) -> Option<Event> {
         let mut state = self.lock();
         if !state.standby {
-            return Err(event);
+            return Some(event);
         }
         if state.held.len() == MAX_HELD_ON_STANDBY {
             state.held.pop_front();
@@ -183,7 +183,7 @@ impl Handover {
         if caught_up {
             self.activated.notify_one();
         }
-        Ok(())
+        None
     }
 
     /// What was held and is to be taken, once activated.
@@ -1288,8 +1288,8 @@ async fn accept(
     }
     let event = match &stream.handover {
         Some(handover) => match handover.hold(event, origin.fresh_id, telemetry) {
-            Ok(()) => return Accepted::Noise,
-            Err(event) => event,
+            None => return Accepted::Noise,
+            Some(event) => event,
         },
         None => event,
     };
@@ -1370,6 +1370,41 @@ async fn route_and_submit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held(keys: &[u64]) -> Vec<(Event, u64, bool)> {
+        keys.iter()
+            .map(|key| {
+                let event = Event {
+                    id: crate::event::EventId::new(),
+                    stream_name: Arc::from("chat/1"),
+                    sse_id: None,
+                    event_type: Arc::from("message"),
+                    data: bytes::Bytes::new(),
+                    is_json: false,
+                    json: std::sync::OnceLock::new(),
+                    received_at: SystemTime::now(),
+                };
+                (event, *key, false)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_owner_takes_what_it_held_after_the_last_event_stored() {
+        // The old owner stored ..., 4, 5, 6; the standby connection held 5, 6, 7, 8.
+        assert_eq!(already_taken(&held(&[5, 6, 7, 8]), &[1, 2, 3, 4, 5, 6]), Some(2));
+        // Subscribed after the last event stored: everything held is new.
+        assert_eq!(already_taken(&held(&[7, 8]), &[4, 5, 6]), None);
+        assert_eq!(already_taken(&held(&[7, 8]), &[]), Some(0));
+        // Matched where the keys before it agree too, as far as both go.
+        assert_eq!(already_taken(&held(&[6, 7]), &[4, 5, 6]), Some(1));
+        assert_eq!(already_taken(&held(&[4, 6, 5, 6, 7]), &[3, 4, 6, 5, 6]), Some(4));
+        // Not the old owner's sequence here: nothing matches.
+        assert_eq!(already_taken(&held(&[3, 6, 5, 6, 7]), &[4, 5, 6]), None);
+        // The same content twice cannot be told apart: the earliest match is taken, so that an
+        // event may be taken twice but never lost.
+        assert_eq!(already_taken(&held(&[5, 6, 5, 6, 7]), &[4, 5, 6]), Some(2));
+    }
 
     #[test]
     fn the_connect_limiter_lets_a_burst_through_then_spaces_turns_at_the_rate() {

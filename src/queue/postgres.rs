@@ -38,7 +38,9 @@ use crate::event::Event;
 use crate::queue::lease::{Kind, Leases};
 use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
 use crate::queue::schema::{from_millis, millis};
-use crate::queue::{Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, SavedInstance, StoreError, StreamPositions};
+use crate::queue::{
+    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, SavedInstance, StoreError, StreamPositions,
+};
 use crate::telemetry::StorageTelemetry;
 
 /// The migrations, in order; the database records which it applied. Never edit one that was
@@ -251,7 +253,10 @@ pub fn problem(err: &tokio_postgres::Error) -> String {
 
 /// Creates the schema or brings it up to date; replicas starting together take turns.
 pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
-    let mut client = pool.get().await.map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
     let transaction = client.transaction().await?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -856,7 +861,8 @@ impl Writer {
     /// Records results under each target's lease; those of a target whose lease this replica
     /// lost are not recorded (the replica that holds it now attempts them again).
     async fn write_records(&self, records: Vec<Record>) {
-        let mut by_target: HashMap<(Arc<str>, Option<i64>), Vec<(DeliveryId, Outcome)>> = HashMap::new();
+        type Results = Vec<(DeliveryId, Outcome)>;
+        let mut by_target: HashMap<(Arc<str>, Option<i64>), Results> = HashMap::new();
         for (target, token, id, outcome) in records {
             by_target.entry((target, token)).or_default().push((id, outcome));
         }
@@ -896,7 +902,8 @@ impl Writer {
                     webhook = %target, n_results = results.len(),
                     "results not recorded: the target's lease passed to another replica, which attempts them again"
                 );
-                self.leases.set(Kind::Target, &target, crate::queue::lease::Grant::NotHeld);
+                self.leases
+                    .set(Kind::Target, &target, crate::queue::lease::Grant::NotHeld);
             }
         }
     }
@@ -1200,4 +1207,3 @@ fn delivery_from_row(row: &tokio_postgres::Row) -> Delivery {
         next_attempt_at: from_millis(row.get(10)),
     }
 }
-

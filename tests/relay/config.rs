@@ -813,3 +813,43 @@ fn values_that_cannot_work_are_refused_at_their_place() {
         storage: { max_bytes: 64KiB, dead_letter_retention: 0s }\nshutdown: { grace_period: 0s }\n";
     parse_config(edges, &[]).unwrap_or_else(|err| panic!("{err}"));
 }
+
+#[test]
+fn postgres_storage_needs_a_url_that_parses_and_a_workable_lease_ttl() {
+    let with_storage =
+        |storage: &str| format!("storage: {storage}\nstreams:\n  chat:\n    url: http://a/\ntargets: {{}}\n");
+    let cases = [
+        (
+            "{ mode: postgres }",
+            "storage.url: storage.mode postgres needs the database's url, e.g. url: ${DATABASE_URL}",
+        ),
+        (
+            "{ mode: postgres, url: \"${DATABASE_URL}\", lease_ttl: 100ms }",
+            "storage.lease_ttl: must be at least 1s",
+        ),
+        (
+            "{ mode: postgres, url: \"${BAD_URL}\" }",
+            "storage.url: is not a PostgreSQL connection url",
+        ),
+    ];
+    let env = [
+        ("DATABASE_URL", "postgres://relay:pg-secret@127.0.0.1:5432/relay"),
+        ("BAD_URL", "postgres://relay:pg-secret@127.0.0.1:notaport/relay"),
+    ];
+    for (storage, expected) in cases {
+        let err = parse_config(&with_storage(storage), &env)
+            .expect_err(storage)
+            .to_string();
+        assert!(err.contains(expected), "{storage}: {err}");
+        assert!(!err.contains("pg-secret"), "the password is shown: {err}");
+    }
+    let config = parse_config(
+        &with_storage("{ mode: postgres, url: \"${DATABASE_URL}\", replica: relay-a }"),
+        &env,
+    )
+    .unwrap();
+    let shown = sse_relay::check::describe(&config);
+    assert!(shown.contains("postgres 127.0.0.1:5432 database relay"), "{shown}");
+    assert!(shown.contains("lease_ttl 10s"), "{shown}");
+    assert!(!shown.contains("pg-secret"), "{shown}");
+}

@@ -87,7 +87,11 @@ fn watch_for_doubles(upstream: &Upstream) -> (Arc<AtomicBool>, Arc<AtomicUsize>)
         while !stop_flag.load(Ordering::Relaxed) {
             for api in [Api::Participant, Api::Chat] {
                 let mut seen = std::collections::HashSet::new();
-                if upstream.connected_entities(api).into_iter().any(|entity| !seen.insert(entity)) {
+                if upstream
+                    .connected_entities(api)
+                    .into_iter()
+                    .any(|entity| !seen.insert(entity))
+                {
                     n_doubles.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -161,9 +165,7 @@ async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
     assert_eq!(doubles.load(Ordering::Relaxed), 0, "no stream had two connections open");
 
     // `GET /v1/streams` names each stream's replica; `/readyz` what this replica holds.
-    let listing = replicas[0]
-        .get_with_token("/v1/streams", TOKEN)
-        .await;
+    let listing = replicas[0].get_with_token("/v1/streams", TOKEN).await;
     let listing: serde_json::Value = serde_json::from_str(&listing.1).unwrap();
     let owners: Vec<&str> = listing["streams"]
         .as_array()
@@ -172,13 +174,19 @@ async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
         .map(|stream| stream["owner"].as_str().unwrap())
         .collect();
     assert_eq!(owners.len(), 20);
-    assert!(owners.iter().all(|owner| ["r1", "r2", "r3"].contains(owner)), "{owners:?}");
+    assert!(
+        owners.iter().all(|owner| ["r1", "r2", "r3"].contains(owner)),
+        "{owners:?}"
+    );
     let (status, ready) = replicas[1].get("/readyz").await;
     assert_eq!(status, 200, "{ready}");
     assert!(ready.contains("replica r2 reads"), "{ready}");
     for replica in &replicas {
         for line in replica.log_lines() {
-            assert!(!line.contains(PASSWORD), "a log line shows the database password: {line}");
+            assert!(
+                !line.contains(PASSWORD),
+                "a log line shows the database password: {line}"
+            );
         }
     }
 }
@@ -230,7 +238,8 @@ impl Fleet {
     /// Publishes round `n`: one event with id `n` to every entity.
     fn publish_round(&self, n: u64) {
         for (api, entity) in entities() {
-            self.upstream.publish_event_with_id_to(api, &entity, n, &event(api, &entity, n));
+            self.upstream
+                .publish_event_with_id_to(api, &entity, n, &event(api, &entity, n));
         }
     }
 
@@ -330,15 +339,26 @@ async fn a_replica_paused_past_its_lease_stores_and_delivers_nothing_stale_and_r
         if held > 0.0 {
             break;
         }
-        assert_eq!(delivered_by(paused).await, delivered_before, "a delivery under the stale lease");
+        assert_eq!(
+            delivered_by(paused).await,
+            delivered_before,
+            "a delivery under the stale lease"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eventually("the paused replica's stale events refused and counted", DEADLINE, || async {
-        paused
-            .metric("sse_relay_deliveries_total", &[("target", "hook"), ("outcome", "abandoned")])
-            .await
-            > 0.0
-    })
+    eventually(
+        "the paused replica's stale events refused and counted",
+        DEADLINE,
+        || async {
+            paused
+                .metric(
+                    "sse_relay_deliveries_total",
+                    &[("target", "hook"), ("outcome", "abandoned")],
+                )
+                .await
+                > 0.0
+        },
+    )
     .await;
     for n in 120..140 {
         fleet.publish_round(n);
@@ -354,7 +374,10 @@ async fn a_replica_paused_past_its_lease_stores_and_delivers_nothing_stale_and_r
 
 async fn delivered_by(replica: &LoggedRelay) -> f64 {
     replica
-        .metric("sse_relay_deliveries_total", &[("target", "hook"), ("outcome", "delivered")])
+        .metric(
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", "delivered")],
+        )
         .await
 }
 
@@ -383,7 +406,11 @@ async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an
     stopping.signal(libc::SIGTERM);
     stopping.wait_exit().await;
     stopping.wait_for_log("streams handed over to other replicas").await;
-    assert_eq!(publishing.await.unwrap(), 0, "every event reached a connection of its stream");
+    assert_eq!(
+        publishing.await.unwrap(),
+        0,
+        "every event reached a connection of its stream"
+    );
     fleet.wait_until_spread(DEADLINE).await;
     fleet.assert_every_event_delivered(150).await;
     let delivered = delivered_by_entity(&fleet.sink);
@@ -391,7 +418,11 @@ async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an
         let mut got = delivered[&entity].clone();
         got.sort_unstable();
         got.dedup();
-        assert_eq!(got.len(), delivered[&entity].len(), "{entity}: an event delivered twice");
+        assert_eq!(
+            got.len(),
+            delivered[&entity].len(),
+            "{entity}: an event delivered twice"
+        );
     }
 }
 
@@ -468,7 +499,11 @@ async fn one_targets_rate_limit_and_order_hold_across_three_replicas() {
         .collect();
     times.sort();
     let span = *times.last().unwrap() - times[0];
-    assert!(span >= Duration::from_millis(1900), "{} requests in {span:?}", times.len());
+    assert!(
+        span >= Duration::from_millis(1900),
+        "{} requests in {span:?}",
+        times.len()
+    );
     for (index, start) in times.iter().enumerate() {
         let in_a_second = times[index..]
             .iter()
@@ -527,13 +562,21 @@ routes:
 
     // A refused delivery is a dead letter that either replica's `dlq` sees and replays.
     sink.answer_by_default("/hook", 400);
-    assert_eq!(upstream.publish_event_to(Api::Chat, "c1", r#"{"type":"node_update","n":1}"#), 1);
+    assert_eq!(
+        upstream.publish_event_to(Api::Chat, "c1", r#"{"type":"node_update","n":1}"#),
+        1
+    );
     eventually("the dead letter listed", DEADLINE, || async {
         second.dlq(&["list"]).await.contains("1 dead letter(s)")
     })
     .await;
     sink.answer_by_default("/hook", 200);
-    assert!(second.dlq(&["replay", "--all"]).await.contains("replayed 1 dead letter(s)"));
+    assert!(
+        second
+            .dlq(&["replay", "--all"])
+            .await
+            .contains("replayed 1 dead letter(s)")
+    );
     let delivered = sink.wait_for_delivered("/hook", 1, DEADLINE).await;
     assert_eq!(delivered.len(), 1);
     assert!(first.dlq(&["list"]).await.contains("0 dead letter(s)"));
@@ -546,5 +589,8 @@ routes:
         .await
         .unwrap();
     assert_eq!(removed.status().as_u16(), 204);
-    assert!(upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await, "the instance stopped everywhere");
+    assert!(
+        upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await,
+        "the instance stopped everywhere"
+    );
 }

@@ -381,7 +381,11 @@ impl LoggedRelay {
     }
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_value(&self.get_as("/metrics", self.admin_token.as_deref()).await.1, name, labels)
+        metric_value(
+            &self.get_as("/metrics", self.admin_token.as_deref()).await.1,
+            name,
+            labels,
+        )
     }
 
     pub fn pid(&self) -> u32 {
