@@ -1,5 +1,5 @@
 //! What this replica holds when several share a PostgreSQL store: a lease per stream instance
-//! and per target, each with its fencing token. The cluster (`crate::cluster`) acquires,
+//! and per target, each with its fencing token. The cluster module acquires,
 //! renews and gives them up in the database; this is its record in memory, which the streams,
 //! the dispatchers and the store's writer read.
 //!

@@ -3,7 +3,7 @@
 //! **Schema.** Everything lives in the schema `sse_relay`, created and migrated at start by
 //! versioned migrations under an advisory lock, so that replicas starting together do not
 //! race. The tables mirror SQLite's (deliveries, dead letters, stream positions, kept
-//! instances) and add the replicas and their leases (see `crate::cluster`).
+//! instances) and add the replicas and their leases (see the cluster module).
 //!
 //! **One writer per replica.** A task takes appends, results and reads in order and writes
 //! each run of them in one transaction, as the SQLite writer does: a load is answered after
