@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use sse_relay_fixtures::emulator::{Api, Upstream, UpstreamOptions};
+use sse_relay_fixtures::postgres::PostgresServer;
 use sse_relay_fixtures::process::{RelayBinary, RelayProcess};
 use sse_relay_fixtures::sink::{ReceivedRequest, Sink};
 
@@ -136,6 +137,10 @@ async fn main() {
     }
     if options.runs("many_streams_active") {
         figures.extend(many_streams_active(&options).await);
+    }
+    if options.runs("replicas") {
+        figures.extend(replicas_throughput(&options).await);
+        figures.extend(replicas_failover(&options).await);
     }
 
     figures.extend(ratios(&figures));
@@ -1126,6 +1131,184 @@ routes:
 }
 
 /// The relay against the ceiling and the peer, from the figures this run measured.
+/// Twenty chat instances, every event to three targets, through a store: SQLite (one relay),
+/// PostgreSQL with one replica, PostgreSQL with three. The replicas spread the streams and the
+/// targets among them; `lease_ttl` is 2 s.
+fn replica_config(upstream: &Upstream, sink: &Sink, storage: &str) -> String {
+    let ids: Vec<String> = (0..REPLICA_STREAMS).map(|n| format!("\"c{n}\"")).collect();
+    format!(
+        "storage: {storage}\nstreams:\n  chat:\n    url: {url}\n    keepalive: [keepalive]\n    ids: [{ids}]\n\
+         targets:\n  a: {{ url: \"{a}\", max_in_flight: 32 }}\n  b: {{ url: \"{b}\", max_in_flight: 32 }}\n  \
+         c: {{ url: \"{c}\", max_in_flight: 32 }}\nroutes:\n  - stream: chat\n    targets: [a, b, c]\n",
+        url = upstream.chat_url("{id}"),
+        ids = ids.join(", "),
+        a = sink.url("/a"),
+        b = sink.url("/b"),
+        c = sink.url("/c"),
+    )
+}
+
+const REPLICA_STREAMS: usize = 20;
+
+fn postgres_storage(postgres: &PostgresServer, replica: &str) -> String {
+    format!(
+        "{{ mode: postgres, url: \"{}\", lease_ttl: 2s, replica: {replica} }}",
+        postgres.url()
+    )
+}
+
+/// Waits until each of the twenty instances has exactly one connection open.
+async fn each_instance_connected_once(upstream: &Upstream, deadline: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        let mut entities = upstream.connected_entities(Api::Chat);
+        entities.sort();
+        let n = entities.len();
+        entities.dedup();
+        if n == REPLICA_STREAMS && entities.len() == REPLICA_STREAMS {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+/// Publishes `n_events` over the twenty instances; the seconds until all their deliveries
+/// (three each) arrived.
+async fn measure_spread_throughput(upstream: &Upstream, sink: &Sink, n_events: usize) -> f64 {
+    let body = format!(r#"{{"type":"workflow_update","output":"{}"}}"#, "x".repeat(200));
+    let started = Instant::now();
+    for n in 0..n_events {
+        upstream.publish_event_to(Api::Chat, &format!("c{}", n % REPLICA_STREAMS), &body);
+    }
+    let mut last = started;
+    for path in ["/a", "/b", "/c"] {
+        let delivered = sink.wait_for_delivered(path, n_events, Duration::from_secs(300)).await;
+        assert_eq!(delivered.len(), n_events, "not every event arrived at {path}");
+        last = last.max(delivered.iter().map(|request| request.received_at).max().unwrap());
+    }
+    last.duration_since(started).as_secs_f64()
+}
+
+async fn replicas_throughput(options: &Options) -> Vec<Figure> {
+    let n_events = if options.quick { 1_000 } else { 20_000 };
+    let mut figures = Vec::new();
+    let setups: [(&'static str, usize); 3] = [
+        ("durable 20→3: sqlite", 0),
+        ("durable 20→3: postgres ×1", 1),
+        ("durable 20→3: postgres ×3", 3),
+    ];
+    for (scenario, n_replicas) in setups {
+        let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+        let sink = Sink::start().await.unwrap();
+        let storage_directory = tempfile::tempdir().unwrap();
+        let postgres = match n_replicas {
+            0 => None,
+            _ => Some(PostgresServer::start().await.expect("PostgreSQL starts")),
+        };
+        let mut relays = Vec::new();
+        match &postgres {
+            None => {
+                let storage = format!("{{ path: \"{}\" }}", storage_directory.path().display());
+                relays.push(start_relay(&replica_config(&upstream, &sink, &storage)).await);
+            }
+            Some(postgres) => {
+                for n in 0..n_replicas {
+                    let storage = postgres_storage(postgres, &format!("r{n}"));
+                    relays.push(start_relay(&replica_config(&upstream, &sink, &storage)).await);
+                }
+            }
+        }
+        assert!(
+            each_instance_connected_once(&upstream, Duration::from_secs(30)).await,
+            "{scenario}: the instances did not connect once each"
+        );
+        // The spread settles (targets move by two-phase release) before measuring.
+        tokio::time::sleep(Duration::from_secs(if n_replicas > 1 { 3 } else { 0 })).await;
+        let cpu_before: f64 = relays.iter().map(|relay| cpu_seconds(relay.pid())).sum();
+        let seconds = measure_spread_throughput(&upstream, &sink, n_events).await;
+        let cpu: f64 = relays.iter().map(|relay| cpu_seconds(relay.pid())).sum::<f64>() - cpu_before;
+        figures.push(Figure {
+            scenario,
+            name: "deliveries/s",
+            value: 3.0 * n_events as f64 / seconds,
+            unit: "deliveries/s",
+        });
+        figures.push(Figure {
+            scenario,
+            name: "relay CPU s/100k deliveries",
+            value: cpu * 100_000.0 / (3.0 * n_events as f64),
+            unit: "s",
+        });
+        drop(relays);
+        // The replicas leave (SIGTERM) before their database goes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(postgres);
+    }
+    figures
+}
+
+/// Three replicas, twenty instances, `lease_ttl: 2s`: one replica is killed with SIGKILL, and
+/// the time until each instance is connected once again (by the others) is measured; a new
+/// replica replaces it before the next kill. 10 kills (3 with `--quick`).
+async fn replicas_failover(options: &Options) -> Vec<Figure> {
+    let n_kills = if options.quick { 3 } else { 10 };
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(UpstreamOptions::default()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let mut relays = Vec::new();
+    let mut next_name = 0;
+    for _ in 0..3 {
+        let storage = postgres_storage(&postgres, &format!("r{next_name}"));
+        next_name += 1;
+        relays.push(start_relay(&replica_config(&upstream, &sink, &storage)).await);
+    }
+    let mut failovers = Vec::new();
+    for _ in 0..n_kills {
+        assert!(each_instance_connected_once(&upstream, Duration::from_secs(30)).await);
+        // Spread over all three, so that the one killed reads some.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut killed = None;
+        for (index, relay) in relays.iter().enumerate() {
+            if relay_metric(relay, "sse_relay_leases_held", &[("kind", "stream")]).await >= 1.0 {
+                killed = Some(index);
+                break;
+            }
+        }
+        let killed = relays.remove(killed.expect("a replica reads some streams"));
+        // SAFETY: signals the child this bench started and still owns.
+        unsafe { libc::kill(killed.pid() as i32, libc::SIGKILL) };
+        let killed_at = Instant::now();
+        // Its connections close with it; wait until they are gone, then until all are back.
+        while upstream.connected_entities(Api::Chat).len() == REPLICA_STREAMS
+            && killed_at.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(each_instance_connected_once(&upstream, Duration::from_secs(30)).await);
+        failovers.push(killed_at.elapsed().as_secs_f64() * 1000.0);
+        drop(killed);
+        let storage = postgres_storage(&postgres, &format!("r{next_name}"));
+        next_name += 1;
+        relays.push(start_relay(&replica_config(&upstream, &sink, &storage)).await);
+    }
+    failovers.sort_by(f64::total_cmp);
+    vec![
+        Figure {
+            scenario: "failover after kill -9 (ttl 2s)",
+            name: "p50",
+            value: percentile(&failovers, 0.5),
+            unit: "ms",
+        },
+        Figure {
+            scenario: "failover after kill -9 (ttl 2s)",
+            name: "max",
+            value: *failovers.last().unwrap(),
+            unit: "ms",
+        },
+    ]
+}
+
 fn ratios(figures: &[Figure]) -> Vec<Figure> {
     let find = |scenario: &str, name: &str| {
         figures

@@ -890,7 +890,18 @@ impl Writer {
                         return Ok(false);
                     }
                     let now = millis(SystemTime::now());
-                    for (id, outcome) in results {
+                    // Deliveries that succeeded, the common case, go in one statement.
+                    let delivered: Vec<DeliveryId> = results
+                        .iter()
+                        .filter(|(_, outcome)| *outcome == Outcome::Delivered)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if !delivered.is_empty() {
+                        transaction
+                            .execute("DELETE FROM sse_relay.deliveries WHERE id = ANY($1)", &[&delivered])
+                            .await?;
+                    }
+                    for (id, outcome) in results.iter().filter(|(_, outcome)| *outcome != Outcome::Delivered) {
                         apply_outcome(&transaction, *id, outcome, now).await?;
                     }
                     transaction.commit().await?;
