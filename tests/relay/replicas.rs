@@ -15,6 +15,10 @@ use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
 
 const TOKEN: &str = "replica-admin-token";
 
+/// One replica test at a time: each runs a PostgreSQL server and up to three relays, which on
+/// a 2-core machine would otherwise crowd the timing of the other tests.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Ten participants and ten chats, every event to the sink's `/hook`.
 fn twenty_streams(upstream: &Upstream, sink: &Sink, target_extra: &str) -> String {
     format!(
@@ -121,6 +125,7 @@ fn event(api: Api, entity: &str, n: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
@@ -270,6 +275,7 @@ impl Fleet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_streams_resume_on_the_others_within_its_lease() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut fleet = Fleet::start("").await;
     for n in 0..40 {
         fleet.publish_round(n);
@@ -301,6 +307,7 @@ async fn a_killed_replicas_streams_resume_on_the_others_within_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_paused_past_its_lease_stores_and_delivers_nothing_stale_and_rejoins() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let fleet = Fleet::start("").await;
     // The paused one serves the target, and reads some streams.
     let serving = std::sync::Mutex::new(None);
@@ -383,6 +390,7 @@ async fn delivered_by(replica: &LoggedRelay) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an_upstream_without_history() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut fleet = Fleet::start("").await;
     let publishing = {
         let upstream = fleet.upstream.clone();
@@ -428,6 +436,7 @@ async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_postgresql_is_down_the_replicas_pause_and_then_resume_without_losing_an_event() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let fleet = Fleet::start("").await;
     let publishing = {
         let upstream = fleet.upstream.clone();
@@ -468,6 +477,7 @@ async fn while_postgresql_is_down_the_replicas_pause_and_then_resume_without_los
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_targets_rate_limit_and_order_hold_across_three_replicas() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let fleet = Fleet::start("rate_limit: 100/s\n    ordered: true").await;
     // Some attempts fail: an ordered target holds a stream's later events until it succeeds.
     fleet.sink.fail_at_random("/hook", 0.1, 500);
@@ -515,6 +525,7 @@ async fn one_targets_rate_limit_and_order_hold_across_three_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_instances_and_dead_letters_are_shared_by_the_replicas() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
