@@ -275,7 +275,10 @@ impl Store {
 
     /// True while submits wait for room (`max_pending` reached).
     pub fn is_full(&self) -> bool {
-        self.limit().is_full()
+        match self {
+            Store::Postgres(store) => store.is_full(),
+            Store::Memory(_) | Store::Sqlite(_) => self.limit().is_full(),
+        }
     }
 
     /// From now on, what the store takes goes to these outboxes (by target name).

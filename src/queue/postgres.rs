@@ -21,7 +21,7 @@
 //! mark, as with SQLite.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -195,6 +195,9 @@ pub struct PostgresStore {
     pending_targets: Arc<[String]>,
     external_changes: Arc<AtomicU64>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// The database holds `max_pending` deliveries or more, all replicas together, as counted
+    /// each second: submits wait (the streams pause).
+    full: Arc<AtomicBool>,
 }
 
 /// The connection pool of a store or a `dlq` command; the url's password is never shown.
@@ -334,16 +337,18 @@ impl PostgresStore {
             .collect();
         drop(client);
         let replica: Arc<str> = match &config.replica {
-            Some(name) => Arc::from(name.0.as_str()),
-            None => Arc::from(default_replica_name()),
+            Some(name) if !name.0.trim().is_empty() => Arc::from(name.0.trim()),
+            // Unset, or `${POD_NAME:-}` with the variable unset.
+            Some(_) | None => Arc::from(default_replica_name()),
         };
         let leases = Leases::new(replica, config.lease_ttl);
         let (commands, receiver) = mpsc::channel(QUEUE);
         let outboxes = Arc::new(Mutex::new(Outboxes::new()));
         let store = PostgresStore {
-            // `max_pending` is a bound per replica: what one replica submits is delivered by
-            // whichever holds the target, so the fleet-wide count lives in the database.
+            // What one replica submits is delivered by whichever serves the target, so
+            // `max_pending` is checked against the database's count (`full`), not counted here.
             limit: Arc::new(PendingLimit::new(u64::MAX, 0)),
+            full: Arc::new(AtomicBool::new(false)),
             positions: Arc::new(StreamPositions::new(positions)),
             leases: Arc::clone(&leases),
             outboxes: Arc::clone(&outboxes),
@@ -363,6 +368,11 @@ impl PostgresStore {
         };
         *store.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(tokio::spawn(writer.run(receiver)));
         tokio::spawn(listen(url.to_owned(), Arc::downgrade(&store.outboxes)));
+        tokio::spawn(count_pending(
+            store.pool.clone(),
+            Arc::downgrade(&store.full),
+            config.max_pending.0 as i64,
+        ));
         Ok(store)
     }
 
@@ -370,12 +380,22 @@ impl PostgresStore {
         &self.pool
     }
 
+    /// The deliveries in the database reached `max_pending`: the streams pause.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
     /// Queues the append, under the stream's lease token as it is now; returns whether it had
     /// to wait for room.
     pub async fn submit(&self, mut append: Append) -> Result<bool, StoreError> {
+        let mut waited = false;
+        while self.full.load(Ordering::Relaxed) {
+            waited = true;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         append.token = self.leases.token(Kind::Stream, &append.event.stream_name);
         match self.commands.try_send(Command::Append(append)) {
-            Ok(()) => Ok(false),
+            Ok(()) => Ok(waited),
             Err(mpsc::error::TrySendError::Full(command)) => {
                 self.commands.send(command).await.map_err(|_| StoreError::Stopped)?;
                 Ok(true)
@@ -633,6 +653,28 @@ async fn listen(url: String, outboxes: std::sync::Weak<Mutex<Outboxes>>) {
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Counts the deliveries in the database each second, all replicas together, against
+/// `max_pending`. Ends with the store.
+async fn count_pending(pool: Pool, full: std::sync::Weak<AtomicBool>, max_pending: i64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(full) = full.upgrade() else { return };
+        let counted = async {
+            let client = pool.get().await.ok()?;
+            let row = client
+                .query_one("SELECT count(*) FROM sse_relay.deliveries", &[])
+                .await
+                .ok()?;
+            Some(row.get::<_, i64>(0))
+        };
+        // Unknown while the database is away: the writer's queue bounds what waits meanwhile.
+        if let Ok(Some(n_pending)) = tokio::time::timeout(CALL_TIMEOUT, counted).await {
+            full.store(n_pending >= max_pending, Ordering::Relaxed);
+        }
     }
 }
 

@@ -157,7 +157,15 @@ async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     sink.wait_for_delivered("/hook", 20 * n_events as usize, DEADLINE).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Copies, if any were stored, would still be queued somewhere.
+    eventually("every queue drained", DEADLINE, || async {
+        let mut n_queued = 0.0;
+        for replica in &replicas {
+            n_queued += replica.metric("sse_relay_queue_depth", &[("target", "hook")]).await;
+        }
+        n_queued == 0.0
+    })
+    .await;
     let delivered = delivered_by_entity(&sink);
     for (_, entity) in entities() {
         let mut got = delivered.get(&entity).cloned().unwrap_or_default();
@@ -604,4 +612,63 @@ routes:
         upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await,
         "the instance stopped everywhere"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pending_counts_the_deliveries_of_all_replicas_together() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let yaml = twenty_streams(&upstream, &sink, "");
+    let storage = |name: &str| {
+        format!("{{ mode: postgres, url: \"${{DATABASE_URL}}\", lease_ttl: 2s, replica: {name}, max_pending: 50 }}")
+    };
+    let url = postgres.url();
+    let env = [("DATABASE_URL", url.as_str()), ("ADMIN_TOKEN", TOKEN)];
+    let first = LoggedRelay::start_replica(&storage("r1"), &yaml, &env).await;
+    let second = LoggedRelay::start_replica(&storage("r2"), &yaml, &env).await;
+    eventually("each stream connected once", DEADLINE, || async {
+        each_connected_once(&upstream)
+    })
+    .await;
+    for n in 0..10 {
+        for (api, entity) in entities() {
+            upstream.publish_event_to(api, &entity, &event(api, &entity, n));
+        }
+    }
+    // 200 events wait for a target that answers 503: the store is full at 50, counted across
+    // both replicas.
+    for replica in [&first, &second] {
+        eventually("readyz says the store is full", DEADLINE, || async {
+            let (status, body) = replica.get("/readyz").await;
+            status == 503 && body.contains("storage is full (max_pending)")
+        })
+        .await;
+    }
+    // The count lags by up to a second; what comes once it is known full waits.
+    for (api, entity) in entities() {
+        upstream.publish_event_to(api, &entity, &event(api, &entity, 10));
+    }
+    eventually("the last events received, and waiting for room", DEADLINE, || async {
+        let mut n_received = 0.0;
+        for replica in [&first, &second] {
+            n_received += replica.metric("sse_relay_events_received_total", &[]).await;
+        }
+        n_received == 220.0
+    })
+    .await;
+    sink.answer_by_default("/hook", 200);
+    let delivered = sink.wait_for_delivered("/hook", 220, DEADLINE).await;
+    assert_eq!(delivered.len(), 220, "every event delivered once the target recovered");
+    let mut n_waited = 0.0;
+    for replica in [&first, &second] {
+        eventually("readyz answers 200 again", DEADLINE, || async {
+            replica.get("/readyz").await.0 == 200
+        })
+        .await;
+        n_waited += replica.metric("sse_relay_backpressure_total", &[]).await;
+    }
+    assert!(n_waited > 0.0, "the streams waited for room");
 }
