@@ -672,3 +672,60 @@ async fn max_pending_counts_the_deliveries_of_all_replicas_together() {
     }
     assert!(n_waited > 0.0, "the streams waited for room");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_the_schema_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let url = postgres.url();
+    let migrations = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let pool = sse_relay::queue::postgres::pool(&url).unwrap();
+            sse_relay::queue::postgres::migrate(&pool).await
+        })
+    });
+    for migrated in futures_util::future::join_all(migrations).await {
+        migrated.unwrap().expect("every replica's migration succeeds");
+    }
+    let pool = sse_relay::queue::postgres::pool(&url).unwrap();
+    let client = pool.get().await.unwrap();
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM sse_relay.migrations ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, (1..=versions.len() as i32).collect::<Vec<_>>());
+    assert!(versions.len() >= 2, "{versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_every_replica_adds_a_target_that_one_of_them_serves() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let fleet = Fleet::start("").await;
+    let with_second = twenty_streams(&fleet.upstream, &fleet.sink, "")
+        .replace(
+            "routes:\n",
+            &format!("  second: {{ url: \"{}\" }}\nroutes:\n", fleet.sink.url("/second")),
+        )
+        .replace("    targets: [hook]", "    targets: [hook, second]");
+    for replica in &fleet.replicas {
+        replica.reload(&with_second).await;
+    }
+    eventually("one replica serves the new target", DEADLINE, || async {
+        let mut n_targets = 0.0;
+        for replica in &fleet.replicas {
+            n_targets += replica.metric("sse_relay_leases_held", &[("kind", "target")]).await;
+        }
+        n_targets == 2.0
+    })
+    .await;
+    for n in 0..5 {
+        fleet.publish_round(n);
+    }
+    fleet.assert_every_event_delivered(5).await;
+    let second = fleet.sink.wait_for_delivered("/second", 100, DEADLINE).await;
+    assert_eq!(second.len(), 100, "every event once at the new target");
+}

@@ -238,6 +238,8 @@ pub struct LoggedRelay {
     admin_token: Option<String>,
     /// The environment it was started with, for `dlq`.
     env: Vec<(String, String)>,
+    /// The config's admin, storage and shutdown sections, kept by `reload`.
+    header: String,
 }
 
 impl LoggedRelay {
@@ -261,6 +263,31 @@ impl LoggedRelay {
     pub async fn start_replica(storage: &str, yaml: &str, env: &[(&str, &str)]) -> LoggedRelay {
         let yaml = format!("storage: {storage}\n{yaml}");
         Self::launch(tempfile::tempdir().unwrap(), &yaml, env, Some("${ADMIN_TOKEN}"), |_| {}).await
+    }
+
+    /// Rewrites the config with `yaml` after the same admin, storage and shutdown sections,
+    /// sends SIGHUP, and waits until the reload is logged as applied.
+    pub async fn reload(&self, yaml: &str) {
+        let n_reloads = self
+            .log_lines()
+            .iter()
+            .filter(|line| line.contains("config reloaded"))
+            .count();
+        std::fs::write(
+            self.directory.path().join("relay.yaml"),
+            format!("{}{yaml}", self.header),
+        )
+        .unwrap();
+        self.signal(libc::SIGHUP);
+        eventually("the reload applied", DEADLINE, || {
+            let n = self
+                .log_lines()
+                .iter()
+                .filter(|line| line.contains("config reloaded"))
+                .count();
+            std::future::ready(n > n_reloads)
+        })
+        .await;
     }
 
     /// Sends the relay a signal (SIGSTOP, SIGCONT, SIGTERM).
@@ -308,10 +335,18 @@ impl LoggedRelay {
         } else {
             format!("storage: {{ path: \"{}\" }}\n", directory.path().join("data").display())
         };
-        let config =
-            format!("admin: {{ listen: \"{admin}\"{token} }}\n{storage}shutdown: {{ grace_period: 1s }}\n{yaml}");
+        let header = format!("admin: {{ listen: \"{admin}\"{token} }}\n{storage}shutdown: {{ grace_period: 1s }}\n");
+        // A replica's storage section comes first in `yaml`, and stays with a reload.
+        let (storage_line, yaml) = match yaml.strip_prefix("storage:") {
+            Some(rest) => {
+                let (line, yaml) = rest.split_once('\n').unwrap_or((rest, ""));
+                (format!("storage:{line}\n"), yaml)
+            }
+            None => (String::new(), yaml),
+        };
+        let header = format!("{header}{storage_line}");
         let config_path = directory.path().join("relay.yaml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, format!("{header}{yaml}")).unwrap();
         let mut command = relay_binary().run_command(&config_path);
         command
             .args(["--log-format", "json"])
@@ -338,6 +373,7 @@ impl LoggedRelay {
             directory,
             lines,
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            header,
             env: env
                 .iter()
                 .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
