@@ -774,36 +774,34 @@ impl Writer {
                 let (appends, names, token_values, replica) = (appends_ref, names_ref, tokens_ref, replica_ref);
                 let mut client = self.pool.get().await?;
                 let transaction = client.transaction().await?;
-                let valid: HashSet<(String, i64)> = transaction
-                    .query(
-                        "SELECT name, token FROM sse_relay.leases
-                         WHERE kind = 'stream' AND owner = $1
-                           AND (name, token) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))
-                         FOR SHARE",
-                        &[&&**replica, names, token_values],
-                    )
-                    .await?
-                    .into_iter()
-                    .map(|row| (row.get(0), row.get(1)))
-                    .collect();
+                // The fence, the lock that keeps ids in commit order, and ids for every
+                // delivery, sent together (pipelined); ids of refused ones are left unused.
+                let n_all = appends.iter().map(|append| append.targets.len()).sum::<usize>() as i64;
+                let fence_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                    [&&**replica, names, token_values];
+                let fence = transaction.query(
+                    "SELECT name, token FROM sse_relay.leases
+                     WHERE kind = 'stream' AND owner = $1
+                       AND (name, token) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))
+                     FOR SHARE",
+                    &fence_parameters,
+                );
+                let lock_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&APPEND_LOCK];
+                let lock = transaction.execute("SELECT pg_advisory_xact_lock($1)", &lock_parameters);
+                let n_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&n_all];
+                let draw = transaction.query(
+                    "SELECT nextval('sse_relay.delivery_ids') FROM generate_series(1, $1::bigint)",
+                    &n_parameters,
+                );
+                let (fenced, _, drawn) = futures_util::future::try_join3(fence, lock, draw).await?;
+                let valid: HashSet<(String, i64)> = fenced.into_iter().map(|row| (row.get(0), row.get(1))).collect();
                 let kept: Vec<&Append> = appends.iter().filter(|append| is_valid(&valid, append)).collect();
                 let n_kept: usize = kept.iter().map(|append| append.targets.len()).sum();
                 if n_kept == 0 {
                     transaction.commit().await?;
                     return Ok((valid, Vec::new()));
                 }
-                transaction
-                    .execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
-                    .await?;
-                let mut ids: Vec<i64> = transaction
-                    .query(
-                        "SELECT nextval('sse_relay.delivery_ids') FROM generate_series(1, $1::bigint)",
-                        &[&(n_kept as i64)],
-                    )
-                    .await?
-                    .into_iter()
-                    .map(|row| row.get(0))
-                    .collect();
+                let mut ids: Vec<i64> = drawn.into_iter().map(|row| row.get(0)).collect();
                 ids.sort_unstable();
                 let mut columns = Columns::with_capacity(n_kept);
                 // Per stream: the last id, and the keys of its events in order.
@@ -823,43 +821,44 @@ impl Writer {
                         }
                     }
                 }
-                transaction
-                    .execute(
-                        "INSERT INTO sse_relay.deliveries
-                             (id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
-                         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::text[],
-                                              $6::text[], $7::bytea[], $8::bool[], $9::bigint[])",
-                        &[
-                            &columns.ids,
-                            &columns.targets,
-                            &columns.event_ids,
-                            &columns.streams,
-                            &columns.sse_ids,
-                            &columns.event_types,
-                            &columns.data,
-                            &columns.is_json,
-                            &columns.received_at,
-                        ],
-                    )
-                    .await?;
+                let insert_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+                    &columns.ids,
+                    &columns.targets,
+                    &columns.event_ids,
+                    &columns.streams,
+                    &columns.sse_ids,
+                    &columns.event_types,
+                    &columns.data,
+                    &columns.is_json,
+                    &columns.received_at,
+                ];
+                let insert = transaction.execute(
+                    "INSERT INTO sse_relay.deliveries
+                         (id, target, event_id, stream, sse_id, event_type, data, is_json, received_at_ms)
+                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::text[],
+                                          $6::text[], $7::bytea[], $8::bool[], $9::bigint[])",
+                    &insert_parameters,
+                );
                 // Wakes the dispatchers of these targets, on whichever replica, at commit.
                 let mut targets: Vec<&str> = columns.targets.clone();
                 targets.sort_unstable();
                 targets.dedup();
-                transaction
-                    .execute(
-                        "SELECT pg_notify('sse_relay_deliveries', target) FROM UNNEST($1::text[]) AS target",
-                        &[&targets],
-                    )
-                    .await?;
-                if !positions.is_empty() {
-                    let mut streams = Vec::with_capacity(positions.len());
-                    let mut last_ids = Vec::with_capacity(positions.len());
-                    let mut keys = Vec::with_capacity(positions.len());
-                    for (stream, (last_id, stream_keys)) in positions {
-                        streams.push(stream);
-                        last_ids.push(last_id);
-                        keys.push(stream_keys);
+                let notify_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&targets];
+                let notify = transaction.execute(
+                    "SELECT pg_notify('sse_relay_deliveries', target) FROM UNNEST($1::text[]) AS target",
+                    &notify_parameters,
+                );
+                let mut streams = Vec::with_capacity(positions.len());
+                let mut last_ids = Vec::with_capacity(positions.len());
+                let mut keys = Vec::with_capacity(positions.len());
+                for (stream, (last_id, stream_keys)) in positions {
+                    streams.push(stream);
+                    last_ids.push(last_id);
+                    keys.push(stream_keys);
+                }
+                let positions = async {
+                    if streams.is_empty() {
+                        return Ok(0);
                     }
                     transaction
                         .execute(
@@ -871,8 +870,10 @@ impl Writer {
                                  recent_keys = sse_relay.last_keys(kept.recent_keys || EXCLUDED.recent_keys)",
                             &[&streams, &last_ids, &keys],
                         )
-                        .await?;
-                }
+                        .await
+                };
+                // Sent together (pipelined): one round trip for the three.
+                futures_util::future::try_join3(insert, notify, positions).await?;
                 transaction.commit().await?;
                 Ok((valid, ids))
             })
@@ -903,60 +904,76 @@ impl Writer {
     /// Records results under each target's lease; those of a target whose lease this replica
     /// lost are not recorded (the replica that holds it now attempts them again).
     async fn write_records(&self, records: Vec<Record>) {
-        type Results = Vec<(DeliveryId, Outcome)>;
-        let mut by_target: HashMap<(Arc<str>, Option<i64>), Results> = HashMap::new();
-        for (target, token, id, outcome) in records {
-            by_target.entry((target, token)).or_default().push((id, outcome));
+        let (records, unheld): (Vec<Record>, Vec<Record>) =
+            records.into_iter().partition(|(_, token, _, _)| token.is_some());
+        for (target, _, _, _) in &unheld {
+            warn!(webhook = %target, "a result not recorded: this replica no longer serves the target");
         }
+        if records.is_empty() {
+            return;
+        }
+        let leases: HashSet<(&str, i64)> = records
+            .iter()
+            .filter_map(|(target, token, _, _)| Some((&**target, (*token)?)))
+            .collect();
+        let (names, tokens): (Vec<&str>, Vec<i64>) = leases.iter().copied().unzip();
         let replica = Arc::clone(self.leases.replica());
-        for ((target, token), results) in by_target {
-            let Some(token) = token else {
-                warn!(webhook = %target, n_results = results.len(), "results not recorded: this replica no longer serves the target");
-                continue;
-            };
-            let (target_ref, replica_ref, results_ref) = (&target, &replica, &results);
-            let recorded = self
-                .until_written(|| async move {
-                    let (target, replica, results) = (target_ref, replica_ref, results_ref);
-                    let mut client = self.pool.get().await?;
-                    let transaction = client.transaction().await?;
-                    let held = transaction
-                        .query_opt(
-                            "SELECT 1 FROM sse_relay.leases
-                             WHERE kind = 'target' AND name = $1 AND owner = $2 AND token = $3 FOR SHARE",
-                            &[&&**target, &&**replica, &token],
-                        )
-                        .await?
-                        .is_some();
-                    if !held {
-                        return Ok(false);
-                    }
-                    let now = millis(SystemTime::now());
-                    // Deliveries that succeeded, the common case, go in one statement.
-                    let delivered: Vec<DeliveryId> = results
-                        .iter()
-                        .filter(|(_, outcome)| *outcome == Outcome::Delivered)
-                        .map(|(id, _)| *id)
-                        .collect();
+        let (records_ref, names_ref, tokens_ref, replica_ref) = (&records, &names, &tokens, &replica);
+        let valid = self
+            .until_written(|| async move {
+                let (records, names, tokens, replica) = (records_ref, names_ref, tokens_ref, replica_ref);
+                let mut client = self.pool.get().await?;
+                let transaction = client.transaction().await?;
+                let valid: HashSet<(String, i64)> = transaction
+                    .query(
+                        "SELECT name, token FROM sse_relay.leases
+                         WHERE kind = 'target' AND owner = $1
+                           AND (name, token) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))
+                         FOR SHARE",
+                        &[&&**replica, names, tokens],
+                    )
+                    .await?
+                    .into_iter()
+                    .map(|row| (row.get(0), row.get(1)))
+                    .collect();
+                let recorded = |(target, token, _, _): &&Record| {
+                    token.is_some_and(|token| valid.contains(&(target.to_string(), token)))
+                };
+                // Deliveries that succeeded, the common case, go in one statement; the other
+                // results are sent together (pipelined).
+                let delivered: Vec<DeliveryId> = records
+                    .iter()
+                    .filter(recorded)
+                    .filter(|(_, _, _, outcome)| *outcome == Outcome::Delivered)
+                    .map(|(_, _, id, _)| *id)
+                    .collect();
+                let now = millis(SystemTime::now());
+                let others = records
+                    .iter()
+                    .filter(recorded)
+                    .filter(|(_, _, _, outcome)| *outcome != Outcome::Delivered)
+                    .map(|(_, _, id, outcome)| apply_outcome(&transaction, *id, outcome, now));
+                let delete = async {
                     if !delivered.is_empty() {
                         transaction
                             .execute("DELETE FROM sse_relay.deliveries WHERE id = ANY($1)", &[&delivered])
                             .await?;
                     }
-                    for (id, outcome) in results.iter().filter(|(_, outcome)| *outcome != Outcome::Delivered) {
-                        apply_outcome(&transaction, *id, outcome, now).await?;
-                    }
-                    transaction.commit().await?;
-                    Ok(true)
-                })
-                .await;
-            if !recorded {
+                    Ok::<(), tokio_postgres::Error>(())
+                };
+                futures_util::future::try_join(delete, futures_util::future::try_join_all(others)).await?;
+                transaction.commit().await?;
+                Ok(valid)
+            })
+            .await;
+        for (target, token) in leases {
+            if !valid.contains(&(target.to_owned(), token)) {
                 warn!(
-                    webhook = %target, n_results = results.len(),
+                    webhook = %target,
                     "results not recorded: the target's lease passed to another replica, which attempts them again"
                 );
                 self.leases
-                    .set(Kind::Target, &target, crate::queue::lease::Grant::NotHeld);
+                    .set(Kind::Target, target, crate::queue::lease::Grant::NotHeld);
             }
         }
     }
