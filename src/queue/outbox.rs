@@ -480,6 +480,11 @@ impl Outbox {
             disk.on_disk_after = Some(0);
             disk.high_water = 0;
             disk.seen_external_changes = disk.backlog.external_changes();
+            if disk.shared {
+                // The replica that serves the target reports its queue from now on.
+                self.telemetry.queue_depth.set(0);
+                self.telemetry.oldest_pending.set(0.0);
+            }
         }
     }
 
