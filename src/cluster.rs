@@ -212,6 +212,13 @@ pub fn owner<'a>(replicas: &'a [String], kind: Kind, name: &str) -> Option<&'a s
         .map(String::as_str)
 }
 
+/// The kind and name of a lease row, from its first two columns.
+fn lease_key(row: &tokio_postgres::Row) -> Option<Key> {
+    let kind = Kind::of_label(row.get(0))?;
+    let name: &str = row.get(1);
+    Some((kind, Arc::from(name)))
+}
+
 fn text(err: impl std::fmt::Display) -> String {
     err.to_string()
 }
@@ -315,14 +322,13 @@ impl Round {
         Ok(rows
             .iter()
             .filter_map(|row| {
-                let kind = Kind::of_label(row.get(0))?;
-                let name: &str = row.get(1);
+                let key = lease_key(row)?;
                 let held = Held {
                     token: row.get(2),
                     handover_to: row.get(3),
                     handover_ready: row.get(4),
                 };
-                Some(((kind, Arc::from(name)), held))
+                Some((key, held))
             })
             .collect())
     }
@@ -581,9 +587,8 @@ impl Round {
         Ok(rows
             .iter()
             .filter_map(|row| {
-                let kind = Kind::of_label(row.get(0))?;
-                let name: &str = row.get(1);
-                Some((kind, Arc::from(name), row.get(2)))
+                let (kind, name) = lease_key(row)?;
+                Some((kind, name, row.get(2)))
             })
             .collect())
     }

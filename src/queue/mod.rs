@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::{StorageConfig, StorageMode};
 use crate::event::Event;
@@ -330,6 +330,29 @@ impl Store {
             Store::Postgres(store) => &store.limit,
         }
     }
+}
+
+/// How a store's writer answers a command.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Hands `item` to a store's writer, at once when there is room; returns whether it had to
+/// wait.
+pub(crate) async fn send_or_wait<T>(sender: &mpsc::Sender<T>, item: T) -> Result<bool, StoreError> {
+    match sender.try_send(item) {
+        Ok(()) => Ok(false),
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            sender.send(item).await.map_err(|_| StoreError::Stopped)?;
+            Ok(true)
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Stopped),
+    }
+}
+
+/// Sends a store's writer a command and waits for its answer.
+pub(crate) async fn ask<C, T>(sender: &mpsc::Sender<C>, command: impl FnOnce(Reply<T>) -> C) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    sender.send(command(reply)).await.map_err(|_| StoreError::Stopped)?;
+    answer.await.map_err(|_| StoreError::Stopped)?
 }
 
 /// Counts pending deliveries against `max_pending`; appends wait for room.

@@ -39,7 +39,7 @@ use crate::queue::lease::{Kind, Leases};
 use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
 use crate::queue::schema::{from_millis, millis};
 use crate::queue::{
-    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, SavedInstance, StoreError, StreamPositions,
+    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, Reply, SavedInstance, StoreError, StreamPositions,
 };
 use crate::telemetry::StorageTelemetry;
 
@@ -169,8 +169,6 @@ enum Command {
         reply: Reply<usize>,
     },
 }
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One event's deliveries, one per target, and its stream's Last-Event-ID.
 pub struct Append {
@@ -394,23 +392,11 @@ impl PostgresStore {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         append.token = self.leases.token(Kind::Stream, &append.event.stream_name);
-        match self.commands.try_send(Command::Append(append)) {
-            Ok(()) => Ok(waited),
-            Err(mpsc::error::TrySendError::Full(command)) => {
-                self.commands.send(command).await.map_err(|_| StoreError::Stopped)?;
-                Ok(true)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Stopped),
-        }
+        Ok(crate::queue::send_or_wait(&self.commands, Command::Append(append)).await? || waited)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        crate::queue::ask(&self.commands, command).await
     }
 
     /// Waits until everything queued before it is written (or given up under a lost lease).

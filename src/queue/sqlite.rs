@@ -30,7 +30,7 @@ use crate::queue::directory::{Reserve, StorageLock};
 use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
 use crate::queue::schema::{self, SCHEMA, millis};
 use crate::queue::{
-    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, SavedInstance, StoreError, StreamPositions,
+    Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, Reply, SavedInstance, StoreError, StreamPositions,
 };
 use crate::telemetry::StorageTelemetry;
 
@@ -54,8 +54,6 @@ const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often dead letters past their retention are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(600);
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// One event's deliveries, one per target (by name), and the stream's Last-Event-ID with it.
 pub struct Append {
@@ -348,23 +346,11 @@ impl SqliteStore {
             }
         };
         append.intake = Some(permit);
-        match self.appends.try_send(append) {
-            Ok(()) => Ok(waited),
-            Err(mpsc::error::TrySendError::Full(append)) => {
-                self.appends.send(append).await.map_err(|_| StoreError::Stopped)?;
-                Ok(true)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Stopped),
-        }
+        Ok(crate::queue::send_or_wait(&self.appends, append).await? || waited)
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        crate::queue::ask(&self.commands, command).await
     }
 
     pub fn saved_instances(&self) -> Vec<SavedInstance> {
