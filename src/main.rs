@@ -12,7 +12,8 @@ use sse_relay::{admin, app, check, config, dlq};
 #[command(
     name = "sse-relay",
     version,
-    about = "Relays Server-Sent-Events streams to HTTP webhooks"
+    about = "Relays Server-Sent-Events streams to HTTP webhooks",
+    after_help = "Example:\n  sse-relay check --config relay.yaml\n  sse-relay run --config relay.yaml"
 )]
 struct Cli {
     /// Log format; text on a terminal and JSON otherwise by default. RUST_LOG filters.
@@ -25,24 +26,35 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay until SIGTERM or SIGINT.
+    #[command(after_help = "Example:\n  sse-relay run --config /etc/sse-relay/relay.yaml\n  \
+                            SSE_RELAY_CONFIG=relay.yaml sse-relay run --log-format json")]
     Run {
+        /// The config file (YAML). SIGHUP re-reads it.
         #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
         config: PathBuf,
     },
     /// Validate the config and print the resolved routing table, secrets masked.
+    #[command(after_help = "Example:\n  sse-relay check --config relay.yaml && systemctl reload sse-relay")]
     Check {
+        /// The config file (YAML) to check; every problem in it is reported in one run.
         #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
         config: PathBuf,
     },
     /// Dead letters: deliveries that failed permanently or ran out of retries.
+    #[command(after_help = "Examples:\n  sse-relay dlq list --target n8n\n  \
+                            sse-relay dlq replay --id 42\n  \
+                            sse-relay dlq purge --older-than 7d")]
     Dlq {
+        /// The config file whose `storage` section names the store (SQLite or PostgreSQL).
         #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml", global = true)]
         config: PathBuf,
         #[command(subcommand)]
         command: DlqCommand,
     },
     /// Exit 0 when the relay's admin endpoint answers; for container health checks.
+    #[command(after_help = "Example:\n  sse-relay health --url http://127.0.0.1:9464/readyz")]
     Health {
+        /// The admin URL to probe: /healthz (alive) or /readyz (ready).
         #[arg(long, default_value = "http://127.0.0.1:9464/healthz")]
         url: String,
     },
@@ -51,7 +63,9 @@ enum Command {
 #[derive(Subcommand)]
 enum DlqCommand {
     /// List dead letters.
+    #[command(after_help = "Example:\n  sse-relay dlq list --target zapier --json")]
     List {
+        /// Only the dead letters of this target.
         #[arg(long)]
         target: Option<String>,
         /// One JSON array instead of a table.
@@ -59,23 +73,33 @@ enum DlqCommand {
         json: bool,
     },
     /// Move dead letters back to the queue; works while the relay runs.
+    #[command(after_help = "Examples:\n  sse-relay dlq replay --id 42\n  sse-relay dlq replay --target n8n")]
     Replay {
+        /// Only the dead letters of this target.
         #[arg(long)]
         target: Option<String>,
+        /// Only the dead letter with this id (from `dlq list`).
         #[arg(long)]
         id: Option<i64>,
+        /// Every dead letter; needed when no other selection is given.
         #[arg(long)]
         all: bool,
     },
     /// Delete dead letters for good.
+    #[command(
+        after_help = "Examples:\n  sse-relay dlq purge --older-than 7d\n  sse-relay dlq purge --target old-hook --all"
+    )]
     Purge {
+        /// Only the dead letters of this target.
         #[arg(long)]
         target: Option<String>,
         /// Only those older than this, e.g. 7d.
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Option<std::time::Duration>,
+        /// Only the dead letter with this id (from `dlq list`).
         #[arg(long)]
         id: Option<i64>,
+        /// Every dead letter; needed when no other selection is given.
         #[arg(long)]
         all: bool,
     },
@@ -228,4 +252,37 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag says what it is for, and every command shows an example.
+    #[test]
+    fn every_flag_has_help_and_every_command_an_example() {
+        fn walk(command: &clap::Command, path: &str, problems: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name());
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !["help", "version"].contains(&id) && arg.get_help().is_none() {
+                    problems.push(format!("{path}: --{id} has no help text"));
+                }
+            }
+            let example = command
+                .get_after_help()
+                .is_some_and(|after| after.to_string().contains("sse-relay "));
+            if !example {
+                problems.push(format!("{path}: no example"));
+            }
+            for subcommand in command.get_subcommands().filter(|sub| sub.get_name() != "help") {
+                walk(subcommand, &path, problems);
+            }
+        }
+        let mut problems = Vec::new();
+        walk(&Cli::command(), "", &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 }
