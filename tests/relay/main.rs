@@ -8,6 +8,7 @@ mod durability;
 mod encoding;
 mod faults;
 mod logs;
+mod operations;
 mod process;
 mod properties;
 mod reload;
