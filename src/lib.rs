@@ -15,6 +15,7 @@ pub mod dlq;
 pub mod event;
 pub mod queue;
 pub mod retry_after;
+pub mod route_test;
 pub mod routing;
 pub(crate) mod secret_headers;
 pub mod signing;

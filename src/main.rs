@@ -51,6 +51,12 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Test routes: what the relay would do with one sample message of a stream.
+    #[command(after_help = "Example:\n  echo '{\"type\":\"node_update\"}' | sse-relay route test --stream chat/8f1c -")]
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
+    },
     /// Exit 0 when the relay's admin endpoint answers; for container health checks.
     #[command(after_help = "Example:\n  sse-relay health --url http://127.0.0.1:9464/readyz")]
     Health {
@@ -105,6 +111,31 @@ enum DlqCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum RouteCommand {
+    /// Classify a sample message as the stream would, list the routes that match, and show per
+    /// target the request that would be sent (its own headers masked, a signature computed
+    /// now). Sends nothing. Exits 1 when no route matches, so it can guard a config in CI.
+    #[command(
+        after_help = "Examples:\n  sse-relay route test --config relay.yaml --stream participant/42 sample.json\n  \
+                            printf 'event: message\\ndata: {\"x\":1}\\n' | sse-relay route test --stream chat/1 -"
+    )]
+    Test {
+        /// The config file (YAML) whose streams, routes and targets are tested.
+        #[arg(long, env = "SSE_RELAY_CONFIG", default_value = "relay.yaml")]
+        config: PathBuf,
+        /// The stream the message comes from: its name, or an instance's (`chat/8f1c`).
+        #[arg(long)]
+        stream: String,
+        /// The SSE `event:` field of the message, if it has one.
+        #[arg(long)]
+        event_type: Option<String>,
+        /// The sample: an SSE message (`event:`, `data:`, `id:` lines) or its data alone; `-`
+        /// reads standard input.
+        input: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -138,10 +169,51 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),
         },
+        Command::Route {
+            command:
+                RouteCommand::Test {
+                    config,
+                    stream,
+                    event_type,
+                    input,
+                },
+        } => route_test(&config, &stream, event_type.as_deref(), &input),
         Command::Health { url } => match runtime().block_on(admin::probe(&url)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),
         },
+    }
+}
+
+fn route_test(config: &std::path::Path, stream: &str, event_type: Option<&str>, input: &std::path::Path) -> ExitCode {
+    let loaded = match config::load(config) {
+        Ok(loaded) => loaded,
+        Err(err) => return fail_config(&err),
+    };
+    let sample = if input.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+    } else {
+        std::fs::read_to_string(input)
+    };
+    let sample = match sample {
+        Ok(sample) => sample,
+        Err(err) => return fail(&format!("cannot read the sample {}: {err}", input.display())),
+    };
+    match sse_relay::route_test::run(
+        &loaded,
+        stream,
+        sse_relay::route_test::parse_sample(&sample, event_type),
+    ) {
+        Ok(outcome) => {
+            print!("{}", outcome.report);
+            if outcome.routed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => fail(&err),
     }
 }
 

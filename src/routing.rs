@@ -23,6 +23,8 @@ pub struct RoutingTable {
 }
 
 struct Route {
+    /// Its place in the config's `routes`, from 0.
+    index: usize,
     filter: EventFilter,
     /// For an instance pattern (`chat/8f1c*`): what the instance's id must match.
     instance_id: Option<WildMatch>,
@@ -120,8 +122,10 @@ impl RoutingTable {
             let routes: Vec<Route> = config
                 .routes
                 .iter()
-                .filter(|route| route.stream.stream_part().matches(stream_name))
-                .map(|route| Route {
+                .enumerate()
+                .filter(|(_, route)| route.stream.stream_part().matches(stream_name))
+                .map(|(index, route)| Route {
+                    index,
                     filter: EventFilter::new(&route.events, &route.where_equal),
                     instance_id: route.stream.id_part().map(|pattern| WildMatch::new(&pattern.0)),
                     targets: target_ids(&route.targets),
@@ -177,6 +181,16 @@ impl RoutingTable {
                 }
             }
         }
+    }
+
+    /// The routes (by their place in the config's `routes`, from 0) that `stream`'s event
+    /// matches, each with its targets: what `route` merges, for `sse-relay route test`.
+    pub fn matching_routes(&self, stream: StreamId, event: &Event) -> Vec<(usize, Vec<TargetId>)> {
+        self.routes_by_stream[stream.0]
+            .iter()
+            .filter(|route| route.matches(event))
+            .map(|route| (route.index, route.targets.clone()))
+            .collect()
     }
 
     /// The metric labels this stream's event types are counted under; index 0 is `other`.

@@ -37,6 +37,14 @@ async fn server_errors_are_retried_with_one_idempotency_key() {
     let keys: BTreeSet<Option<&str>> = attempts.iter().map(|r| r.header("idempotency-key")).collect();
     assert_eq!(keys.len(), 1, "one key across retries: {keys:?}");
     assert!(attempts.iter().all(|r| r.body == data.as_bytes()));
+    // The sink has answered; the relay counts the delivery once it has read that answer.
+    relay
+        .wait_metric(
+            "sse_relay_deliveries_total",
+            &[("target", "hook"), ("outcome", "delivered")],
+            1.0,
+        )
+        .await;
     let metrics = relay.get("/metrics").await.1;
     let outcome = |outcome| {
         metric_value(

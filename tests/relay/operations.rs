@@ -79,3 +79,163 @@ fn a_misspelt_metric_would_be_caught() {
         ])
     );
 }
+
+/// The request `route test` shows for one target: header names and values, and the body.
+struct Shown {
+    headers: std::collections::BTreeMap<String, String>,
+    body: String,
+}
+
+/// Reads `route test`'s report: per target, its headers and body.
+fn shown_requests(report: &str) -> std::collections::BTreeMap<String, Shown> {
+    let mut requests = std::collections::BTreeMap::new();
+    let mut lines = report.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.strip_prefix("target ") else {
+            continue;
+        };
+        let name = rest.split(':').next().unwrap().to_owned();
+        let mut headers = std::collections::BTreeMap::new();
+        let mut body = String::new();
+        while let Some(line) = lines.next() {
+            if line.starts_with("  body (") {
+                body = lines.next().unwrap_or_default().to_owned();
+                break;
+            }
+            let (header, value) = line.trim().split_once(": ").unwrap();
+            headers.insert(header.to_owned(), value.to_owned());
+        }
+        requests.insert(name, Shown { headers, body });
+    }
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_test_shows_the_request_the_relay_sends_for_the_same_message() {
+    use sse_relay_fixtures::emulator::{Api, Upstream};
+    use sse_relay_fixtures::sink::Sink;
+
+    use crate::support::{DEADLINE, LoggedRelay, quiet_upstream};
+
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    ids: ["8f1c"]
+targets:
+  n8n:
+    url: {n8n}
+    headers: {{ Authorization: "Bearer ${{HOOK_TOKEN}}" }}
+    signing_secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body: envelope
+  zapier: {{ url: "{zapier}" }}
+  slack: {{ url: "{slack}" }}
+routes:
+  - stream: chat
+    events: [node_*]
+    targets: [n8n]
+  - stream: chat/8f*
+    targets: [zapier]
+  - stream: chat
+    events: [workflow_status]
+    targets: [slack]
+"#,
+        chat = upstream.chat_url("{id}"),
+        n8n = sink.url("/n8n"),
+        zapier = sink.url("/zapier"),
+        slack = sink.url("/slack"),
+    );
+    let env = [("HOOK_TOKEN", "sekret-hook-token")];
+    let relay = LoggedRelay::start(&yaml, &env).await;
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    let sample = r#"{"type":"node_update","node":{"id":7,"status":"done"}}"#;
+    assert_eq!(upstream.publish_event_to(Api::Chat, "8f1c", sample), 1);
+    let n8n = sink.wait_for_delivered("/n8n", 1, DEADLINE).await;
+    let zapier = sink.wait_for_delivered("/zapier", 1, DEADLINE).await;
+
+    let samples = tempfile::tempdir().unwrap();
+    let sample_path = samples.path().join("sample.json");
+    std::fs::write(&sample_path, sample).unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+        .args(["route", "test", "--stream", "chat/8f1c", "--config"])
+        .arg(relay.config_path())
+        .arg(&sample_path)
+        .envs(env)
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{report}");
+    assert!(!report.contains("sekret-hook-token"), "a secret is shown: {report}");
+    assert!(
+        report.contains("routes[0]") && report.contains("routes[1]") && !report.contains("routes[2]"),
+        "{report}"
+    );
+    let shown = shown_requests(&report);
+    assert_eq!(shown.keys().collect::<Vec<_>>(), ["n8n", "zapier"], "{report}");
+
+    // What changes from one event to the next: its id, when it arrived, the signature's time.
+    let volatile = [
+        "idempotency-key",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    ];
+    let comparable_body = |body: &str| {
+        let mut value: serde_json::Value = serde_json::from_str(body).unwrap();
+        if let Some(object) = value.as_object_mut() {
+            object.remove("id");
+            object.remove("received_at");
+        }
+        value
+    };
+    for (name, delivered) in [("n8n", &n8n[0]), ("zapier", &zapier[0])] {
+        let shown = &shown[name];
+        let sent: std::collections::BTreeMap<String, String> = delivered
+            .headers
+            .iter()
+            .filter(|(header, _)| {
+                !["host", "accept", "content-length", "user-agent", "accept-encoding"].contains(&header.as_str())
+            })
+            .map(|(header, value)| (header.to_string(), value.to_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            sent.keys().collect::<Vec<_>>(),
+            shown.headers.keys().collect::<Vec<_>>(),
+            "{name}: the same headers"
+        );
+        for (header, value) in &shown.headers {
+            if header == "authorization" {
+                assert_eq!(value, "*** (from the config)");
+                assert_eq!(sent[header], "Bearer sekret-hook-token");
+            } else if !volatile.contains(&header.as_str()) {
+                assert_eq!(&sent[header], value, "{name}: {header}");
+            }
+        }
+        assert_eq!(
+            comparable_body(&String::from_utf8_lossy(&delivered.body)),
+            comparable_body(&shown.body),
+            "{name}: the same body"
+        );
+    }
+
+    // A message no route takes fails the command, so that it can guard a config in CI.
+    let ping = samples.path().join("ping.json");
+    std::fs::write(&ping, r#"{"type":"ping"}"#).unwrap();
+    let unrouted = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+        .args(["route", "test", "--stream", "chat/99", "--config"])
+        .arg(relay.config_path())
+        .arg(&ping)
+        .envs(env)
+        .output()
+        .await
+        .unwrap();
+    assert!(!unrouted.status.success());
+    assert!(String::from_utf8_lossy(&unrouted.stdout).contains("no route matches"));
+}

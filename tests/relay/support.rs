@@ -290,6 +290,11 @@ impl LoggedRelay {
         .await;
     }
 
+    /// The config file it runs.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.directory.path().join("relay.yaml")
+    }
+
     /// Sends the relay a signal (SIGSTOP, SIGCONT, SIGTERM).
     pub fn signal(&self, signal: i32) {
         // SAFETY: signals the child this test started and still owns.
