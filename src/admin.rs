@@ -24,6 +24,8 @@ use crate::telemetry::{Metrics, StreamSnapshot, StreamTelemetry};
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
+    /// Totals taken every 10 s, for the per-minute rates of `/v1/status`.
+    pub samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
     /// The streams `/readyz` checks, replaced as they change; `None` until the relay has
     /// started them.
     pub streams: Arc<std::sync::RwLock<Option<Vec<Arc<StreamTelemetry>>>>>,
@@ -124,6 +126,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/streams", get(list_streams))
+        .route("/v1/status", get(status))
         .route("/v1/streams/{template}/{id}", put(add_stream).delete(remove_stream))
         .with_state(state);
     let mut connections = JoinSet::new();
@@ -277,6 +280,215 @@ async fn list_streams(
     ))
 }
 
+/// Totals at one moment, for rates: events per stream, delivered and failed attempts per target.
+pub struct Sample {
+    at: std::time::Instant,
+    events: std::collections::HashMap<String, u64>,
+    delivered: std::collections::HashMap<String, f64>,
+    failed: std::collections::HashMap<String, f64>,
+}
+
+/// How often totals are sampled, and how many samples are kept (a minute and a bit).
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+const SAMPLES_KEPT: usize = 8;
+
+/// One target, as `/v1/status` shows it; the values are those of `/metrics`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TargetStatus {
+    pub name: String,
+    /// `closed`, `open`, `half-open` or `gone` (the circuit breaker).
+    pub state: String,
+    pub queue_depth: f64,
+    pub oldest_pending_seconds: f64,
+    pub in_flight: f64,
+    pub delivered_total: f64,
+    /// Attempts that failed: retried, or given up.
+    pub failed_total: f64,
+    pub dead_letters_total: f64,
+    pub delivered_per_minute: Option<f64>,
+    pub failed_per_minute: Option<f64>,
+}
+
+/// One stream, as `/v1/status` shows it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub connected: bool,
+    /// With replicas: the replica that reads it.
+    pub owner: Option<String>,
+    pub last_event_age_seconds: Option<f64>,
+    pub events_received: u64,
+    pub events_per_minute: Option<f64>,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+/// What `GET /v1/status` answers, and `sse-relay status` shows.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub replica: Option<String>,
+    pub streams: Vec<StreamStatus>,
+    pub targets: Vec<TargetStatus>,
+}
+
+/// The targets' figures, read from the metrics registry.
+fn target_figures(metrics: &Metrics) -> std::collections::BTreeMap<String, TargetStatus> {
+    let mut targets: std::collections::BTreeMap<String, TargetStatus> = std::collections::BTreeMap::new();
+    for family in metrics.registry.gather() {
+        for metric in family.get_metric() {
+            let label = |name: &str| {
+                metric
+                    .get_label()
+                    .iter()
+                    .find(|pair| pair.name() == name)
+                    .map(|pair| pair.value().to_owned())
+            };
+            let Some(target) = label("target") else { continue };
+            let value = match family.get_field_type() {
+                prometheus::proto::MetricType::GAUGE => metric.get_gauge().get_value(),
+                prometheus::proto::MetricType::COUNTER => metric.get_counter().get_value(),
+                _ => continue,
+            };
+            let entry = targets.entry(target.clone()).or_insert_with(|| TargetStatus {
+                name: target,
+                ..TargetStatus::default()
+            });
+            match family.name() {
+                "sse_relay_target_state" => {
+                    entry.state = match value as i64 {
+                        1 => "open",
+                        2 => "half-open",
+                        3 => "gone",
+                        _ => "closed",
+                    }
+                    .to_owned();
+                }
+                "sse_relay_queue_depth" => entry.queue_depth = value,
+                "sse_relay_oldest_pending_seconds" => entry.oldest_pending_seconds = value,
+                "sse_relay_deliveries_in_flight" => entry.in_flight = value,
+                "sse_relay_dead_letters_total" => entry.dead_letters_total = value,
+                "sse_relay_deliveries_total" => match label("outcome").as_deref() {
+                    Some("delivered") => entry.delivered_total = value,
+                    Some("retried" | "failed") => entry.failed_total += value,
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    for target in targets.values_mut().filter(|target| target.state.is_empty()) {
+        target.state = "closed".to_owned();
+    }
+    targets
+}
+
+async fn take_sample(state: &AdminState) -> Sample {
+    let events = state
+        .control
+        .list()
+        .await
+        .into_iter()
+        .map(|stream| (stream.state.name, stream.state.events_received))
+        .collect();
+    let targets = target_figures(&state.metrics);
+    Sample {
+        at: std::time::Instant::now(),
+        events,
+        delivered: targets
+            .iter()
+            .map(|(name, t)| (name.clone(), t.delivered_total))
+            .collect(),
+        failed: targets.iter().map(|(name, t)| (name.clone(), t.failed_total)).collect(),
+    }
+}
+
+/// Takes a sample every 10 s, until `stop`.
+pub async fn sample_totals(state: Arc<AdminState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sample = take_sample(&state).await;
+        let mut samples = state.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if samples.len() == SAMPLES_KEPT {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+}
+
+/// Per minute, from the oldest sample at most a minute old (5 s old at least), to now.
+fn per_minute(
+    now: &Sample,
+    samples: &std::collections::VecDeque<Sample>,
+    value: impl Fn(&Sample) -> Option<f64>,
+) -> Option<f64> {
+    let old = samples
+        .iter()
+        .filter(|sample| now.at.duration_since(sample.at) <= Duration::from_secs(65))
+        .find(|sample| now.at.duration_since(sample.at) >= Duration::from_secs(5))?;
+    let elapsed = now.at.duration_since(old.at).as_secs_f64();
+    Some((value(now)? - value(old).unwrap_or(0.0)).max(0.0) * 60.0 / elapsed)
+}
+
+async fn status(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<Status>, ApiError> {
+    if !authorized(&state, &headers) {
+        return Err(unauthorized());
+    }
+    let now = take_sample(&state).await;
+    let mut targets = target_figures(&state.metrics);
+    let owners = match &state.store {
+        Store::Postgres(shared) => Some(
+            shared
+                .lease_owners(crate::queue::lease::Kind::Stream)
+                .await
+                .map_err(|err| ApiError::unavailable(format!("cannot read the leases: {err}")))?,
+        ),
+        _ => None,
+    };
+    let listed = state.control.list().await;
+    let samples = state.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let wall_now = std::time::SystemTime::now();
+    let streams = listed
+        .into_iter()
+        .map(|stream| {
+            let snapshot = stream.state;
+            let name = snapshot.name.clone();
+            StreamStatus {
+                owner: owners.as_ref().and_then(|owners| owners.get(&name).cloned()),
+                connected: snapshot.connected,
+                last_event_age_seconds: snapshot
+                    .last_event_at
+                    .as_deref()
+                    .and_then(|at| humantime::parse_rfc3339(at).ok())
+                    .and_then(|at| wall_now.duration_since(at).ok())
+                    .map(|age| age.as_secs_f64()),
+                events_received: snapshot.events_received,
+                events_per_minute: per_minute(&now, &samples, |sample| sample.events.get(&name).map(|n| *n as f64)),
+                reconnects: snapshot.reconnects,
+                last_error: snapshot.last_error,
+                name,
+            }
+        })
+        .collect();
+    for target in targets.values_mut() {
+        let name = target.name.clone();
+        target.delivered_per_minute = per_minute(&now, &samples, |sample| sample.delivered.get(&name).copied());
+        target.failed_per_minute = per_minute(&now, &samples, |sample| sample.failed.get(&name).copied());
+    }
+    drop(samples);
+    Ok(axum::Json(Status {
+        replica: state.store.leases().map(|leases| leases.replica().to_string()),
+        streams,
+        targets: targets.into_values().collect(),
+    }))
+}
+
 async fn metrics(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     if !authorized(&state, &headers) {
         return (
@@ -367,6 +579,86 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, problems)
     }
+}
+
+/// `sse-relay status`: `/v1/status` of the relay whose admin server is at `base`.
+pub async fn fetch_status(base: &str, token: Option<&str>) -> anyhow::Result<Status> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let url = format!("{}/v1/status", base.trim_end_matches('/'));
+    let mut request = client.get(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {url}")))?;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        anyhow::bail!("{url} answered 401: give admin.token with --token or SSE_RELAY_ADMIN_TOKEN");
+    }
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(serde_json::from_slice(&response.bytes().await?)?)
+}
+
+/// The status as two aligned tables, streams and targets.
+pub fn status_table(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let rate = |value: Option<f64>| value.map_or("-".to_owned(), |value| format!("{value:.1}"));
+    let age = |seconds: Option<f64>| {
+        seconds.map_or("-".to_owned(), |seconds| {
+            humantime::format_duration(Duration::from_secs(seconds as u64)).to_string() + " ago"
+        })
+    };
+    let mut out = String::new();
+    if let Some(replica) = &status.replica {
+        let _ = writeln!(
+            out,
+            "replica {replica}
+"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<28} {:<12} {:<14} {:>14} {:>10} {:>10}  last error",
+        "stream", "state", "owner", "last event", "events/min", "reconnects"
+    );
+    for stream in &status.streams {
+        let state = if stream.connected { "connected" } else { "disconnected" };
+        let _ = writeln!(
+            out,
+            "{:<28} {:<12} {:<14} {:>14} {:>10} {:>10}  {}",
+            stream.name,
+            state,
+            stream.owner.as_deref().unwrap_or("-"),
+            age(stream.last_event_age_seconds),
+            rate(stream.events_per_minute),
+            stream.reconnects,
+            stream.last_error.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<10} {:>8} {:>10} {:>9} {:>13} {:>10} {:>12}",
+        "target", "state", "queue", "oldest", "in flight", "delivered/min", "failed/min", "dead letters"
+    );
+    for target in &status.targets {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:>8} {:>10} {:>9} {:>13} {:>10} {:>12}",
+            target.name,
+            target.state,
+            target.queue_depth,
+            humantime::format_duration(Duration::from_secs(target.oldest_pending_seconds as u64)).to_string(),
+            target.in_flight,
+            rate(target.delivered_per_minute),
+            rate(target.failed_per_minute),
+            target.dead_letters_total
+        );
+    }
+    out
 }
 
 /// `sse-relay health`: succeeds when the admin endpoint at `url` answers 2xx within 5 s. For

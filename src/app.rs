@@ -268,7 +268,9 @@ pub async fn start(config: Config) -> anyhow::Result<Relay> {
         store: store.clone(),
         token: config.admin.token.as_ref().map(|token| token.0.clone()),
         control: Arc::new(SharedStreams(Arc::clone(&streams))),
+        samples: std::sync::Mutex::default(),
     });
+    tokio::spawn(admin::sample_totals(Arc::clone(&admin_state), stop_admin.clone()));
     let admin = tokio::spawn(admin::serve(listener, admin_state, stop_admin.clone()));
 
     let finished_watcher = streams::watch_finished(Arc::clone(&streams), finished_receiver);

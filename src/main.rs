@@ -57,6 +57,24 @@ enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Streams and targets of a running relay at a glance, from its admin API (/v1/status).
+    #[command(after_help = "Examples:\n  sse-relay status\n  \
+                            SSE_RELAY_ADMIN_TOKEN=... sse-relay status --url http://10.0.0.5:9464 --watch\n  \
+                            sse-relay status --json | jq '.targets[] | select(.queue_depth > 0)'")]
+    Status {
+        /// The relay's admin address (admin.listen).
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// admin.token, when the relay sets one.
+        #[arg(long, env = "SSE_RELAY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print /v1/status as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every interval (2s when given alone) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
+        watch: Option<std::time::Duration>,
+    },
     /// Exit 0 when the relay's admin endpoint answers; for container health checks.
     #[command(after_help = "Example:\n  sse-relay health --url http://127.0.0.1:9464/readyz")]
     Health {
@@ -178,6 +196,31 @@ fn main() -> ExitCode {
                     input,
                 },
         } => route_test(&config, &stream, event_type.as_deref(), &input),
+        Command::Status {
+            url,
+            token,
+            json,
+            watch,
+        } => runtime().block_on(async {
+            loop {
+                match admin::fetch_status(&url, token.as_deref()).await {
+                    Ok(status) if json => match serde_json::to_string_pretty(&status) {
+                        Ok(text) => println!("{text}"),
+                        Err(err) => return fail(&format!("{err}")),
+                    },
+                    Ok(status) => {
+                        if watch.is_some() {
+                            // Clears the terminal, as watch(1) does.
+                            print!("\x1b[2J\x1b[H");
+                        }
+                        print!("{}", admin::status_table(&status));
+                    }
+                    Err(err) => return fail(&format!("{err:#}")),
+                }
+                let Some(every) = watch else { return ExitCode::SUCCESS };
+                tokio::time::sleep(every).await;
+            }
+        }),
         Command::Health { url } => match runtime().block_on(admin::probe(&url)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&format!("{err:#}")),

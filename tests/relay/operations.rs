@@ -239,3 +239,116 @@ routes:
     assert!(!unrouted.status.success());
     assert!(String::from_utf8_lossy(&unrouted.stdout).contains("no route matches"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_streams_and_targets_as_the_metrics_count_them() {
+    use sse_relay_fixtures::emulator::{Api, Upstream};
+    use sse_relay_fixtures::metrics::metric_value;
+    use sse_relay_fixtures::sink::Sink;
+
+    use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
+
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/bad", 400);
+    let yaml = format!(
+        r#"
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+targets:
+  ok: {{ url: "{ok}" }}
+  bad: {{ url: "{bad}" }}
+routes:
+  - stream: participant
+    targets: [ok, bad]
+"#,
+        participant = upstream.participant_url("42"),
+        ok = sink.url("/ok"),
+        bad = sink.url("/bad"),
+    );
+    let token = "status-token";
+    let relay = LoggedRelay::start_with_admin_token(&yaml, &[("ADMIN_TOKEN", token)]).await;
+    assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
+    for n in 0..3 {
+        upstream.publish_event(Api::Participant, &format!(r#"{{"eventType":"MESSAGE_SENT","n":{n}}}"#));
+    }
+    eventually("delivered and dead-lettered", DEADLINE, || async {
+        relay.metric("sse_relay_dead_letters_total", &[("target", "bad")]).await == 3.0
+            && relay
+                .metric(
+                    "sse_relay_deliveries_total",
+                    &[("target", "ok"), ("outcome", "delivered")],
+                )
+                .await
+                == 3.0
+    })
+    .await;
+
+    assert_eq!(relay.get("/v1/status").await.0, 401, "the admin token is required");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+        .args(["status", "--json", "--url"])
+        .arg(format!("http://{}", relay.admin))
+        .env("SSE_RELAY_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let metrics = relay.get_with_token("/metrics", token).await.1;
+    let streams = status["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0]["name"], "participant");
+    assert_eq!(streams[0]["connected"], true);
+    assert_eq!(streams[0]["events_received"], 3);
+    assert!(streams[0]["last_event_age_seconds"].as_f64().unwrap() < 60.0);
+    for target in status["targets"].as_array().unwrap() {
+        let name = target["name"].as_str().unwrap();
+        let metric = |metric: &str, extra: &[(&str, &str)]| {
+            let mut labels = vec![("target", name)];
+            labels.extend_from_slice(extra);
+            metric_value(&metrics, metric, &labels)
+        };
+        assert_eq!(target["queue_depth"], metric("sse_relay_queue_depth", &[]), "{name}");
+        assert_eq!(
+            target["dead_letters_total"],
+            metric("sse_relay_dead_letters_total", &[]),
+            "{name}"
+        );
+        assert_eq!(
+            target["delivered_total"],
+            metric("sse_relay_deliveries_total", &[("outcome", "delivered")]),
+            "{name}"
+        );
+        assert_eq!(target["state"], "closed", "{name}");
+    }
+    let by_name = |name: &str| {
+        status["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|target| target["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_name("ok")["delivered_total"], 3.0);
+    assert_eq!(by_name("bad")["dead_letters_total"], 3.0);
+
+    let table = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+        .args(["status", "--url"])
+        .arg(format!("http://{}", relay.admin))
+        .args(["--token", token])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("participant") && table.contains("connected"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with("bad ") && line.trim_end().ends_with('3')),
+        "{table}"
+    );
+}
