@@ -127,6 +127,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         .route("/readyz", get(readyz))
         .route("/v1/streams", get(list_streams))
         .route("/v1/status", get(status))
+        .route("/v1/tap", get(tap))
         .route("/v1/streams/{template}/{id}", put(add_stream).delete(remove_stream))
         .with_state(state);
     let mut connections = JoinSet::new();
@@ -581,6 +582,243 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
     }
 }
 
+/// What a tap reader asked for: `?stream=PATTERN&type=PATTERN&target=NAME&data=true`.
+#[derive(Default)]
+struct TapFilter {
+    stream: Option<wildmatch::WildMatch>,
+    event_type: Option<wildmatch::WildMatch>,
+    target: Option<String>,
+    data: bool,
+}
+
+impl TapFilter {
+    fn from_query(query: Option<&str>) -> TapFilter {
+        let mut filter = TapFilter::default();
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            match &*key {
+                "stream" => filter.stream = Some(wildmatch::WildMatch::new(&value)),
+                "type" => filter.event_type = Some(wildmatch::WildMatch::new(&value)),
+                "target" => filter.target = Some(value.into_owned()),
+                "data" => filter.data = value == "true" || value == "1",
+                _ => {}
+            }
+        }
+        filter
+    }
+
+    /// The item as one SSE message, if the reader wants it.
+    fn message(&self, tapped: &crate::telemetry::Tapped) -> Option<String> {
+        use crate::telemetry::Tapped;
+        let (stream, event_type) = match tapped {
+            Tapped::Event { stream, event_type, .. } | Tapped::Delivery { stream, event_type, .. } => {
+                (stream, event_type)
+            }
+        };
+        if self.stream.as_ref().is_some_and(|pattern| !pattern.matches(stream))
+            || self
+                .event_type
+                .as_ref()
+                .is_some_and(|pattern| !pattern.matches(event_type))
+        {
+            return None;
+        }
+        let json = match tapped {
+            Tapped::Event {
+                event_id,
+                targets,
+                data,
+                ..
+            } => {
+                if self
+                    .target
+                    .as_ref()
+                    .is_some_and(|target| !targets.iter().any(|queued| **queued == **target))
+                {
+                    return None;
+                }
+                let mut json = serde_json::json!({
+                    "kind": "event", "stream": &**stream, "event_type": &**event_type,
+                    "event_id": event_id.to_string(),
+                    "targets": targets.iter().map(|target| &**target).collect::<Vec<_>>(),
+                });
+                if self.data {
+                    json["data"] = serde_json::Value::String(String::from_utf8_lossy(data).into_owned());
+                }
+                json
+            }
+            Tapped::Delivery {
+                target,
+                event_id,
+                outcome,
+                status,
+                duration,
+                attempt,
+                error,
+                ..
+            } => {
+                if self.target.as_ref().is_some_and(|wanted| **wanted != **target) {
+                    return None;
+                }
+                serde_json::json!({
+                    "kind": "delivery", "target": &**target, "stream": &**stream,
+                    "event_type": &**event_type, "event_id": event_id.to_string(), "outcome": outcome,
+                    "status": status, "duration_ms": duration.as_secs_f64() * 1000.0,
+                    "attempt": attempt, "error": error,
+                })
+            }
+        };
+        Some(format!("data: {json}\n\n"))
+    }
+}
+
+/// How often a quiet tap sends a comment, so that a reader that left is noticed.
+const TAP_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The tap as SSE messages: each wanted item, a `dropped` event when this reader fell behind
+/// (counted), and a comment when quiet.
+fn tap_messages(
+    tap: Arc<crate::telemetry::Tap>,
+    filter: TapFilter,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> {
+    let receiver = tap.subscribe();
+    let first = bytes::Bytes::from_static(b": tapping\n\n");
+    let filter = Arc::new(filter);
+    futures_util::stream::unfold((receiver, Some(first)), move |(mut receiver, first)| {
+        let (tap, filter) = (Arc::clone(&tap), Arc::clone(&filter));
+        async move {
+            if let Some(first) = first {
+                return Some((Ok(first), (receiver, None)));
+            }
+            loop {
+                let message = match tokio::time::timeout(TAP_KEEPALIVE, receiver.recv()).await {
+                    Err(_) => ": keepalive\n\n".to_owned(),
+                    Ok(Ok(tapped)) => match filter.message(&tapped) {
+                        Some(message) => message,
+                        None => continue,
+                    },
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                        tap.dropped.inc_by(n);
+                        format!("event: dropped\ndata: {{\"n\":{n}}}\n\n")
+                    }
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
+                };
+                return Some((Ok(bytes::Bytes::from(message)), (receiver, None)));
+            }
+        }
+    })
+}
+
+async fn tap(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMap, uri: axum::http::Uri) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized().into_response();
+    }
+    let filter = TapFilter::from_query(uri.query());
+    let body = axum::body::Body::from_stream(tap_messages(Arc::clone(&state.metrics.tap), filter));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `sse-relay tap`: prints what the relay at `base` taps, one line per item, until the
+/// relay or the reader stops. `query` is `/v1/tap`'s query string.
+pub async fn print_tap(base: &str, token: Option<&str>, query: &str) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    use std::io::Write as _;
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let url = format!("{}/v1/tap?{query}", base.trim_end_matches('/'));
+    let mut request = client.get(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {base}")))?;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        anyhow::bail!("{base}/v1/tap answered 401: give admin.token with --token or SSE_RELAY_ADMIN_TOKEN");
+    }
+    anyhow::ensure!(status.is_success(), "{base}/v1/tap answered {status}");
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "tapping {base} (Ctrl-C to stop)");
+    let _ = out.flush();
+    let mut body = response.bytes_stream();
+    let mut pending = Vec::new();
+    let mut dropped_next = false;
+    while let Some(chunk) = body.next().await {
+        pending.extend_from_slice(&chunk.map_err(|err| anyhow::Error::new(err.without_url()))?);
+        while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end();
+            if line == "event: dropped" {
+                dropped_next = true;
+            } else if let Some(json) = line.strip_prefix("data: ") {
+                let item: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+                let text = if std::mem::take(&mut dropped_next) {
+                    format!("({} tapped items dropped: this reader fell behind)", item["n"])
+                } else {
+                    tap_line(&item)
+                };
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One tapped item as a line of `sse-relay tap`.
+fn tap_line(item: &serde_json::Value) -> String {
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let time = now.get(11..23).unwrap_or(&now);
+    let text = |key: &str| item[key].as_str().unwrap_or("").to_owned();
+    match item["kind"].as_str() {
+        Some("event") => {
+            let targets: Vec<&str> = item["targets"]
+                .as_array()
+                .map(|targets| targets.iter().filter_map(|target| target.as_str()).collect())
+                .unwrap_or_default();
+            let to = if targets.is_empty() {
+                "(unrouted)".to_owned()
+            } else {
+                targets.join(", ")
+            };
+            let mut line = format!("{time} event {} {} -> {to}", text("stream"), text("event_type"));
+            if let Some(data) = item["data"].as_str() {
+                line.push_str("\n    ");
+                line.push_str(data);
+            }
+            line
+        }
+        Some("delivery") => {
+            let status = item["status"]
+                .as_u64()
+                .map_or(String::new(), |status| format!(" {status}"));
+            let error = item["error"]
+                .as_str()
+                .map_or(String::new(), |error| format!(": {error}"));
+            format!(
+                "{time} delivery {} <- {} {}: {}{status} in {:.0} ms (attempt {}){error}",
+                text("target"),
+                text("stream"),
+                text("event_type"),
+                text("outcome"),
+                item["duration_ms"].as_f64().unwrap_or(0.0),
+                item["attempt"]
+            )
+        }
+        _ => item.to_string(),
+    }
+}
+
 /// `sse-relay status`: `/v1/status` of the relay whose admin server is at `base`.
 pub async fn fetch_status(base: &str, token: Option<&str>) -> anyhow::Result<Status> {
     let client = reqwest::Client::builder()
@@ -691,5 +929,58 @@ mod tests {
         check("Basic t0k", None);
         check("Bearert0k", None);
         check("t0k", None);
+    }
+}
+
+#[cfg(test)]
+mod tap_tests {
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::telemetry::Tapped;
+
+    fn event(n: usize) -> Tapped {
+        Tapped::Event {
+            stream: Arc::from("chat/1"),
+            event_type: Arc::from("node_update"),
+            event_id: crate::event::EventId::new(),
+            targets: vec![Arc::from(format!("t{n}").as_str())],
+            data: bytes::Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tap_reader_that_falls_behind_loses_the_oldest_is_told_and_they_are_counted() {
+        let metrics = Metrics::new();
+        let tap = Arc::clone(&metrics.tap);
+        let mut messages = Box::pin(tap_messages(Arc::clone(&tap), TapFilter::default()));
+        assert_eq!(messages.next().await.unwrap().unwrap(), ": tapping\n\n");
+        assert!(tap.is_watched());
+        // The relay sends without waiting, however far behind the reader is.
+        for n in 0..crate::telemetry::TAP_CAPACITY + 500 {
+            tap.send(event(n));
+        }
+        let told = messages.next().await.unwrap().unwrap();
+        assert_eq!(told, "event: dropped\ndata: {\"n\":500}\n\n");
+        assert_eq!(tap.dropped.get(), 500);
+        let next = String::from_utf8(messages.next().await.unwrap().unwrap().to_vec()).unwrap();
+        assert!(next.contains("\"targets\":[\"t500\"]"), "{next}");
+        drop(messages);
+        assert!(!tap.is_watched(), "a reader that left costs nothing");
+    }
+
+    #[test]
+    fn a_tap_filter_takes_streams_types_and_targets_and_shows_data_only_when_asked() {
+        let filter = TapFilter::from_query(Some("stream=chat%2F*&type=node_*&target=t1"));
+        assert!(filter.message(&event(1)).is_some());
+        assert!(filter.message(&event(2)).is_none(), "another target");
+        assert!(!filter.message(&event(1)).unwrap().contains("\"data\""));
+        let with_data = TapFilter::from_query(Some("data=true"));
+        assert!(with_data.message(&event(1)).unwrap().contains("\"data\":\"{}\""));
+        assert!(
+            TapFilter::from_query(Some("stream=participant*"))
+                .message(&event(1))
+                .is_none()
+        );
     }
 }

@@ -57,6 +57,32 @@ enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Print events live as a running relay receives them, with the targets they were queued
+    /// for, and each delivery's outcome. A slow reader loses items (told how many); the relay
+    /// never waits for it.
+    #[command(after_help = "Examples:\n  sse-relay tap\n  \
+                            sse-relay tap --stream 'chat/*' --type 'node_*' --data\n  \
+                            SSE_RELAY_ADMIN_TOKEN=... sse-relay tap --url http://10.0.0.5:9464 --target n8n")]
+    Tap {
+        /// The relay's admin address (admin.listen).
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// admin.token, when the relay sets one.
+        #[arg(long, env = "SSE_RELAY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Only streams (or instances, `chat/8f1c`) matching this pattern (`*`, `?`).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only event types matching this pattern.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only events queued for this target, and its deliveries.
+        #[arg(long)]
+        target: Option<String>,
+        /// Show each event's data too (it may hold personal data; secrets are never shown).
+        #[arg(long)]
+        data: bool,
+    },
     /// Streams and targets of a running relay at a glance, from its admin API (/v1/status).
     #[command(after_help = "Examples:\n  sse-relay status\n  \
                             SSE_RELAY_ADMIN_TOKEN=... sse-relay status --url http://10.0.0.5:9464 --watch\n  \
@@ -196,6 +222,28 @@ fn main() -> ExitCode {
                     input,
                 },
         } => route_test(&config, &stream, event_type.as_deref(), &input),
+        Command::Tap {
+            url,
+            token,
+            stream,
+            event_type,
+            target,
+            data,
+        } => {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            for (key, value) in [("stream", stream), ("type", event_type), ("target", target)] {
+                if let Some(value) = value {
+                    query.append_pair(key, &value);
+                }
+            }
+            if data {
+                query.append_pair("data", "true");
+            }
+            match runtime().block_on(admin::print_tap(&url, token.as_deref(), &query.finish())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&format!("{err:#}")),
+            }
+        }
         Command::Status {
             url,
             token,

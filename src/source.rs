@@ -1326,6 +1326,18 @@ async fn route_and_submit(
     telemetry.event_received(event.received_at);
     let targets = &mut state.targets;
     router.table.route(stream_id, &event, targets);
+    if telemetry.tap.is_watched() {
+        telemetry.tap.send(crate::telemetry::Tapped::Event {
+            stream: Arc::clone(&event.stream_name),
+            event_type: Arc::clone(&event.event_type),
+            event_id: event.id,
+            targets: targets
+                .iter()
+                .map(|target| Arc::clone(router.table.target_name(*target)))
+                .collect(),
+            data: event.data.clone(),
+        });
+    }
     if targets.is_empty() {
         telemetry.unrouted(&event.event_type);
         // Only an event that is not a copy moves Last-Event-ID (a lagging old connection's

@@ -67,6 +67,61 @@ pub struct Metrics {
     pub storage: Arc<StorageTelemetry>,
     pub admin: AdminTelemetry,
     pub leases: LeaseTelemetry,
+    /// What `GET /v1/tap` streams.
+    pub tap: Arc<Tap>,
+}
+
+/// Events and delivery outcomes tapped for `GET /v1/tap` (`sse-relay tap`), in a bounded
+/// broadcast channel: nothing is made or sent while nobody taps, and a reader that falls
+/// behind loses the oldest for itself only, told how many (`sse_relay_tap_dropped_total`).
+pub struct Tap {
+    sender: tokio::sync::broadcast::Sender<Arc<Tapped>>,
+    pub dropped: IntCounter,
+}
+
+/// Tapped items a reader may fall behind by before it loses some.
+pub const TAP_CAPACITY: usize = 1024;
+
+/// One tapped item.
+#[derive(Debug, Clone)]
+pub enum Tapped {
+    /// A stream received an event, and queued it for these targets (none: unrouted).
+    Event {
+        stream: Arc<str>,
+        event_type: Arc<str>,
+        event_id: crate::event::EventId,
+        targets: Vec<Arc<str>>,
+        data: bytes::Bytes,
+    },
+    /// An attempt to deliver an event ended.
+    Delivery {
+        target: Arc<str>,
+        stream: Arc<str>,
+        event_type: Arc<str>,
+        event_id: crate::event::EventId,
+        /// `delivered`, `retry`, `dead_letter` or `gone`.
+        outcome: &'static str,
+        status: Option<u16>,
+        duration: Duration,
+        attempt: u32,
+        error: Option<String>,
+    },
+}
+
+impl Tap {
+    /// Whether anyone taps: the only cost on the hot path while nobody does.
+    pub fn is_watched(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
+    pub fn send(&self, tapped: Tapped) {
+        // No receiver: nothing to do. A full channel never blocks; laggards lose the oldest.
+        let _ = self.sender.send(Arc::new(tapped));
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Tapped>> {
+        self.sender.subscribe()
+    }
 }
 
 /// The leases of a replica that shares a PostgreSQL store with others.
@@ -348,6 +403,17 @@ impl Metrics {
                 "Config reloads (SIGHUP) by result: ok or failed.",
                 &["result"],
             ),
+            tap: Arc::new(Tap {
+                sender: tokio::sync::broadcast::Sender::new(TAP_CAPACITY),
+                dropped: register(
+                    &registry,
+                    IntCounter::new(
+                        "sse_relay_tap_dropped_total",
+                        "Tapped events and outcomes a slow `sse-relay tap` reader lost (the relay never waits for it).",
+                    )
+                    .expect("valid metric"),
+                ),
+            }),
             leases: LeaseTelemetry {
                 held: gauge(
                     "sse_relay_leases_held",
@@ -474,6 +540,7 @@ impl Metrics {
         StreamTelemetry {
             name: Arc::from(name),
             label: Arc::from(label),
+            tap: Arc::clone(&self.tap),
             is_connected: std::sync::atomic::AtomicBool::new(false),
             status: StreamStatus::default(),
             connected: self.stream_connected.with_label_values(&[label]),
@@ -499,6 +566,7 @@ impl Metrics {
         let outcome = |outcome: &str| self.deliveries.with_label_values(&[name, outcome]);
         TargetTelemetry {
             name: Arc::from(name),
+            tap: Arc::clone(&self.tap),
             delivered: outcome("delivered"),
             retried: outcome("retried"),
             failed: outcome("failed"),
@@ -611,6 +679,7 @@ pub struct StreamTelemetry {
     /// The name its metrics carry: the stream's, or the template's for an instance, so that
     /// labels stay bounded by the config.
     label: Arc<str>,
+    pub tap: Arc<Tap>,
     /// How many of the streams under `label` are connected.
     connected: IntGauge,
     is_connected: std::sync::atomic::AtomicBool,
@@ -873,6 +942,7 @@ impl StreamTelemetry {
 /// Metric handles and log lines of one target.
 pub struct TargetTelemetry {
     pub name: Arc<str>,
+    pub tap: Arc<Tap>,
     delivered: IntCounter,
     retried: IntCounter,
     failed: IntCounter,

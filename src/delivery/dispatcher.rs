@@ -287,6 +287,9 @@ impl Dispatcher {
         telemetry.in_flight.dec();
         telemetry.attempt_finished(duration);
         delivery.n_attempts += 1;
+        if telemetry.tap.is_watched() {
+            tap_outcome(&self.target, &delivery, &outcome, duration);
+        }
         delivery.first_attempt_at.get_or_insert(started_at);
         let now = Instant::now();
 
@@ -389,6 +392,33 @@ fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> 
         (Some(first), Some(second)) => Some(first.min(second)),
         (first, second) => first.or(second),
     }
+}
+
+/// Tells `sse-relay tap` how an attempt ended.
+fn tap_outcome(target: &TargetRuntime, delivery: &Delivery, outcome: &Result<(), Failure>, duration: Duration) {
+    let (outcome, status, error) = match outcome {
+        Ok(()) => ("delivered", None, None),
+        Err(failure) => {
+            let outcome = match failure.verdict {
+                Failed::Retry { .. } => "retry",
+                Failed::Permanent => "dead_letter",
+                Failed::Gone => "gone",
+            };
+            (outcome, failure.status, Some(failure.problem.to_string()))
+        }
+    };
+    let event = &delivery.event;
+    target.telemetry.tap.send(crate::telemetry::Tapped::Delivery {
+        target: Arc::clone(&target.telemetry.name),
+        stream: Arc::clone(&event.stream_name),
+        event_type: Arc::clone(&event.event_type),
+        event_id: event.id,
+        outcome,
+        status,
+        duration,
+        attempt: delivery.n_attempts,
+        error,
+    });
 }
 
 /// Waits for a change of the lease's grant; never, without a lease.

@@ -352,3 +352,115 @@ routes:
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_prints_each_event_with_its_targets_and_each_delivery_outcome() {
+    use sse_relay_fixtures::emulator::{Api, Upstream};
+    use sse_relay_fixtures::sink::Sink;
+    use tokio::io::AsyncBufReadExt as _;
+
+    use crate::support::{DEADLINE, LoggedRelay, eventually, quiet_upstream};
+
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/bad", 400);
+    let yaml = format!(
+        r#"
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+targets:
+  ok: {{ url: "{ok}", headers: {{ Authorization: "Bearer tap-secret-7" }} }}
+  bad: {{ url: "{bad}" }}
+routes:
+  - stream: participant
+    targets: [ok, bad]
+"#,
+        participant = upstream.participant_url("42"),
+        ok = sink.url("/ok"),
+        bad = sink.url("/bad"),
+    );
+    let token = "tap-token";
+    let relay = LoggedRelay::start_with_admin_token(&yaml, &[("ADMIN_TOKEN", token)]).await;
+    assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
+
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut taps = Vec::new();
+    for extra in [&["--data"][..], &["--target", "ok"][..]] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sse-relay"))
+            .args(["tap", "--url"])
+            .arg(format!("http://{}", relay.admin))
+            .args(extra)
+            .env("SSE_RELAY_ADMIN_TOKEN", token)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (lines, tag) = (std::sync::Arc::clone(&lines), extra.join(" "));
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                lines.lock().unwrap().push(format!("[{tag}] {line}"));
+            }
+        });
+        taps.push(child);
+    }
+    let seen = |needle: &'static str| {
+        let lines = std::sync::Arc::clone(&lines);
+        move || std::future::ready(lines.lock().unwrap().iter().any(|line| line.contains(needle)))
+    };
+    eventually("both taps connected", DEADLINE, || async {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("tapping"))
+            .count()
+            == 2
+    })
+    .await;
+    upstream.publish_event(Api::Participant, r#"{"eventType":"MESSAGE_SENT","text":"hello tap"}"#);
+    for needle in [
+        "[--data] ",
+        "event participant MESSAGE_SENT -> ",
+        "hello tap",
+        "delivery ok <- participant MESSAGE_SENT: delivered",
+        "delivery bad <- participant MESSAGE_SENT: dead_letter 400",
+    ] {
+        eventually(&format!("the tap shows {needle:?}"), DEADLINE, seen(needle)).await;
+    }
+    eventually(
+        "the filtered tap shows the ok delivery",
+        DEADLINE,
+        seen("[--target ok] "),
+    )
+    .await;
+    eventually("…", DEADLINE, || async {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.starts_with("[--target ok]") && line.contains("delivery ok <-"))
+    })
+    .await;
+    let lines = lines.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("-> bad, ok") || line.contains("-> ok, bad")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(!line.contains("tap-secret-7"), "a secret in the tap: {line}");
+        if line.starts_with("[--target ok]") {
+            assert!(
+                !line.contains("delivery bad"),
+                "the filter let another target through: {line}"
+            );
+            assert!(!line.contains("hello tap"), "data shown without --data: {line}");
+        }
+    }
+    drop(taps);
+}

@@ -621,7 +621,12 @@ async fn max_pending_counts_the_deliveries_of_all_replicas_together() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/hook", 503);
-    let yaml = twenty_streams(&upstream, &sink, "");
+    // A target that recovers is probed again at once, so that the test measures the store.
+    let yaml = twenty_streams(
+        &upstream,
+        &sink,
+        "circuit_breaker: { open_delay: 100ms, max_open_delay: 200ms }",
+    );
     let storage = |name: &str| {
         format!("{{ mode: postgres, url: \"${{DATABASE_URL}}\", lease_ttl: 2s, replica: {name}, max_pending: 50 }}")
     };
