@@ -729,23 +729,8 @@ async fn tap(State(state): State<Arc<AdminState>>, headers: axum::http::HeaderMa
 pub async fn print_tap(base: &str, token: Option<&str>, query: &str) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
     use std::io::Write as _;
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .build()?;
-    let url = format!("{}/v1/tap?{query}", base.trim_end_matches('/'));
-    let mut request = client.get(&url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {base}")))?;
-    let status = response.status();
-    if status == StatusCode::UNAUTHORIZED {
-        anyhow::bail!("{base}/v1/tap answered 401: give admin.token with --token or SSE_RELAY_ADMIN_TOKEN");
-    }
-    anyhow::ensure!(status.is_success(), "{base}/v1/tap answered {status}");
+    // No overall timeout: the tap lasts until stopped.
+    let response = admin_get(base, &format!("/v1/tap?{query}"), token, None).await?;
     let mut out = std::io::stdout();
     let _ = writeln!(out, "tapping {base} (Ctrl-C to stop)");
     let _ = out.flush();
@@ -821,24 +806,38 @@ fn tap_line(item: &serde_json::Value) -> String {
 
 /// `sse-relay status`: `/v1/status` of the relay whose admin server is at `base`.
 pub async fn fetch_status(base: &str, token: Option<&str>) -> anyhow::Result<Status> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
-        .build()?;
-    let url = format!("{}/v1/status", base.trim_end_matches('/'));
-    let mut request = client.get(&url);
+    let response = admin_get(base, "/v1/status", token, Some(Duration::from_secs(5))).await?;
+    Ok(serde_json::from_slice(&response.bytes().await?)?)
+}
+
+/// A GET of the admin API at `base`, with `token` as bearer; an error says what to do about a
+/// 401, and names only the address.
+async fn admin_get(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Response> {
+    let mut client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(timeout) = timeout {
+        client = client.timeout(timeout);
+    }
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let mut request = client.build()?.get(&url);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
     let response = request
         .send()
         .await
-        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {url}")))?;
+        .map_err(|err| anyhow::Error::new(err.without_url()).context(format!("cannot reach {base}")))?;
     let status = response.status();
+    let endpoint = path.split('?').next().unwrap_or(path);
     if status == StatusCode::UNAUTHORIZED {
-        anyhow::bail!("{url} answered 401: give admin.token with --token or SSE_RELAY_ADMIN_TOKEN");
+        anyhow::bail!("{base}{endpoint} answered 401: give admin.token with --token or SSE_RELAY_ADMIN_TOKEN");
     }
-    anyhow::ensure!(status.is_success(), "{url} answered {status}");
-    Ok(serde_json::from_slice(&response.bytes().await?)?)
+    anyhow::ensure!(status.is_success(), "{base}{endpoint} answered {status}");
+    Ok(response)
 }
 
 /// The status as two aligned tables, streams and targets.

@@ -251,24 +251,7 @@ async fn status_shows_the_streams_and_targets_as_the_metrics_count_them() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/bad", 400);
-    let yaml = format!(
-        r#"
-streams:
-  participant:
-    url: {participant}
-    event_type: [/eventType]
-    keepalive: [KEEP_ALIVE]
-targets:
-  ok: {{ url: "{ok}" }}
-  bad: {{ url: "{bad}" }}
-routes:
-  - stream: participant
-    targets: [ok, bad]
-"#,
-        participant = upstream.participant_url("42"),
-        ok = sink.url("/ok"),
-        bad = sink.url("/bad"),
-    );
+    let yaml = participant_to_ok_and_bad(&upstream, &sink, "");
     let token = "status-token";
     let relay = LoggedRelay::start_with_admin_token(&yaml, &[("ADMIN_TOKEN", token)]).await;
     assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
@@ -364,23 +347,10 @@ async fn tap_prints_each_event_with_its_targets_and_each_delivery_outcome() {
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     sink.answer_by_default("/bad", 400);
-    let yaml = format!(
-        r#"
-streams:
-  participant:
-    url: {participant}
-    event_type: [/eventType]
-    keepalive: [KEEP_ALIVE]
-targets:
-  ok: {{ url: "{ok}", headers: {{ Authorization: "Bearer tap-secret-7" }} }}
-  bad: {{ url: "{bad}" }}
-routes:
-  - stream: participant
-    targets: [ok, bad]
-"#,
-        participant = upstream.participant_url("42"),
-        ok = sink.url("/ok"),
-        bad = sink.url("/bad"),
+    let yaml = participant_to_ok_and_bad(
+        &upstream,
+        &sink,
+        ", headers: { Authorization: \"Bearer tap-secret-7\" }",
     );
     let token = "tap-token";
     let relay = LoggedRelay::start_with_admin_token(&yaml, &[("ADMIN_TOKEN", token)]).await;
@@ -463,4 +433,30 @@ routes:
         }
     }
     drop(taps);
+}
+
+/// The participant stream, every event to `ok` (with `ok_extra` in its settings) and to `bad`.
+fn participant_to_ok_and_bad(
+    upstream: &sse_relay_fixtures::emulator::Upstream,
+    sink: &sse_relay_fixtures::sink::Sink,
+    ok_extra: &str,
+) -> String {
+    format!(
+        r#"
+streams:
+  participant:
+    url: {participant}
+    event_type: [/eventType]
+    keepalive: [KEEP_ALIVE]
+targets:
+  ok: {{ url: "{ok}"{ok_extra} }}
+  bad: {{ url: "{bad}" }}
+routes:
+  - stream: participant
+    targets: [ok, bad]
+"#,
+        participant = upstream.participant_url("42"),
+        ok = sink.url("/ok"),
+        bad = sink.url("/bad"),
+    )
 }
