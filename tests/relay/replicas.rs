@@ -19,7 +19,8 @@ const TOKEN: &str = "replica-admin-token";
 /// a 2-core machine would otherwise crowd the timing of the other tests.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Ten participants and ten chats, every event to the sink's `/hook`.
+/// Ten participants and ten chats, every event to the sink's `/hook`, which is retried often
+/// and long enough that no test's outage makes a dead letter, however slow the machine.
 fn twenty_streams(upstream: &Upstream, sink: &Sink, target_extra: &str) -> String {
     format!(
         r#"
@@ -38,7 +39,7 @@ streams:
 targets:
   hook:
     url: {hook}
-    retry: {{ initial_delay: 20ms, max_delay: 200ms }}
+    retry: {{ initial_delay: 20ms, max_delay: 200ms, max_attempts: 1000 }}
     {target_extra}
 routes:
   - stream: "*"
