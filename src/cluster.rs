@@ -219,8 +219,9 @@ fn lease_key(row: &tokio_postgres::Row) -> Option<Key> {
     Some((kind, Arc::from(name)))
 }
 
-fn text(err: impl std::fmt::Display) -> String {
-    err.to_string()
+/// A database or pool error with its causes, as the store says them.
+fn text(err: impl std::error::Error + 'static) -> String {
+    crate::queue::postgres::problem(&err)
 }
 
 impl Round {

@@ -240,10 +240,11 @@ pub fn describe(url: &str) -> String {
     format!("postgres {host}:{port} database {database}")
 }
 
-/// A database error with its causes (the server's message, say); it never holds the url.
-pub fn problem(err: &tokio_postgres::Error) -> String {
+/// A database or pool error with its causes (the server's message, say); it never holds the
+/// url.
+pub fn problem(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
@@ -690,10 +691,35 @@ struct Writer {
 type Record = (Arc<str>, Option<i64>, DeliveryId, Outcome);
 
 /// Whether an append's stream lease was found valid, under the token it was read with.
-fn is_valid(valid: &HashSet<(String, i64)>, append: &Append) -> bool {
-    append
-        .token
-        .is_some_and(|token| valid.contains(&(append.event.stream_name.to_string(), token)))
+/// The leases of one kind that this replica holds under the tokens asked about, by name, as
+/// the writing transaction found (and locked) them.
+type Fence = HashMap<String, i64>;
+
+/// Finds which of `names` this replica holds under `tokens`, and locks those rows until the
+/// transaction ends, so that no other replica can take them meanwhile.
+async fn fence(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    kind: Kind,
+    replica: &str,
+    names: &[&str],
+    tokens: &[i64],
+) -> Result<Fence, tokio_postgres::Error> {
+    let rows = transaction
+        .query(
+            "SELECT name, token FROM sse_relay.leases
+             WHERE kind = $1 AND owner = $2
+               AND (name, token) IN (SELECT * FROM UNNEST($3::text[], $4::bigint[]))
+             FOR SHARE",
+            &[&kind.label(), &replica, &names, &tokens],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Whether the fence let through work done under `token` for `name` (no allocation: this runs
+/// per append and per result).
+fn holds(fence: &Fence, name: &str, token: Option<i64>) -> bool {
+    token.is_some_and(|token| fence.get(name) == Some(&token))
 }
 
 /// A run of commands of one kind, written together.
@@ -763,15 +789,7 @@ impl Writer {
                 // The fence, the lock that keeps ids in commit order, and ids for every
                 // delivery, sent together (pipelined); ids of refused ones are left unused.
                 let n_all = appends.iter().map(|append| append.targets.len()).sum::<usize>() as i64;
-                let fence_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                    [&&**replica, names, token_values];
-                let fence = transaction.query(
-                    "SELECT name, token FROM sse_relay.leases
-                     WHERE kind = 'stream' AND owner = $1
-                       AND (name, token) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))
-                     FOR SHARE",
-                    &fence_parameters,
-                );
+                let fenced = fence(&transaction, Kind::Stream, replica, names, token_values);
                 let lock_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&APPEND_LOCK];
                 let lock = transaction.execute("SELECT pg_advisory_xact_lock($1)", &lock_parameters);
                 let n_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&n_all];
@@ -779,9 +797,11 @@ impl Writer {
                     "SELECT nextval('sse_relay.delivery_ids') FROM generate_series(1, $1::bigint)",
                     &n_parameters,
                 );
-                let (fenced, _, drawn) = futures_util::future::try_join3(fence, lock, draw).await?;
-                let valid: HashSet<(String, i64)> = fenced.into_iter().map(|row| (row.get(0), row.get(1))).collect();
-                let kept: Vec<&Append> = appends.iter().filter(|append| is_valid(&valid, append)).collect();
+                let (valid, _, drawn) = futures_util::future::try_join3(fenced, lock, draw).await?;
+                let kept: Vec<&Append> = appends
+                    .iter()
+                    .filter(|append| holds(&valid, &append.event.stream_name, append.token))
+                    .collect();
                 let n_kept: usize = kept.iter().map(|append| append.targets.len()).sum();
                 if n_kept == 0 {
                     transaction.commit().await?;
@@ -868,7 +888,7 @@ impl Writer {
         let outboxes = self.outboxes.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let mut refused: HashMap<&str, u64> = HashMap::new();
         for append in &appends {
-            let stored = is_valid(&valid, append);
+            let stored = holds(&valid, &append.event.stream_name, append.token);
             for target in &append.targets {
                 if !stored {
                     *refused.entry(target).or_default() += 1;
@@ -910,21 +930,8 @@ impl Writer {
                 let (records, names, tokens, replica) = (records_ref, names_ref, tokens_ref, replica_ref);
                 let mut client = self.pool.get().await?;
                 let transaction = client.transaction().await?;
-                let valid: HashSet<(String, i64)> = transaction
-                    .query(
-                        "SELECT name, token FROM sse_relay.leases
-                         WHERE kind = 'target' AND owner = $1
-                           AND (name, token) IN (SELECT * FROM UNNEST($2::text[], $3::bigint[]))
-                         FOR SHARE",
-                        &[&&**replica, names, tokens],
-                    )
-                    .await?
-                    .into_iter()
-                    .map(|row| (row.get(0), row.get(1)))
-                    .collect();
-                let recorded = |(target, token, _, _): &&Record| {
-                    token.is_some_and(|token| valid.contains(&(target.to_string(), token)))
-                };
+                let valid = fence(&transaction, Kind::Target, replica, names, tokens).await?;
+                let recorded = |(target, token, _, _): &&Record| holds(&valid, target, *token);
                 // Deliveries that succeeded, the common case, go in one statement; the other
                 // results are sent together (pipelined).
                 let delivered: Vec<DeliveryId> = records
@@ -953,7 +960,7 @@ impl Writer {
             })
             .await;
         for (target, token) in leases {
-            if !valid.contains(&(target.to_owned(), token)) {
+            if !holds(&valid, target, Some(token)) {
                 warn!(
                     webhook = %target,
                     "results not recorded: the target's lease passed to another replica, which attempts them again"
