@@ -158,7 +158,7 @@ fn on_postgres<'a, T, F: Future<Output = anyhow::Result<T>> + 'a>(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async {
-            let pool = crate::queue::postgres::pool(url)?;
+            let pool = crate::queue::postgres::pool(url, config.lease_ttl)?;
             crate::queue::postgres::migrate(&pool).await?;
             work(pool).await
         })

@@ -199,12 +199,24 @@ pub struct PostgresStore {
 }
 
 /// The connection pool of a store or a `dlq` command; the url's password is never shown.
-pub fn pool(url: &str) -> anyhow::Result<Pool> {
+///
+/// A transaction left open by a replica that stopped mid-way (paused, frozen, cut off) holds
+/// the lock that orders appends and its fence's row locks, and so would hold up every other
+/// replica's appends and lease changes: the server ends such a session after a quarter of
+/// `lease_ttl` idle in a transaction (the replica has stepped down by then anyway).
+pub fn pool(url: &str, lease_ttl: Duration) -> anyhow::Result<Pool> {
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|_| anyhow::anyhow!("storage.url is not a PostgreSQL connection url"))?;
     config.connect_timeout(CALL_TIMEOUT);
     config.application_name("sse-relay");
+    let idle_in_transaction = idle_in_transaction_timeout(lease_ttl);
+    let options = format!(
+        "{} -c idle_in_transaction_session_timeout={}",
+        config.get_options().unwrap_or_default(),
+        idle_in_transaction.as_millis()
+    );
+    config.options(options.trim_start());
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -220,6 +232,11 @@ pub fn pool(url: &str) -> anyhow::Result<Pool> {
         .recycle_timeout(Some(CALL_TIMEOUT))
         .build()
         .context("cannot set up the PostgreSQL connection pool")
+}
+
+/// How long a relay's session may sit idle inside a transaction before the server ends it.
+fn idle_in_transaction_timeout(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 4).max(Duration::from_millis(250))
 }
 
 /// Where the database is, for messages: host and port, never the user or password.
@@ -301,7 +318,7 @@ impl PostgresStore {
     pub async fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<PostgresStore> {
         let url = config.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
         let place = describe(url);
-        let pool = pool(url)?;
+        let pool = pool(url, config.lease_ttl)?;
         migrate(&pool)
             .await
             .map_err(|err| anyhow::anyhow!("storage {place}: {err:#}"))?;
@@ -786,18 +803,20 @@ impl Writer {
                 let (appends, names, token_values, replica) = (appends_ref, names_ref, tokens_ref, replica_ref);
                 let mut client = self.pool.get().await?;
                 let transaction = client.transaction().await?;
-                // The fence, the lock that keeps ids in commit order, and ids for every
-                // delivery, sent together (pipelined); ids of refused ones are left unused.
+                // The lock that keeps ids in commit order, the fence, and ids for every
+                // delivery, sent together (pipelined) and run in that order; ids of refused
+                // ones are left unused. The lock comes first: a transaction waiting for it
+                // holds no lease row, so this replica's renewal never waits behind it.
                 let n_all = appends.iter().map(|append| append.targets.len()).sum::<usize>() as i64;
-                let fenced = fence(&transaction, Kind::Stream, replica, names, token_values);
                 let lock_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&APPEND_LOCK];
                 let lock = transaction.execute("SELECT pg_advisory_xact_lock($1)", &lock_parameters);
+                let fenced = fence(&transaction, Kind::Stream, replica, names, token_values);
                 let n_parameters: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&n_all];
                 let draw = transaction.query(
                     "SELECT nextval('sse_relay.delivery_ids') FROM generate_series(1, $1::bigint)",
                     &n_parameters,
                 );
-                let (valid, _, drawn) = futures_util::future::try_join3(fenced, lock, draw).await?;
+                let (_, valid, drawn) = futures_util::future::try_join3(lock, fenced, draw).await?;
                 let kept: Vec<&Append> = appends
                     .iter()
                     .filter(|append| holds(&valid, &append.event.stream_name, append.token))

@@ -687,14 +687,14 @@ async fn replicas_starting_together_migrate_the_schema_once() {
     let migrations = (0..4).map(|_| {
         let url = url.clone();
         tokio::spawn(async move {
-            let pool = sse_relay::queue::postgres::pool(&url).unwrap();
+            let pool = sse_relay::queue::postgres::pool(&url, Duration::from_secs(10)).unwrap();
             sse_relay::queue::postgres::migrate(&pool).await
         })
     });
     for migrated in futures_util::future::join_all(migrations).await {
         migrated.unwrap().expect("every replica's migration succeeds");
     }
-    let pool = sse_relay::queue::postgres::pool(&url).unwrap();
+    let pool = sse_relay::queue::postgres::pool(&url, Duration::from_secs(10)).unwrap();
     let client = pool.get().await.unwrap();
     let versions: Vec<i32> = client
         .query("SELECT version FROM sse_relay.migrations ORDER BY version", &[])
@@ -734,4 +734,71 @@ async fn a_reload_on_every_replica_adds_a_target_that_one_of_them_serves() {
     fleet.assert_every_event_delivered(5).await;
     let second = fleet.sink.wait_for_delivered("/second", 100, DEADLINE).await;
     assert_eq!(second.len(), 100, "every event once at the new target");
+}
+
+/// A transaction that holds the lock that orders appends, as a replica's writer does.
+async fn hold_append_lock(client: &deadpool_postgres::Client) {
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&sse_relay::queue::postgres::APPEND_LOCK],
+        )
+        .await
+        .unwrap();
+}
+
+fn stepped_down(fleet: &Fleet) -> bool {
+    fleet.replicas.iter().any(|replica| {
+        replica
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("cannot renew this replica's leases"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_outside_stalls_no_renewal_and_a_stalled_replicas_transaction_is_ended() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let fleet = Fleet::start("").await;
+    let url = fleet.postgres.url();
+    for n in 0..5 {
+        fleet.publish_round(n);
+    }
+    fleet.assert_every_event_delivered(5).await;
+
+    // Appends wait for a lock held for longer than lease_ttl (2s) by a session that no relay
+    // controls: the replicas' writers wait, and their lease renewals must not wait with them.
+    let outside = sse_relay::queue::postgres::pool(&url, Duration::from_secs(3600)).unwrap();
+    let outside = outside.get().await.unwrap();
+    hold_append_lock(&outside).await;
+    for n in 5..35 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !stepped_down(&fleet),
+        "a replica lost its leases while appends waited for a lock"
+    );
+    outside.batch_execute("COMMIT").await.unwrap();
+    fleet.assert_every_event_delivered(35).await;
+
+    // A replica stalled inside its append transaction (paused, frozen): its session holds the
+    // lock and a stream's lease row. The server ends it a quarter of lease_ttl later, and the
+    // others go on.
+    let stalled = sse_relay::queue::postgres::pool(&url, Duration::from_secs(2)).unwrap();
+    let stalled = stalled.get().await.unwrap();
+    hold_append_lock(&stalled).await;
+    stalled
+        .query("SELECT name FROM sse_relay.leases WHERE kind = 'stream' FOR SHARE", &[])
+        .await
+        .unwrap();
+    for n in 35..45 {
+        fleet.publish_round(n);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.assert_every_event_delivered(45).await;
+    let ended = stalled.batch_execute("COMMIT").await;
+    assert!(ended.is_err(), "the stalled session was not ended");
+    assert!(!stepped_down(&fleet), "a replica lost its leases to a stalled session");
 }

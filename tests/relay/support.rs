@@ -363,11 +363,12 @@ impl LoggedRelay {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
         let collected = std::sync::Arc::clone(&lines);
+        let pid = child.id().unwrap_or_default();
         tokio::spawn(async move {
             let echo = std::env::var_os("TEST_RELAY_LOGS").is_some();
             while let Ok(Some(line)) = stdout.next_line().await {
                 if echo {
-                    println!("relay: {line}");
+                    println!("relay[{pid}]: {line}");
                 }
                 collected.lock().unwrap().push(line);
             }
