@@ -284,8 +284,13 @@ impl Round {
             Err(_) => return false,
         };
         let busy = !(changes.ask.is_empty() && changes.pass_on.is_empty() && changes.ready.is_empty());
-        if let Err(err) = self.apply(changes, &held).await {
-            warn!(error = %err, "cannot change leases; trying again in the next round");
+        // Bounded, so that a connection that hangs cannot stop the rounds (and the renewals);
+        // what a cut-short apply did not do, the next round plans again.
+        let ttl = self.leases.ttl();
+        match tokio::time::timeout(ttl, self.apply(changes, &held)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(error = %err, "cannot change leases; trying again in the next round"),
+            Err(_) => warn!("changing leases took longer than lease_ttl; trying again in the next round"),
         }
         self.count();
         busy || self

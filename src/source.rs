@@ -1356,26 +1356,27 @@ async fn route_and_submit(
         .iter()
         .map(|target| Arc::clone(router.table.target_name(*target)))
         .collect();
-    tokio::select! {
-        () = stop.cancelled() => {
-            telemetry.dropped(DropReason::Shutdown, &"the relay stopped while the event waited for room in the queue");
+    let submitted = router
+        .store
+        .submit(Arc::clone(&event), target_names, last_event_id, handover_key, stop)
+        .await;
+    match submitted {
+        Ok(waited) => {
+            if waited {
+                telemetry.backpressure();
+            }
+            if let Some(id) = &event.sse_id {
+                remember_event_id(stream, &router.store, state, id);
+            }
+            stream.accepted(&event)
+        }
+        Err(err) => {
+            telemetry.dropped(
+                DropReason::Shutdown,
+                &format_args!("the store did not take the event: {err}"),
+            );
             Accepted::Stopped
         }
-        submitted = router.store.submit(Arc::clone(&event), target_names, last_event_id, handover_key) => match submitted {
-            Ok(waited) => {
-                if waited {
-                    telemetry.backpressure();
-                }
-                if let Some(id) = &event.sse_id {
-                    remember_event_id(stream, &router.store, state, id);
-                }
-                stream.accepted(&event)
-            }
-            Err(err) => {
-                telemetry.dropped(DropReason::Shutdown, &format_args!("the store did not take the event: {err}"));
-                Accepted::Stopped
-            }
-        },
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{StorageConfig, StorageMode};
 use crate::event::Event;
@@ -150,15 +151,37 @@ impl Store {
     /// that the next replica to read the stream knows the last events taken. With SQLite the deliveries reach the outboxes once committed, with
     /// `last_event_id` as the stream's position; the caller goes on meanwhile. Returns whether
     /// it had to wait (backpressure).
+    ///
+    /// A stream that stops (`stop`) while its event waits for room, to hand the stream over or
+    /// to shut down, stores the event past the limit: what was read is kept, not dropped.
     pub async fn submit(
         &self,
         event: Arc<Event>,
         targets: Vec<Arc<str>>,
         last_event_id: Option<&str>,
         handover_key: Option<u64>,
+        stop: &CancellationToken,
     ) -> Result<bool, StoreError> {
         let n_deliveries = targets.len() as u64;
-        let waited_for_room = self.limit().reserve(n_deliveries).await;
+        // A replica stores the event under the stream's lease as it was read: a stream handed
+        // over meanwhile is still this replica's in the database until its events are written.
+        let token = match self {
+            Store::Postgres(store) => store.token(&event.stream_name),
+            Store::Memory(_) | Store::Sqlite(_) => None,
+        };
+        let mut waited_for_room = tokio::select! {
+            waited = self.limit().reserve(n_deliveries) => waited,
+            () = stop.cancelled() => {
+                self.limit().take_past_limit(n_deliveries);
+                true
+            }
+        };
+        if let Store::Postgres(store) = self {
+            waited_for_room |= tokio::select! {
+                waited = store.wait_for_room() => waited,
+                () = stop.cancelled() => true,
+            };
+        }
         let submitted = match self {
             Store::Memory(store) => store.submit(&event, &targets).await,
             Store::Sqlite(store) => {
@@ -175,7 +198,7 @@ impl Store {
                     event,
                     targets,
                     last_event_id: last_event_id.map(Box::from),
-                    token: None,
+                    token,
                     handover_key,
                 };
                 store.submit(append).await
@@ -392,6 +415,11 @@ impl PendingLimit {
             // Rechecks now and then even without a wake-up, in case a release raced the wait.
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }
+    }
+
+    /// Counts `n` more without waiting for room.
+    pub(crate) fn take_past_limit(&self, n: u64) {
+        *self.n_pending.lock().unwrap_or_else(PoisonError::into_inner) += n;
     }
 
     pub(crate) fn release(&self, n: u64) {

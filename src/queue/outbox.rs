@@ -595,7 +595,13 @@ mod tests {
                 received_at: SystemTime::now(),
             };
             store
-                .submit(Arc::new(event), vec![Arc::from(TARGET)], None, None)
+                .submit(
+                    Arc::new(event),
+                    vec![Arc::from(TARGET)],
+                    None,
+                    None,
+                    &tokio_util::sync::CancellationToken::new(),
+                )
                 .await
                 .unwrap();
         }

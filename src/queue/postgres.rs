@@ -401,16 +401,25 @@ impl PostgresStore {
         self.full.load(Ordering::Relaxed)
     }
 
-    /// Queues the append, under the stream's lease token as it is now; returns whether it had
-    /// to wait for room.
-    pub async fn submit(&self, mut append: Append) -> Result<bool, StoreError> {
+    /// The stream's lease token as it is now: `None` unless this replica holds the stream.
+    pub fn token(&self, stream: &str) -> Option<i64> {
+        self.leases.token(Kind::Stream, stream)
+    }
+
+    /// Waits while the database holds `max_pending` deliveries; returns whether it waited.
+    pub async fn wait_for_room(&self) -> bool {
         let mut waited = false;
         while self.full.load(Ordering::Relaxed) {
             waited = true;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        append.token = self.leases.token(Kind::Stream, &append.event.stream_name);
-        Ok(crate::queue::send_or_wait(&self.commands, Command::Append(append)).await? || waited)
+        waited
+    }
+
+    /// Queues the append, under the token it carries; returns whether it had to wait for room
+    /// in the writer's queue.
+    pub async fn submit(&self, append: Append) -> Result<bool, StoreError> {
+        crate::queue::send_or_wait(&self.commands, Command::Append(append)).await
     }
 
     async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {

@@ -520,3 +520,42 @@ async fn a_damaged_or_lost_database_is_refused_with_what_to_do() {
     let _second_run = relay.spawn();
     assert_eq!(sink.wait_for_delivered("/hook", 200, DEADLINE).await.len(), 200);
 }
+
+/// An event read while the store is full waits for room; when the relay stops meanwhile, it
+/// is stored past `max_pending` rather than dropped: the upstream (chat, no history) would not
+/// send it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waiting_for_room_at_shutdown_is_stored_not_dropped() {
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    sink.answer_by_default("/hook", 503);
+    let relay = ChildRelay::new(&upstream, &sink, "").await;
+    let yaml = std::fs::read_to_string(relay.config_path()).unwrap();
+    let limited = yaml.replacen("\" }\nstreams:", "\", max_pending: 3 }\nstreams:", 1);
+    assert_ne!(limited, yaml);
+    std::fs::write(relay.config_path(), limited).unwrap();
+    let mut child = relay.spawn();
+    assert!(upstream.wait_for_clients(Api::Chat, 1, DEADLINE).await);
+    let events: Vec<String> = (0..4).map(|n| format!(r#"{{"type":"update","n":{n}}}"#)).collect();
+    for data in &events {
+        assert_eq!(upstream.publish_event(Api::Chat, data), 1);
+    }
+    // Three are stored; the fourth was read and waits for room.
+    eventually("the fourth event waiting for room", DEADLINE, || async {
+        relay.metric("sse_relay_events_received_total", &[]).await == 4.0
+            && relay.metric("sse_relay_queue_depth", &[]).await == 3.0
+    })
+    .await;
+    sigterm(&mut child).await;
+
+    sink.answer_by_default("/hook", 200);
+    let mut child = relay.spawn();
+    let delivered = sink.wait_for_delivered("/hook", events.len(), DEADLINE).await;
+    let delivered: BTreeSet<String> = bodies(&delivered).into_iter().collect();
+    assert_eq!(
+        delivered,
+        events.iter().cloned().collect(),
+        "every event read was delivered"
+    );
+    sigterm(&mut child).await;
+}
