@@ -201,7 +201,13 @@ fn main() -> ExitCode {
             };
             telemetry::init_logging(cli.log_format);
             raise_open_file_limit(loaded.descriptors());
-            match runtime().block_on(app::run_with_reloads(loaded, Some(config), shutdown_signal())) {
+            let run = async {
+                // Installed before anything starts: a SIGTERM during start-up stops the relay
+                // cleanly instead of killing it.
+                let shutdown = shutdown_signal();
+                app::run_with_reloads(loaded, Some(config), shutdown).await
+            };
+            match runtime().block_on(run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => fail(&format!("{err:#}")),
             }
@@ -401,20 +407,25 @@ fn fail_config(err: &config::ConfigError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Completes on SIGTERM (systemd, containers) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Installs the handlers of SIGTERM (systemd, containers) and SIGINT (Ctrl-C) now; the
+/// future completes on either. Call it within the runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler can be installed");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("a SIGINT handler can be installed");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[cfg(test)]

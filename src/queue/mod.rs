@@ -117,6 +117,8 @@ pub enum StoreError {
     Failed(String),
     #[error("the storage writer has stopped")]
     Stopped,
+    #[error("the relay stopped while the store could not take it (storage failing or full)")]
+    NotTakenAtStop,
 }
 
 /// The store of every delivery not yet delivered or dead-lettered. Streams submit to it; each
@@ -153,7 +155,8 @@ impl Store {
     /// it had to wait (backpressure).
     ///
     /// A stream that stops (`stop`) while its event waits for room, to hand the stream over or
-    /// to shut down, stores the event past the limit: what was read is kept, not dropped.
+    /// to shut down, stores the event past the limit: what was read is kept, not dropped, unless
+    /// the store cannot write at all.
     pub async fn submit(
         &self,
         event: Arc<Event>,
@@ -182,27 +185,36 @@ impl Store {
                 () = stop.cancelled() => true,
             };
         }
-        let submitted = match self {
-            Store::Memory(store) => store.submit(&event, &targets).await,
-            Store::Sqlite(store) => {
-                let append = sqlite::Append {
-                    event,
-                    targets,
-                    last_event_id: last_event_id.map(Box::from),
-                    intake: None,
-                };
-                store.submit(append).await
+        let submitted = async {
+            match self {
+                Store::Memory(store) => store.submit(&event, &targets).await,
+                Store::Sqlite(store) => {
+                    let append = sqlite::Append {
+                        event,
+                        targets,
+                        last_event_id: last_event_id.map(Box::from),
+                        intake: None,
+                    };
+                    store.submit(append).await
+                }
+                Store::Postgres(store) => {
+                    let append = postgres::Append {
+                        event,
+                        targets,
+                        last_event_id: last_event_id.map(Box::from),
+                        token,
+                        handover_key,
+                    };
+                    store.submit(append).await
+                }
             }
-            Store::Postgres(store) => {
-                let append = postgres::Append {
-                    event,
-                    targets,
-                    last_event_id: last_event_id.map(Box::from),
-                    token,
-                    handover_key,
-                };
-                store.submit(append).await
-            }
+        };
+        // Past the limit, the store still takes it only as fast as it writes: a store that
+        // cannot write (a full disk) does not hold up the stop.
+        let submitted = tokio::select! {
+            biased;
+            submitted = submitted => submitted,
+            () = stop.cancelled() => Err(StoreError::NotTakenAtStop),
         };
         match submitted {
             Ok(waited) => Ok(waited || waited_for_room),
