@@ -133,19 +133,15 @@ pub async fn run_with_reloads(
         config::StorageMode::Sqlite => relay.config.storage.path.0.clone(),
         config::StorageMode::Memory => "memory (lost when the process stops)".to_owned(),
         config::StorageMode::Postgres => {
-            let url = relay
-                .config
-                .storage
-                .url
-                .as_ref()
-                .map(|url| url.0.as_str())
-                .unwrap_or_default();
             let replica = relay
                 .store
                 .leases()
                 .map(|leases| leases.replica().to_string())
                 .unwrap_or_default();
-            format!("{} as replica {replica}", crate::queue::postgres::describe(url))
+            format!(
+                "{} as replica {replica}",
+                crate::queue::postgres::describe(&relay.config.storage)
+            )
         }
     };
     info!(

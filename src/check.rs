@@ -59,14 +59,14 @@ fn describe_storage(out: &mut String, config: &Config) {
             );
         }
         crate::config::StorageMode::Postgres => {
-            let url = storage.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
             let _ = writeln!(
                 out,
                 "\nstorage\n  {} (shared by the replicas; nothing accepted is lost)\n  lease_ttl {}, dead letters kept {}",
-                crate::queue::postgres::describe(url),
+                crate::queue::postgres::describe(storage),
                 duration(storage.lease_ttl),
                 duration(storage.dead_letter_retention),
             );
+            describe_tls(out, storage.tls.as_ref());
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::yaml;
 /// Looks up an environment variable by name; tests pass their own.
 pub type EnvLookup = dyn Fn(&str) -> Option<String>;
 
+pub mod postgres_url;
 mod templates;
 
 pub use templates::{Descriptors, ID_PLACEHOLDER, IdsFile, InstanceId, MAX_ID_BYTES, StopWhen, StreamInstance};
@@ -136,6 +137,10 @@ pub struct StorageConfig {
     /// host name and a random suffix).
     #[serde(default)]
     pub replica: Option<Text>,
+    /// With `mode: postgres`: authorities trusted for the database's certificate besides the
+    /// system's, and a client certificate (see `sslmode` in the url).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for StorageConfig {
@@ -149,6 +154,7 @@ impl Default for StorageConfig {
             url: None,
             lease_ttl: default_lease_ttl(),
             replica: None,
+            tls: None,
         }
     }
 }
@@ -1587,12 +1593,11 @@ fn unworkable_values(config: &Config, check_relations: bool) -> Vec<Unworkable> 
     }
     if let Some(url) = &storage.url
         && !url.0.is_empty()
-        && url.0.parse::<tokio_postgres::Config>().is_err()
     {
-        found.push(
-            &["storage", "url"],
-            "is not a PostgreSQL connection url (postgres://user:password@host:port/database)".to_owned(),
-        );
+        let has_ca_file = storage.tls.as_ref().is_some_and(|tls| tls.ca_file.is_some());
+        if let Err(err) = postgres_url::parse_url(&url.0, has_ca_file) {
+            found.push(&["storage", "url"], err);
+        }
     }
 
     let hot_loop = |what: &'static str| Some((MIN_DELAY, what));

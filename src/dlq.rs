@@ -154,11 +154,11 @@ fn on_postgres<'a, T, F: Future<Output = anyhow::Result<T>> + 'a>(
     work: impl FnOnce(deadpool_postgres::Pool) -> F,
 ) -> anyhow::Result<T> {
     let url = config.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
-    let place = crate::queue::postgres::describe(url);
+    let place = crate::queue::postgres::describe(config);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime
         .block_on(async {
-            let pool = crate::queue::postgres::pool(url, config.lease_ttl)?;
+            let pool = crate::queue::postgres::pool(url, config.tls.as_ref(), config.lease_ttl)?;
             crate::queue::postgres::migrate(&pool).await?;
             work(pool).await
         })

@@ -55,16 +55,7 @@ impl TrustedRoots {
     /// certificate). The config was checked when it was loaded (the files parse, the key belongs
     /// to the certificate), so an error here is unexpected; it never holds key material.
     pub fn client_config(&self, tls: Option<&TlsConfig>) -> Result<ClientConfig, rustls::Error> {
-        let roots = match tls.and_then(|tls| tls.ca_file.as_ref()) {
-            Some(ca_file) => {
-                let mut roots = RootCertStore::clone(&self.roots);
-                for certificate in &ca_file.certificates {
-                    roots.add(certificate.clone())?;
-                }
-                Arc::new(roots)
-            }
-            None => Arc::clone(&self.roots),
-        };
+        let roots = self.roots(tls)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
@@ -78,6 +69,22 @@ impl TrustedRoots {
         // The clients speak HTTP/1.1 only, as reqwest offers it when it builds its own.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
+    }
+}
+
+impl TrustedRoots {
+    /// These roots, plus `tls.ca_file`.
+    pub fn roots(&self, tls: Option<&TlsConfig>) -> Result<Arc<RootCertStore>, rustls::Error> {
+        Ok(match tls.and_then(|tls| tls.ca_file.as_ref()) {
+            Some(ca_file) => {
+                let mut roots = RootCertStore::clone(&self.roots);
+                for certificate in &ca_file.certificates {
+                    roots.add(certificate.clone())?;
+                }
+                Arc::new(roots)
+            }
+            None => Arc::clone(&self.roots),
+        })
     }
 }
 

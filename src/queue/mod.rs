@@ -11,6 +11,7 @@ pub mod lease;
 pub mod memory;
 pub mod outbox;
 pub mod postgres;
+pub mod postgres_connect;
 pub mod schema;
 pub mod sqlite;
 

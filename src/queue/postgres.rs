@@ -30,13 +30,15 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
-use crate::config::StorageConfig;
+use crate::config::postgres_url;
+use crate::config::{StorageConfig, TlsConfig};
 use crate::event::Event;
 use crate::queue::lease::{Kind, Leases};
 use crate::queue::outbox::{Backlog, LoadFuture, Outboxes};
+use crate::queue::postgres_connect;
 use crate::queue::schema::{from_millis, millis};
 use crate::queue::{
     Delivery, DeliveryId, InstanceChange, Outcome, PendingLimit, Reply, SavedInstance, StoreError, StreamPositions,
@@ -204,10 +206,8 @@ pub struct PostgresStore {
 /// the lock that orders appends and its fence's row locks, and so would hold up every other
 /// replica's appends and lease changes: the server ends such a session after a quarter of
 /// `lease_ttl` idle in a transaction (the replica has stepped down by then anyway).
-pub fn pool(url: &str, lease_ttl: Duration) -> anyhow::Result<Pool> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|_| anyhow::anyhow!("storage.url is not a PostgreSQL connection url"))?;
+pub fn pool(url: &str, tls: Option<&TlsConfig>, lease_ttl: Duration) -> anyhow::Result<Pool> {
+    let (mut config, connector) = database(url, tls)?;
     config.connect_timeout(CALL_TIMEOUT);
     config.application_name("sse-relay");
     let idle_in_transaction = idle_in_transaction_timeout(lease_ttl);
@@ -219,7 +219,7 @@ pub fn pool(url: &str, lease_ttl: Duration) -> anyhow::Result<Pool> {
     config.options(options.trim_start());
     let manager = Manager::from_config(
         config,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -234,15 +234,33 @@ pub fn pool(url: &str, lease_ttl: Duration) -> anyhow::Result<Pool> {
         .context("cannot set up the PostgreSQL connection pool")
 }
 
+/// `storage.url` and the TLS connector its `sslmode` asks for; errors never hold the url.
+fn database(url: &str, tls: Option<&TlsConfig>) -> anyhow::Result<(tokio_postgres::Config, MakeRustlsConnect)> {
+    let has_ca_file = tls.is_some_and(|tls| tls.ca_file.is_some());
+    let url = postgres_url::parse_url(url, has_ca_file).map_err(|err| anyhow::anyhow!("storage.url {err}"))?;
+    let connector = postgres_connect::connector(url.verify, tls)
+        .map_err(|err| anyhow::anyhow!("storage.tls: cannot set up TLS: {err}"))?;
+    Ok((url.config, connector))
+}
+
 /// How long a relay's session may sit idle inside a transaction before the server ends it.
 fn idle_in_transaction_timeout(lease_ttl: Duration) -> Duration {
     (lease_ttl / 4).max(Duration::from_millis(250))
 }
 
 /// Where the database is, for messages: host and port, never the user or password.
-pub fn describe(url: &str) -> String {
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+pub fn describe(storage: &StorageConfig) -> String {
+    let url = storage.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
+    let has_ca_file = storage.tls.as_ref().is_some_and(|tls| tls.ca_file.is_some());
+    let Ok(postgres_url::DatabaseUrl { config, verify }) = postgres_url::parse_url(url, has_ca_file) else {
         return "postgres (an unreadable url)".to_owned();
+    };
+    let tls = match (config.get_ssl_mode(), verify) {
+        (tokio_postgres::config::SslMode::Disable, _) => "without TLS",
+        (_, postgres_url::Verify::Full) => "over TLS (certificate and host name checked)",
+        (_, postgres_url::Verify::Authority) => "over TLS (certificate checked)",
+        (tokio_postgres::config::SslMode::Require, _) => "over TLS (certificate not checked)",
+        _ => "over TLS if the server offers it (certificate not checked)",
     };
     let host = config
         .get_hosts()
@@ -254,7 +272,7 @@ pub fn describe(url: &str) -> String {
         .unwrap_or_else(|| "localhost".to_owned());
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let database = config.get_dbname().unwrap_or("(the user's)");
-    format!("postgres {host}:{port} database {database}")
+    format!("postgres {host}:{port} database {database} {tls}")
 }
 
 /// A database or pool error with its causes (the server's message, say); it never holds the
@@ -270,12 +288,21 @@ pub fn problem(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A pool error with its causes: what the server or TLS said, which the pool's own text
+/// leaves out ("Error occurred while creating a new object: db error").
+pub fn pool_problem(err: &deadpool_postgres::PoolError) -> String {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => problem(err),
+        other => problem(other),
+    }
+}
+
 /// Creates the schema or brings it up to date; replicas starting together take turns.
 pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     let mut client = pool
         .get()
         .await
-        .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
+        .map_err(|err| anyhow::anyhow!("cannot connect: {}", pool_problem(&err)))?;
     let transaction = client.transaction().await?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -317,17 +344,21 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
 impl PostgresStore {
     pub async fn open(config: &StorageConfig, storage: Arc<StorageTelemetry>) -> anyhow::Result<PostgresStore> {
         let url = config.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
-        let place = describe(url);
-        let pool = pool(url, config.lease_ttl)?;
+        let place = describe(config);
+        let pool = pool(url, config.tls.as_ref(), config.lease_ttl)?;
         migrate(&pool)
             .await
             .map_err(|err| anyhow::anyhow!("storage {place}: {err:#}"))?;
         let client = pool
             .get()
             .await
-            .map_err(|err| anyhow::anyhow!("storage {place}: cannot connect: {err}"))?;
+            .map_err(|err| anyhow::anyhow!("storage {place}: cannot connect: {}", pool_problem(&err)))?;
         let positions = client
-            .query("SELECT stream, last_event_id FROM sse_relay.stream_positions", &[])
+            // A stream without ids keeps only the keys of its last events (for a hand-over).
+            .query(
+                "SELECT stream, last_event_id FROM sse_relay.stream_positions WHERE last_event_id IS NOT NULL",
+                &[],
+            )
             .await?
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
@@ -383,7 +414,10 @@ impl PostgresStore {
             dead_letter_retention: config.dead_letter_retention,
         };
         *store.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(tokio::spawn(writer.run(receiver)));
-        tokio::spawn(listen(url.to_owned(), Arc::downgrade(&store.outboxes)));
+        tokio::spawn(listen(
+            database(url, config.tls.as_ref())?,
+            Arc::downgrade(&store.outboxes),
+        ));
         tokio::spawn(count_pending(
             store.pool.clone(),
             Arc::downgrade(&store.full),
@@ -604,7 +638,7 @@ impl From<tokio_postgres::Error> for DbError {
 
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(err: deadpool_postgres::PoolError) -> DbError {
-        DbError(err.to_string())
+        DbError(pool_problem(&err))
     }
 }
 
@@ -612,10 +646,10 @@ impl From<deadpool_postgres::PoolError> for DbError {
 /// name) and wakes the target's outbox, if this replica has it; polling each second is the
 /// backstop. Reconnects after a failure, and then wakes every outbox (a notification may have
 /// been missed). Ends with the store.
-async fn listen(url: String, outboxes: std::sync::Weak<Mutex<Outboxes>>) {
-    let Ok(mut config) = url.parse::<tokio_postgres::Config>() else {
-        return;
-    };
+async fn listen(
+    (mut config, connector): (tokio_postgres::Config, MakeRustlsConnect),
+    outboxes: std::sync::Weak<Mutex<Outboxes>>,
+) {
     config.connect_timeout(CALL_TIMEOUT);
     config.application_name("sse-relay listen");
     let poke = |target: Option<&str>| -> bool {
@@ -634,7 +668,7 @@ async fn listen(url: String, outboxes: std::sync::Weak<Mutex<Outboxes>>) {
         true
     };
     loop {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        if let Ok((client, mut connection)) = config.connect(connector.clone()).await {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             let listening = client.batch_execute("LISTEN sse_relay_deliveries");
             let mut listening = std::pin::pin!(listening);

@@ -441,6 +441,10 @@ async fn a_replica_stopping_hands_its_streams_over_without_losing_an_event_of_an
             "{entity}: an event delivered twice"
         );
     }
+    // It comes back on the positions these id-less streams left (their last keys, no id).
+    let yaml = twenty_streams(&fleet.upstream, &fleet.sink, "");
+    fleet.replicas.push(replica(&fleet.postgres, "r1", &yaml).await);
+    fleet.wait_until_spread(DEADLINE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,14 +691,14 @@ async fn replicas_starting_together_migrate_the_schema_once() {
     let migrations = (0..4).map(|_| {
         let url = url.clone();
         tokio::spawn(async move {
-            let pool = sse_relay::queue::postgres::pool(&url, Duration::from_secs(10)).unwrap();
+            let pool = sse_relay::queue::postgres::pool(&url, None, Duration::from_secs(10)).unwrap();
             sse_relay::queue::postgres::migrate(&pool).await
         })
     });
     for migrated in futures_util::future::join_all(migrations).await {
         migrated.unwrap().expect("every replica's migration succeeds");
     }
-    let pool = sse_relay::queue::postgres::pool(&url, Duration::from_secs(10)).unwrap();
+    let pool = sse_relay::queue::postgres::pool(&url, None, Duration::from_secs(10)).unwrap();
     let client = pool.get().await.unwrap();
     let versions: Vec<i32> = client
         .query("SELECT version FROM sse_relay.migrations ORDER BY version", &[])
@@ -769,7 +773,7 @@ async fn a_lock_held_outside_stalls_no_renewal_and_a_stalled_replicas_transactio
 
     // Appends wait for a lock held for longer than lease_ttl (2s) by a session that no relay
     // controls: the replicas' writers wait, and their lease renewals must not wait with them.
-    let outside = sse_relay::queue::postgres::pool(&url, Duration::from_secs(3600)).unwrap();
+    let outside = sse_relay::queue::postgres::pool(&url, None, Duration::from_secs(3600)).unwrap();
     let outside = outside.get().await.unwrap();
     hold_append_lock(&outside).await;
     for n in 5..35 {
@@ -786,7 +790,7 @@ async fn a_lock_held_outside_stalls_no_renewal_and_a_stalled_replicas_transactio
     // A replica stalled inside its append transaction (paused, frozen): its session holds the
     // lock and a stream's lease row. The server ends it a quarter of lease_ttl later, and the
     // others go on.
-    let stalled = sse_relay::queue::postgres::pool(&url, Duration::from_secs(2)).unwrap();
+    let stalled = sse_relay::queue::postgres::pool(&url, None, Duration::from_secs(2)).unwrap();
     let stalled = stalled.get().await.unwrap();
     hold_append_lock(&stalled).await;
     stalled
@@ -801,4 +805,91 @@ async fn a_lock_held_outside_stalls_no_renewal_and_a_stalled_replicas_transactio
     let ended = stalled.batch_execute("COMMIT").await;
     assert!(ended.is_err(), "the stalled session was not ended");
     assert!(!stepped_down(&fleet), "a replica lost its leases to a stalled session");
+}
+
+/// A certificate authority of the test's own (`ca.pem` in the directory) and a server
+/// certificate for `names` signed by it: (directory, certificate PEM, key PEM).
+fn database_certificate(names: &[&str]) -> (tempfile::TempDir, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "sse-relay test database CA");
+    let ca_certificate = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+    let server_certificate = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    std::fs::write(directory.path().join("ca.pem"), ca_certificate.pem()).unwrap();
+    (directory, server_certificate.pem(), server_key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_requires_tls_is_reached_as_the_urls_sslmode_asks() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    // The certificate names the database's host name, not 127.0.0.1, where the relay reaches
+    // it: verify-ca (the chain) passes, verify-full (and the name) does not.
+    let (pki, certificate, key) = database_certificate(&["db.internal"]);
+    postgres.require_tls(&certificate, &key).unwrap();
+    let ca_file = pki.path().join("ca.pem").display().to_string();
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = twenty_streams(&upstream, &sink, "");
+    let storage =
+        |tls: &str| format!("{{ mode: postgres, url: \"${{DATABASE_URL}}\", lease_ttl: 2s, replica: r1{tls} }}");
+    let with_ca = format!(", tls: {{ ca_file: \"{ca_file}\" }}");
+
+    // Refused: no TLS, an unknown authority, a certificate for another name.
+    for (sslmode, tls, expected) in [
+        ("disable", "", "no encryption"),
+        ("verify-ca", "", "UnknownIssuer"),
+        ("verify-full", with_ca.as_str(), "not valid for name"),
+    ] {
+        let directory = tempfile::tempdir().unwrap();
+        let config = directory.path().join("relay.yaml");
+        std::fs::write(&config, format!("storage: {}\n{yaml}", storage(tls))).unwrap();
+        let url = format!("{}?sslmode={sslmode}", postgres.url());
+        let run = crate::support::relay_binary()
+            .run_command(&config)
+            .env("DATABASE_URL", &url)
+            .stderr(std::process::Stdio::piped())
+            .output();
+        let output = tokio::time::timeout(DEADLINE, run)
+            .await
+            .expect("the relay gives up")
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{sslmode}: the relay ran");
+        assert!(said.contains(expected), "{sslmode}: {said}");
+        assert!(!said.contains(PASSWORD), "{sslmode}: {said}");
+    }
+
+    // Reached: require takes any certificate (as libpq does), verify-ca checks the chain.
+    for (sslmode, tls) in [("require", ""), ("verify-ca", with_ca.as_str())] {
+        let url = format!("{}?sslmode={sslmode}", postgres.url());
+        let relay = LoggedRelay::start_replica(
+            &storage(tls),
+            &yaml,
+            &[("DATABASE_URL", url.as_str()), ("ADMIN_TOKEN", TOKEN)],
+        )
+        .await;
+        eventually("the replica reads every stream", DEADLINE, || async {
+            relay.metric("sse_relay_leases_held", &[("kind", "stream")]).await == 20.0 && each_connected_once(&upstream)
+        })
+        .await;
+        let n_before = sink.delivered("/hook").len();
+        upstream.publish_event_to(Api::Chat, "c0", &event(Api::Chat, "c0", 0));
+        sink.wait_for_delivered("/hook", n_before + 1, DEADLINE).await;
+        assert_eq!(sink.delivered("/hook").len(), n_before + 1, "{sslmode}: delivered");
+        relay.signal(libc::SIGTERM);
+        assert!(upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await);
+    }
 }
