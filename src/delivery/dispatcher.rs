@@ -287,14 +287,12 @@ impl Dispatcher {
         telemetry.in_flight.dec();
         telemetry.attempt_finished(duration);
         delivery.n_attempts += 1;
-        if telemetry.tap.is_watched() {
-            tap_outcome(&self.target, &delivery, &outcome, duration);
-        }
         delivery.first_attempt_at.get_or_insert(started_at);
         let now = Instant::now();
 
         let failure = match outcome {
             Ok(()) => {
+                tap_outcome(&self.target, &delivery, "delivered", None, duration);
                 self.record_answer(permit, AttemptResult::Success, now);
                 self.target
                     .telemetry
@@ -307,12 +305,14 @@ impl Dispatcher {
         let retry_after = match failure.verdict {
             Failed::Retry { retry_after } => retry_after,
             Failed::Permanent => {
+                tap_outcome(&self.target, &delivery, "dead_letter", Some(&failure), duration);
                 self.record_answer(permit, AttemptResult::Rejected, now);
                 let outcome = Outcome::dead_letter(&delivery, failure.status, failure.problem.to_string());
                 self.end(&delivery, outcome).await;
                 return;
             }
             Failed::Gone => {
+                tap_outcome(&self.target, &delivery, "gone", Some(&failure), duration);
                 // The target says it is gone for good: it is paused, and the delivery kept for
                 // when the config changes, as if it had not been attempted.
                 if self.breaker.record(permit, AttemptResult::Gone, now).is_some() {
@@ -341,6 +341,7 @@ impl Dispatcher {
             .unwrap_or(Duration::ZERO);
         match retry::next_delay(&self.target.retry, delivery.n_attempts, elapsed, retry_after) {
             Ok(delay) => {
+                tap_outcome(&self.target, &delivery, "retry", Some(&failure), duration);
                 telemetry.retrying(&delivery.event.id, delivery.n_attempts, &failure.problem, delay);
                 delivery.next_attempt_at = SystemTime::now() + delay;
                 let outcome = Outcome::retry(&delivery, failure.problem.to_string());
@@ -351,6 +352,8 @@ impl Dispatcher {
                 self.waiting.insert((delivery.next_attempt_at, delivery.id), delivery);
             }
             Err(exhausted) => {
+                // Its retries ran out: the attempt made a dead letter.
+                tap_outcome(&self.target, &delivery, "dead_letter", Some(&failure), duration);
                 let problem = format!("{}; gave up after reaching {}", failure.problem, exhausted.limit());
                 let outcome = Outcome::dead_letter(&delivery, failure.status, problem);
                 self.end(&delivery, outcome).await;
@@ -394,19 +397,20 @@ fn earliest(first: Option<Instant>, second: Option<Instant>) -> Option<Instant> 
     }
 }
 
-/// Tells `sse-relay tap` how an attempt ended.
-fn tap_outcome(target: &TargetRuntime, delivery: &Delivery, outcome: &Result<(), Failure>, duration: Duration) {
-    let (outcome, status, error) = match outcome {
-        Ok(()) => ("delivered", None, None),
-        Err(failure) => {
-            let outcome = match failure.verdict {
-                Failed::Retry { .. } => "retry",
-                Failed::Permanent => "dead_letter",
-                Failed::Gone => "gone",
-            };
-            (outcome, failure.status, Some(failure.problem.to_string()))
-        }
-    };
+/// Tells `sse-relay tap` how an attempt ended (`outcome`: delivered, retry, dead_letter, gone),
+/// when someone watches.
+fn tap_outcome(
+    target: &TargetRuntime,
+    delivery: &Delivery,
+    outcome: &'static str,
+    failure: Option<&Failure>,
+    duration: Duration,
+) {
+    if !target.telemetry.tap.is_watched() {
+        return;
+    }
+    let status = failure.and_then(|failure| failure.status);
+    let error = failure.map(|failure| failure.problem.to_string());
     let event = &delivery.event;
     target.telemetry.tap.send(crate::telemetry::Tapped::Delivery {
         target: Arc::clone(&target.telemetry.name),

@@ -346,12 +346,16 @@ async fn tap_prints_each_event_with_its_targets_and_each_delivery_outcome() {
 
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
-    sink.answer_by_default("/bad", 400);
+    // `bad` fails with a status worth retrying, and has no retry left: the attempt made a
+    // dead letter, and the tap says so.
+    sink.answer_by_default("/bad", 503);
     let yaml = participant_to_ok_and_bad(
         &upstream,
         &sink,
         ", headers: { Authorization: \"Bearer tap-secret-7\" }",
-    );
+    )
+    .replace("/bad\" }", "/bad\", retry: { max_attempts: 1 } }");
+    assert!(yaml.contains("max_attempts: 1"));
     let token = "tap-token";
     let relay = LoggedRelay::start_with_admin_token(&yaml, &[("ADMIN_TOKEN", token)]).await;
     assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
@@ -397,7 +401,7 @@ async fn tap_prints_each_event_with_its_targets_and_each_delivery_outcome() {
         "event participant MESSAGE_SENT -> ",
         "hello tap",
         "delivery ok <- participant MESSAGE_SENT: delivered",
-        "delivery bad <- participant MESSAGE_SENT: dead_letter 400",
+        "delivery bad <- participant MESSAGE_SENT: dead_letter 503",
     ] {
         eventually(&format!("the tap shows {needle:?}"), DEADLINE, seen(needle)).await;
     }
