@@ -210,13 +210,6 @@ pub fn pool(url: &str, tls: Option<&TlsConfig>, lease_ttl: Duration) -> anyhow::
     let (mut config, connector) = database(url, tls)?;
     config.connect_timeout(CALL_TIMEOUT);
     config.application_name("sse-relay");
-    let idle_in_transaction = idle_in_transaction_timeout(lease_ttl);
-    let options = format!(
-        "{} -c idle_in_transaction_session_timeout={}",
-        config.get_options().unwrap_or_default(),
-        idle_in_transaction.as_millis()
-    );
-    config.options(options.trim_start());
     let manager = Manager::from_config(
         config,
         connector,
@@ -224,7 +217,23 @@ pub fn pool(url: &str, tls: Option<&TlsConfig>, lease_ttl: Duration) -> anyhow::
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // Set on each new session rather than as a startup option, which poolers such as
+    // PgBouncer refuse.
+    let idle_in_transaction = format!(
+        "SET idle_in_transaction_session_timeout = {}",
+        idle_in_transaction_timeout(lease_ttl).as_millis()
+    );
+    let on_connect = deadpool_postgres::Hook::async_fn(move |client, _| {
+        let setting = idle_in_transaction.clone();
+        Box::pin(async move {
+            client
+                .batch_execute(&setting)
+                .await
+                .map_err(deadpool_postgres::HookError::Backend)
+        })
+    });
     Pool::builder(manager)
+        .post_create(on_connect)
         .max_size(8)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(CALL_TIMEOUT))
