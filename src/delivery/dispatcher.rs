@@ -126,6 +126,10 @@ impl Dispatcher {
         self.waiting.clear();
         self.busy_streams.clear();
         self.outbox.start_over();
+        // The replica that serves the target now reports its state; what this one learnt of
+        // the target is stale by the time it serves it again.
+        self.breaker = Breaker::new(self.target.breaker);
+        self.target.telemetry.state(TargetState::Closed.metric_value());
         warn!(
             webhook = %self.target.telemetry.name, n_in_flight,
             "this replica no longer serves the target: another replica holds its lease"

@@ -893,3 +893,89 @@ async fn a_database_that_requires_tls_is_reached_as_the_urls_sslmode_asks() {
         assert!(upstream.wait_for_clients(Api::Chat, 0, DEADLINE).await);
     }
 }
+
+/// How many of `replicas` report `target` paused (not closed).
+async fn n_reporting_paused(replicas: &[LoggedRelay], target: &str) -> usize {
+    let mut n = 0;
+    for replica in replicas {
+        if replica.metric("sse_relay_target_state", &[("target", target)]).await != 0.0 {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_moved_to_another_replica_is_reported_by_that_one_only() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    // Eight targets, all down: each one's breaker opens (and stays open) where it is served.
+    // Their names spread them 4 and 4 over r1 and r2, and r3 takes two of r2's (rendezvous
+    // hashing of fixed names is deterministic).
+    let targets: Vec<String> = (0..8).map(|n| format!("hook{n}")).collect();
+    let mut yaml = format!(
+        "streams:\n  participant:\n    url: {}\n    event_type: [/eventType]\n    keepalive: [KEEP_ALIVE]\ntargets:\n",
+        upstream.participant_url("p0")
+    );
+    for target in &targets {
+        sink.answer_by_default(&format!("/{target}"), 503);
+        yaml.push_str(&format!(
+            "  {target}:\n    url: {}\n    retry: {{ initial_delay: 20ms, max_delay: 20ms, max_attempts: 1000 }}\n    circuit_breaker: {{ min_attempts: 3, open_delay: 1h, max_open_delay: 1h }}\n",
+            sink.url(&format!("/{target}"))
+        ));
+    }
+    yaml.push_str(&format!(
+        "routes:\n  - stream: participant\n    targets: [{}]\n",
+        targets.join(", ")
+    ));
+    let mut replicas = vec![
+        replica(&postgres, "r1", &yaml).await,
+        replica(&postgres, "r2", &yaml).await,
+    ];
+    eventually("both replicas serve targets", DEADLINE, || async {
+        let mut held = Vec::new();
+        for replica in &replicas {
+            held.push(replica.metric("sse_relay_leases_held", &[("kind", "target")]).await);
+        }
+        held.iter().sum::<f64>() == 8.0 && held.iter().all(|&n| n >= 1.0)
+    })
+    .await;
+    assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
+    upstream.publish_event_to(Api::Participant, "p0", &event(Api::Participant, "p0", 0));
+    eventually(
+        "every target paused, by the replica that serves it",
+        DEADLINE,
+        || async {
+            for target in &targets {
+                if n_reporting_paused(&replicas, target).await != 1 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // A third replica takes its share of the targets: the replicas that let them go no longer
+    // report them paused (their alert would fire for a target they do not serve).
+    replicas.push(replica(&postgres, "r3", &yaml).await);
+    eventually("the third replica serves some targets", DEADLINE, || async {
+        replicas[2].metric("sse_relay_leases_held", &[("kind", "target")]).await >= 1.0
+    })
+    .await;
+    eventually("each paused target reported by one replica", DEADLINE, || async {
+        for moved in ["hook0", "hook5"] {
+            if replicas[2].metric("sse_relay_target_state", &[("target", moved)]).await == 0.0 {
+                return false;
+            }
+        }
+        for target in &targets {
+            if n_reporting_paused(&replicas, target).await != 1 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
