@@ -375,8 +375,11 @@ impl Round {
         for (kind, name, _) in self.leases.registered() {
             let owner = owner(&replicas, kind, &name);
             let key = (kind, Arc::clone(&name));
+            // An instance that ended on its own here: its lease stays here while this replica
+            // runs (no other replica reads it again), and is never taken.
+            let finished = self.leases.is_finished(kind, &name);
             match held.get(&key) {
-                Some(lease) if owner == Some(&*me) || owner.is_none() => {
+                Some(lease) if finished || owner == Some(&*me) || owner.is_none() => {
                     let grant = Grant::Held {
                         token: lease.token,
                         handed_over: None,
@@ -396,6 +399,7 @@ impl Round {
                         changes.pass_on.push(Arc::clone(&name));
                     }
                 }
+                None if finished => {}
                 None if kind == Kind::Stream && asked.contains(&*name) => {
                     let handoff = self.leases.handoff(kind, &name);
                     if self.leases.grant(kind, &name) == Some(Grant::Standby) {

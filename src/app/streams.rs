@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{ApiError, StreamControl, StreamState};
 use crate::config::{Config, InstanceId, RateLimit, StreamConfig, StreamInstance};
-use crate::queue::lease::Kind;
+use crate::queue::lease::{Kind, LeaseWatch};
 use crate::queue::{SavedInstance, Store};
 use crate::routing::RoutingTable;
 use crate::source::{self, ConnectLimiter, Router, StreamRuntime};
@@ -68,7 +68,8 @@ pub(super) struct StreamSet {
     running: BTreeMap<String, RunningStream>,
     /// Fixed instances that ended on their own, with the config they ended with: not started
     /// again while it stays the same.
-    finished: BTreeMap<String, StreamInstance>,
+    /// Fixed instances that ended on their own, with (replicas) the lease kept for them.
+    finished: BTreeMap<String, (StreamInstance, Option<LeaseWatch>)>,
     /// The config's streams and templates, by name.
     streams: BTreeMap<String, StreamConfig>,
     /// The client of each stream or template with a `tls` section of its own.
@@ -128,7 +129,8 @@ impl StreamSet {
         for (name, (instance, dynamic)) in &wanted {
             // A changed `tls` section changes the instance's config, and so restarts it.
             let running = self.running.get(name).map(|running| &running.instance);
-            if running != Some(instance) && self.finished.get(name) != Some(instance) {
+            let finished = self.finished.get(name).map(|(instance, _)| instance);
+            if running != Some(instance) && finished != Some(instance) {
                 new.push(self.prepare(instance.clone(), *dynamic, table, &clients)?);
             }
         }
@@ -166,7 +168,7 @@ impl StreamSet {
             }
         }
         self.finished
-            .retain(|name, instance| wanted.get(name).is_some_and(|(wanted, _)| wanted == instance));
+            .retain(|name, (instance, _)| wanted.get(name).is_some_and(|(wanted, _)| wanted == instance));
         self.streams = streams;
         self.clients = clients;
         for prepared in new {
@@ -258,7 +260,13 @@ impl StreamSet {
         if running.dynamic {
             self.forget(&running.instance).await;
         } else {
-            self.finished.insert(name.to_owned(), running.instance);
+            // With replicas, its lease stays here, so that no other replica reads it again.
+            let lease = self
+                .starter
+                .store
+                .leases()
+                .map(|leases| leases.watch_finished(Kind::Stream, name));
+            self.finished.insert(name.to_owned(), (running.instance, lease));
         }
         self.publish();
     }

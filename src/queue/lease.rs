@@ -72,6 +72,8 @@ struct Entry {
     /// How many tasks want it (a reload can start a target's new dispatcher before the old
     /// one has stopped).
     n_registered: usize,
+    /// How many of those stand for an instance that ended on its own (`watch_finished`).
+    n_finished: usize,
     grant: watch::Sender<Grant>,
     handoff: Arc<Handoff>,
 }
@@ -107,20 +109,43 @@ impl Leases {
     /// Registers interest in a lease: the cluster tries to acquire it when it falls to this
     /// replica, and the watch says when it is held.
     pub fn watch(self: &Arc<Self>, kind: Kind, name: &str) -> LeaseWatch {
+        self.register(kind, name, false)
+    }
+
+    /// Registers a stream instance that ended on its own (`stop_when`, `ttl`) and is not read
+    /// again while its config stays the same: while the watch lives, this replica keeps the
+    /// lease it holds, never hands it over and never takes it, so that no other replica reads
+    /// the instance again.
+    pub fn watch_finished(self: &Arc<Self>, kind: Kind, name: &str) -> LeaseWatch {
+        self.register(kind, name, true)
+    }
+
+    fn register(self: &Arc<Self>, kind: Kind, name: &str, finished: bool) -> LeaseWatch {
         let mut entries = self.lock();
         let entry = entries[kind as usize].entry(Arc::from(name)).or_insert_with(|| Entry {
             n_registered: 0,
+            n_finished: 0,
             grant: watch::Sender::new(Grant::NotHeld),
             handoff: Arc::default(),
         });
         entry.n_registered += 1;
+        entry.n_finished += usize::from(finished);
         LeaseWatch {
             leases: Arc::clone(self),
             kind,
             name: Arc::from(name),
+            finished,
             grant: entry.grant.subscribe(),
             handoff: Arc::clone(&entry.handoff),
         }
+    }
+
+    /// Whether every registration of the lease is of an instance that ended on its own.
+    pub fn is_finished(&self, kind: Kind, name: &str) -> bool {
+        let entries = self.lock();
+        entries[kind as usize]
+            .get(name)
+            .is_some_and(|entry| entry.n_finished > 0 && entry.n_finished == entry.n_registered)
     }
 
     /// Every registered lease, with whether it is held and its token.
@@ -213,9 +238,12 @@ impl Leases {
     }
 
     /// How many leases of `kind` this replica holds.
+    /// How many leases of `kind` this replica holds to work under: a lease kept for an
+    /// instance that ended on its own is not counted (nothing reads it, nothing hands it over).
     pub fn n_held(&self, kind: Kind) -> usize {
         self.lock()[kind as usize]
             .values()
+            .filter(|entry| entry.n_finished < entry.n_registered)
             .filter(|entry| matches!(*entry.grant.borrow(), Grant::Held { .. }))
             .count()
     }
@@ -231,6 +259,8 @@ pub struct LeaseWatch {
     leases: Arc<Leases>,
     kind: Kind,
     name: Arc<str>,
+    /// It stands for an instance that ended on its own.
+    finished: bool,
     grant: watch::Receiver<Grant>,
     handoff: Arc<Handoff>,
 }
@@ -282,6 +312,7 @@ impl Drop for LeaseWatch {
         let by_name = &mut entries[self.kind as usize];
         if let Some(entry) = by_name.get_mut(&self.name) {
             entry.n_registered -= 1;
+            entry.n_finished -= usize::from(self.finished);
             if entry.n_registered == 0 {
                 by_name.remove(&self.name);
             }

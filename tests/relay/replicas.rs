@@ -979,3 +979,51 @@ async fn a_target_moved_to_another_replica_is_reported_by_that_one_only() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_instance_that_ended_is_not_read_again_by_another_replica() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = twenty_streams(&upstream, &sink, "").replace(
+        "    default_event_type: workflow_update\n",
+        "    default_event_type: workflow_update\n    stop_when: { events: [workflow_status], where: { /is_active: false } }\n",
+    );
+    assert!(yaml.contains("stop_when"));
+    let mut replicas = vec![
+        replica(&postgres, "r1", &yaml).await,
+        replica(&postgres, "r2", &yaml).await,
+    ];
+    eventually("each stream connected once", DEADLINE, || async {
+        each_connected_once(&upstream)
+    })
+    .await;
+    // c3's workflow stops: its instance ends on the replica that reads it.
+    upstream.publish_event_to(
+        Api::Chat,
+        "c3",
+        r#"{"type":"workflow_status","is_active":false,"entity":"c3","n":0}"#,
+    );
+    sink.wait_for_delivered("/hook", 1, DEADLINE).await;
+    let c3_connected = || upstream.connected_entities(Api::Chat).contains(&"c3".to_owned());
+    eventually("c3 no longer read", DEADLINE, || std::future::ready(!c3_connected())).await;
+    // Observed for four rounds of leases and more (lease_ttl 2s, a round each 0.5 s): no
+    // other replica takes the ended instance up.
+    let observed = std::time::Instant::now();
+    while observed.elapsed() < Duration::from_secs(4) {
+        assert!(!c3_connected(), "another replica reads the ended instance again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nor when a third replica joins and the streams are spread again.
+    replicas.push(replica(&postgres, "r3", &yaml).await);
+    eventually("the other 19 spread over three replicas", DEADLINE, || async {
+        let mut held = Vec::new();
+        for replica in &replicas {
+            held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
+        }
+        held.iter().sum::<f64>() == 19.0 && held.iter().all(|&n| n >= 1.0)
+    })
+    .await;
+    assert!(!c3_connected(), "the ended instance is read again after a rebalance");
+}
