@@ -83,16 +83,17 @@ pub fn parse_url(url: &str, has_ca_file: bool) -> Result<DatabaseUrl, String> {
             format!("{base}?{}", kept.join("&"))
         }
     } else {
-        let mut kept = Vec::new();
+        // `key=value …`: only the sslmode word changes; the rest (quoted values with spaces)
+        // is passed on as written.
+        let mut rewritten = url.to_owned();
         for word in url.split_ascii_whitespace() {
             let key = word.split_once('=').map_or(word, |(key, _)| key.trim());
             file_setting(key)?;
-            match word.strip_prefix("sslmode=") {
-                Some(value) => kept.push(format!("sslmode={}", take_mode(value)?)),
-                None => kept.push(word.to_owned()),
+            if let Some(value) = word.strip_prefix("sslmode=") {
+                rewritten = rewritten.replacen(word, &format!("sslmode={}", take_mode(value)?), 1);
             }
         }
-        kept.join(" ")
+        rewritten
     };
     if checks_by_ca_file && has_ca_file {
         verify = Verify::Authority;
@@ -152,6 +153,9 @@ mod tests {
             parsed("host=db.example user=relay sslmode=verify-full"),
             (SslMode::Require, Verify::Full)
         );
+        let quoted = parse_url("host=db.example password='two  spaces' sslmode=verify-ca", false).unwrap();
+        assert_eq!(quoted.config.get_password(), Some(&b"two  spaces"[..]));
+        assert_eq!(quoted.verify, Verify::Authority);
         // require with a ca_file checks the chain, as libpq does with a root certificate.
         let with_ca = parse_url(&format!("{url}?sslmode=require"), true).unwrap();
         assert_eq!(with_ca.verify, Verify::Authority);
