@@ -1027,3 +1027,71 @@ async fn a_fixed_instance_that_ended_is_not_read_again_by_another_replica() {
     .await;
     assert!(!c3_connected(), "the ended instance is read again after a rebalance");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamic_instance_that_ended_is_not_taken_up_by_another_replica() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
+    let upstream = Upstream::start(quiet_upstream()).await.unwrap();
+    let sink = Sink::start().await.unwrap();
+    let yaml = format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    dynamic: true
+    stop_when: {{ events: [workflow_status], where: {{ /is_active: false }} }}
+targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+        chat = upstream.chat_url("{id}"),
+        hook = sink.url("/hook"),
+    );
+    let first = replica(&postgres, "r1", &yaml).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let chats: Vec<String> = (0..6).map(|n| format!("c{n}")).collect();
+    for chat in &chats {
+        let added = http
+            .put(format!("http://{}/v1/streams/chat/{chat}", first.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(added.status().as_u16(), 201);
+    }
+    eventually("each chat read once", DEADLINE, || async {
+        let mut connected = upstream.connected_entities(Api::Chat);
+        connected.sort();
+        connected == chats
+    })
+    .await;
+    // A second replica joins, and before the instances it is to read are handed over, every
+    // workflow stops: each instance ends on the first replica, and is forgotten.
+    let _second = replica(&postgres, "r2", &yaml).await;
+    for chat in &chats {
+        upstream.publish_event_to(
+            Api::Chat,
+            chat,
+            &format!(r#"{{"type":"workflow_status","is_active":false,"entity":"{chat}","n":0}}"#),
+        );
+    }
+    sink.wait_for_delivered("/hook", chats.len(), DEADLINE).await;
+    eventually("no chat read any more", DEADLINE, || async {
+        upstream.connected_entities(Api::Chat).is_empty()
+    })
+    .await;
+    // Observed for eight rounds of leases (lease_ttl 2s): neither replica takes one up again
+    // before it has seen it forgotten.
+    let observed = std::time::Instant::now();
+    while observed.elapsed() < Duration::from_secs(4) {
+        let connected = upstream.connected_entities(Api::Chat);
+        assert!(connected.is_empty(), "ended instances read again: {connected:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
