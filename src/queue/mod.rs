@@ -173,14 +173,19 @@ impl Store {
             Store::Postgres(store) => store.token(&event.stream_name),
             Store::Memory(_) | Store::Sqlite(_) => None,
         };
-        let mut waited_for_room = tokio::select! {
-            waited = self.limit().reserve(n_deliveries) => waited,
-            () = stop.cancelled() => {
-                self.limit().take_past_limit(n_deliveries);
-                true
-            }
-        };
-        if let Store::Postgres(store) = self {
+        // Waiting (and so watching `stop`) only when there is no room: the common case takes
+        // no lock of the stop token.
+        let mut waited_for_room = !self.limit().try_reserve(n_deliveries)
+            && tokio::select! {
+                waited = self.limit().reserve(n_deliveries) => waited,
+                () = stop.cancelled() => {
+                    self.limit().take_past_limit(n_deliveries);
+                    true
+                }
+            };
+        if let Store::Postgres(store) = self
+            && store.is_full()
+        {
             waited_for_room |= tokio::select! {
                 waited = store.wait_for_room() => waited,
                 () = stop.cancelled() => true,
@@ -414,20 +419,26 @@ impl PendingLimit {
         let mut waited = false;
         loop {
             let notified = self.room.notified();
-            {
-                let mut n_pending = self.n_pending.lock().unwrap_or_else(PoisonError::into_inner);
-                // A single event with more targets than the limit still goes through alone.
-                if *n_pending == 0 || *n_pending + n <= self.max_pending {
-                    *n_pending += n;
-                    *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = false;
-                    return waited;
-                }
-                *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            if self.try_reserve(n) {
+                return waited;
             }
+            *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = true;
             waited = true;
             // Rechecks now and then even without a wake-up, in case a release raced the wait.
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }
+    }
+
+    /// Counts `n` more if there is room now (as `reserve` would take them); false otherwise.
+    pub(crate) fn try_reserve(&self, n: u64) -> bool {
+        let mut n_pending = self.n_pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // A single event with more targets than the limit still goes through alone.
+        if *n_pending == 0 || *n_pending + n <= self.max_pending {
+            *n_pending += n;
+            *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = false;
+            return true;
+        }
+        false
     }
 
     /// Counts `n` more without waiting for room.
