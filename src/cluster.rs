@@ -372,12 +372,11 @@ impl Round {
         }
         let mut changes = Changes::default();
         let mut registered = HashSet::new();
-        for (kind, name, _) in self.leases.registered() {
+        for (kind, name, finished) in self.leases.registered() {
             let owner = owner(&replicas, kind, &name);
             let key = (kind, Arc::clone(&name));
-            // An instance that ended on its own here: its lease stays here while this replica
-            // runs (no other replica reads it again), and is never taken.
-            let finished = self.leases.is_finished(kind, &name);
+            // `finished`: an instance that ended on its own here. Its lease stays here while
+            // this replica runs (no other replica reads it again), and is never taken.
             match held.get(&key) {
                 Some(lease) if finished || owner == Some(&*me) || owner.is_none() => {
                     let grant = Grant::Held {

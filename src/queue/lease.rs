@@ -78,6 +78,13 @@ struct Entry {
     handoff: Arc<Handoff>,
 }
 
+impl Entry {
+    /// Every registration stands for an instance that ended on its own.
+    fn is_finished(&self) -> bool {
+        self.n_finished > 0 && self.n_finished == self.n_registered
+    }
+}
+
 pub struct Leases {
     replica: Arc<str>,
     ttl: Duration,
@@ -140,27 +147,16 @@ impl Leases {
         }
     }
 
-    /// Whether every registration of the lease is of an instance that ended on its own.
-    pub fn is_finished(&self, kind: Kind, name: &str) -> bool {
-        let entries = self.lock();
-        entries[kind as usize]
-            .get(name)
-            .is_some_and(|entry| entry.n_finished > 0 && entry.n_finished == entry.n_registered)
-    }
-
-    /// Every registered lease, with whether it is held and its token.
-    pub fn registered(&self) -> Vec<(Kind, Arc<str>, Option<i64>)> {
+    /// Every registered lease, with whether it stands only for an instance that ended on its
+    /// own (`watch_finished`).
+    pub fn registered(&self) -> Vec<(Kind, Arc<str>, bool)> {
         let entries = self.lock();
         [Kind::Stream, Kind::Target]
             .into_iter()
             .flat_map(|kind| {
-                entries[kind as usize].iter().map(move |(name, entry)| {
-                    let token = match &*entry.grant.borrow() {
-                        Grant::Held { token, .. } => Some(*token),
-                        Grant::NotHeld | Grant::Standby => None,
-                    };
-                    (kind, Arc::clone(name), token)
-                })
+                entries[kind as usize]
+                    .iter()
+                    .map(move |(name, entry)| (kind, Arc::clone(name), entry.is_finished()))
             })
             .collect()
     }
@@ -243,7 +239,7 @@ impl Leases {
     pub fn n_held(&self, kind: Kind) -> usize {
         self.lock()[kind as usize]
             .values()
-            .filter(|entry| entry.n_finished < entry.n_registered)
+            .filter(|entry| !entry.is_finished())
             .filter(|entry| matches!(*entry.grant.borrow(), Grant::Held { .. }))
             .count()
     }

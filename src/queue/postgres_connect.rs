@@ -23,18 +23,12 @@ pub fn connector(verify: Verify, tls: Option<&TlsConfig>) -> Result<MakeRustlsCo
     let builder =
         rustls::ClientConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
     let verifier: Arc<dyn ServerCertVerifier> = match verify {
-        Verify::Nothing => Arc::new(EncryptOnly(provider)),
-        Verify::Authority | Verify::Full => {
-            let roots = TrustedRoots::load().roots(tls)?;
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|err| rustls::Error::General(err.to_string()))?;
-            if verify == Verify::Full {
-                webpki
-            } else {
-                Arc::new(AuthorityOnly(webpki))
-            }
-        }
+        Verify::Full => webpki_verifier(tls, provider)?,
+        Verify::Authority => Arc::new(PartialCheck {
+            chain: Some(webpki_verifier(tls, Arc::clone(&provider))?),
+            provider,
+        }),
+        Verify::Nothing => Arc::new(PartialCheck { chain: None, provider }),
     };
     let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
     let mut config = match tls.and_then(|tls| tls.client_identity.as_ref()) {
@@ -48,51 +42,27 @@ pub fn connector(verify: Verify, tls: Option<&TlsConfig>) -> Result<MakeRustlsCo
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// `prefer` and `require`: the connection is encrypted, and any certificate is taken (as
-/// libpq does); the handshake's signatures are still checked.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+/// The standard check (chain and host name) against the trusted authorities.
+fn webpki_verifier(
+    tls: Option<&TlsConfig>,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    let roots = TrustedRoots::load().roots(tls)?;
+    WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|err| rustls::Error::General(err.to_string()))
 }
 
-/// `verify-ca`: the chain is checked, the host name is not.
+/// Less than the standard check: `verify-ca` checks the chain and not the host name (`chain`
+/// set); `prefer` and `require` take any certificate, as libpq does (`chain` none). The
+/// handshake's signatures are checked either way.
 #[derive(Debug)]
-struct AuthorityOnly(Arc<WebPkiServerVerifier>);
+struct PartialCheck {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for AuthorityOnly {
+impl ServerCertVerifier for PartialCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -101,11 +71,11 @@ impl ServerCertVerifier for AuthorityOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // webpki checks the chain first: a name error means the chain was good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -119,7 +89,7 @@ impl ServerCertVerifier for AuthorityOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -128,10 +98,10 @@ impl ServerCertVerifier for AuthorityOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

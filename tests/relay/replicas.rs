@@ -51,6 +51,28 @@ routes:
     )
 }
 
+/// A dynamic chat template (with `stream_extra` lines), every event to `hook`.
+fn dynamic_chats(upstream: &Upstream, sink: &Sink, stream_extra: &str) -> String {
+    format!(
+        r#"
+streams:
+  chat:
+    url: {chat}
+    event_type: [/type]
+    default_event_type: workflow_update
+    keepalive: [keepalive]
+    dynamic: true
+{stream_extra}targets:
+  hook: {{ url: "{hook}" }}
+routes:
+  - stream: chat
+    targets: [hook]
+"#,
+        chat = upstream.chat_url("{id}"),
+        hook = sink.url("/hook"),
+    )
+}
+
 fn entities() -> Vec<(Api, String)> {
     (0..10)
         .map(|n| (Api::Participant, format!("p{n}")))
@@ -542,24 +564,7 @@ async fn dynamic_instances_and_dead_letters_are_shared_by_the_replicas() {
     let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
-    let yaml = format!(
-        r#"
-streams:
-  chat:
-    url: {chat}
-    event_type: [/type]
-    default_event_type: workflow_update
-    keepalive: [keepalive]
-    dynamic: true
-targets:
-  hook: {{ url: "{hook}" }}
-routes:
-  - stream: chat
-    targets: [hook]
-"#,
-        chat = upstream.chat_url("{id}"),
-        hook = sink.url("/hook"),
-    );
+    let yaml = dynamic_chats(&upstream, &sink, "");
     let first = replica(&postgres, "r1", &yaml).await;
     let second = replica(&postgres, "r2", &yaml).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -807,39 +812,16 @@ async fn a_lock_held_outside_stalls_no_renewal_and_a_stalled_replicas_transactio
     assert!(!stepped_down(&fleet), "a replica lost its leases to a stalled session");
 }
 
-/// A certificate authority of the test's own (`ca.pem` in the directory) and a server
-/// certificate for `names` signed by it: (directory, certificate PEM, key PEM).
-fn database_certificate(names: &[&str]) -> (tempfile::TempDir, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "sse-relay test database CA");
-    let ca_certificate = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
-    let server_certificate = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
-    let directory = tempfile::tempdir().unwrap();
-    std::fs::write(directory.path().join("ca.pem"), ca_certificate.pem()).unwrap();
-    (directory, server_certificate.pem(), server_key.serialize_pem())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_requires_tls_is_reached_as_the_urls_sslmode_asks() {
     let _one = ONE_AT_A_TIME.lock().await;
     let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
     // The certificate names the database's host name, not 127.0.0.1, where the relay reaches
     // it: verify-ca (the chain) passes, verify-full (and the name) does not.
-    let (pki, certificate, key) = database_certificate(&["db.internal"]);
-    postgres.require_tls(&certificate, &key).unwrap();
-    let ca_file = pki.path().join("ca.pem").display().to_string();
+    let pki = crate::tls::TestPki::for_server(&["db.internal"]);
+    let read = |name: &str| std::fs::read_to_string(pki.path(name)).unwrap();
+    postgres.require_tls(&read("server.pem"), &read("server.key")).unwrap();
+    let ca_file = pki.path("ca.pem");
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
     let yaml = twenty_streams(&upstream, &sink, "");
@@ -1034,24 +1016,10 @@ async fn a_dynamic_instance_that_ended_is_not_taken_up_by_another_replica() {
     let postgres = PostgresServer::start().await.expect("PostgreSQL starts");
     let upstream = Upstream::start(quiet_upstream()).await.unwrap();
     let sink = Sink::start().await.unwrap();
-    let yaml = format!(
-        r#"
-streams:
-  chat:
-    url: {chat}
-    event_type: [/type]
-    default_event_type: workflow_update
-    keepalive: [keepalive]
-    dynamic: true
-    stop_when: {{ events: [workflow_status], where: {{ /is_active: false }} }}
-targets:
-  hook: {{ url: "{hook}" }}
-routes:
-  - stream: chat
-    targets: [hook]
-"#,
-        chat = upstream.chat_url("{id}"),
-        hook = sink.url("/hook"),
+    let yaml = dynamic_chats(
+        &upstream,
+        &sink,
+        "    stop_when: { events: [workflow_status], where: { /is_active: false } }\n",
     );
     let first = replica(&postgres, "r1", &yaml).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();

@@ -17,8 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{DEADLINE, LoggedRelay, TestRelay, eventually, parse_config, quiet_upstream};
 
-/// A certificate authority of the test's own, a server certificate for 127.0.0.1 and localhost,
-/// and a client certificate, all signed by it; the PEM files in a temporary directory.
+/// A certificate authority of the test's own, a server certificate (for 127.0.0.1 and localhost
+/// unless named otherwise) and a client certificate, all signed by it; the PEM files in a
+/// temporary directory.
 pub struct TestPki {
     directory: tempfile::TempDir,
     ca_der: CertificateDer<'static>,
@@ -28,6 +29,11 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn new() -> TestPki {
+        TestPki::for_server(&["127.0.0.1", "localhost"])
+    }
+
+    /// With a server certificate for `names`.
+    pub fn for_server(names: &[&str]) -> TestPki {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -39,7 +45,8 @@ impl TestPki {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate().unwrap();
-        let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut server_params = CertificateParams::new(names).unwrap();
         server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_certificate = server_params.signed_by(&server_key, &issuer).unwrap();
 
@@ -52,6 +59,8 @@ impl TestPki {
         let directory = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| std::fs::write(directory.path().join(name), text).unwrap();
         write("ca.pem", &ca_certificate.pem());
+        write("server.pem", &server_certificate.pem());
+        write("server.key", &server_key.serialize_pem());
         write("client.pem", &client_certificate.pem());
         write("client.key", &client_key.serialize_pem());
         write("other.key", &other_key.serialize_pem());
@@ -63,7 +72,8 @@ impl TestPki {
         }
     }
 
-    /// The path of one of the PEM files: `ca.pem`, `client.pem`, `client.key`, `other.key`.
+    /// The path of one of the PEM files: `ca.pem`, `server.pem`, `server.key`, `client.pem`,
+    /// `client.key`, `other.key`.
     pub fn path(&self, name: &str) -> String {
         self.directory.path().join(name).display().to_string()
     }
