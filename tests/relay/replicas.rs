@@ -73,6 +73,15 @@ routes:
     )
 }
 
+/// Whether `replicas` hold `n_leases` of `kind` together, and each holds one at least.
+async fn held_by_each(replicas: &[LoggedRelay], kind: &str, n_leases: f64) -> bool {
+    let mut held = Vec::new();
+    for replica in replicas {
+        held.push(replica.metric("sse_relay_leases_held", &[("kind", kind)]).await);
+    }
+    held.iter().sum::<f64>() == n_leases && held.iter().all(|&n| n >= 1.0)
+}
+
 fn entities() -> Vec<(Api, String)> {
     (0..10)
         .map(|n| (Api::Participant, format!("p{n}")))
@@ -163,11 +172,7 @@ async fn three_replicas_read_each_stream_once_and_deliver_each_event_once() {
             return false;
         }
         // Every replica reads some (rendezvous hashing spreads 20 over 3), 20 in all.
-        let mut held = Vec::new();
-        for replica in &replicas {
-            held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
-        }
-        held.iter().sum::<f64>() == 20.0 && held.iter().all(|&n| n >= 1.0)
+        held_by_each(&replicas, "stream", 20.0).await
     })
     .await;
     let (stop_watching, doubles) = watch_for_doubles(&upstream);
@@ -262,11 +267,7 @@ impl Fleet {
             if !each_connected_once(&self.upstream) {
                 return false;
             }
-            let mut held = Vec::new();
-            for replica in &self.replicas {
-                held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
-            }
-            held.iter().sum::<f64>() == 20.0 && held.iter().all(|&n| n >= 1.0)
+            held_by_each(&self.replicas, "stream", 20.0).await
         })
         .await;
     }
@@ -917,11 +918,7 @@ async fn a_target_moved_to_another_replica_is_reported_by_that_one_only() {
         replica(&postgres, "r2", &yaml).await,
     ];
     eventually("both replicas serve targets", DEADLINE, || async {
-        let mut held = Vec::new();
-        for replica in &replicas {
-            held.push(replica.metric("sse_relay_leases_held", &[("kind", "target")]).await);
-        }
-        held.iter().sum::<f64>() == 8.0 && held.iter().all(|&n| n >= 1.0)
+        held_by_each(&replicas, "target", 8.0).await
     })
     .await;
     assert!(upstream.wait_for_clients(Api::Participant, 1, DEADLINE).await);
@@ -1000,11 +997,7 @@ async fn a_fixed_instance_that_ended_is_not_read_again_by_another_replica() {
     // Nor when a third replica joins and the streams are spread again.
     replicas.push(replica(&postgres, "r3", &yaml).await);
     eventually("the other 19 spread over three replicas", DEADLINE, || async {
-        let mut held = Vec::new();
-        for replica in &replicas {
-            held.push(replica.metric("sse_relay_leases_held", &[("kind", "stream")]).await);
-        }
-        held.iter().sum::<f64>() == 19.0 && held.iter().all(|&n| n >= 1.0)
+        held_by_each(&replicas, "stream", 19.0).await
     })
     .await;
     assert!(!c3_connected(), "the ended instance is read again after a rebalance");
